@@ -35,5 +35,6 @@ void swiglu_forward_ref(double* out, const double* gate, const double* up, int64
 
 // In place: row ← log_softmax(row), for `rows` rows of length V.
 void log_softmax_rows(float* x, int64_t rows, int64_t V);
+void log_softmax_rows_ref(double* x, int64_t rows, int64_t V);
 
 }  // namespace qcal

@@ -1,0 +1,148 @@
+// Perplexity, and KL / top-1 agreement against an FP model (see eval.h).
+// Letters: B sequences in a batch, T seqlen, H hidden, V vocab, R rows of a
+// logits chunk.
+#include "worker/engine/eval.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "kernels/gemm.h"
+#include "kernels/ops.h"
+
+namespace qcal {
+
+nlohmann::json EvalResult::to_json() const {
+  nlohmann::json j = {{"ppl", ppl}, {"nll", nll}, {"tokens", tokens}, {"sequences", sequences}};
+  if (kl) j["kl"] = *kl;
+  if (top1_agree) j["top1_agree"] = *top1_agree;
+  if (fp_ppl) j["fp_ppl"] = *fp_ppl;
+  return j;
+}
+
+namespace {
+
+// Log-softmaxed logits (R, V) of rows [r0, r0+R) of the activations x (B*T, H).
+Result<Tensor> log_probs(const LlamaModel& m, const Tensor& x, int64_t r0, int64_t R) {
+  const int64_t H = x.dim(1);
+  Tensor chunk({R, H});
+  std::memcpy(chunk.ptr(), x.ptr() + r0 * H, static_cast<size_t>(R * H) * sizeof(float));
+  QCAL_ASSIGN_OR_RETURN(Tensor lp, m.logits(chunk));
+  log_softmax_rows(lp.ptr(), R, lp.dim(1));
+  return lp;
+}
+
+int64_t argmax(const float* row, int64_t V) {
+  return std::max_element(row, row + V) - row;  // first of equal maxima
+}
+
+// KL(p_fp ‖ p) = Σ_v p_fp (log p_fp − log p) in double, and whether the argmaxes
+// agree, for rows [0, R) of the log-probabilities lp (model) and lf (FP).
+void compare_rows(const float* lp, const float* lf, int64_t R, int64_t V, double* kl,
+                  uint8_t* agree) {
+  auto run = [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      const float* p = lp + r * V;
+      const float* f = lf + r * V;
+      double s = 0.0;
+      for (int64_t v = 0; v < V; ++v) {
+        const double lfv = f[v];
+        s += std::exp(lfv) * (lfv - static_cast<double>(p[v]));
+      }
+      kl[r] = s;
+      agree[r] = argmax(p, V) == argmax(f, V);
+    }
+  };
+  const int64_t threads = std::min<int64_t>(blas_threads(), R);
+  if (threads <= 1 || R * V < (1 << 20)) {
+    run(0, R);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t per = (R + threads - 1) / threads;
+  for (int64_t i = 1; i < threads; ++i)
+    pool.emplace_back(run, std::min(R, i * per), std::min(R, (i + 1) * per));
+  run(0, std::min(R, per));
+  for (auto& t : pool) t.join();
+}
+
+}  // namespace
+
+Result<EvalResult> evaluate(const LlamaModel& model, const TokenSequences& data,
+                            const LlamaModel* fp_model, int64_t batch) {
+  const ModelConfig& c = model.config();
+  const int64_t T = data.seqlen, S = data.count(), V = c.vocab_size;
+  if (T < 2) return invalid_input("evaluation needs seqlen >= 2, got " + std::to_string(T));
+  if (S < 1) return invalid_input("evaluation data holds no sequence");
+  if (batch < 1)
+    return invalid_input("evaluation batch must be >= 1, got " + std::to_string(batch));
+  if (fp_model && fp_model->config().vocab_size != V)
+    return invalid_input("FP model vocab " + std::to_string(fp_model->config().vocab_size) +
+                         " differs from the model's " + std::to_string(V));
+  const int64_t L =
+      std::max(c.num_hidden_layers, fp_model ? fp_model->config().num_hidden_layers : int64_t{0});
+  // Logits are produced R rows at a time: at most ~64 Mi floats per model.
+  const int64_t max_rows = std::max<int64_t>(1, (int64_t{1} << 26) / V);
+
+  double nll_sum = 0.0, fp_nll_sum = 0.0, kl_sum = 0.0;
+  int64_t agree_sum = 0;
+  std::vector<double> kl_row;
+  std::vector<uint8_t> agree_row;
+  for (int64_t s0 = 0; s0 < S; s0 += batch) {
+    const int64_t nb = std::min(batch, S - s0), N = nb * T;
+    QCAL_ASSIGN_OR_RETURN(Tensor x, model.embed(data, s0, nb));  // (N, H)
+    Tensor xf;                                                   // (N, H_fp)
+    if (fp_model) {
+      QCAL_ASSIGN_OR_RETURN(xf, fp_model->embed(data, s0, nb));
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      if (l < c.num_hidden_layers) {
+        QCAL_ASSIGN_OR_RETURN(LayerWeights w, model.load_layer(l));
+        block_forward(c, w, x.ptr(), nb, T);
+      }
+      if (fp_model && l < fp_model->config().num_hidden_layers) {
+        QCAL_ASSIGN_OR_RETURN(LayerWeights w, fp_model->load_layer(l));
+        block_forward(fp_model->config(), w, xf.ptr(), nb, T);
+      }
+    }
+    for (int64_t r0 = 0; r0 < N; r0 += max_rows) {
+      const int64_t R = std::min(max_rows, N - r0);
+      QCAL_ASSIGN_OR_RETURN(Tensor lp, log_probs(model, x, r0, R));  // (R, V)
+      Tensor lf;                                                     // (R, V)
+      if (fp_model) {
+        QCAL_ASSIGN_OR_RETURN(lf, log_probs(*fp_model, xf, r0, R));
+        kl_row.resize(static_cast<size_t>(R));
+        agree_row.resize(static_cast<size_t>(R));
+        compare_rows(lp.ptr(), lf.ptr(), R, V, kl_row.data(), agree_row.data());
+      }
+      for (int64_t i = 0; i < R; ++i) {
+        const int64_t r = r0 + i, b = r / T, t = r % T;
+        if (t == T - 1) continue;  // the last position predicts nothing inside the sequence
+        const int32_t next = data.seq(s0 + b)[t + 1];
+        nll_sum -= lp.at(i, next);
+        if (fp_model) {
+          fp_nll_sum -= lf.at(i, next);
+          kl_sum += kl_row[i];
+          agree_sum += agree_row[i];
+        }
+      }
+    }
+  }
+
+  EvalResult res;
+  res.sequences = S;
+  res.tokens = S * (T - 1);
+  const double n = static_cast<double>(res.tokens);
+  res.nll = nll_sum / n;
+  res.ppl = std::exp(res.nll);
+  if (fp_model) {
+    res.kl = kl_sum / n;
+    res.top1_agree = static_cast<double>(agree_sum) / n;
+    res.fp_ppl = std::exp(fp_nll_sum / n);
+  }
+  return res;
+}
+
+}  // namespace qcal
