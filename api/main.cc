@@ -1,2 +1,300 @@
+// qcal — the user's command-line tool. This file holds the embedded,
+// single-process commands: synth, synth-data, quantize, eval, inspect.
+// Every command validates its flags before doing work and reports errors as
+// "qcal <command>: error: <what went wrong>" with exit code 2 for bad input
+// (invalid, missing or corrupt input) and 1 for everything else.
+#include <unistd.h>
+
 #include <cstdio>
-int main() { std::puts("qcal: under construction"); return 0; }
+#include <functional>
+#include <iostream>
+#include <map>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "common/data.h"
+#include "common/flags.h"
+#include "common/fsutil.h"
+#include "common/log.h"
+#include "common/model_dir.h"
+#include "kernels/device.h"
+#include "kernels/gemm.h"
+#include "worker/engine/eval.h"
+#include "worker/engine/qformats.h"
+#include "worker/engine/quantize.h"
+#include "worker/engine/synth.h"
+
+namespace qcal {
+namespace {
+
+constexpr const char* kVersion = "0.1.0";
+
+int fail(const std::string& cmd, const Status& s) {
+  std::fprintf(stderr, "qcal %s: error: %s\n", cmd.c_str(), s.message().c_str());
+  return s.code() == Code::kInvalidInput || s.code() == Code::kNotFound || s.code() == Code::kCorrupt
+             ? 2
+             : 1;
+}
+
+#define CLI_TRY(cmd, expr)                      \
+  do {                                          \
+    ::qcal::Status _s = (expr);                 \
+    if (!_s.is_ok()) return fail((cmd), _s);    \
+  } while (0)
+#define CLI_ASSIGN(cmd, lhs, expr)                           \
+  auto QCAL_CONCAT(_r_, __LINE__) = (expr);                  \
+  if (!QCAL_CONCAT(_r_, __LINE__).is_ok())                   \
+    return fail((cmd), QCAL_CONCAT(_r_, __LINE__).status()); \
+  lhs = std::move(QCAL_CONCAT(_r_, __LINE__)).value()
+
+// ---------------------------------------------------------------- synth
+int cmd_synth(int argc, char** argv) {
+  const std::string cmd = "synth";
+  Flags f({"out", "layers", "hidden", "heads", "kv-heads", "head-dim", "intermediate", "vocab",
+           "seed", "model-type", "dtype", "rope-theta", "rms-eps", "max-pos", "outlier-norm",
+           "outlier-up", "outlier-v", "outlier-alpha", "max-shard-mb"},
+          {"tie", "overwrite"});
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  SynthOptions o;
+  ModelConfig& c = o.config;
+  CLI_ASSIGN(cmd, std::string out, f.required("out"));
+  c.model_type = f.str("model-type", "llama");
+  CLI_ASSIGN(cmd, c.num_hidden_layers, f.integer("layers", 4));
+  CLI_ASSIGN(cmd, c.hidden_size, f.integer("hidden", 256));
+  CLI_ASSIGN(cmd, c.num_attention_heads, f.integer("heads", 8));
+  CLI_ASSIGN(cmd, c.num_key_value_heads, f.integer("kv-heads", c.num_attention_heads));
+  CLI_ASSIGN(cmd, c.head_dim, f.integer("head-dim", c.num_attention_heads > 0 ? c.hidden_size / c.num_attention_heads : 0));
+  CLI_ASSIGN(cmd, c.intermediate_size, f.integer("intermediate", 688));
+  CLI_ASSIGN(cmd, c.vocab_size, f.integer("vocab", 512));
+  CLI_ASSIGN(cmd, c.rope_theta, f.number("rope-theta", 10000.0));
+  CLI_ASSIGN(cmd, c.rms_norm_eps, f.number("rms-eps", 1e-6));
+  CLI_ASSIGN(cmd, c.max_position_embeddings, f.integer("max-pos", 2048));
+  c.tie_word_embeddings = f.flag("tie");
+  c.attention_bias = c.model_type == "qwen2";
+  auto dt = dtype_from_torch_name(f.str("dtype", "float32"));
+  if (!dt) return fail(cmd, invalid_input("--dtype must be float32, float16 or bfloat16"));
+  c.torch_dtype = *dt;
+  CLI_ASSIGN(cmd, int64_t seed, f.integer("seed", 1));
+  o.seed = static_cast<uint64_t>(seed);
+  CLI_ASSIGN(cmd, o.outliers.norm_channels, f.integer("outlier-norm", 0));
+  CLI_ASSIGN(cmd, o.outliers.up_channels, f.integer("outlier-up", 0));
+  CLI_ASSIGN(cmd, o.outliers.v_channels, f.integer("outlier-v", 0));
+  CLI_ASSIGN(cmd, o.outliers.alpha, f.number("outlier-alpha", 20.0));
+  CLI_ASSIGN(cmd, int64_t shard_mb, f.integer("max-shard-mb", 2048));
+  o.max_shard_bytes = static_cast<uint64_t>(shard_mb) << 20;
+  o.overwrite = f.flag("overwrite");
+  // Round-trip through the config validator so bad shapes fail here, clearly.
+  CLI_ASSIGN(cmd, ModelConfig checked, parse_model_config(c.to_json(), "--flags"));
+  (void)checked;
+  CLI_TRY(cmd, synth_model(o, out));
+  std::printf("wrote %s: %s, %lld layers, hidden %lld, %lld parameters\n", out.c_str(),
+              c.model_type.c_str(), static_cast<long long>(c.num_hidden_layers),
+              static_cast<long long>(c.hidden_size), static_cast<long long>(c.num_parameters()));
+  return 0;
+}
+
+// ---------------------------------------------------------------- synth-data
+int cmd_synth_data(int argc, char** argv) {
+  const std::string cmd = "synth-data";
+  Flags f({"out", "vocab", "model", "tokens", "seed", "per-line"}, {});
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  CLI_ASSIGN(cmd, std::string out, f.required("out"));
+  CLI_ASSIGN(cmd, int64_t vocab, f.integer("vocab", 0));
+  if (f.has("model")) {
+    CLI_ASSIGN(cmd, ModelConfig c, load_model_config(join_path(f.str("model"), "config.json")));
+    vocab = c.vocab_size;
+  }
+  if (vocab <= 0) return fail(cmd, invalid_input("give --vocab N or --model DIR"));
+  CLI_ASSIGN(cmd, int64_t count, f.integer("tokens", 65536));
+  CLI_ASSIGN(cmd, int64_t seed, f.integer("seed", 1));
+  CLI_ASSIGN(cmd, int64_t per_line, f.integer("per-line", 512));
+  if (count <= 0 || per_line <= 0) return fail(cmd, invalid_input("--tokens and --per-line must be positive"));
+  auto toks = synth_tokens(count, vocab, static_cast<uint64_t>(seed));
+  CLI_TRY(cmd, write_tokens_jsonl(out, toks, per_line));
+  std::printf("wrote %s: %lld tokens, vocab %lld\n", out.c_str(), static_cast<long long>(count),
+              static_cast<long long>(vocab));
+  return 0;
+}
+
+// ---------------------------------------------------------------- quantize
+int cmd_quantize(int argc, char** argv) {
+  const std::string cmd = "quantize";
+  Flags f({"model", "method", "w-bits", "group-size", "calib", "nsamples", "seqlen", "format",
+           "out", "damp", "blocksize", "max-shard-mb", "batch", "report"},
+          {"sym", "asym", "act-order", "static-groups", "mse-clip", "no-true-sequential",
+           "overwrite", "json", "quiet"});
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  if (f.flag("quiet")) set_log_level(LogLevel::kWarn);
+  CLI_ASSIGN(cmd, std::string model, f.required("model"));
+  CLI_ASSIGN(cmd, std::string calib_path, f.required("calib"));
+  CLI_ASSIGN(cmd, std::string out, f.required("out"));
+  QuantizeOptions o;
+  CLI_ASSIGN(cmd, o.method, parse_weight_method(f.str("method", "gptq")));
+  CLI_ASSIGN(cmd, int64_t bits, f.integer("w-bits", 4));
+  o.spec.bits = static_cast<int>(bits);
+  CLI_ASSIGN(cmd, o.spec.group_size, f.integer("group-size", 128));
+  if (f.flag("sym") && f.flag("asym")) return fail(cmd, invalid_input("--sym and --asym are exclusive"));
+  o.spec.sym = !f.flag("asym");
+  o.spec.mse_clip = f.flag("mse-clip");
+  CLI_TRY(cmd, o.spec.validate());
+  CLI_ASSIGN(cmd, o.gptq.percdamp, f.number("damp", 0.01));
+  CLI_ASSIGN(cmd, o.gptq.blocksize, f.integer("blocksize", 128));
+  if (o.gptq.percdamp <= 0 || o.gptq.blocksize <= 0)
+    return fail(cmd, invalid_input("--damp and --blocksize must be positive"));
+  o.gptq.act_order = f.flag("act-order");
+  o.gptq.static_groups = f.flag("static-groups");
+  o.true_sequential = !f.flag("no-true-sequential");
+  CLI_ASSIGN(cmd, o.write.format, parse_checkpoint_format(f.str("format", "gptq")));
+  CLI_ASSIGN(cmd, int64_t shard_mb, f.integer("max-shard-mb", 2048));
+  if (shard_mb <= 0) return fail(cmd, invalid_input("--max-shard-mb must be positive"));
+  o.write.max_shard_bytes = static_cast<uint64_t>(shard_mb) << 20;
+  o.write.overwrite = f.flag("overwrite");
+  CLI_ASSIGN(cmd, o.batch, f.integer("batch", 8));
+  CLI_ASSIGN(cmd, int64_t nsamples, f.integer("nsamples", 128));
+  CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 2048));
+  if (nsamples <= 0 || seqlen < 2) return fail(cmd, invalid_input("--nsamples must be > 0 and --seqlen ≥ 2"));
+  if (path_exists(out) && !o.write.overwrite)
+    return fail(cmd, invalid_input(out + ": output exists (pass --overwrite to replace it)"));
+
+  CLI_ASSIGN(cmd, ModelConfig c, load_model_config(join_path(model, "config.json")));
+  if (seqlen > c.max_position_embeddings)
+    LOG_WARN << "--seqlen " << seqlen << " exceeds max_position_embeddings " << c.max_position_embeddings;
+  CLI_ASSIGN(cmd, TokenSequences calib, load_token_sequences(calib_path, seqlen, c.vocab_size, nsamples));
+  if (calib.count() < nsamples)
+    LOG_WARN << calib_path << " holds " << calib.count() << " sequences of " << seqlen
+             << " tokens; using them all (asked for " << nsamples << ")";
+  LOG_INFO << "quantize " << model << ": " << (o.method == WeightMethod::kGptq ? "gptq" : "rtn")
+           << " w" << o.spec.bits << " g" << o.spec.group_size << (o.spec.sym ? " sym" : " asym")
+           << ", " << calib.count() << " x " << seqlen << " calibration tokens, "
+           << blas_threads() << " threads";
+  CLI_ASSIGN(cmd, QuantizeReport rep, quantize_model(model, calib, o, out));
+  nlohmann::json j = rep.to_json();
+  j["out"] = out;
+  j["format"] = checkpoint_format_name(o.write.format);
+  if (f.has("report")) CLI_TRY(cmd, write_file_atomic(f.str("report"), j.dump(2) + "\n"));
+  if (f.flag("json")) {
+    std::cout << j.dump() << std::endl;
+  } else {
+    double worst = 0;
+    for (const auto& l : rep.layers) worst = std::max(worst, l.rel_output_error);
+    std::printf("wrote %s (%s) in %.1f s; worst layer rel. output error %.3g\n", out.c_str(),
+                checkpoint_format_name(o.write.format), rep.seconds, worst);
+  }
+  return 0;
+}
+
+// ---------------------------------------------------------------- eval
+int cmd_eval(int argc, char** argv) {
+  const std::string cmd = "eval";
+  Flags f({"model", "data", "seqlen", "fp-model", "nsamples", "batch"}, {"json", "quiet"});
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  if (f.flag("quiet") || f.flag("json")) set_log_level(LogLevel::kWarn);
+  CLI_ASSIGN(cmd, std::string model_path, f.required("model"));
+  CLI_ASSIGN(cmd, std::string data_path, f.required("data"));
+  CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 2048));
+  CLI_ASSIGN(cmd, int64_t nsamples, f.integer("nsamples", 0));
+  CLI_ASSIGN(cmd, int64_t batch, f.integer("batch", 8));
+  if (seqlen < 2 || batch <= 0) return fail(cmd, invalid_input("--seqlen must be ≥ 2 and --batch > 0"));
+  CLI_ASSIGN(cmd, auto model, LlamaModel::open(model_path));
+  std::unique_ptr<LlamaModel> fp;
+  if (f.has("fp-model")) {
+    CLI_ASSIGN(cmd, fp, LlamaModel::open(f.str("fp-model")));
+    const ModelConfig &a = model->config(), &b = fp->config();
+    if (a.vocab_size != b.vocab_size || a.hidden_size != b.hidden_size ||
+        a.num_hidden_layers != b.num_hidden_layers)
+      return fail(cmd, invalid_input("--fp-model " + f.str("fp-model") +
+                                     " has a different architecture than --model"));
+  }
+  CLI_ASSIGN(cmd, TokenSequences data,
+             load_token_sequences(data_path, seqlen, model->config().vocab_size, nsamples));
+  CLI_ASSIGN(cmd, EvalResult r, evaluate(*model, data, fp.get(), batch));
+  if (f.flag("json")) {
+    std::cout << r.to_json().dump() << std::endl;
+    return 0;
+  }
+  std::printf("ppl %.4f  nll %.5f  tokens %lld", r.ppl, r.nll, static_cast<long long>(r.tokens));
+  if (r.kl) std::printf("  kl %.5f  top1_agree %.4f  fp_ppl %.4f", *r.kl, *r.top1_agree, *r.fp_ppl);
+  std::printf("\n");
+  return 0;
+}
+
+// ---------------------------------------------------------------- inspect
+int cmd_inspect(int argc, char** argv) {
+  const std::string cmd = "inspect";
+  Flags f({}, {"json"});
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  if (f.positionals().size() != 1) return fail(cmd, invalid_input("usage: qcal inspect DIR [--json]"));
+  CLI_ASSIGN(cmd, auto dir, ModelDir::open(f.positionals()[0]));
+  CLI_ASSIGN(cmd, nlohmann::json j, inspect_checkpoint(*dir));
+  if (f.flag("json")) {
+    std::cout << j.dump(2) << std::endl;
+    return 0;
+  }
+  // Text form: top-level scalars and objects as "key: value" lines; module lists summarized.
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it.value().is_array() && it.value().size() > 8) {
+      std::cout << it.key() << ": " << it.value().size() << " entries (see --json)\n";
+    } else if (it.value().is_object()) {
+      std::cout << it.key() << ":\n";
+      for (auto jt = it.value().begin(); jt != it.value().end(); ++jt) {
+        std::string v = jt.value().dump();
+        if (v.size() > 100) v = v.substr(0, 97) + "...";
+        std::cout << "  " << jt.key() << ": " << v << "\n";
+      }
+    } else {
+      std::cout << it.key() << ": " << it.value().dump() << "\n";
+    }
+  }
+  return 0;
+}
+
+void usage() {
+  std::printf(
+      "qcal %s — post-training quantization for LLaMA-family models\n\n"
+      "Embedded (single process) commands:\n"
+      "  qcal synth      --out DIR [--layers 4 --hidden 256 --heads 8 --kv-heads 8 --intermediate 688\n"
+      "                  --vocab 512 --seed 1 --model-type llama|mistral|qwen2 --dtype float32|float16|bfloat16\n"
+      "                  --tie --outlier-norm N --outlier-up N --outlier-v N --outlier-alpha 20]\n"
+      "  qcal synth-data --out FILE.jsonl (--vocab N | --model DIR) [--tokens 65536 --seed 1]\n"
+      "  qcal quantize   --model DIR --calib FILE --out DIR [--method gptq|rtn --w-bits 4 --group-size 128\n"
+      "                  --sym|--asym --nsamples 128 --seqlen 2048 --format gptq|compressed-tensors\n"
+      "                  --damp 0.01 --act-order --static-groups --blocksize 128 --mse-clip\n"
+      "                  --max-shard-mb 2048 --overwrite --report FILE --json]\n"
+      "  qcal eval       --model DIR --data FILE [--seqlen 2048 --fp-model DIR --nsamples N --json]\n"
+      "  qcal inspect    DIR [--json]\n"
+      "  qcal version\n\n"
+      "Data files: .jsonl ({\"input_ids\": [...]} per line) or .u32 (little-endian uint32 tokens).\n"
+      "Threads: QCAL_THREADS (default: all cores). Logs: QCAL_LOG_LEVEL=debug|info|warn|error.\n",
+      kVersion);
+}
+
+}  // namespace
+}  // namespace qcal
+
+int main(int argc, char** argv) {
+  using namespace qcal;
+  if (argc < 2) {
+    usage();
+    return 2;
+  }
+  std::string cmd = argv[1];
+  static const std::map<std::string, std::function<int(int, char**)>> kCommands = {
+      {"synth", cmd_synth},       {"synth-data", cmd_synth_data}, {"quantize", cmd_quantize},
+      {"eval", cmd_eval},         {"inspect", cmd_inspect},
+  };
+  if (cmd == "-h" || cmd == "--help" || cmd == "help") {
+    usage();
+    return 0;
+  }
+  if (cmd == "version" || cmd == "--version") {
+    std::printf("qcal %s (gpu: %s)\n", kVersion, cuda_device_summary().c_str());
+    return 0;
+  }
+  auto it = kCommands.find(cmd);
+  if (it == kCommands.end()) {
+    std::fprintf(stderr, "qcal: unknown command '%s' (try qcal --help)\n", cmd.c_str());
+    return 2;
+  }
+  return it->second(argc, argv);
+}

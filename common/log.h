@@ -32,10 +32,11 @@ class LogStream {
 
 }  // namespace qcal
 
-#define QCAL_LOG(level)                                                     \
-  if (::qcal::LogLevel::level < ::qcal::log_level()) {                     \
-  } else                                                                    \
-    ::qcal::detail::LogStream(::qcal::LogLevel::level)
+// A `for` rather than `if/else`, so `if (x) LOG_WARN << ...;` nests safely.
+#define QCAL_LOG(level)                                                            \
+  for (bool _qcal_log_on = ::qcal::LogLevel::level >= ::qcal::log_level(); _qcal_log_on; \
+       _qcal_log_on = false)                                                       \
+  ::qcal::detail::LogStream(::qcal::LogLevel::level)
 #define LOG_DEBUG QCAL_LOG(kDebug)
 #define LOG_INFO QCAL_LOG(kInfo)
 #define LOG_WARN QCAL_LOG(kWarn)
