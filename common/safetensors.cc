@@ -333,6 +333,9 @@ Result<Tensor> SafetensorsFile::read_f32(const std::string& name) const {
                          ", not a float dtype");
   Tensor out(t->shape);
   to_f32(t->dtype, map_ + header_.data_start + t->begin, out.ptr(), out.data.size());
+  // The fp32 copy is what callers keep; dropping the mapped pages keeps the
+  // resident set at one copy when walking a model larger than memory.
+  release(*t);
   return out;
 }
 

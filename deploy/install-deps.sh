@@ -15,6 +15,7 @@ PKGS=(
   libgtest-dev libgmock-dev libbenchmark-dev
   python3                    # small helper scripts (no pip packages needed)
   time                       # /usr/bin/time -v for memory measurements
+  wrk                        # HTTP load figures (docs/PERFORMANCE.md)
 )
 
 SUDO=""

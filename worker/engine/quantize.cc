@@ -82,22 +82,16 @@ nlohmann::json QuantizeReport::to_json() const {
   return j;
 }
 
-Result<QuantizeReport> quantize_model(const std::string& model_dir, const TokenSequences& calib,
-                                      const QuantizeOptions& opts, const std::string& out_dir,
-                                      const ProgressFn& progress) {
-  const double t_start = now_s();
+Status check_quantize_inputs(const LlamaModel& model, const QuantizeOptions& opts) {
   QCAL_RETURN_IF_ERROR(opts.spec.validate());
   if (opts.batch <= 0) return invalid_input("batch must be positive");
-  QCAL_ASSIGN_OR_RETURN(auto model, LlamaModel::open(model_dir));
-  const ModelConfig& c = model->config();
-  if (model->dir().quantization_config())
-    return invalid_input(model_dir + ": model is already quantized (config.json has quantization_config)");
-  QCAL_RETURN_IF_ERROR(model->dir().validate_fp_model());
-  if (calib.count() == 0) return invalid_input("calibration data holds no complete sequence");
-
+  if (model.dir().quantization_config())
+    return invalid_input(model.dir().dir() +
+                         ": model is already quantized (config.json has quantization_config)");
+  QCAL_RETURN_IF_ERROR(model.dir().validate_fp_model());
   // Refuse unwritable shapes before hours of work, naming the module.
   for (const char* proj : kProjNames) {
-    auto shape = proj_shape(c, proj);
+    auto shape = proj_shape(model.config(), proj);
     QuantizedLinear probe;
     probe.out_features = shape[0];
     probe.in_features = shape[1];
@@ -105,82 +99,110 @@ Result<QuantizeReport> quantize_model(const std::string& model_dir, const TokenS
     probe.act_order = opts.method == WeightMethod::kGptq && opts.gptq.act_order;
     QCAL_RETURN_IF_ERROR(check_writable(probe, opts.write.format).with_context(proj));
   }
+  return Status::ok();
+}
 
-  const int64_t N = calib.count(), T = calib.seqlen;
-  QCAL_ASSIGN_OR_RETURN(Tensor x, model->embed(calib, 0, N));  // (N*T, H)
+Result<LayerReport> quantize_layer(const LlamaModel& model, int64_t l, Tensor& x, int64_t T,
+                                   const QuantizeOptions& opts,
+                                   std::map<std::string, QuantizedLinear>* out,
+                                   const HessianReduce& reduce) {
+  const double t_layer = now_s();
+  const ModelConfig& c = model.config();
+  const int64_t N = x.numel() / (T * c.hidden_size);
+  LayerReport lr;
+  lr.layer = l;
+  QCAL_ASSIGN_OR_RETURN(LayerWeights w, model.load_layer(l));
+  // The FP output first, so no second copy of the layer's weights is kept.
+  Tensor y_fp;
+  run_block(c, w, x, N, T, opts.batch, nullptr, &y_fp);
+
+  for (const auto& step : capture_plan(opts.true_sequential)) {
+    std::map<std::string, std::unique_ptr<HessianAccumulator>> acc;  // by first proj of group
+    if (opts.method == WeightMethod::kGptq) {
+      for (const auto& group : step) {
+        int64_t in = proj_shape(c, group[0])[1];
+        acc[group[0]] = std::make_unique<HessianAccumulator>(in);
+      }
+      LinearInputHook hook = [&](const std::string& proj, const float* xin, int64_t rows,
+                                 int64_t) {
+        auto it = acc.find(proj);
+        if (it != acc.end()) it->second->add_batch(xin, rows, rows / T);
+      };
+      run_block(c, w, x, N, T, opts.batch, hook, nullptr);
+      if (reduce) {
+        for (auto& [proj, a] : acc) QCAL_RETURN_IF_ERROR(reduce(*a));
+      }
+    }
+    for (const auto& group : step) {
+      Tensor hess;
+      if (opts.method == WeightMethod::kGptq) hess = acc[group[0]]->hessian();
+      acc.erase(group[0]);
+      for (const auto& proj : group) {
+        const std::string name = layer_prefix(l) + proj;
+        QuantizedLinear q;
+        if (opts.method == WeightMethod::kGptq) {
+          QCAL_ASSIGN_OR_RETURN(GptqResult r,
+                                gptq_quantize(w.proj(proj), hess, opts.spec, opts.gptq));
+          if (r.fell_back_to_rtn) LOG_WARN << name << ": GPTQ fell back to RTN";
+          lr.proj_losses[proj] = r.loss;
+          q = std::move(r.qlinear);
+        } else {
+          QCAL_ASSIGN_OR_RETURN(q, rtn_quantize(w.proj(proj), opts.spec));
+        }
+        w.proj(proj) = q.dequantize();
+        (*out)[name] = std::move(q);
+      }
+    }
+  }
+
+  // The next layer sees the quantized model's activations (§2.3).
+  Tensor y_q;
+  run_block(c, w, x, N, T, opts.batch, nullptr, &y_q);
+  lr.rel_output_error = rel_error(y_fp, y_q);
+  for (float v : y_q.data) {
+    if (!std::isfinite(v))
+      return internal_error("layer " + std::to_string(l) +
+                            ": non-finite activation after quantization");
+  }
+  x = std::move(y_q);
+  lr.seconds = now_s() - t_layer;
+  LOG_INFO << "layer " << l << "/" << c.num_hidden_layers << ": rel output error "
+           << lr.rel_output_error << " (" << lr.seconds << " s)";
+  return lr;
+}
+
+Result<QuantizeReport> quantize_model(const std::string& model_dir, const TokenSequences& calib,
+                                      const QuantizeOptions& opts, const std::string& out_dir,
+                                      const ProgressFn& progress) {
+  const double t_start = now_s();
+  QCAL_ASSIGN_OR_RETURN(auto model, LlamaModel::open(model_dir));
+  QCAL_RETURN_IF_ERROR(check_quantize_inputs(*model, opts));
+  if (calib.count() == 0) return invalid_input("calibration data holds no complete sequence");
+  const ModelConfig& c = model->config();
+  QCAL_ASSIGN_OR_RETURN(Tensor x, model->embed(calib, 0, calib.count()));  // (N*T, H)
 
   QuantizeReport report;
   std::map<std::string, QuantizedLinear> qlinears;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const double t_layer = now_s();
-    LayerReport lr;
-    lr.layer = l;
-    QCAL_ASSIGN_OR_RETURN(LayerWeights w, model->load_layer(l));
-    const LayerWeights w_fp = w;
-
-    for (const auto& step : capture_plan(opts.true_sequential)) {
-      std::map<std::string, std::unique_ptr<HessianAccumulator>> acc;  // by first proj of group
-      if (opts.method == WeightMethod::kGptq) {
-        for (const auto& group : step) {
-          int64_t in = proj_shape(c, group[0])[1];
-          acc[group[0]] = std::make_unique<HessianAccumulator>(in);
-        }
-        LinearInputHook hook = [&](const std::string& proj, const float* xin, int64_t rows,
-                                   int64_t) {
-          auto it = acc.find(proj);
-          if (it != acc.end()) it->second->add_batch(xin, rows, rows / T);
-        };
-        run_block(c, w, x, N, T, opts.batch, hook, nullptr);
-      }
-      for (const auto& group : step) {
-        Tensor hess;
-        if (opts.method == WeightMethod::kGptq) hess = acc[group[0]]->hessian();
-        acc.erase(group[0]);
-        for (const auto& proj : group) {
-          const std::string name = layer_prefix(l) + proj;
-          QuantizedLinear q;
-          if (opts.method == WeightMethod::kGptq) {
-            QCAL_ASSIGN_OR_RETURN(GptqResult r, gptq_quantize(w.proj(proj), hess, opts.spec, opts.gptq));
-            if (r.fell_back_to_rtn) LOG_WARN << name << ": GPTQ fell back to RTN";
-            lr.proj_losses[proj] = r.loss;
-            q = std::move(r.qlinear);
-          } else {
-            QCAL_ASSIGN_OR_RETURN(q, rtn_quantize(w.proj(proj), opts.spec));
-          }
-          w.proj(proj) = q.dequantize();
-          qlinears.emplace(name, std::move(q));
-        }
-      }
-    }
-
-    // The next layer sees the quantized model's activations (§2.3).
-    Tensor y_fp, y_q;
-    run_block(c, w_fp, x, N, T, opts.batch, nullptr, &y_fp);
-    run_block(c, w, x, N, T, opts.batch, nullptr, &y_q);
-    lr.rel_output_error = rel_error(y_fp, y_q);
-    for (float v : y_q.data) {
-      if (!std::isfinite(v))
-        return internal_error("layer " + std::to_string(l) + ": non-finite activation after quantization");
-    }
-    x = std::move(y_q);
-    lr.seconds = now_s() - t_layer;
-    LOG_INFO << "layer " << l << "/" << c.num_hidden_layers << ": rel output error "
-             << lr.rel_output_error << " (" << lr.seconds << " s)";
+    QCAL_ASSIGN_OR_RETURN(LayerReport lr,
+                          quantize_layer(*model, l, x, calib.seqlen, opts, &qlinears));
     report.layers.push_back(std::move(lr));
     if (progress) progress(l + 1, c.num_hidden_layers);
   }
-
-  nlohmann::json extra = opts.write.extra_config;
-  if (opts.method == WeightMethod::kGptq) {
-    extra["damp_percent"] = opts.gptq.percdamp;
-    extra["static_groups"] = opts.gptq.static_groups;
-    extra["true_sequential"] = opts.true_sequential;
-  }
-  WriteOptions wopts = opts.write;
-  wopts.extra_config = extra;
-  QCAL_RETURN_IF_ERROR(write_quantized_checkpoint(model->dir(), qlinears, wopts, out_dir));
+  QCAL_RETURN_IF_ERROR(write_quantized_checkpoint(model->dir(), qlinears,
+                                                  checkpoint_write_options(opts), out_dir));
   report.seconds = now_s() - t_start;
   return report;
+}
+
+WriteOptions checkpoint_write_options(const QuantizeOptions& opts) {
+  WriteOptions w = opts.write;
+  if (opts.method == WeightMethod::kGptq) {
+    w.extra_config["damp_percent"] = opts.gptq.percdamp;
+    w.extra_config["static_groups"] = opts.gptq.static_groups;
+    w.extra_config["true_sequential"] = opts.true_sequential;
+  }
+  return w;
 }
 
 }  // namespace qcal

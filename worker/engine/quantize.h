@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,7 @@
 
 #include "common/data.h"
 #include "worker/engine/gptq.h"
+#include "worker/engine/model.h"
 #include "worker/engine/qformats.h"
 #include "worker/engine/quantizer.h"
 
@@ -45,6 +47,31 @@ struct QuantizeReport {
 };
 
 using ProgressFn = std::function<void(int64_t layer, int64_t num_layers)>;
+
+// Sums a rank-local Hessian accumulator across the ranks of a worker group
+// (MPI/NCCL all-reduce of raw_sum() and nsamples). nullptr = single rank.
+using HessianReduce = std::function<Status(HessianAccumulator& acc)>;
+
+// One step of the walk, shared by `quantize_model` and the service's
+// calibrate tasks so both produce identical bits: quantizes layer `l` of
+// `model` from `x` (N*T, H), the layer's input on the quantized path for this
+// rank's N sequences of `seqlen` tokens; adds the layer's seven quantized
+// linears to `out` (keys "model.layers.<l>.<proj>"); replaces `x` by the
+// layer's output through the quantized weights. Checks the opts, not the model.
+Result<LayerReport> quantize_layer(const LlamaModel& model, int64_t l, Tensor& x, int64_t seqlen,
+                                   const QuantizeOptions& opts,
+                                   std::map<std::string, QuantizedLinear>* out,
+                                   const HessianReduce& reduce = nullptr);
+
+// The checkpoint writer's options for a recipe (records GPTQ settings in
+// quantization_config). Used by quantize_model and the service's assemble task.
+WriteOptions checkpoint_write_options(const QuantizeOptions& opts);
+
+// Validates `opts` against the model before any work: spec, batch, an FP
+// (not already quantized) checkpoint with every tensor present, and every
+// projection shape writable in the chosen format. kInvalidInput naming the
+// problem.
+Status check_quantize_inputs(const LlamaModel& model, const QuantizeOptions& opts);
 
 // Quantizes the model at `model_dir` on `calib` and writes `out_dir`.
 Result<QuantizeReport> quantize_model(const std::string& model_dir, const TokenSequences& calib,

@@ -1,0 +1,172 @@
+// Jobs, tasks and the ready-task queue, with Redis as the system of record.
+// The coordinator and the workers talk to Redis only through this class.
+//
+// Redis layout (prefix P, default "qcal"):
+//   P:job:<id>              hash: spec (JSON), state, priority, labels (JSON),
+//                           created_at, updated_at, error, report (JSON),
+//                           schedule_id, tasks_total, tasks_done
+//   P:jobs                  zset: job id by created_at (listing)
+//   P:job:<id>:tasks        list: task ids in DAG order
+//   P:task:<id>:<task>      hash: type, deps (JSON), params (JSON), mem_bytes,
+//                           state, remaining (unfinished deps), attempts,
+//                           worker, started_at, finished_at, result (JSON),
+//                           error, dependents (JSON)
+//   P:job:<id>:log          list: log lines (capped)
+//   P:queue:<priority>      stream of ready tasks {job, task}; consumer group
+//                           "workers". A worker's heartbeat XCLAIMs its entry,
+//                           which resets the entry's idle time: an entry idle
+//                           longer than the lease belongs to a dead worker and
+//                           is reclaimed (XAUTOCLAIM) by the next claim.
+//   P:workers               zset: worker id by last-seen time
+//   P:metrics               hash: counters (tasks_completed, task_seconds_sum,
+//                           task_seconds_bucket_<le>, ...)
+// State changes that touch several keys run as Lua scripts, so a crash of
+// any process between two keys never leaves them inconsistent.
+//
+// Job states: queued → running → validating → succeeded | failed | cancelled.
+// Task states: waiting (deps unfinished) → ready (enqueued) → running → done,
+// or failed / cancelled.
+//
+// Thread safety: not thread safe (holds a RedisClient); one per thread.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/job_spec.h"
+#include "common/redis.h"
+#include "common/status.h"
+
+namespace qcal {
+
+enum class JobState { kQueued, kRunning, kValidating, kSucceeded, kFailed, kCancelled };
+enum class TaskState { kWaiting, kReady, kRunning, kDone, kFailed, kCancelled };
+const char* job_state_name(JobState s);
+const char* task_state_name(TaskState s);
+std::optional<JobState> parse_job_state(const std::string& s);
+bool is_terminal(JobState s);
+
+// One node of a job's DAG, as planned by the coordinator.
+struct TaskDef {
+  std::string id;                 // unique within the job, e.g. "calibrate-0003"
+  std::string type;               // capture | calibrate | assemble | validate
+  std::vector<std::string> deps;  // ids of tasks whose results this one reads
+  nlohmann::json params = nlohmann::json::object();
+  uint64_t mem_bytes = 0;         // planner's estimate of peak memory
+};
+
+struct TaskInfo {
+  std::string job_id;
+  TaskDef def;
+  TaskState state = TaskState::kWaiting;
+  int64_t attempts = 0;
+  std::string worker;
+  double started_at = 0, finished_at = 0;  // unix seconds, 0 = not yet
+  nlohmann::json result;                   // null until done
+  std::string error;
+};
+
+struct JobInfo {
+  std::string id;
+  JobState state = JobState::kQueued;
+  nlohmann::json spec;            // the validated JobSpec as JSON
+  Priority priority = Priority::kNormal;
+  std::map<std::string, std::string> labels;
+  double created_at = 0, updated_at = 0;
+  std::string error;              // why it failed, when it did
+  nlohmann::json report;          // validation report, null until validated
+  std::string schedule_id;        // set for runs started by a schedule
+  int64_t tasks_total = 0, tasks_done = 0;
+};
+
+// A task handed to a worker by claim_task.
+struct Claim {
+  std::string job_id, task_id;
+  std::string stream, entry_id;  // the queue entry (for heartbeat / ack)
+  int64_t attempt = 0;           // 1 for the first run
+  TaskInfo task;
+  JobInfo job;
+};
+
+struct JobStoreOptions {
+  std::string prefix = "qcal";
+  int64_t max_attempts = 3;      // a task delivered more often fails its job ("dead letter")
+  int64_t log_lines = 1000;      // per-job log cap
+};
+
+class JobStore {
+ public:
+  JobStore(RedisClient& redis, JobStoreOptions opts = {});
+
+  // Creates the consumer group / streams if absent (idempotent).
+  Status init();
+
+  // ---- coordinator side
+  // Stores the job and its tasks and enqueues tasks without deps, atomically.
+  // Returns the new job id (time-ordered, unique: "j-<unix ms>-<random hex>").
+  Result<std::string> create_job(const JobSpec& spec, const std::vector<TaskDef>& tasks,
+                                 const std::string& schedule_id = "");
+  Result<JobInfo> get_job(const std::string& job_id);  // kNotFound if absent
+  Result<std::vector<TaskInfo>> get_tasks(const std::string& job_id);
+  // Newest first; filters are optional; at most `limit`.
+  Result<std::vector<JobInfo>> list_jobs(std::optional<JobState> state,
+                                         const std::map<std::string, std::string>& labels,
+                                         int64_t limit = 100);
+  // Cancels a job that is not terminal: job and its unfinished tasks become
+  // cancelled; queued entries are dropped when claimed. kInvalidInput (the
+  // caller answers 409) if already terminal; kNotFound if absent.
+  Status cancel_job(const std::string& job_id);
+  Status append_log(const std::string& job_id, const std::string& line);
+  Result<std::vector<std::string>> get_log(const std::string& job_id, int64_t from = 0);
+
+  // ---- worker side
+  // Takes the next task: first an entry whose worker stopped heartbeating for
+  // longer than `lease_ms` (XAUTOCLAIM), else a new entry, waiting up to
+  // `block_ms`, highest priority first. Entries of cancelled/failed jobs are
+  // acknowledged and skipped. An entry delivered more than max_attempts times
+  // fails its job with "task <id> failed <n> times: <last error>" (dead
+  // letter). Marks the task running (attempt+1, worker, started_at) and its job
+  // running (or validating for a validate task). nullopt when nothing came.
+  Result<std::optional<Claim>> claim_task(const std::string& worker_id, int64_t lease_ms,
+                                          int64_t block_ms);
+  // Renews the lease. Returns false when the job was cancelled or the task was
+  // taken over by another worker (the caller must stop and not report).
+  Result<bool> heartbeat(const Claim& c, const std::string& worker_id);
+  // Records success: task done with `result`; dependents whose deps are now all
+  // done are enqueued; the job's progress advances; when the last task
+  // finishes the job becomes succeeded, or failed when result has
+  // "gate_passed": false (the report is result["report"] when present). Acks
+  // the entry. Ignored (returns OK, does nothing) if this claim no longer owns
+  // the task (reclaimed by another worker after a lost lease).
+  Status complete_task(const Claim& c, const nlohmann::json& result);
+  // Records a failure. retryable: the entry is re-enqueued (until
+  // max_attempts); otherwise the job fails with `error` at once.
+  Status fail_task(const Claim& c, const std::string& error, bool retryable);
+  // The consumer `c` found that the output of task `producer` is corrupt
+  // (checksum mismatch): the producer is reset to ready and re-enqueued, and
+  // the consumer goes back to waiting on it. Acks the consumer's entry.
+  Status rerun_producer(const Claim& c, const std::string& producer, const std::string& why);
+
+  // ---- registry and metrics
+  Status worker_seen(const std::string& worker_id);
+  Result<int64_t> live_workers(double within_s);
+  Result<std::map<std::string, int64_t>> job_counts();  // by state name
+  Result<int64_t> queue_depth();  // entries not yet delivered + pending
+  // Counters in P:metrics (tasks_completed, tasks_failed, task_seconds_sum,
+  // task_seconds_count, task_seconds_bucket_<le> for le in 1, 10, 60, 600, 3600, +Inf).
+  Result<std::map<std::string, double>> metrics();
+
+  RedisClient& redis() { return redis_; }
+  const JobStoreOptions& options() const { return opts_; }
+
+ private:
+  RedisClient& redis_;
+  JobStoreOptions opts_;
+};
+
+}  // namespace qcal
