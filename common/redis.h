@@ -31,19 +31,19 @@ namespace qcal {
 struct RedisReply {
   enum class Type { kNil, kString, kInteger, kArray, kStatus };
   Type type = Type::kNil;
-  std::string str;                 // kString / kStatus
-  int64_t integer = 0;             // kInteger
-  std::vector<RedisReply> array;   // kArray
+  std::string str;                // kString / kStatus
+  int64_t integer = 0;            // kInteger
+  std::vector<RedisReply> array;  // kArray
   bool is_nil() const { return type == Type::kNil; }
 };
 
 struct RedisOptions {
   std::string host = "127.0.0.1";
   int port = 6379;
-  std::string password;              // AUTH when non-empty
+  std::string password;  // AUTH when non-empty
   double connect_timeout_s = 2.0;
-  double command_timeout_s = 10.0;   // blocking commands add their own block time
-  double reconnect_timeout_s = 30.0; // total backoff budget per call
+  double command_timeout_s = 10.0;    // blocking commands add their own block time
+  double reconnect_timeout_s = 30.0;  // total backoff budget per call
 };
 
 // "redis://[:password@]host:port" or "host:port" → options.

@@ -1,0 +1,349 @@
+#include "common/job_spec.h"
+
+#include <cmath>
+#include <limits>
+#include <set>
+#include <sstream>
+#include <utility>
+#include <vector>
+
+namespace qcal {
+
+const char* priority_name(Priority p) {
+  switch (p) {
+    case Priority::kHigh: return "high";
+    case Priority::kNormal: return "normal";
+    case Priority::kLow: return "low";
+  }
+  return "normal";
+}
+
+namespace {
+
+using nlohmann::json;
+
+std::string type_name(const json& v) {
+  switch (v.type()) {
+    case json::value_t::null: return "null";
+    case json::value_t::boolean: return "a boolean";
+    case json::value_t::string: return "a string";
+    case json::value_t::array: return "an array";
+    case json::value_t::object: return "an object";
+    case json::value_t::number_float: return "a number";
+    default: return "an integer";
+  }
+}
+
+// Short rendering of a value for error messages.
+std::string shown(const json& v) {
+  std::string s = v.dump();
+  return s.size() > 60 ? s.substr(0, 57) + "..." : s;
+}
+
+// One JSON object being read: every read key is remembered so that the rest
+// can be reported as unknown. Errors name the full key path.
+class Reader {
+ public:
+  Reader(const json& j, std::string path) : j_(j), path_(std::move(path)) {}
+
+  std::string key_path(const std::string& key) const {
+    return path_.empty() ? key : path_ + "." + key;
+  }
+
+  // Unknown keys first: a typo must be reported as a typo, not as the
+  // missing value the typo hid.
+  Status check_keys(const std::vector<std::string>& known) const {
+    for (auto it = j_.begin(); it != j_.end(); ++it) {
+      bool ok = false;
+      for (const auto& k : known) ok = ok || k == it.key();
+      if (!ok) {
+        std::string list;
+        for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
+        return invalid_input(key_path(it.key()) + ": unknown key (known: " + list + ")");
+      }
+    }
+    return Status::ok();
+  }
+
+  // nullptr when absent (or null, where `null_is_absent`).
+  const json* find(const std::string& key, bool null_is_absent = false) const {
+    auto it = j_.find(key);
+    if (it == j_.end()) return nullptr;
+    if (null_is_absent && it->is_null()) return nullptr;
+    return &*it;
+  }
+
+  Status str(const std::string& key, std::string* out, bool required) const {
+    const json* v = find(key);
+    if (!v) return required ? invalid_input(key_path(key) + ": required") : Status::ok();
+    if (!v->is_string()) {
+      return invalid_input(key_path(key) + ": must be a string (got " + type_name(*v) + ")");
+    }
+    *out = v->get<std::string>();
+    if (out->empty()) return invalid_input(key_path(key) + ": must not be empty");
+    return Status::ok();
+  }
+
+  Status boolean(const std::string& key, bool* out) const {
+    const json* v = find(key);
+    if (!v) return Status::ok();
+    if (!v->is_boolean()) {
+      return invalid_input(key_path(key) + ": must be true or false (got " + shown(*v) + ")");
+    }
+    *out = v->get<bool>();
+    return Status::ok();
+  }
+
+  Status integer(const std::string& key, int64_t* out) const {
+    const json* v = find(key);
+    if (!v) return Status::ok();
+    if (v->is_number_integer()) {
+      if (v->is_number_unsigned() &&
+          v->get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+        return invalid_input(key_path(key) + ": out of range (got " + shown(*v) + ")");
+      }
+      *out = v->get<int64_t>();
+      return Status::ok();
+    }
+    // 4.0 from a client that writes every number as a float is still 4.
+    if (v->is_number_float()) {
+      double d = v->get<double>();
+      if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.0e15) {
+        *out = static_cast<int64_t>(d);
+        return Status::ok();
+      }
+    }
+    return invalid_input(key_path(key) + ": must be an integer (got " + shown(*v) + ")");
+  }
+
+  Status number(const std::string& key, double* out) const {
+    const json* v = find(key, /*null_is_absent=*/false);
+    if (!v) return Status::ok();
+    if (!v->is_number()) {
+      return invalid_input(key_path(key) + ": must be a number (got " + shown(*v) + ")");
+    }
+    *out = v->get<double>();
+    return Status::ok();
+  }
+
+  const json& j() const { return j_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  const json& j_;
+  std::string path_;
+};
+
+Status require_object(const json& j, const std::string& path) {
+  if (!j.is_object()) {
+    return invalid_input(path + ": must be an object (got " + type_name(j) + ")");
+  }
+  return Status::ok();
+}
+
+Status one_of(const std::string& path, const std::string& v,
+              const std::vector<std::string>& allowed) {
+  for (const auto& a : allowed) {
+    if (v == a) return Status::ok();
+  }
+  std::string list;
+  for (size_t i = 0; i < allowed.size(); ++i) {
+    list += (i == 0 ? "" : (i + 1 == allowed.size() ? " or " : ", ")) + allowed[i];
+  }
+  return invalid_input(path + ": must be " + list + " (got '" + v + "')");
+}
+
+Status parse_recipe(const json& j, RecipeSpec* r) {
+  QCAL_RETURN_IF_ERROR(require_object(j, "recipe"));
+  Reader rd(j, "recipe");
+  QCAL_RETURN_IF_ERROR(
+      rd.check_keys({"method", "w_bits", "group_size", "sym", "act_order", "static_groups", "damp",
+                     "mse_clip", "true_sequential", "mode", "window", "overlap", "seed"}));
+  QCAL_RETURN_IF_ERROR(rd.str("method", &r->method, false));
+  QCAL_RETURN_IF_ERROR(one_of("recipe.method", r->method, {"rtn", "gptq"}));
+
+  int64_t bits = r->w_bits;
+  QCAL_RETURN_IF_ERROR(rd.integer("w_bits", &bits));
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 8) {
+    return invalid_input("recipe.w_bits: must be one of 2, 3, 4, 8 (got " + std::to_string(bits) +
+                         ")");
+  }
+  r->w_bits = static_cast<int>(bits);
+
+  QCAL_RETURN_IF_ERROR(rd.integer("group_size", &r->group_size));
+  if (r->group_size != -1 && r->group_size <= 0) {
+    return invalid_input("recipe.group_size: must be -1 (per channel) or positive (got " +
+                         std::to_string(r->group_size) + ")");
+  }
+  QCAL_RETURN_IF_ERROR(rd.boolean("sym", &r->sym));
+  QCAL_RETURN_IF_ERROR(rd.boolean("act_order", &r->act_order));
+  QCAL_RETURN_IF_ERROR(rd.boolean("static_groups", &r->static_groups));
+  QCAL_RETURN_IF_ERROR(rd.number("damp", &r->damp));
+  if (!(r->damp > 0) || !std::isfinite(r->damp)) {
+    std::ostringstream os;
+    os << "recipe.damp: must be positive (got " << r->damp << ")";
+    return invalid_input(os.str());
+  }
+  QCAL_RETURN_IF_ERROR(rd.boolean("mse_clip", &r->mse_clip));
+  QCAL_RETURN_IF_ERROR(rd.boolean("true_sequential", &r->true_sequential));
+  QCAL_RETURN_IF_ERROR(rd.str("mode", &r->mode, false));
+  QCAL_RETURN_IF_ERROR(one_of("recipe.mode", r->mode, {"sequential", "parallel"}));
+  QCAL_RETURN_IF_ERROR(rd.integer("window", &r->window));
+  if (r->window < 1) {
+    return invalid_input("recipe.window: must be at least 1 (got " + std::to_string(r->window) +
+                         ")");
+  }
+  QCAL_RETURN_IF_ERROR(rd.integer("overlap", &r->overlap));
+  if (r->overlap < 0 || r->overlap >= r->window) {
+    return invalid_input("recipe.overlap: must be in [0, window) = [0, " +
+                         std::to_string(r->window) + ") (got " + std::to_string(r->overlap) + ")");
+  }
+  if (const json* v = rd.find("seed")) {
+    if (!v->is_number_unsigned() && !(v->is_number_integer() && v->get<int64_t>() >= 0)) {
+      return invalid_input("recipe.seed: must be a non-negative integer (got " + shown(*v) + ")");
+    }
+    r->seed = v->get<uint64_t>();
+  }
+  return Status::ok();
+}
+
+Status parse_data(const json& j, const std::string& path, bool is_eval, DataSpec* d) {
+  QCAL_RETURN_IF_ERROR(require_object(j, path));
+  Reader rd(j, path);
+  QCAL_RETURN_IF_ERROR(rd.check_keys({"path", "nsamples", "seqlen"}));
+  QCAL_RETURN_IF_ERROR(rd.str("path", &d->path, /*required=*/true));
+  QCAL_RETURN_IF_ERROR(rd.integer("nsamples", &d->nsamples));
+  const int64_t min_samples = is_eval ? 0 : 1;
+  if (d->nsamples < min_samples) {
+    return invalid_input(path + ".nsamples: must be at least " + std::to_string(min_samples) +
+                         (is_eval ? " (0 = all)" : "") + " (got " + std::to_string(d->nsamples) +
+                         ")");
+  }
+  QCAL_RETURN_IF_ERROR(rd.integer("seqlen", &d->seqlen));
+  if (d->seqlen < 2) {
+    return invalid_input(path + ".seqlen: must be at least 2 (got " + std::to_string(d->seqlen) +
+                         ")");
+  }
+  return Status::ok();
+}
+
+Status parse_output(const json& j, OutputSpec* o) {
+  QCAL_RETURN_IF_ERROR(require_object(j, "output"));
+  Reader rd(j, "output");
+  QCAL_RETURN_IF_ERROR(rd.check_keys({"path", "format", "overwrite"}));
+  QCAL_RETURN_IF_ERROR(rd.str("path", &o->path, /*required=*/true));
+  QCAL_RETURN_IF_ERROR(rd.str("format", &o->format, false));
+  QCAL_RETURN_IF_ERROR(one_of("output.format", o->format, {"gptq", "compressed-tensors"}));
+  QCAL_RETURN_IF_ERROR(rd.boolean("overwrite", &o->overwrite));
+  return Status::ok();
+}
+
+Status parse_gate(const json& j, GateSpec* g) {
+  QCAL_RETURN_IF_ERROR(require_object(j, "gate"));
+  Reader rd(j, "gate");
+  QCAL_RETURN_IF_ERROR(rd.check_keys({"max_ppl_increase", "max_kl"}));
+  for (auto [key, out] :
+       {std::pair{"max_ppl_increase", &g->max_ppl_increase}, std::pair{"max_kl", &g->max_kl}}) {
+    const json* v = rd.find(key, /*null_is_absent=*/true);
+    if (!v) continue;
+    double d = 0;
+    QCAL_RETURN_IF_ERROR(rd.number(key, &d));
+    if (!(d >= 0)) {
+      std::ostringstream os;
+      os << "gate." << key << ": must be >= 0 (got " << d << ")";
+      return invalid_input(os.str());
+    }
+    *out = d;
+  }
+  return Status::ok();
+}
+
+Status parse_labels(const json& j, std::map<std::string, std::string>* labels) {
+  QCAL_RETURN_IF_ERROR(require_object(j, "labels"));
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it.key().empty()) return invalid_input("labels: a label key must not be empty");
+    if (!it->is_string()) {
+      return invalid_input("labels." + it.key() + ": must be a string (got " + type_name(*it) +
+                           ")");
+    }
+    (*labels)[it.key()] = it->get<std::string>();
+  }
+  return Status::ok();
+}
+
+json data_json(const DataSpec& d) {
+  return {{"path", d.path}, {"nsamples", d.nsamples}, {"seqlen", d.seqlen}};
+}
+
+json optional_json(const std::optional<double>& v) { return v ? json(*v) : json(nullptr); }
+
+}  // namespace
+
+json JobSpec::to_json() const {
+  json j;
+  j["model"] = model;
+  j["recipe"] = {{"method", recipe.method},
+                 {"w_bits", recipe.w_bits},
+                 {"group_size", recipe.group_size},
+                 {"sym", recipe.sym},
+                 {"act_order", recipe.act_order},
+                 {"static_groups", recipe.static_groups},
+                 {"damp", recipe.damp},
+                 {"mse_clip", recipe.mse_clip},
+                 {"true_sequential", recipe.true_sequential},
+                 {"mode", recipe.mode},
+                 {"window", recipe.window},
+                 {"overlap", recipe.overlap},
+                 {"seed", recipe.seed}};
+  j["calib"] = data_json(calib);
+  j["eval"] = eval ? data_json(*eval) : json(nullptr);
+  j["output"] = {{"path", output.path}, {"format", output.format}, {"overwrite", output.overwrite}};
+  j["gate"] = {{"max_ppl_increase", optional_json(gate.max_ppl_increase)},
+               {"max_kl", optional_json(gate.max_kl)}};
+  j["priority"] = priority_name(priority);
+  j["labels"] = json::object();
+  for (const auto& [k, v] : labels) j["labels"][k] = v;
+  return j;
+}
+
+Result<JobSpec> parse_job_spec(const nlohmann::json& j) {
+  if (!j.is_object()) {
+    return invalid_input("job spec: must be a JSON object (got " + type_name(j) + ")");
+  }
+  JobSpec s;
+  Reader rd(j, "");
+  QCAL_RETURN_IF_ERROR(
+      rd.check_keys({"model", "recipe", "calib", "eval", "output", "gate", "priority", "labels"}));
+  QCAL_RETURN_IF_ERROR(rd.str("model", &s.model, /*required=*/true));
+  if (const json* v = rd.find("recipe", true)) QCAL_RETURN_IF_ERROR(parse_recipe(*v, &s.recipe));
+
+  const json* calib = rd.find("calib");
+  if (!calib) return invalid_input("calib.path: required");
+  QCAL_RETURN_IF_ERROR(parse_data(*calib, "calib", /*is_eval=*/false, &s.calib));
+  if (const json* v = rd.find("eval", true)) {
+    DataSpec e;
+    e.nsamples = 0;  // eval default: every sequence
+    QCAL_RETURN_IF_ERROR(parse_data(*v, "eval", /*is_eval=*/true, &e));
+    s.eval = e;
+  }
+
+  const json* output = rd.find("output");
+  if (!output) return invalid_input("output.path: required");
+  QCAL_RETURN_IF_ERROR(parse_output(*output, &s.output));
+  if (s.output.format == "compressed-tensors" && s.recipe.w_bits != 4 && s.recipe.w_bits != 8) {
+    return invalid_input("output.format: compressed-tensors needs recipe.w_bits 4 or 8 (got " +
+                         std::to_string(s.recipe.w_bits) + ")");
+  }
+  if (const json* v = rd.find("gate", true)) QCAL_RETURN_IF_ERROR(parse_gate(*v, &s.gate));
+
+  std::string priority = "normal";
+  QCAL_RETURN_IF_ERROR(rd.str("priority", &priority, false));
+  QCAL_RETURN_IF_ERROR(one_of("priority", priority, {"high", "normal", "low"}));
+  s.priority = priority == "high"  ? Priority::kHigh
+               : priority == "low" ? Priority::kLow
+                                   : Priority::kNormal;
+  if (const json* v = rd.find("labels", true)) QCAL_RETURN_IF_ERROR(parse_labels(*v, &s.labels));
+  return s;
+}
+
+}  // namespace qcal
