@@ -1,0 +1,97 @@
+// The coordinator's REST server (api/openapi.yaml is the contract).
+//
+// Routes (all JSON; every /v1 route needs `Authorization: Bearer <token>`
+// when a token file is configured):
+//   POST   /v1/jobs                 job spec → parse_job_spec → plan_job →
+//                                   JobStore::create_job → 202 {"id", "state", "tasks", "plan"}
+//   GET    /v1/jobs?state=&label=k=v&limit=   newest first
+//   GET    /v1/jobs/{id}            state, progress (per task), blocks, ETA
+//   DELETE /v1/jobs/{id}            cancel → 200 with the job; 409 when terminal
+//   GET    /v1/jobs/{id}/report     404 until validated
+//   GET    /v1/jobs/{id}/logs?from=
+//   POST   /v1/schedules, GET /v1/schedules, GET|DELETE /v1/schedules/{id}
+//   GET    /healthz   process up (no Redis)        — no token
+//   GET    /readyz    Redis reachable → 200 else 503 — no token
+//   GET    /metrics   Prometheus text               — no token
+//
+// Errors: one adapter turns every failure into
+//   {"error": {"code": "INVALID_INPUT", "message": "..."}}
+// with the HTTP status from the Status code: kInvalidInput 400, kNotFound 404,
+// kResourceExhausted 422, kUnavailable 503, everything else 500; plus the
+// HTTP-only cases 401 UNAUTHENTICATED, 409 CONFLICT, 413 PAYLOAD_TOO_LARGE,
+// 404 for an unknown route, 400 for malformed JSON (naming the position).
+// A rejected request writes nothing to Redis: requests are validated and
+// planned completely before the one store call that commits them.
+//
+// State lives only in Redis (jobs, tasks, schedules), so a restarted
+// coordinator carries on. In-process only: the HTTP request counters of
+// qcal_http_requests_total (per process, reset on restart, as Prometheus
+// counters may be).
+//
+// Threads: cpp-httplib's pool serves requests; each request borrows a
+// RedisClient from a small pool (a RedisClient is single-threaded). One
+// background thread runs a Boost.Asio io_context with two timers: the
+// scheduler tick (scheduler_tick every `tick_interval_s`) and a periodic
+// status log line.
+//
+// Thread safety: start/stop/wait may be called from any thread; stop() is
+// idempotent and safe from a signal-waiting thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "common/redis.h"
+#include "common/status.h"
+#include "coordinator/schedules.h"
+
+namespace qcal {
+
+struct CoordinatorOptions {
+  std::string host = "127.0.0.1";
+  int port = 8080;  // 0 = any free port (see CoordinatorServer::port())
+  RedisOptions redis;
+  std::string prefix = "qcal";                 // Redis key prefix
+  std::string token_file;                      // empty = authentication off (warned at start)
+  std::string store_root;                      // artifact store, reported by /readyz
+  uint64_t worker_memory_bytes = 24ull << 30;  // PlannerLimits::worker_memory_bytes
+  uint64_t max_body_bytes = 1ull << 20;        // larger request bodies → 413
+  int http_threads = 32;  // each keep-alive connection holds one while open
+  // A request waits at most this long for Redis to come back before 503
+  // (caps RedisOptions::reconnect_timeout_s for request clients).
+  double request_redis_timeout_s = 2.0;
+  double tick_interval_s = 5.0;         // scheduler tick; <= 0: no automatic ticks
+  double status_log_interval_s = 60.0;  // periodic log line; <= 0: none
+  double worker_live_s = 30.0;          // a worker seen within this long is live
+};
+
+class CoordinatorServer {
+ public:
+  explicit CoordinatorServer(CoordinatorOptions opts);
+  ~CoordinatorServer();  // stop() + wait()
+  CoordinatorServer(const CoordinatorServer&) = delete;
+  CoordinatorServer& operator=(const CoordinatorServer&) = delete;
+
+  // Loads the token file, binds the port, and starts the HTTP and background
+  // threads; returns once requests are being accepted. Redis need not be up
+  // (requests answer 503 and /readyz fails until it is). Errors: the token
+  // file cannot be read, the port cannot be bound.
+  Status start();
+  // The bound port (after start()).
+  int port() const;
+  // Stops accepting, finishes in-flight requests, stops the background thread.
+  void stop();
+  // Blocks until stop() has completed.
+  void wait();
+
+  // Runs one scheduler tick at wall time `now` (unix seconds; tests pass a
+  // time past a schedule's next_run_at), as the background thread does.
+  Result<TickReport> tick(int64_t now);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace qcal
