@@ -1,0 +1,103 @@
+// qcal-worker: claims calibration tasks from Redis and runs them.
+//
+//   qcal-worker --redis redis://host:6379 --store /shared/qcal-store
+//               [--worker-id ID] [--lease-ms 30000] [--block-ms 2000]
+//               [--threads N] [--prefix qcal] [--once]
+//   mpirun -np 4 qcal-worker ...   one worker, four data-parallel ranks
+//
+// SIGTERM / SIGINT: finish the current task, report it, exit 0. A second
+// signal exits at once (the task is reclaimed by another worker after its lease).
+// Under mpirun, signal rank 0's process: mpirun itself answers SIGTERM by
+// terminating the job (SIGTERM to every rank, SIGKILL after
+// `--mca odls_base_sigkill_timeout` seconds) and exits non-zero, so a long
+// task only finishes if that timeout covers it.
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "common/flags.h"
+#include "common/log.h"
+#include "common/redis.h"
+#include "worker/artifacts.h"
+#include "worker/rank_group.h"
+#include "worker/worker.h"
+
+namespace {
+
+qcal::Worker* g_worker = nullptr;
+std::atomic<int> g_signals{0};
+
+void on_signal(int sig) {
+  if (g_signals.fetch_add(1) > 0) _exit(128 + sig);
+  if (g_worker) g_worker->request_stop();
+}
+
+int usage_error(const qcal::Status& s) {
+  std::fprintf(stderr, "qcal-worker: %s\n", s.to_string().c_str());
+  std::fprintf(stderr,
+               "usage: qcal-worker --redis URL --store DIR [--worker-id ID] [--lease-ms 30000]\n"
+               "                   [--block-ms 2000] [--threads N] [--prefix qcal] [--once]\n");
+  return 2;
+}
+
+std::string default_worker_id() {
+  char host[256] = {0};
+  if (gethostname(host, sizeof(host) - 1) != 0) std::snprintf(host, sizeof(host), "host");
+  return std::string(host) + "-" + std::to_string(getpid());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace qcal;
+  // MPI first: it may rewrite argv and must own the main thread.
+  std::unique_ptr<RankGroup> group = RankGroup::create(&argc, &argv);
+
+  Flags f({"redis", "store", "worker-id", "lease-ms", "block-ms", "threads", "prefix"}, {"once"});
+  Status ps = f.parse(argc, argv, 1);
+  if (!ps.is_ok()) return usage_error(ps);
+  auto redis_url = f.required("redis");
+  if (!redis_url.is_ok()) return usage_error(redis_url.status());
+  auto store_dir = f.required("store");
+  if (!store_dir.is_ok()) return usage_error(store_dir.status());
+  auto redis = parse_redis_url(*redis_url);
+  if (!redis.is_ok()) return usage_error(redis.status().with_context("--redis"));
+
+  WorkerOptions o;
+  o.worker_id = f.str("worker-id", default_worker_id());
+  auto lease = f.integer("lease-ms", 30000);
+  auto block = f.integer("block-ms", 2000);
+  auto threads = f.integer("threads", 0);
+  if (!lease.is_ok()) return usage_error(lease.status());
+  if (!block.is_ok()) return usage_error(block.status());
+  if (!threads.is_ok()) return usage_error(threads.status());
+  if (*lease < 100 || *block < 0 || *threads < 0)
+    return usage_error(invalid_input("--lease-ms must be ≥ 100, --block-ms and --threads ≥ 0"));
+  o.lease_ms = *lease;
+  o.block_ms = *block;
+  o.once = f.flag("once");
+  o.store.prefix = f.str("prefix", "qcal");
+  // The BLAS reads its thread count once, on first use.
+  if (*threads > 0) setenv("QCAL_THREADS", std::to_string(*threads).c_str(), 1);
+
+  ArtifactStore artifacts(*store_dir);
+  Worker worker(o, *redis, &artifacts, group.get());
+  g_worker = &worker;
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+
+  Status s = worker.run();
+  g_worker = nullptr;
+  if (!s.is_ok()) {
+    LOG_ERROR << "qcal-worker: " << s.to_string();
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,268 @@
+#include "worker/rank_group.h"
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+
+#include "common/log.h"
+
+#ifdef QCAL_WITH_MPI
+#include <mpi.h>
+#endif
+
+namespace qcal {
+
+namespace {
+
+bool launched_by_mpirun() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (std::getenv(v)) return true;
+  return false;
+}
+
+#ifdef QCAL_WITH_MPI
+// Element counts are ints in MPI: large buffers go in pieces.
+constexpr int64_t kMaxChunk = int64_t{1} << 28;
+
+Status mpi_status(int rc, const char* what) {
+  if (rc == MPI_SUCCESS) return Status::ok();
+  char msg[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, msg, &len);
+  return unavailable(std::string(what) + ": " + std::string(msg, static_cast<size_t>(len)));
+}
+
+// Waits for a nonblocking request, sleeping between polls.
+Status wait_polling(MPI_Request* req, const char* what) {
+  int done = 0;
+  auto sleep = std::chrono::microseconds(50);
+  for (;;) {
+    QCAL_RETURN_IF_ERROR(mpi_status(MPI_Test(req, &done, MPI_STATUS_IGNORE), what));
+    if (done) return Status::ok();
+    std::this_thread::sleep_for(sleep);
+    sleep = std::min<std::chrono::microseconds>(sleep * 2, std::chrono::milliseconds(20));
+  }
+}
+
+// A datatype of one sequence (T*H floats).
+struct SeqType {
+  MPI_Datatype t = MPI_DATATYPE_NULL;
+  ~SeqType() {
+    if (t != MPI_DATATYPE_NULL) MPI_Type_free(&t);
+  }
+};
+Status make_seq_type(int64_t seq_elems, SeqType* st) {
+  if (seq_elems <= 0 || seq_elems > INT_MAX)
+    return invalid_input("sequence of " + std::to_string(seq_elems) +
+                         " floats does not fit an MPI count");
+  QCAL_RETURN_IF_ERROR(mpi_status(
+      MPI_Type_contiguous(static_cast<int>(seq_elems), MPI_FLOAT, &st->t), "MPI_Type_contiguous"));
+  return mpi_status(MPI_Type_commit(&st->t), "MPI_Type_commit");
+}
+#endif
+
+}  // namespace
+
+RankGroup::Shard RankGroup::shard_of(int64_t n, int rank, int size) {
+  Shard s;
+  s.begin = n * rank / size;
+  s.end = n * (rank + 1) / size;
+  return s;
+}
+
+std::unique_ptr<RankGroup> RankGroup::single() {
+  return std::unique_ptr<RankGroup>(new RankGroup());
+}
+
+std::unique_ptr<RankGroup> RankGroup::create(int* argc, char*** argv) {
+  auto g = single();
+#ifdef QCAL_WITH_MPI
+  if (!launched_by_mpirun()) return g;
+  int inited = 0;
+  MPI_Initialized(&inited);
+  if (!inited) {
+    int provided = 0;
+    MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided);
+    g->owns_mpi_ = true;
+  }
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_ARE_FATAL);
+  MPI_Comm_rank(MPI_COMM_WORLD, &g->rank_);
+  MPI_Comm_size(MPI_COMM_WORLD, &g->size_);
+#else
+  (void)argc;
+  (void)argv;
+  if (launched_by_mpirun())
+    LOG_WARN << "launched by mpirun, but this build has no MPI: every rank works alone";
+#endif
+  return g;
+}
+
+RankGroup::~RankGroup() {
+#ifdef QCAL_WITH_MPI
+  if (owns_mpi_) {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Finalize();
+  }
+#endif
+}
+
+Status RankGroup::broadcast(std::string* s) {
+  if (!multi()) return Status::ok();
+#ifdef QCAL_WITH_MPI
+  int64_t len = is_root() ? static_cast<int64_t>(s->size()) : 0;
+  MPI_Request req;
+  QCAL_RETURN_IF_ERROR(
+      mpi_status(MPI_Ibcast(&len, 1, MPI_INT64_T, 0, MPI_COMM_WORLD, &req), "MPI_Ibcast"));
+  QCAL_RETURN_IF_ERROR(wait_polling(&req, "MPI_Ibcast"));
+  if (!is_root()) s->assign(static_cast<size_t>(len), '\0');
+  for (int64_t off = 0; off < len; off += kMaxChunk) {
+    int n = static_cast<int>(std::min(kMaxChunk, len - off));
+    QCAL_RETURN_IF_ERROR(
+        mpi_status(MPI_Bcast(s->data() + off, n, MPI_CHAR, 0, MPI_COMM_WORLD), "MPI_Bcast"));
+  }
+#else
+  (void)s;
+#endif
+  return Status::ok();
+}
+
+Result<int> RankGroup::agree(int bits) {
+  if (!multi()) return bits;
+#ifdef QCAL_WITH_MPI
+  int out = 0;
+  QCAL_RETURN_IF_ERROR(mpi_status(MPI_Allreduce(&bits, &out, 1, MPI_INT, MPI_BOR, MPI_COMM_WORLD),
+                                  "MPI_Allreduce(BOR)"));
+  return out;
+#else
+  return bits;
+#endif
+}
+
+Status RankGroup::allreduce_sum(float* data, int64_t n) {
+  if (!multi()) return Status::ok();
+#ifdef QCAL_WITH_MPI
+  for (int64_t off = 0; off < n; off += kMaxChunk) {
+    int c = static_cast<int>(std::min(kMaxChunk, n - off));
+    QCAL_RETURN_IF_ERROR(
+        mpi_status(MPI_Allreduce(MPI_IN_PLACE, data + off, c, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD),
+                   "MPI_Allreduce(float)"));
+  }
+#else
+  (void)data;
+  (void)n;
+#endif
+  return Status::ok();
+}
+
+Status RankGroup::allreduce_sum(int64_t* data, int64_t n) {
+  if (!multi()) return Status::ok();
+#ifdef QCAL_WITH_MPI
+  for (int64_t off = 0; off < n; off += kMaxChunk) {
+    int c = static_cast<int>(std::min(kMaxChunk, n - off));
+    QCAL_RETURN_IF_ERROR(
+        mpi_status(MPI_Allreduce(MPI_IN_PLACE, data + off, c, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD),
+                   "MPI_Allreduce(int64)"));
+  }
+#else
+  (void)data;
+  (void)n;
+#endif
+  return Status::ok();
+}
+
+HessianReduce RankGroup::hessian_reduce() {
+  if (!multi()) return nullptr;
+  return [this](HessianAccumulator& acc) -> Status {
+    std::vector<float>& sum = acc.raw_sum();  // both triangles: every rank's is symmetric
+    QCAL_RETURN_IF_ERROR(allreduce_sum(sum.data(), static_cast<int64_t>(sum.size())));
+    int64_t n = acc.nsamples();
+    QCAL_RETURN_IF_ERROR(allreduce_sum(&n, 1));
+    // rows == 0 only counts sequences: nsamples becomes the group's total.
+    acc.add_batch(nullptr, 0, n - acc.nsamples());
+    return Status::ok();
+  };
+}
+
+Status RankGroup::scatter_sequences(const Tensor& full, int64_t n_seq, int64_t seqlen,
+                                    int64_t hidden, Tensor* local) {
+  if (!multi()) {
+    *local = full;
+    return Status::ok();
+  }
+#ifdef QCAL_WITH_MPI
+  const Shard mine = shard(n_seq);
+  if (is_root() && full.numel() != n_seq * seqlen * hidden)
+    return internal_error("scatter_sequences: root holds " + shape_str(full.shape) + ", not " +
+                          std::to_string(n_seq) + " sequences of " + std::to_string(seqlen) +
+                          " x " + std::to_string(hidden));
+  SeqType st;
+  QCAL_RETURN_IF_ERROR(make_seq_type(seqlen * hidden, &st));
+  std::vector<int> counts(static_cast<size_t>(size_)), displs(static_cast<size_t>(size_));
+  for (int r = 0; r < size_; ++r) {
+    Shard s = shard_of(n_seq, r, size_);
+    counts[static_cast<size_t>(r)] = static_cast<int>(s.count());
+    displs[static_cast<size_t>(r)] = static_cast<int>(s.begin);
+  }
+  *local = Tensor({mine.count() * seqlen, hidden});
+  QCAL_RETURN_IF_ERROR(mpi_status(
+      MPI_Scatterv(is_root() ? full.ptr() : nullptr, counts.data(), displs.data(), st.t,
+                   local->ptr(), static_cast<int>(mine.count()), st.t, 0, MPI_COMM_WORLD),
+      "MPI_Scatterv"));
+#else
+  (void)n_seq;
+  (void)seqlen;
+  (void)hidden;
+#endif
+  return Status::ok();
+}
+
+Status RankGroup::gather_sequences(const Tensor& local, int64_t n_seq, int64_t seqlen,
+                                   int64_t hidden, Tensor* full) {
+  const Shard mine = shard(n_seq);
+  if (local.numel() != mine.count() * seqlen * hidden)
+    return internal_error("gather_sequences: rank " + std::to_string(rank_) + " holds " +
+                          shape_str(local.shape) + ", not " + std::to_string(mine.count()) +
+                          " sequences");
+  if (!multi()) {
+    *full = local;
+    return Status::ok();
+  }
+#ifdef QCAL_WITH_MPI
+  SeqType st;
+  QCAL_RETURN_IF_ERROR(make_seq_type(seqlen * hidden, &st));
+  std::vector<int> counts(static_cast<size_t>(size_)), displs(static_cast<size_t>(size_));
+  for (int r = 0; r < size_; ++r) {
+    Shard s = shard_of(n_seq, r, size_);
+    counts[static_cast<size_t>(r)] = static_cast<int>(s.count());
+    displs[static_cast<size_t>(r)] = static_cast<int>(s.begin);
+  }
+  if (is_root()) *full = Tensor({n_seq * seqlen, hidden});
+  QCAL_RETURN_IF_ERROR(mpi_status(MPI_Gatherv(local.ptr(), static_cast<int>(mine.count()), st.t,
+                                              is_root() ? full->ptr() : nullptr, counts.data(),
+                                              displs.data(), st.t, 0, MPI_COMM_WORLD),
+                                  "MPI_Gatherv"));
+#endif
+  return Status::ok();
+}
+
+Status RankGroup::barrier() {
+  if (!multi()) return Status::ok();
+#ifdef QCAL_WITH_MPI
+  return mpi_status(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier");
+#else
+  return Status::ok();
+#endif
+}
+
+void RankGroup::abort(int code) {
+#ifdef QCAL_WITH_MPI
+  if (multi()) MPI_Abort(MPI_COMM_WORLD, code);
+#endif
+  std::_Exit(code);
+}
+
+}  // namespace qcal
