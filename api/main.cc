@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "api/cmd_service.h"
 #include "common/data.h"
 #include "common/flags.h"
 #include "common/fsutil.h"
@@ -267,6 +268,7 @@ void usage() {
       "Data files: .jsonl ({\"input_ids\": [...]} per line) or .u32 (little-endian uint32 tokens).\n"
       "Threads: QCAL_THREADS (default: all cores). Logs: QCAL_LOG_LEVEL=debug|info|warn|error.\n",
       kVersion);
+  std::printf("\n%s", service_usage());
 }
 
 }  // namespace
@@ -282,6 +284,9 @@ int main(int argc, char** argv) {
   static const std::map<std::string, std::function<int(int, char**)>> kCommands = {
       {"synth", cmd_synth},       {"synth-data", cmd_synth_data}, {"quantize", cmd_quantize},
       {"eval", cmd_eval},         {"inspect", cmd_inspect},
+      {"submit", cmd_submit},     {"status", cmd_status},         {"wait", cmd_wait},
+      {"jobs", cmd_jobs},         {"cancel", cmd_cancel},         {"logs", cmd_logs},
+      {"report", cmd_report},     {"schedules", cmd_schedules},
   };
   if (cmd == "-h" || cmd == "--help" || cmd == "help") {
     usage();

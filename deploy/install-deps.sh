@@ -16,6 +16,7 @@ PKGS=(
   python3                    # small helper scripts (no pip packages needed)
   time                       # /usr/bin/time -v for memory measurements
   wrk                        # HTTP load figures (docs/PERFORMANCE.md)
+  curl                       # service tests and demo talk to the REST API
 )
 
 SUDO=""

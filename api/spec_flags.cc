@@ -1,0 +1,146 @@
+#include "api/spec_flags.h"
+
+#include <utility>
+
+namespace qcal {
+
+const std::set<std::string>& spec_valued_flags() {
+  // clang-format off
+  static const std::set<std::string> kValued = {
+      "model",
+      "method", "w-bits", "group-size", "damp", "mode", "window", "overlap", "seed",
+      "calib", "nsamples", "seqlen",
+      "eval-data", "eval-nsamples", "eval-seqlen",
+      "out", "format",
+      "max-ppl-increase", "max-kl", "priority", "labels"};
+  // clang-format on
+  return kValued;
+}
+
+const std::set<std::string>& spec_boolean_flags() {
+  static const std::set<std::string> kBooleans = {
+      "sym", "asym", "act-order", "static-groups", "mse-clip", "no-true-sequential", "overwrite"};
+  return kBooleans;
+}
+
+static std::string trim(const std::string& s) {
+  size_t b = s.find_first_not_of(" \t"), e = s.find_last_not_of(" \t");
+  return b == std::string::npos ? std::string() : s.substr(b, e - b + 1);
+}
+
+Result<std::map<std::string, std::string>> parse_labels(const std::string& s,
+                                                        const std::string& flag) {
+  std::map<std::string, std::string> out;
+  size_t pos = 0;
+  while (pos <= s.size()) {
+    size_t comma = s.find(',', pos);
+    if (comma == std::string::npos) comma = s.size();
+    std::string item = trim(s.substr(pos, comma - pos));
+    pos = comma + 1;
+    if (item.empty()) continue;  // "a=1,,b=2" and a trailing comma are harmless
+    size_t eq = item.find('=');
+    if (eq == std::string::npos)
+      return invalid_input(flag + ": '" + item + "' is not of the form key=value");
+    std::string key = trim(item.substr(0, eq)), value = trim(item.substr(eq + 1));
+    if (key.empty()) return invalid_input(flag + ": '" + item + "' has an empty key");
+    if (!out.emplace(key, value).second)
+      return invalid_input(flag + ": label '" + key + "' given twice");
+  }
+  return out;
+}
+
+namespace {
+
+// Copies an integer flag into j[key] when given.
+Status put_integer(const Flags& f, const char* flag, nlohmann::json& j, const char* key) {
+  if (!f.has(flag)) return Status::ok();
+  QCAL_ASSIGN_OR_RETURN(int64_t v, f.integer(flag, 0));
+  j[key] = v;
+  return Status::ok();
+}
+
+Status put_number(const Flags& f, const char* flag, nlohmann::json& j, const char* key) {
+  if (!f.has(flag)) return Status::ok();
+  QCAL_ASSIGN_OR_RETURN(double v, f.number(flag, 0));
+  j[key] = v;
+  return Status::ok();
+}
+
+void put_string(const Flags& f, const char* flag, nlohmann::json& j, const char* key) {
+  if (f.has(flag)) j[key] = f.str(flag);
+}
+
+}  // namespace
+
+Result<nlohmann::json> job_spec_json_from_flags(const Flags& f) {
+  nlohmann::json spec = nlohmann::json::object();
+  QCAL_ASSIGN_OR_RETURN(std::string model, f.required("model"));
+  QCAL_ASSIGN_OR_RETURN(std::string calib_path, f.required("calib"));
+  QCAL_ASSIGN_OR_RETURN(std::string out, f.required("out"));
+  spec["model"] = model;
+
+  nlohmann::json recipe = nlohmann::json::object();
+  put_string(f, "method", recipe, "method");
+  QCAL_RETURN_IF_ERROR(put_integer(f, "w-bits", recipe, "w_bits"));
+  QCAL_RETURN_IF_ERROR(put_integer(f, "group-size", recipe, "group_size"));
+  if (f.flag("sym") && f.flag("asym")) return invalid_input("--sym and --asym are exclusive");
+  if (f.flag("sym")) recipe["sym"] = true;
+  if (f.flag("asym")) recipe["sym"] = false;
+  if (f.flag("act-order")) recipe["act_order"] = true;
+  if (f.flag("static-groups")) recipe["static_groups"] = true;
+  QCAL_RETURN_IF_ERROR(put_number(f, "damp", recipe, "damp"));
+  if (f.flag("mse-clip")) recipe["mse_clip"] = true;
+  if (f.flag("no-true-sequential")) recipe["true_sequential"] = false;
+  put_string(f, "mode", recipe, "mode");
+  QCAL_RETURN_IF_ERROR(put_integer(f, "window", recipe, "window"));
+  QCAL_RETURN_IF_ERROR(put_integer(f, "overlap", recipe, "overlap"));
+  if (f.has("seed")) {
+    QCAL_ASSIGN_OR_RETURN(int64_t seed, f.integer("seed", 0));
+    if (seed < 0) return invalid_input("flag --seed: must be ≥ 0 (got " + f.str("seed") + ")");
+    recipe["seed"] = static_cast<uint64_t>(seed);
+  }
+  if (!recipe.empty()) spec["recipe"] = recipe;
+
+  nlohmann::json calib = {{"path", calib_path}};
+  QCAL_RETURN_IF_ERROR(put_integer(f, "nsamples", calib, "nsamples"));
+  QCAL_RETURN_IF_ERROR(put_integer(f, "seqlen", calib, "seqlen"));
+  spec["calib"] = calib;
+
+  if (f.has("eval-data")) {
+    QCAL_ASSIGN_OR_RETURN(std::string eval_path, f.required("eval-data"));
+    nlohmann::json eval = {{"path", eval_path}};
+    QCAL_RETURN_IF_ERROR(put_integer(f, "eval-nsamples", eval, "nsamples"));
+    // The eval set is cut like the calibration set unless told otherwise: a
+    // --seqlen 256 job should not evaluate at the schema's default of 2048.
+    QCAL_RETURN_IF_ERROR(
+        put_integer(f, f.has("eval-seqlen") ? "eval-seqlen" : "seqlen", eval, "seqlen"));
+    spec["eval"] = eval;
+  } else {
+    for (const char* flag : {"eval-nsamples", "eval-seqlen"})
+      if (f.has(flag)) return invalid_input(std::string("flag --") + flag + " needs --eval-data");
+  }
+
+  nlohmann::json output = {{"path", out}};
+  put_string(f, "format", output, "format");
+  if (f.flag("overwrite")) output["overwrite"] = true;
+  spec["output"] = output;
+
+  nlohmann::json gate = nlohmann::json::object();
+  QCAL_RETURN_IF_ERROR(put_number(f, "max-ppl-increase", gate, "max_ppl_increase"));
+  QCAL_RETURN_IF_ERROR(put_number(f, "max-kl", gate, "max_kl"));
+  if (!gate.empty()) spec["gate"] = gate;
+
+  if (f.has("priority")) {
+    std::string p = f.str("priority");
+    if (p != "high" && p != "normal" && p != "low")
+      return invalid_input("flag --priority: must be high, normal or low (got '" + p + "')");
+    spec["priority"] = p;
+  }
+  if (f.has("labels")) {
+    QCAL_ASSIGN_OR_RETURN(auto labels, parse_labels(f.str("labels"), "--labels"));
+    spec["labels"] = labels;
+  }
+  return spec;
+}
+
+}  // namespace qcal

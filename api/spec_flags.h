@@ -1,0 +1,64 @@
+// Quantize-style command-line flags → the JobSpec JSON of common/job_spec.h.
+// Shared by `qcal submit` (sent to the coordinator) and `qcal quantize` (run
+// in process), so one recipe spelled as flags means the same job both ways.
+//
+// Flag → JSON field (a flag that is absent leaves its field out, so the
+// defaults documented in common/job_spec.h apply; parse_job_spec fills them):
+//   --model DIR                 model                      (required)
+//   --method rtn|gptq           recipe.method
+//   --w-bits N                  recipe.w_bits
+//   --group-size N              recipe.group_size          (-1 = per channel)
+//   --sym | --asym              recipe.sym                 (exclusive)
+//   --act-order                 recipe.act_order = true
+//   --static-groups             recipe.static_groups = true
+//   --damp X                    recipe.damp
+//   --mse-clip                  recipe.mse_clip = true
+//   --no-true-sequential        recipe.true_sequential = false
+//   --mode sequential|parallel  recipe.mode
+//   --window N / --overlap N    recipe.window / recipe.overlap
+//   --seed N                    recipe.seed
+//   --calib FILE                calib.path                 (required)
+//   --nsamples N / --seqlen N   calib.nsamples / calib.seqlen
+//   --eval-data FILE            eval.path (the eval object exists only with it)
+//   --eval-nsamples N           eval.nsamples
+//   --eval-seqlen N             eval.seqlen (default: --seqlen when given)
+//   --out DIR                   output.path                (required)
+//   --format gptq|compressed-tensors   output.format
+//   --overwrite                 output.overwrite = true
+//   --max-ppl-increase X        gate.max_ppl_increase
+//   --max-kl X                  gate.max_kl
+//   --priority high|normal|low  priority
+//   --labels k=v,k2=v2          labels {"k": "v", "k2": "v2"}
+//
+// This layer checks only what a flag can get wrong by itself: numbers that do
+// not parse, --sym with --asym, a --priority outside the three names, a label
+// without '=' or with an empty key, the same label key twice, an eval flag
+// without --eval-data. Range checks (bits, group size, methods) belong to
+// parse_job_spec, which the coordinator runs on every submission.
+// Errors are kInvalidInput naming the flag. Paths are copied as given.
+#pragma once
+
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+
+#include "common/flags.h"
+#include "common/status.h"
+
+namespace qcal {
+
+// The flag names job_spec_json_from_flags reads, for a command to declare in
+// its Flags (add its own on top: --server, --json, ...).
+const std::set<std::string>& spec_valued_flags();
+const std::set<std::string>& spec_boolean_flags();
+
+// Builds the JobSpec JSON from parsed flags; see the table above.
+Result<nlohmann::json> job_spec_json_from_flags(const Flags& f);
+
+// Parses "k=v,k2=v2" (whitespace around items ignored; empty string → empty
+// map). `flag` names the flag in errors ("--labels").
+Result<std::map<std::string, std::string>> parse_labels(const std::string& s,
+                                                        const std::string& flag);
+
+}  // namespace qcal

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# End-to-end test of the service client without a server: the quantize-style
+# flags → JobSpec JSON mapping (`qcal submit --dry-run`, api/spec_flags.h),
+# the flag errors (exit 2, message naming the flag), and the connection
+# errors (exit 1, "cannot reach coordinator at URL").
+set -euo pipefail
+QCAL=$(realpath "${1:?usage: client.sh path/to/qcal}")
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+unset QCAL_SERVER QCAL_TOKEN
+cd "$T"
+
+# Every flag, and the JSON it must produce (relative paths made absolute).
+$QCAL submit --dry-run --model m --calib c.jsonl --out o --method rtn --w-bits 8 --group-size -1 \
+  --asym --act-order --static-groups --damp 0.05 --mse-clip --no-true-sequential --mode parallel \
+  --window 2 --overlap 1 --seed 9 --nsamples 64 --seqlen 256 --eval-data /abs/e.u32 \
+  --eval-nsamples 16 --format compressed-tensors --overwrite --max-ppl-increase 0.05 \
+  --max-kl 0.1 --priority low --labels "team=infra, run = 3,," >"$T/all.json"
+python3 - "$T" "$T/all.json" <<'PY' || fail "flag mapping: $(cat "$T/all.json")"
+import json, sys
+t, got = sys.argv[1], json.load(open(sys.argv[2]))
+want = {
+    "model": f"{t}/m",
+    "recipe": {"method": "rtn", "w_bits": 8, "group_size": -1, "sym": False, "act_order": True,
+               "static_groups": True, "damp": 0.05, "mse_clip": True, "true_sequential": False,
+               "mode": "parallel", "window": 2, "overlap": 1, "seed": 9},
+    "calib": {"path": f"{t}/c.jsonl", "nsamples": 64, "seqlen": 256},
+    "eval": {"path": "/abs/e.u32", "nsamples": 16, "seqlen": 256},
+    "output": {"path": f"{t}/o", "format": "compressed-tensors", "overwrite": True},
+    "gate": {"max_ppl_increase": 0.05, "max_kl": 0.1},
+    "priority": "low",
+    "labels": {"team": "infra", "run": "3"},
+}
+assert got == want, json.dumps({"got": got, "want": want}, indent=1)
+PY
+
+# Only what was given: the schema's defaults apply to the rest.
+$QCAL submit --dry-run --model /m --calib /c --out /o >"$T/min.json"
+[ "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])))' "$T/min.json")" = \
+  "{'calib': {'path': '/c'}, 'model': '/m', 'output': {'path': '/o'}}" ] ||
+  fail "minimal spec: $(cat "$T/min.json")"
+# --eval-seqlen overrides the calibration seqlen for the eval set.
+$QCAL submit --dry-run --model /m --calib /c --out /o --seqlen 128 --eval-data /e --eval-seqlen 512 |
+  python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["eval"] == {"path": "/e", "seqlen": 512}, d' ||
+  fail "--eval-seqlen"
+
+expect() {  # expect RC WORDS cmd...
+  local want=$1 words=$2; shift 2
+  set +e; out=$("$@" 2>&1); rc=$?; set -e
+  [ $rc -eq "$want" ] || fail "expected exit $want from: $* (got $rc: $out)"
+  echo "$out" | grep -q -- "$words" || fail "expected '$words' in: $out"
+}
+B=(--model /m --calib /c --out /o)
+expect 2 "missing required flag --model" $QCAL submit --calib /c --out /o --dry-run
+expect 2 "exclusive" $QCAL submit "${B[@]}" --sym --asym --dry-run
+expect 2 "flag --w-bits: 'four' is not an integer" $QCAL submit "${B[@]}" --w-bits four --dry-run
+expect 2 "flag --damp" $QCAL submit "${B[@]}" --damp x --dry-run
+expect 2 "--priority: must be high, normal or low" $QCAL submit "${B[@]}" --priority urgent --dry-run
+expect 2 "--labels: 'team' is not of the form key=value" $QCAL submit "${B[@]}" --labels team --dry-run
+expect 2 "has an empty key" $QCAL submit "${B[@]}" --labels =x --dry-run
+expect 2 "label 'a' given twice" $QCAL submit "${B[@]}" --labels a=1,a=2 --dry-run
+expect 2 "--eval-nsamples needs --eval-data" $QCAL submit "${B[@]}" --eval-nsamples 4 --dry-run
+expect 2 "--seed: must be ≥ 0" $QCAL submit "${B[@]}" --seed -1 --dry-run
+echo '{}' >"$T/s.json"
+expect 2 "--spec and --w-bits are exclusive" $QCAL submit --spec "$T/s.json" --w-bits 4
+echo '{"model":' >"$T/bad.json"
+expect 2 "bad.json: not valid JSON" $QCAL submit --spec "$T/bad.json"
+expect 2 "nope.json" $QCAL submit --spec "$T/nope.json"
+expect 2 "unknown flag --w-bitz" $QCAL submit "${B[@]}" --w-bitz 4
+expect 2 "usage: qcal status ID" $QCAL status
+expect 2 "usage: qcal wait ID" $QCAL wait a b
+expect 2 "unknown subcommand 'frobnicate'" $QCAL schedules frobnicate
+expect 2 "--cron is for 'schedules create'" $QCAL schedules list --cron "* * * * *"
+expect 2 "missing required flag --cron" $QCAL schedules create --spec "$T/s.json"
+expect 2 "scheme must be http or https" $QCAL jobs --server ftp://h:1
+expect 2 "bad port" $QCAL jobs --server http://h:99999
+expect 2 "--state" $QCAL jobs --state
+# Nothing listening: exit 1 and the URL in the message (flag, then env).
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+expect 1 "qcal jobs: error: cannot reach coordinator at http://127.0.0.1:$port" \
+  $QCAL jobs --server "http://127.0.0.1:$port"
+expect 1 "qcal status: error: cannot reach coordinator at http://127.0.0.1:$port/base" \
+  env QCAL_SERVER="http://127.0.0.1:$port/base" $QCAL status j-1
+expect 1 "cannot reach coordinator" $QCAL submit "${B[@]}" --server "http://127.0.0.1:$port"
+expect 1 "qcal wait: error: cannot reach coordinator" \
+  $QCAL wait j-1 --server "http://127.0.0.1:$port"
+echo "e2e client: 1 passed, 0 failed"
