@@ -365,6 +365,7 @@ struct SafetensorsWriter::Impl {
   int fd = -1;
   size_t next = 0;  // index of the tensor being written
   uint64_t written_in_next = 0;
+  std::string too_large;  // first tensor whose size overflowed 64 bits (reported by begin())
 
   Status fail(Status s) {
     if (state != State::kFailed) {
@@ -434,9 +435,12 @@ void SafetensorsWriter::add(const std::string& name, DType dtype, std::vector<in
   t.dtype = dtype;
   t.shape = std::move(shape);
   uint64_t n = dtype_size(dtype);
-  for (int64_t d : t.shape) n *= d < 0 ? 0 : static_cast<uint64_t>(d);  // negatives: begin()
+  bool overflow = false;
+  for (int64_t d : t.shape)  // negative dims are reported by begin()
+    overflow |= __builtin_mul_overflow(n, d < 0 ? 0 : static_cast<uint64_t>(d), &n);
+  overflow |= __builtin_add_overflow(impl_->total, n, &t.end);
+  if (overflow && impl_->too_large.empty()) impl_->too_large = name;
   t.begin = impl_->total;
-  t.end = impl_->total + n;
   impl_->total = t.end;
   impl_->tensors.push_back(std::move(t));
 }
@@ -448,6 +452,8 @@ Status SafetensorsWriter::begin() {
   if (m.state == Impl::State::kFailed) return m.error;
   if (m.state != Impl::State::kDeclaring) return internal_error(m.path + ": begin() called twice");
   std::set<std::string> seen;
+  if (!m.too_large.empty())
+    return m.fail(invalid_input(m.path + ": tensor '" + m.too_large + "' is too large"));
   // ordered_json keeps declaration order, so equal inputs give identical bytes.
   nlohmann::ordered_json hj = nlohmann::ordered_json::object();
   nlohmann::ordered_json meta = nlohmann::ordered_json::object();

@@ -274,6 +274,14 @@ TEST(Safetensors, WriterRejectsMisuse) {
     w.add("a", DType::kF32, {2, -1});
     EXPECT_EQ(w.begin().code(), Code::kInvalidInput);
   }
+  {
+    SafetensorsWriter w(dir.file("o.safetensors"));
+    w.add("ok", DType::kF32, {2});
+    w.add("huge", DType::kF32, {int64_t{1} << 40, int64_t{1} << 40});
+    Status s = w.begin();
+    EXPECT_EQ(s.code(), Code::kInvalidInput);
+    EXPECT_NE(s.message().find("'huge' is too large"), std::string::npos) << s.message();
+  }
   EXPECT_TRUE(fs::is_empty(dir.path()));
 }
 

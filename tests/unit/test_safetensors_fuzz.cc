@@ -164,9 +164,8 @@ void mutate_json_unchecked(Rng& rng, json& h) {
     case 6: {  // shift both offsets: may overlap a neighbour or leave the buffer
       int64_t d = uniform(rng, -16, 16);
       for (int i = 0; i < 2; ++i) {
-        uint64_t v = e["data_offsets"][static_cast<size_t>(i)].get<uint64_t>();
-        e["data_offsets"][static_cast<size_t>(i)] =
-            static_cast<uint64_t>(static_cast<int64_t>(v) + d);
+        json& o = e["data_offsets"][static_cast<size_t>(i)];
+        if (o.is_number_unsigned()) o = o.get<uint64_t>() + static_cast<uint64_t>(d);  // wraps
       }
       break;
     }
@@ -180,10 +179,11 @@ void mutate_json_unchecked(Rng& rng, json& h) {
     case 10: e.erase(coin(rng) ? "dtype" : (coin(rng) ? "shape" : "data_offsets")); break;
     case 11: e = weird_value(rng); break;
     case 12: h["__metadata__"] = e; break;
-    case 13:
-      e["data_offsets"][1] =
-          e["data_offsets"][1].get<uint64_t>() + static_cast<uint64_t>(uniform(rng, 1, 8));
+    case 13: {  // end one element too far
+      json& o = e["data_offsets"][1];
+      if (o.is_number_unsigned()) o = o.get<uint64_t>() + static_cast<uint64_t>(uniform(rng, 1, 8));
       break;
+    }
     case 14: e["extra"] = weird_value(rng); break;  // unknown fields are ignored
     default: h[key + "_copy"] = e; break;           // a second tensor on the same bytes
   }
@@ -395,7 +395,7 @@ int64_t iterations() {
     long long v = std::atoll(e);
     if (v > 0) return v;
   }
-  return 600000;
+  return 150000;  // ~15 s on the 2-core CI machine
 }
 
 TEST(SafetensorsFuzz, ParserSurvivesMutatedAndRandomInput) {
