@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "common/fsutil.h"
+#include "common/json_util.h"
 
 namespace qcal {
 
@@ -26,31 +27,6 @@ const char* architecture_for(const std::string& model_type) {
   if (model_type == "mistral") return "MistralForCausalLM";
   if (model_type == "qwen2") return "Qwen2ForCausalLM";
   return "LlamaForCausalLM";
-}
-
-// True when `text` nests arrays/objects deeper than `limit`. Checked before
-// parsing: nlohmann builds (and our message code would walk) arbitrarily deep
-// values, so a small hostile file could otherwise cost gigabytes.
-bool json_nesting_exceeds(std::string_view text, int limit) {
-  int depth = 0;
-  bool in_string = false, escaped = false;
-  for (char c : text) {
-    if (in_string) {
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      if (++depth > limit) return true;
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
-  }
-  return false;
 }
 
 // Renders `v` for an error message: at most 3 levels deep and ~80 characters.
@@ -265,7 +241,7 @@ Result<ModelConfig> parse_model_config(const nlohmann::json& j, const std::strin
 
 Result<ModelConfig> load_model_config(const std::string& config_json_path) {
   QCAL_ASSIGN_OR_RETURN(std::string text, read_file(config_json_path));
-  if (json_nesting_exceeds(text, kMaxJsonDepth))
+  if (json_nesting_exceeds(text, kMaxJsonDepth) != std::string::npos)
     return invalid_input(config_json_path + ": JSON nested deeper than " +
                          std::to_string(kMaxJsonDepth) + " levels");
   json j = json::parse(text, nullptr, /*allow_exceptions=*/false);

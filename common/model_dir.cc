@@ -5,6 +5,7 @@
 #include <set>
 
 #include "common/fsutil.h"
+#include "common/json_util.h"
 #include "common/log.h"
 
 namespace qcal {
@@ -17,36 +18,11 @@ using json = nlohmann::json;
 constexpr const char* kSingleFile = "model.safetensors";
 constexpr const char* kIndexFile = "model.safetensors.index.json";
 
-// True when `text` nests arrays/objects deeper than `limit`. Checked before
-// parsing: nlohmann builds (and our message code would walk) arbitrarily deep
-// values, so a small hostile file could otherwise cost gigabytes.
-bool json_nesting_exceeds(std::string_view text, int limit) {
-  int depth = 0;
-  bool in_string = false, escaped = false;
-  for (char c : text) {
-    if (in_string) {
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      if (++depth > limit) return true;
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
-  }
-  return false;
-}
-
 // Reads and parses a small JSON file (config, index), refusing deep nesting.
 Result<json> read_json(const std::string& path) {
   constexpr int kMaxDepth = 64;
   QCAL_ASSIGN_OR_RETURN(std::string text, read_file(path));
-  if (json_nesting_exceeds(text, kMaxDepth))
+  if (json_nesting_exceeds(text, kMaxDepth) != std::string::npos)
     return invalid_input(path + ": JSON nested deeper than " + std::to_string(kMaxDepth) +
                          " levels");
   json j = json::parse(text, nullptr, /*allow_exceptions=*/false);

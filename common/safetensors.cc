@@ -14,6 +14,7 @@
 #include <set>
 
 #include "common/fsutil.h"
+#include "common/json_util.h"
 #include "common/log.h"
 
 namespace qcal {
@@ -47,31 +48,6 @@ bool as_u64(const json& v, uint64_t* out) {
     if (s < 0) return false;
     *out = static_cast<uint64_t>(s);
     return true;
-  }
-  return false;
-}
-
-// True when `text` nests arrays/objects deeper than `limit`. Checked before
-// parsing: nlohmann builds (and our message code would walk) arbitrarily deep
-// values, so a small hostile file could otherwise cost gigabytes.
-bool json_nesting_exceeds(std::string_view text, int limit) {
-  int depth = 0;
-  bool in_string = false, escaped = false;
-  for (char c : text) {
-    if (in_string) {
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      if (++depth > limit) return true;
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
   }
   return false;
 }
@@ -132,7 +108,7 @@ class KeyChecker : public nlohmann::json_sax<json> {
 // Parses `text` into `out`, rejecting syntax errors, deep nesting and
 // duplicate keys. Never throws.
 Status parse_json_strict(std::string_view text, json* out, const std::string& what) {
-  if (json_nesting_exceeds(text, kMaxHeaderDepth))
+  if (json_nesting_exceeds(text, kMaxHeaderDepth) != std::string::npos)
     return corrupt(what + ": bad JSON header: nested deeper than " +
                    std::to_string(kMaxHeaderDepth) + " levels");
   try {

@@ -17,6 +17,7 @@
 
 #include "common/job_spec.h"
 #include "common/job_store.h"
+#include "common/json_util.h"
 #include "common/log.h"
 #include "common/plan.h"
 #include "coordinator/auth.h"
@@ -98,34 +99,9 @@ httplib::Server::Handler wrap(Handler h) {
 // of '[' could otherwise exhaust a request thread's stack.
 constexpr int kMaxJsonDepth = 32;
 
-// The byte offset where nesting first exceeds `limit`, or npos.
-size_t nesting_exceeds(const std::string& text, int limit) {
-  int depth = 0;
-  bool in_string = false, escaped = false;
-  for (size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    if (in_string) {
-      if (escaped) {
-        escaped = false;
-      } else if (c == '\\') {
-        escaped = true;
-      } else if (c == '"') {
-        in_string = false;
-      }
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      if (++depth > limit) return i;
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
-  }
-  return std::string::npos;
-}
-
 Result<json> parse_body(const httplib::Request& req) {
   if (req.body.empty()) return invalid_input("request body is empty (expected a JSON object)");
-  if (size_t at = nesting_exceeds(req.body, kMaxJsonDepth); at != std::string::npos)
+  if (size_t at = json_nesting_exceeds(req.body, kMaxJsonDepth); at != std::string::npos)
     return invalid_input("malformed JSON (byte " + std::to_string(at) + "): nested deeper than " +
                          std::to_string(kMaxJsonDepth) + " levels");
   try {

@@ -313,7 +313,15 @@ TEST_F(CoordinatorHttp, MetricsAndHealth) {
   auto h = client("")->Get("/healthz");
   ASSERT_TRUE(h);
   EXPECT_EQ(h->status, 200);
+  // The request counter is bumped by the server's logger, which runs after a
+  // response is written: poll briefly until /healthz's 200 has been counted.
   auto m = client("")->Get("/metrics");  // no token needed
+  for (int i = 0;
+       i < 40 && m && m->body.find("qcal_http_requests_total{code=\"200\"} ") == std::string::npos;
+       ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    m = client("")->Get("/metrics");
+  }
   ASSERT_TRUE(m);
   ASSERT_EQ(m->status, 200) << m->body;
   EXPECT_NE(m->get_header_value("Content-Type").find("text/plain"), std::string::npos);
