@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/log.h"
+#include "kernels/device.h"
 
 #ifdef QCAL_WITH_MPI
 #include <mpi.h>
@@ -91,6 +92,7 @@ std::unique_ptr<RankGroup> RankGroup::create(int* argc, char*** argv) {
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_ARE_FATAL);
   MPI_Comm_rank(MPI_COMM_WORLD, &g->rank_);
   MPI_Comm_size(MPI_COMM_WORLD, &g->size_);
+  if (g->multi()) g->init_nccl();
 #else
   (void)argc;
   (void)argv;
@@ -98,6 +100,34 @@ std::unique_ptr<RankGroup> RankGroup::create(int* argc, char*** argv) {
     LOG_WARN << "launched by mpirun, but this build has no MPI: every rank works alone";
 #endif
   return g;
+}
+
+void RankGroup::init_nccl() {
+#ifdef QCAL_WITH_MPI
+  // All ranks must agree, or the collectives would not match: NCCL only when
+  // every rank has a GPU and every rank joined the communicator.
+  const char* comm = std::getenv("QCAL_COMM");
+  int ok = (comm && std::string(comm) == "mpi") ? 0 : (cuda_available() ? 1 : 0);
+  int all = 0;
+  MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  if (!all) return;
+  std::string id;
+  if (is_root()) {
+    auto r = nccl_unique_id();
+    if (r.is_ok()) id = *r;
+  }
+  id.resize(128, '\0');  // NCCL_UNIQUE_ID_BYTES
+  MPI_Bcast(id.data(), 128, MPI_CHAR, 0, MPI_COMM_WORLD);
+  auto c = NcclAllReduce::create(id, rank_, size_);
+  ok = c.is_ok() ? 1 : 0;
+  MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  if (all) {
+    nccl_ = std::move(c).value();
+    if (is_root()) LOG_INFO << "rank group: " << size_ << " ranks, sums over NCCL";
+  } else if (is_root()) {
+    LOG_WARN << "rank group: NCCL setup failed on some rank, sums over MPI";
+  }
+#endif
 }
 
 RankGroup::~RankGroup() {
@@ -144,6 +174,7 @@ Result<int> RankGroup::agree(int bits) {
 
 Status RankGroup::allreduce_sum(float* data, int64_t n) {
   if (!multi()) return Status::ok();
+  if (nccl_) return nccl_->sum(data, n);
 #ifdef QCAL_WITH_MPI
   for (int64_t off = 0; off < n; off += kMaxChunk) {
     int c = static_cast<int>(std::min(kMaxChunk, n - off));

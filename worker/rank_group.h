@@ -28,6 +28,7 @@
 
 #include "common/status.h"
 #include "common/tensor.h"
+#include "kernels/nccl_reduce.h"
 #include "worker/engine/quantize.h"
 
 namespace qcal {
@@ -86,9 +87,12 @@ class RankGroup {
 
  private:
   RankGroup() = default;
+  // Sets up nccl_ when every rank has a GPU (and QCAL_COMM is not "mpi").
+  void init_nccl();
   int rank_ = 0;
   int size_ = 1;
   bool owns_mpi_ = false;
+  std::unique_ptr<NcclAllReduce> nccl_;  // float sums over NCCL; null → MPI
 };
 
 }  // namespace qcal
