@@ -7,28 +7,17 @@
 #include <numeric>
 
 #include "common/data.h"
+#include "tests/unit/test_util.h"
 
 namespace qcal {
 namespace {
 
 namespace fs = std::filesystem;
 
-class TempDir {
+// The test's temporary directories: `<tmp>/qcal_data_XXXXXX`.
+class TempDir : public ::qcal::testing::TempDir {
  public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "qcal_data_XXXXXX").string();
-    char* p = ::mkdtemp(tmpl.data());
-    if (!p) std::abort();
-    path_ = p;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (fs::path(path_) / name).string(); }
-
- private:
-  std::string path_;
+  TempDir() : ::qcal::testing::TempDir("qcal_data_") {}
 };
 
 void spit(const std::string& path, const std::string& bytes) {

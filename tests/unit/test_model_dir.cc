@@ -9,6 +9,7 @@
 #include "common/model_config.h"
 #include "common/model_dir.h"
 #include "common/safetensors.h"
+#include "tests/unit/test_util.h"
 
 namespace qcal {
 namespace {
@@ -16,23 +17,10 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-class TempDir {
+// The test's temporary directories: `<tmp>/qcal_md_XXXXXX`.
+class TempDir : public ::qcal::testing::TempDir {
  public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "qcal_md_XXXXXX").string();
-    char* p = ::mkdtemp(tmpl.data());
-    if (!p) std::abort();
-    path_ = p;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (fs::path(path_) / name).string(); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+  TempDir() : ::qcal::testing::TempDir("qcal_md_") {}
 };
 
 void spit(const std::string& path, const std::string& text) {

@@ -9,30 +9,17 @@
 
 #include "common/dtype.h"
 #include "common/safetensors.h"
+#include "tests/unit/test_util.h"
 
 namespace qcal {
 namespace {
 
 namespace fs = std::filesystem;
 
-// A fresh temporary directory, removed with its contents at scope exit.
-class TempDir {
+// The test's temporary directories: `<tmp>/qcal_st_XXXXXX`.
+class TempDir : public ::qcal::testing::TempDir {
  public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "qcal_st_XXXXXX").string();
-    char* p = ::mkdtemp(tmpl.data());
-    if (!p) std::abort();
-    path_ = p;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (fs::path(path_) / name).string(); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+  TempDir() : ::qcal::testing::TempDir("qcal_st_") {}
 };
 
 std::string slurp(const std::string& path) {

@@ -19,6 +19,7 @@
 #include "common/model_config.h"
 #include "common/model_dir.h"
 #include "common/safetensors.h"
+#include "tests/unit/test_util.h"
 #include "worker/engine/model.h"
 #include "worker/engine/synth.h"
 
@@ -27,22 +28,10 @@ namespace {
 
 namespace fs = std::filesystem;
 
-class TempDir {
+// The test's temporary directories: `<tmp>/qcal_synth_XXXXXX`.
+class TempDir : public ::qcal::testing::TempDir {
  public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "qcal_synth_XXXXXX").string();
-    char* p = ::mkdtemp(tmpl.data());
-    EXPECT_NE(p, nullptr);
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string sub(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
+  TempDir() : ::qcal::testing::TempDir("qcal_synth_") {}
 };
 
 ModelConfig small_config() {
