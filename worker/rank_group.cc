@@ -172,37 +172,43 @@ Result<int> RankGroup::agree(int bits) {
 #endif
 }
 
+#ifdef QCAL_WITH_MPI
+namespace {
+// In-place MPI sum of n elements of `type` (`size` bytes each), in chunks
+// that fit MPI's int counts.
+Status mpi_sum_chunked(void* data, int64_t n, MPI_Datatype type, size_t size, const char* what) {
+  auto* bytes = static_cast<char*>(data);
+  for (int64_t off = 0; off < n; off += kMaxChunk) {
+    int c = static_cast<int>(std::min(kMaxChunk, n - off));
+    QCAL_RETURN_IF_ERROR(mpi_status(
+        MPI_Allreduce(MPI_IN_PLACE, bytes + off * size, c, type, MPI_SUM, MPI_COMM_WORLD), what));
+  }
+  return Status::ok();
+}
+}  // namespace
+#endif
+
 Status RankGroup::allreduce_sum(float* data, int64_t n) {
   if (!multi()) return Status::ok();
   if (nccl_) return nccl_->sum(data, n);
 #ifdef QCAL_WITH_MPI
-  for (int64_t off = 0; off < n; off += kMaxChunk) {
-    int c = static_cast<int>(std::min(kMaxChunk, n - off));
-    QCAL_RETURN_IF_ERROR(
-        mpi_status(MPI_Allreduce(MPI_IN_PLACE, data + off, c, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD),
-                   "MPI_Allreduce(float)"));
-  }
+  return mpi_sum_chunked(data, n, MPI_FLOAT, sizeof(float), "MPI_Allreduce(float)");
 #else
   (void)data;
   (void)n;
-#endif
   return Status::ok();
+#endif
 }
 
 Status RankGroup::allreduce_sum(int64_t* data, int64_t n) {
   if (!multi()) return Status::ok();
 #ifdef QCAL_WITH_MPI
-  for (int64_t off = 0; off < n; off += kMaxChunk) {
-    int c = static_cast<int>(std::min(kMaxChunk, n - off));
-    QCAL_RETURN_IF_ERROR(
-        mpi_status(MPI_Allreduce(MPI_IN_PLACE, data + off, c, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD),
-                   "MPI_Allreduce(int64)"));
-  }
+  return mpi_sum_chunked(data, n, MPI_INT64_T, sizeof(int64_t), "MPI_Allreduce(int64)");
 #else
   (void)data;
   (void)n;
-#endif
   return Status::ok();
+#endif
 }
 
 HessianReduce RankGroup::hessian_reduce() {
