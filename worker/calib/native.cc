@@ -1,0 +1,879 @@
+// The native qcal checkpoint (docs/NATIVE_FORMAT.md): writer, validating reader,
+// and quantized inference on the CPU (methods.md §3.5, §5.5, §6.2, §6.3, §11.4).
+//
+// Letters: B sequences, T tokens per sequence, N rows of a chunk (sequences ×
+// T), P IntactKV prefix length, S = P + T keys, H hidden, I intermediate,
+// V vocab, n_h / n_kv heads, d head dim, Q = n_h·d, K = n_kv·d, G weight groups.
+#include "worker/calib/native.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <set>
+#include <string_view>
+#include <utility>
+
+#include "common/dtype.h"
+#include "common/fsutil.h"
+#include "common/json_util.h"
+#include "common/model_dir.h"
+#include "common/safetensors.h"
+#include "kernels/gemm.h"
+#include "kernels/grad.h"
+#include "kernels/ops.h"
+
+namespace qcal::calib {
+
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+constexpr const char* kQuantFile = "qcal_quant.json";
+constexpr const char* kConfigFile = "config.json";
+constexpr const char* kTensorFile = "model.safetensors";
+constexpr int kMaxJsonDepth = 32;
+
+// Short projection names used in qcal_quant.json, in Proj order.
+constexpr const char* kProjShort[kNumProj] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                              "gate_proj", "up_proj", "down_proj"};
+
+// The online transforms the format stores, with the dimension each one acts on.
+enum class OnlineDim { kHidden, kInter, kHeads, kHeadDim };
+struct OnlineSlot {
+  const char* name;
+  std::vector<float> BlockTransformsT<float>::*member;
+  OnlineDim dim;
+};
+const OnlineSlot kOnline[] = {
+    {"a1", &BlockTransformsT<float>::a1, OnlineDim::kHidden},
+    {"a2", &BlockTransformsT<float>::a2, OnlineDim::kHidden},
+    {"u1", &BlockTransformsT<float>::u1, OnlineDim::kHidden},
+    {"u2", &BlockTransformsT<float>::u2, OnlineDim::kHidden},
+    {"d1", &BlockTransformsT<float>::d1, OnlineDim::kInter},
+    {"d2", &BlockTransformsT<float>::d2, OnlineDim::kInter},
+    {"po", &BlockTransformsT<float>::po, OnlineDim::kHeads},
+    {"pk", &BlockTransformsT<float>::pk, OnlineDim::kHeadDim},
+    {"pk_it", &BlockTransformsT<float>::pk_it, OnlineDim::kHeadDim},
+};
+
+bool supported_bits(int b) { return b == 2 || b == 3 || b == 4 || b == 6 || b == 8; }
+const char* kBitsList = "2, 3, 4, 6, 8 or 16 (off)";
+
+int64_t dim_of(const ModelConfig& c, OnlineDim d) {
+  switch (d) {
+    case OnlineDim::kHidden: return c.hidden_size;
+    case OnlineDim::kInter: return c.intermediate_size;
+    case OnlineDim::kHeads: return c.num_attention_heads;
+    case OnlineDim::kHeadDim: return c.head_dim;
+  }
+  return 0;
+}
+
+// Input dimension of projection p.
+int64_t proj_in(const ModelConfig& c, int p) {
+  if (p == kO) return c.q_dim();
+  if (p == kDown) return c.intermediate_size;
+  return c.hidden_size;
+}
+int64_t proj_out(const ModelConfig& c, int p) {
+  switch (p) {
+    case kQ: return c.q_dim();
+    case kK:
+    case kV: return c.kv_dim();
+    case kO:
+    case kDown: return c.hidden_size;
+    default: return c.intermediate_size;
+  }
+}
+
+// Side of a square matrix stored as n² floats, or 0 if the size is not a square.
+int64_t square_side(size_t n) {
+  int64_t s = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(n))));
+  return s * s == static_cast<int64_t>(n) ? s : 0;
+}
+
+// Bytes per packed weight row: two codes per byte for bits ≤ 4 (low nibble =
+// even column), one per byte otherwise.
+int64_t row_bytes(int bits, int64_t in) { return bits <= 4 ? (in + 1) / 2 : in; }
+// Scale groups per row: ceil(in/group), the last possibly short (kernels/qgemm.h).
+int64_t num_groups(int64_t group, int64_t in) {
+  return group > 0 && in > 0 ? (in + group - 1) / group : 1;
+}
+
+// ---- Tensor names.
+std::string proj_name(int64_t l, int p) { return layer_prefix(l) + kProjNames[p]; }
+std::string online_name(int64_t l, const char* t) { return layer_prefix(l) + "online." + t; }
+std::string intact_name(int64_t l, const char* kv) {
+  return "model.intactkv." + std::to_string(l) + "." + kv;
+}
+constexpr const char* kEmbed = "model.embed_tokens.weight";
+constexpr const char* kNorm = "model.norm.weight";
+constexpr const char* kLmHead = "lm_head.weight";
+constexpr const char* kIntactLogits = "model.intactkv.logits";
+
+Status check_finite(const std::vector<float>& v, const std::string& name) {
+  for (size_t i = 0; i < v.size(); ++i)
+    if (!std::isfinite(v[i]))
+      return invalid_input("tensor " + name + ": non-finite value " + std::to_string(v[i]) +
+                           " at element " + std::to_string(i));
+  return Status::ok();
+}
+
+Status check_size(const std::vector<float>& v, size_t want, const std::string& name) {
+  if (v.size() != want)
+    return invalid_input("tensor " + name + " has " + std::to_string(v.size()) +
+                         " elements, the config implies " + std::to_string(want));
+  return check_finite(v, name);
+}
+
+Status check_act(const NativeActQuant& a, const std::string& what) {
+  if (a.bits != 16 && !supported_bits(a.bits))
+    return invalid_input(what + ".bits: " + std::to_string(a.bits) +
+                         " is not a supported bit width (" + kBitsList + ")");
+  if (a.group != -1 && a.group <= 0)
+    return invalid_input(what + ".group: " + std::to_string(a.group) +
+                         " must be -1 (per token) or positive");
+  if (!std::isfinite(a.clip) || a.clip <= 0.0f || a.clip > 1.0f)
+    return invalid_input(what + ".clip: " + std::to_string(a.clip) + " must be in (0, 1]");
+  return Status::ok();
+}
+
+// A Kronecker pair (L, R) acting on n = n(L)·n(R) (either may be absent).
+Status check_pair(const std::vector<float>& L, const std::vector<float>& R, int64_t n,
+                  const std::string& nl, const std::string& nr) {
+  const int64_t sl = L.empty() ? 1 : square_side(L.size());
+  const int64_t sr = R.empty() ? 1 : square_side(R.size());
+  if (sl == 0) return invalid_input("tensor " + nl + " is not a square matrix");
+  if (sr == 0) return invalid_input("tensor " + nr + " is not a square matrix");
+  const bool ok = (!L.empty() && !R.empty()) ? sl * sr == n : n % (sl * sr) == 0;
+  if (!ok)
+    return invalid_input("tensors " + nl + " (" + std::to_string(sl) + "×" + std::to_string(sl) +
+                         ") and " + nr + " (" + std::to_string(sr) + "×" + std::to_string(sr) +
+                         ") do not factor the dimension " + std::to_string(n));
+  QCAL_RETURN_IF_ERROR(check_finite(L, nl));
+  return check_finite(R, nr);
+}
+
+Status check_packed(const PackedWeight& w, int w_bits, int64_t w_group, int64_t out, int64_t in,
+                    const std::string& name) {
+  const int64_t group = w.group > 0 ? w.group : -1;
+  if (w.bits != w_bits)
+    return invalid_input("tensor " + name + ".qweight: " + std::to_string(w.bits) +
+                         "-bit codes, the model says w_bits " + std::to_string(w_bits));
+  if (group != w_group)
+    return invalid_input("tensor " + name + ".scales: group " + std::to_string(group) +
+                         ", the model says w_group " + std::to_string(w_group));
+  if (w.out != out || w.in != in)
+    return invalid_input("tensor " + name + ".qweight: shape [" + std::to_string(w.out) + ", " +
+                         std::to_string(w.in) + "], the config implies [" + std::to_string(out) +
+                         ", " + std::to_string(in) + "]");
+  if (static_cast<int64_t>(w.data.size()) != out * row_bytes(w.bits, in))
+    return invalid_input("tensor " + name + ".qweight: " + std::to_string(w.data.size()) +
+                         " bytes of codes, expected " +
+                         std::to_string(out * row_bytes(w.bits, in)));
+  const int64_t G = num_groups(group, in);
+  if (static_cast<int64_t>(w.scales.size()) != out * G)
+    return invalid_input("tensor " + name + ".scales: " + std::to_string(w.scales.size()) +
+                         " scales, expected " + std::to_string(out * G) + " (out × groups)");
+  for (size_t i = 0; i < w.scales.size(); ++i)
+    if (!std::isfinite(w.scales[i]) || w.scales[i] < 0.0f)
+      return invalid_input("tensor " + name + ".scales: invalid scale " +
+                           std::to_string(w.scales[i]) + " at element " + std::to_string(i));
+  const int lo = -(1 << (w.bits - 1)), hi = (1 << (w.bits - 1)) - 1;
+  std::vector<int8_t> codes(static_cast<size_t>(in));
+  for (int64_t o = 0; o < out; ++o) {
+    unpack_row(w, o, codes.data());
+    for (int64_t i = 0; i < in; ++i)
+      if (codes[i] < lo || codes[i] > hi)
+        return invalid_input("tensor " + name + ".qweight: code " + std::to_string(codes[i]) +
+                             " at [" + std::to_string(o) + ", " + std::to_string(i) +
+                             "] outside the " + std::to_string(w.bits) + "-bit range [" +
+                             std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  }
+  return Status::ok();
+}
+
+// Everything that must hold for a NativeModel, shared by the writer (before it
+// writes) and the reader (after it loads). kInvalidInput naming the tensor / field.
+Status check_model(const NativeModel& m) {
+  const ModelConfig& c = m.config;
+  QCAL_RETURN_IF_ERROR(parse_model_config(c.to_json(), "config").status());
+  const int64_t H = c.hidden_size, V = c.vocab_size, L = c.num_hidden_layers;
+  if (m.w_bits != 16 && !supported_bits(m.w_bits))
+    return invalid_input("w_bits: " + std::to_string(m.w_bits) + " is not a supported bit width (" +
+                         kBitsList + ")");
+  if (m.w_group != -1) {
+    if (m.w_bits == 16) return invalid_input("w_group: must be -1 for unquantized weights");
+    if (m.w_group <= 0)
+      return invalid_input("w_group: " + std::to_string(m.w_group) +
+                           " must be -1 (per channel) or positive");
+  }
+  if (!m.recipe.is_object()) return invalid_input("recipe: must be a JSON object");
+  QCAL_RETURN_IF_ERROR(check_size(m.embed, V * H, kEmbed));
+  QCAL_RETURN_IF_ERROR(check_size(m.final_norm, H, kNorm));
+  QCAL_RETURN_IF_ERROR(check_size(m.lm_head, V * H, kLmHead));
+  if (static_cast<int64_t>(m.layers.size()) != L)
+    return invalid_input("layers: " + std::to_string(m.layers.size()) + " layers, the config has " +
+                         std::to_string(L));
+  for (int64_t l = 0; l < L; ++l) {
+    const NativeLayer& y = m.layers[l];
+    const std::string lp = layer_prefix(l);
+    QCAL_RETURN_IF_ERROR(check_size(y.input_norm, H, lp + "input_layernorm.weight"));
+    QCAL_RETURN_IF_ERROR(check_size(y.post_norm, H, lp + "post_attention_layernorm.weight"));
+    for (int p = 0; p < kNumProj; ++p) {
+      const int64_t out = proj_out(c, p), in = proj_in(c, p);
+      if (m.w_bits < 16) {
+        QCAL_RETURN_IF_ERROR(check_packed(y.qw[p], m.w_bits, m.w_group, out, in, proj_name(l, p)));
+      } else {
+        QCAL_RETURN_IF_ERROR(check_size(y.fw[p], out * in, proj_name(l, p) + ".weight"));
+      }
+      const std::string what = "layers[" + std::to_string(l) + "].act." + kProjShort[p];
+      QCAL_RETURN_IF_ERROR(check_act(y.act[p], what));
+    }
+    for (int p = 0; p < 3; ++p)
+      if (!y.bias[p].empty())
+        QCAL_RETURN_IF_ERROR(check_size(y.bias[p], proj_out(c, p), proj_name(l, p) + ".bias"));
+    const std::string li = "layers[" + std::to_string(l) + "]";
+    QCAL_RETURN_IF_ERROR(check_act(y.k, li + ".k"));
+    QCAL_RETURN_IF_ERROR(check_act(y.v, li + ".v"));
+    const BlockTransformsT<float>& t = y.online;
+    QCAL_RETURN_IF_ERROR(check_pair(t.a1, t.a2, H, online_name(l, "a1"), online_name(l, "a2")));
+    QCAL_RETURN_IF_ERROR(check_pair(t.u1, t.u2, H, online_name(l, "u1"), online_name(l, "u2")));
+    QCAL_RETURN_IF_ERROR(
+        check_pair(t.d1, t.d2, c.intermediate_size, online_name(l, "d1"), online_name(l, "d2")));
+    const int64_t nh = c.num_attention_heads, d = c.head_dim;
+    if (!t.po.empty()) QCAL_RETURN_IF_ERROR(check_size(t.po, nh * nh, online_name(l, "po")));
+    if (t.pk.empty() != t.pk_it.empty())
+      return invalid_input("tensors " + online_name(l, "pk") + " and " + online_name(l, "pk_it") +
+                           " must both be present or both absent");
+    if (!t.pk.empty()) {
+      QCAL_RETURN_IF_ERROR(check_size(t.pk, d * d, online_name(l, "pk")));
+      QCAL_RETURN_IF_ERROR(check_size(t.pk_it, d * d, online_name(l, "pk_it")));
+    }
+  }
+  const int64_t P = static_cast<int64_t>(m.intact_prefix.size());
+  if (P == 0) {
+    if (!m.intact_k.empty() || !m.intact_v.empty() || !m.intact_logits.empty())
+      return invalid_input("intactkv: cache tensors without a prefix");
+    return Status::ok();
+  }
+  for (int64_t i = 0; i < P; ++i)
+    if (m.intact_prefix[i] < 0 || m.intact_prefix[i] >= V)
+      return invalid_input("intactkv.prefix[" + std::to_string(i) + "]: token id " +
+                           std::to_string(m.intact_prefix[i]) + " outside [0, " +
+                           std::to_string(V) + ")");
+  if (static_cast<int64_t>(m.intact_k.size()) != L || static_cast<int64_t>(m.intact_v.size()) != L)
+    return invalid_input("intactkv: need K and V caches for all " + std::to_string(L) + " layers");
+  for (int64_t l = 0; l < L; ++l) {
+    QCAL_RETURN_IF_ERROR(check_size(m.intact_k[l], P * c.kv_dim(), intact_name(l, "k")));
+    QCAL_RETURN_IF_ERROR(check_size(m.intact_v[l], P * c.kv_dim(), intact_name(l, "v")));
+  }
+  return check_size(m.intact_logits, P * V, kIntactLogits);
+}
+
+// ---------------------------------------------------------------- writer
+
+json act_to_json(const NativeActQuant& a) {
+  return {
+      {"bits", a.bits}, {"sym", a.sym}, {"group", a.group}, {"clip", static_cast<double>(a.clip)}};
+}
+
+json quant_json(const NativeModel& m) {
+  json j = {{"format", kNativeFormat},
+            {"version", kNativeVersion},
+            {"recipe", m.recipe},
+            {"w_bits", m.w_bits},
+            {"w_group", m.w_group}};
+  json layers = json::array();
+  for (const NativeLayer& y : m.layers) {
+    json act = json::object();
+    for (int p = 0; p < kNumProj; ++p) act[kProjShort[p]] = act_to_json(y.act[p]);
+    json online = json::array();
+    for (const OnlineSlot& s : kOnline)
+      if (!(y.online.*s.member).empty()) online.push_back(s.name);
+    layers.push_back(
+        {{"act", act}, {"k", act_to_json(y.k)}, {"v", act_to_json(y.v)}, {"online", online}});
+  }
+  j["layers"] = layers;
+  j["intactkv"] = m.intact_prefix.empty() ? json(nullptr) : json{{"prefix", m.intact_prefix}};
+  return j;
+}
+
+struct OutTensor {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  const void* data;
+  size_t bytes;
+};
+
+OutTensor f32(std::string name, std::vector<int64_t> shape, const std::vector<float>& v) {
+  return {std::move(name), DType::kF32, std::move(shape), v.data(), v.size() * sizeof(float)};
+}
+
+Status write_staging(const NativeModel& m, const std::string& staging) {
+  const ModelConfig& c = m.config;
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  std::vector<OutTensor> ts;
+  ts.push_back(f32(kEmbed, {V, H}, m.embed));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const NativeLayer& y = m.layers[l];
+    const std::string lp = layer_prefix(l);
+    ts.push_back(f32(lp + "input_layernorm.weight", {H}, y.input_norm));
+    ts.push_back(f32(lp + "post_attention_layernorm.weight", {H}, y.post_norm));
+    for (const OnlineSlot& s : kOnline) {
+      const std::vector<float>& v = y.online.*s.member;
+      const int64_t n = square_side(v.size());
+      if (!v.empty()) ts.push_back(f32(online_name(l, s.name), {n, n}, v));
+    }
+    for (int p = 0; p < kNumProj; ++p) {
+      const std::string pn = proj_name(l, p);
+      const int64_t out = proj_out(c, p), in = proj_in(c, p);
+      if (m.w_bits < 16) {
+        const PackedWeight& w = y.qw[p];
+        ts.push_back({pn + ".qweight",
+                      DType::kU8,
+                      {out, row_bytes(w.bits, in)},
+                      w.data.data(),
+                      w.data.size()});
+        ts.push_back(f32(pn + ".scales", {out, num_groups(m.w_group, in)}, w.scales));
+      } else {
+        ts.push_back(f32(pn + ".weight", {out, in}, y.fw[p]));
+      }
+      if (p < 3 && !y.bias[p].empty()) ts.push_back(f32(pn + ".bias", {out}, y.bias[p]));
+    }
+  }
+  ts.push_back(f32(kNorm, {H}, m.final_norm));
+  ts.push_back(f32(kLmHead, {V, H}, m.lm_head));
+  const int64_t P = static_cast<int64_t>(m.intact_prefix.size());
+  if (P > 0) {
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      ts.push_back(f32(intact_name(l, "k"), {P, c.kv_dim()}, m.intact_k[l]));
+      ts.push_back(f32(intact_name(l, "v"), {P, c.kv_dim()}, m.intact_v[l]));
+    }
+    ts.push_back(f32(kIntactLogits, {P, V}, m.intact_logits));
+  }
+
+  SafetensorsWriter w(join_path(staging, kTensorFile));
+  w.set_metadata("format", kNativeFormat);
+  w.set_metadata("qcal.native_version", std::to_string(kNativeVersion));
+  for (const OutTensor& t : ts) w.add(t.name, t.dtype, t.shape);
+  QCAL_RETURN_IF_ERROR(w.begin());
+  for (const OutTensor& t : ts)
+    QCAL_RETURN_IF_ERROR(w.write(std::string_view(static_cast<const char*>(t.data), t.bytes)));
+  QCAL_RETURN_IF_ERROR(w.finish());
+  QCAL_RETURN_IF_ERROR(
+      write_file_atomic(join_path(staging, kConfigFile), c.to_json().dump(2) + "\n"));
+  return write_file_atomic(join_path(staging, kQuantFile), quant_json(m).dump(2) + "\n");
+}
+
+// ---------------------------------------------------------------- reader
+
+// Typed access to qcal_quant.json fields; errors name the path in the file.
+class JsonReader {
+ public:
+  explicit JsonReader(std::string file) : file_(std::move(file)) {}
+  Status fail(const std::string& path, const std::string& msg) const {
+    return invalid_input(file_ + ": " + path + ": " + msg);
+  }
+  Status only_keys(const json& j, const std::string& path,
+                   std::initializer_list<const char*> keys) const {
+    if (!j.is_object()) return fail(path, "must be an object");
+    for (auto it = j.begin(); it != j.end(); ++it) {
+      bool known = false;
+      for (const char* k : keys) known = known || it.key() == k;
+      if (!known) return fail(path, "unknown key '" + it.key() + "'");
+    }
+    for (const char* k : keys)
+      if (!j.contains(k)) return fail(path, std::string("missing key '") + k + "'");
+    return Status::ok();
+  }
+  Result<int64_t> integer(const json& j, const std::string& path) const {
+    if (!j.is_number_integer()) return fail(path, "must be an integer");
+    return j.get<int64_t>();
+  }
+  Result<bool> boolean(const json& j, const std::string& path) const {
+    if (!j.is_boolean()) return fail(path, "must be true or false");
+    return j.get<bool>();
+  }
+  Result<double> number(const json& j, const std::string& path) const {
+    if (!j.is_number()) return fail(path, "must be a number");
+    return j.get<double>();
+  }
+  Result<NativeActQuant> act(const json& j, const std::string& path) const {
+    QCAL_RETURN_IF_ERROR(only_keys(j, path, {"bits", "sym", "group", "clip"}));
+    NativeActQuant a;
+    QCAL_ASSIGN_OR_RETURN(int64_t bits, integer(j["bits"], path + ".bits"));
+    if (bits != 16 && !supported_bits(static_cast<int>(bits)))
+      return fail(path + ".bits",
+                  std::to_string(bits) + " is not a supported bit width (" + kBitsList + ")");
+    a.bits = static_cast<int>(bits);
+    QCAL_ASSIGN_OR_RETURN(a.sym, boolean(j["sym"], path + ".sym"));
+    QCAL_ASSIGN_OR_RETURN(a.group, integer(j["group"], path + ".group"));
+    QCAL_ASSIGN_OR_RETURN(double clip, number(j["clip"], path + ".clip"));
+    a.clip = static_cast<float>(clip);
+    return a;
+  }
+
+ private:
+  std::string file_;
+};
+
+// Loads tensors by name from the checkpoint, checking dtype and shape, and
+// remembers which were consumed (the rest are "unexpected").
+class TensorLoader {
+ public:
+  TensorLoader(const SafetensorsFile& f, std::string what) : f_(f), what_(std::move(what)) {}
+  bool has(const std::string& name) const { return f_.find(name) != nullptr; }
+  Status raw(const std::string& name, DType dtype, const std::vector<int64_t>& shape,
+             std::string_view* bytes) {
+    const TensorInfo* t = f_.find(name);
+    if (!t) return invalid_input(what_ + ": missing tensor " + name);
+    if (t->dtype != dtype)
+      return invalid_input(what_ + ": tensor " + name + " has dtype " + dtype_name(t->dtype) +
+                           ", expected " + dtype_name(dtype));
+    if (t->shape != shape)
+      return invalid_input(what_ + ": tensor " + name + " has shape " + shape_str(t->shape) +
+                           ", expected " + shape_str(shape));
+    used_.insert(name);
+    *bytes = f_.raw(*t);
+    return Status::ok();
+  }
+  Status f32(const std::string& name, const std::vector<int64_t>& shape, std::vector<float>* out) {
+    std::string_view b;
+    QCAL_RETURN_IF_ERROR(raw(name, DType::kF32, shape, &b));
+    out->resize(b.size() / sizeof(float));
+    if (!b.empty()) std::memcpy(out->data(), b.data(), b.size());
+    return Status::ok();
+  }
+  Status check_all_used() const {
+    for (const TensorInfo& t : f_.header().tensors)
+      if (!used_.count(t.name))
+        return invalid_input(what_ + ": unexpected tensor " + t.name +
+                             " (not part of this configuration)");
+    return Status::ok();
+  }
+
+ private:
+  const SafetensorsFile& f_;
+  std::string what_;
+  std::set<std::string> used_;
+};
+
+Result<NativeModel> read_native_impl(const std::string& dir) {
+  NativeModel m;
+  const std::string qpath = join_path(dir, kQuantFile);
+  QCAL_ASSIGN_OR_RETURN(std::string text, read_file(qpath));
+  if (json_nesting_exceeds(text, kMaxJsonDepth) != std::string::npos)
+    return invalid_input(qpath + ": JSON nested deeper than " + std::to_string(kMaxJsonDepth));
+  const json q = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (q.is_discarded()) return invalid_input(qpath + ": not valid JSON");
+  const JsonReader jr(qpath);
+  if (!q.is_object()) return jr.fail("(top level)", "must be an object");
+  if (!q.contains("format") || !q["format"].is_string() || q["format"] != kNativeFormat)
+    return jr.fail("format", std::string("not a ") + kNativeFormat + " checkpoint (format " +
+                                 (q.contains("format") ? q["format"].dump() : "missing") + ")");
+  if (!q.contains("version")) return jr.fail("version", "missing");
+  QCAL_ASSIGN_OR_RETURN(int64_t version, jr.integer(q["version"], "version"));
+  if (version > kNativeVersion)
+    return jr.fail("version", "format version " + std::to_string(version) +
+                                  " was written by a newer qcal (this build reads version " +
+                                  std::to_string(kNativeVersion) + ")");
+  if (version < 1) return jr.fail("version", "invalid format version " + std::to_string(version));
+  QCAL_RETURN_IF_ERROR(
+      jr.only_keys(q, "(top level)",
+                   {"format", "version", "recipe", "w_bits", "w_group", "layers", "intactkv"}));
+  if (!q["recipe"].is_object()) return jr.fail("recipe", "must be an object");
+  m.recipe = q["recipe"];
+  QCAL_ASSIGN_OR_RETURN(int64_t w_bits, jr.integer(q["w_bits"], "w_bits"));
+  if (w_bits != 16 && !supported_bits(static_cast<int>(w_bits)))
+    return jr.fail("w_bits",
+                   std::to_string(w_bits) + " is not a supported bit width (" + kBitsList + ")");
+  m.w_bits = static_cast<int>(w_bits);
+  QCAL_ASSIGN_OR_RETURN(m.w_group, jr.integer(q["w_group"], "w_group"));
+
+  QCAL_ASSIGN_OR_RETURN(m.config, load_model_config(join_path(dir, kConfigFile)));
+  const ModelConfig& c = m.config;
+  const int64_t H = c.hidden_size, V = c.vocab_size, L = c.num_hidden_layers;
+  if (m.w_group != -1 && (m.w_group <= 0 || m.w_bits == 16))
+    return jr.fail("w_group",
+                   std::to_string(m.w_group) + " must be -1, or positive with quantized weights");
+
+  const json& layers = q["layers"];
+  if (!layers.is_array() || static_cast<int64_t>(layers.size()) != L)
+    return jr.fail("layers",
+                   "must be an array of " + std::to_string(L) + " entries (num_hidden_layers)");
+  std::vector<std::vector<std::string>> online(static_cast<size_t>(L));
+  m.layers.resize(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string lp = "layers[" + std::to_string(l) + "]";
+    const json& jl = layers[l];
+    QCAL_RETURN_IF_ERROR(jr.only_keys(jl, lp, {"act", "k", "v", "online"}));
+    std::vector<const char*> names(kProjShort, kProjShort + kNumProj);
+    const json& ja = jl["act"];
+    if (!ja.is_object() || ja.size() != kNumProj)
+      return jr.fail(lp + ".act", "must be an object with the 7 projections q_proj .. down_proj");
+    NativeLayer& y = m.layers[l];
+    for (int p = 0; p < kNumProj; ++p) {
+      if (!ja.contains(kProjShort[p]))
+        return jr.fail(lp + ".act", std::string("missing key '") + kProjShort[p] + "'");
+      QCAL_ASSIGN_OR_RETURN(y.act[p], jr.act(ja[kProjShort[p]], lp + ".act." + kProjShort[p]));
+    }
+    QCAL_ASSIGN_OR_RETURN(y.k, jr.act(jl["k"], lp + ".k"));
+    QCAL_ASSIGN_OR_RETURN(y.v, jr.act(jl["v"], lp + ".v"));
+    if (!jl["online"].is_array()) return jr.fail(lp + ".online", "must be an array");
+    for (const json& n : jl["online"]) {
+      bool known = false;
+      for (const OnlineSlot& s : kOnline) known = known || (n.is_string() && n == s.name);
+      if (!known) return jr.fail(lp + ".online", "unknown transform " + n.dump());
+      if (std::find(online[l].begin(), online[l].end(), n.get<std::string>()) != online[l].end())
+        return jr.fail(lp + ".online", "duplicate transform " + n.dump());
+      online[l].push_back(n.get<std::string>());
+    }
+  }
+  const json& jk = q["intactkv"];
+  if (!jk.is_null()) {
+    QCAL_RETURN_IF_ERROR(jr.only_keys(jk, "intactkv", {"prefix"}));
+    if (!jk["prefix"].is_array() || jk["prefix"].empty())
+      return jr.fail("intactkv.prefix", "must be a non-empty array of token ids");
+    for (size_t i = 0; i < jk["prefix"].size(); ++i) {
+      const std::string path = "intactkv.prefix[" + std::to_string(i) + "]";
+      QCAL_ASSIGN_OR_RETURN(int64_t id, jr.integer(jk["prefix"][i], path));
+      if (id < 0 || id >= V)
+        return jr.fail(
+            path, "token id " + std::to_string(id) + " outside [0, " + std::to_string(V) + ")");
+      m.intact_prefix.push_back(static_cast<int32_t>(id));
+    }
+  }
+
+  // Tensors.
+  const std::string tpath = join_path(dir, kTensorFile);
+  QCAL_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file, SafetensorsFile::open(tpath));
+  TensorLoader tl(*file, tpath);
+  QCAL_RETURN_IF_ERROR(tl.f32(kEmbed, {V, H}, &m.embed));
+  QCAL_RETURN_IF_ERROR(tl.f32(kNorm, {H}, &m.final_norm));
+  QCAL_RETURN_IF_ERROR(tl.f32(kLmHead, {V, H}, &m.lm_head));
+  for (int64_t l = 0; l < L; ++l) {
+    NativeLayer& y = m.layers[l];
+    const std::string lp = layer_prefix(l);
+    QCAL_RETURN_IF_ERROR(tl.f32(lp + "input_layernorm.weight", {H}, &y.input_norm));
+    QCAL_RETURN_IF_ERROR(tl.f32(lp + "post_attention_layernorm.weight", {H}, &y.post_norm));
+    for (int p = 0; p < kNumProj; ++p) {
+      const std::string pn = proj_name(l, p);
+      const int64_t out = proj_out(c, p), in = proj_in(c, p);
+      if (m.w_bits < 16) {
+        PackedWeight& w = y.qw[p];
+        w.bits = m.w_bits;
+        w.out = out;
+        w.in = in;
+        w.group = m.w_group;
+        std::string_view b;
+        QCAL_RETURN_IF_ERROR(
+            tl.raw(pn + ".qweight", DType::kU8, {out, row_bytes(m.w_bits, in)}, &b));
+        w.data.assign(reinterpret_cast<const uint8_t*>(b.data()),
+                      reinterpret_cast<const uint8_t*>(b.data()) + b.size());
+        QCAL_RETURN_IF_ERROR(tl.f32(pn + ".scales", {out, num_groups(m.w_group, in)}, &w.scales));
+      } else {
+        QCAL_RETURN_IF_ERROR(tl.f32(pn + ".weight", {out, in}, &y.fw[p]));
+      }
+      if (p < 3 && (c.attention_bias || tl.has(pn + ".bias")))
+        QCAL_RETURN_IF_ERROR(tl.f32(pn + ".bias", {out}, &y.bias[p]));
+    }
+    for (const std::string& n : online[l]) {
+      for (const OnlineSlot& s : kOnline) {
+        if (n != s.name) continue;
+        const std::string tn = online_name(l, s.name);
+        const TensorInfo* ti = file->find(tn);
+        if (!ti)
+          return invalid_input(tpath + ": missing tensor " + tn + " (listed in " + qpath +
+                               " layers[" + std::to_string(l) + "].online)");
+        // Square; the factorization against the dimension is checked below.
+        const int64_t side = ti->shape.size() == 2 ? ti->shape[0] : -1;
+        if (side <= 0 || side > dim_of(c, s.dim))
+          return invalid_input(tpath + ": tensor " + tn + " has shape " + shape_str(ti->shape) +
+                               ", expected a square matrix of side dividing " +
+                               std::to_string(dim_of(c, s.dim)));
+        QCAL_RETURN_IF_ERROR(tl.f32(tn, {side, side}, &(y.online.*s.member)));
+      }
+    }
+  }
+  const int64_t P = static_cast<int64_t>(m.intact_prefix.size());
+  if (P > 0) {
+    m.intact_k.resize(static_cast<size_t>(L));
+    m.intact_v.resize(static_cast<size_t>(L));
+    for (int64_t l = 0; l < L; ++l) {
+      QCAL_RETURN_IF_ERROR(tl.f32(intact_name(l, "k"), {P, c.kv_dim()}, &m.intact_k[l]));
+      QCAL_RETURN_IF_ERROR(tl.f32(intact_name(l, "v"), {P, c.kv_dim()}, &m.intact_v[l]));
+    }
+    QCAL_RETURN_IF_ERROR(tl.f32(kIntactLogits, {P, V}, &m.intact_logits));
+  }
+  QCAL_RETURN_IF_ERROR(tl.check_all_used());
+  Status st = check_model(m);
+  if (!st.is_ok()) return st.with_context(dir);
+  return m;
+}
+
+// ---------------------------------------------------------------- inference
+
+// Sizes (n1, n2) of a Kronecker pair acting on n (validated by check_pair).
+void pair_dims(const std::vector<float>& L, const std::vector<float>& R, int64_t n, int64_t* n1,
+               int64_t* n2) {
+  if (!L.empty()) {
+    *n1 = square_side(L.size());
+    *n2 = n / *n1;
+  } else if (!R.empty()) {
+    *n2 = square_side(R.size());
+    *n1 = n / *n2;
+  } else {
+    *n1 = 1;
+    *n2 = n;
+  }
+}
+
+struct Scratch {
+  std::vector<float> tmp, work;                  // kron
+  std::vector<int8_t> codes;                     // (rows, in) activation codes
+  std::vector<uint8_t> ucodes;                   // asymmetric codes
+  std::vector<float> sx, zx, xh;                 // scales, zeros, fake-quantized activations
+  std::array<std::vector<float>, kNumProj> deq;  // dequantized weights of the current layer
+};
+
+// In place: x (rows, n) ← x (L ⊗ R) row by row.
+void apply_kron(float* x, int64_t rows, int64_t n, const std::vector<float>& L,
+                const std::vector<float>& R, Scratch& s) {
+  if (L.empty() && R.empty()) return;
+  int64_t n1, n2;
+  pair_dims(L, R, n, &n1, &n2);
+  s.tmp.resize(static_cast<size_t>(rows * n));
+  s.work.resize(static_cast<size_t>(rows * n));
+  kron_fwd<float>(s.tmp.data(), x, L.empty() ? nullptr : L.data(), R.empty() ? nullptr : R.data(),
+                  rows, n1, n2, s.work.data());
+  std::memcpy(x, s.tmp.data(), static_cast<size_t>(rows * n) * sizeof(float));
+}
+
+// y (rows, cols) = the dequantized value of x under `a` (x̂ = s·q, or s·(q − z)).
+void fake_quant(const NativeActQuant& a, const float* x, int64_t rows, int64_t cols, float* y,
+                Scratch& s) {
+  const int64_t gs = a.group > 0 ? std::min(a.group, cols) : cols, G = num_groups(gs, cols);
+  const size_t n = static_cast<size_t>(rows * cols);
+  s.sx.resize(static_cast<size_t>(rows * G));
+  if (a.sym) {
+    s.codes.resize(n);
+    quantize_act_sym(x, rows, cols, a.bits, a.clip, a.group, s.codes.data(), s.sx.data());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < cols; ++i)
+        y[r * cols + i] = s.sx[r * G + i / gs] * static_cast<float>(s.codes[r * cols + i]);
+  } else {
+    s.ucodes.resize(n);
+    s.zx.resize(static_cast<size_t>(rows * G));
+    quantize_asym(x, rows, cols, a.bits, a.clip, a.group, s.ucodes.data(), s.sx.data(),
+                  s.zx.data());
+    dequantize_asym(s.ucodes.data(), s.sx.data(), s.zx.data(), rows, cols, a.group, y);
+  }
+}
+
+// The fp32 weight (out, in) of projection p: fw, or the dequantized codes.
+const float* float_weight(const NativeModel& m, const NativeLayer& y, int p, Scratch& s) {
+  if (m.w_bits >= 16) return y.fw[p].data();
+  std::vector<float>& W = s.deq[p];
+  if (W.empty()) {
+    const PackedWeight& w = y.qw[p];
+    const int64_t G = num_groups(w.group, w.in), gs = w.group > 0 ? w.group : w.in;
+    W.resize(static_cast<size_t>(w.out * w.in));
+    std::vector<int8_t> codes(static_cast<size_t>(w.in));
+    for (int64_t o = 0; o < w.out; ++o) {
+      unpack_row(w, o, codes.data());
+      for (int64_t i = 0; i < w.in; ++i)
+        W[o * w.in + i] = w.scales[o * G + i / gs] * static_cast<float>(codes[i]);
+    }
+  }
+  return W.data();
+}
+
+// y (rows, out) = q_act(x) · q_w(W_p)ᵀ + bias: the integer kernels when both the
+// weight and the activation are quantized (per token, symmetric), else fp32.
+void run_linear(const NativeModel& m, const NativeLayer& y, int p, const float* x, int64_t rows,
+                const float* bias, float* out, Scratch& s) {
+  const ModelConfig& c = m.config;
+  const int64_t in = proj_in(c, p), nout = proj_out(c, p);
+  const NativeActQuant& a = y.act[p];
+  if (a.bits < 16 && m.w_bits < 16 && a.sym && a.group <= 0) {
+    s.codes.resize(static_cast<size_t>(rows * in));
+    s.sx.resize(static_cast<size_t>(rows));
+    quantize_act_sym(x, rows, in, a.bits, a.clip, -1, s.codes.data(), s.sx.data());
+    qgemm(s.codes.data(), s.sx.data(), rows, y.qw[p], bias, out);
+    return;
+  }
+  const float* xin = x;
+  if (a.bits < 16) {
+    s.xh.resize(static_cast<size_t>(rows * in));
+    fake_quant(a, x, rows, in, s.xh.data(), s);
+    xin = s.xh.data();
+  }
+  linear_forward(out, xin, float_weight(m, y, p, s), bias, rows, in, nout);
+}
+
+const float* opt_ptr(const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); }
+
+// One decoder block on nb sequences of T tokens, in place on xs (nb·T, H). k_out /
+// v_out (nb·T, K each; may be null) receive the new cache entries (quantized K/V).
+void native_block(const NativeModel& m, int64_t l, float* xs, int64_t nb, int64_t T, Scratch& s,
+                  float* k_out, float* v_out) {
+  const ModelConfig& c = m.config;
+  const NativeLayer& y = m.layers[l];
+  const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_dim(), K = c.kv_dim();
+  const int64_t n_h = c.num_attention_heads, n_kv = c.num_key_value_heads, d = c.head_dim;
+  const int64_t N = nb * T, P = static_cast<int64_t>(m.intact_prefix.size()), S = P + T;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const BlockTransformsT<float>& t = y.online;
+
+  std::vector<float> h(N * H), q(N * Q), k(N * K), v(N * K), att(N * Q), o(N * H);
+  // Attention half.
+  rmsnorm_forward(h.data(), xs, y.input_norm.data(), N, H, eps);
+  apply_kron(h.data(), N, H, t.a1, t.a2, s);
+  run_linear(m, y, kQ, h.data(), N, opt_ptr(y.bias[0]), q.data(), s);
+  run_linear(m, y, kK, h.data(), N, opt_ptr(y.bias[1]), k.data(), s);
+  run_linear(m, y, kV, h.data(), N, opt_ptr(y.bias[2]), v.data(), s);
+  for (int64_t b = 0; b < nb; ++b) {
+    rope_forward(q.data() + b * T * Q, T, n_h, d, P, c.rope_theta);
+    rope_forward(k.data() + b * T * K, T, n_kv, d, P, c.rope_theta);
+  }
+  // Per head: q_h ← q_h·P_k⁻ᵀ, k_h ← k_h·P_k (rows of d over every head).
+  apply_kron(q.data(), N * n_h, d, {}, t.pk_it, s);
+  apply_kron(k.data(), N * n_kv, d, {}, t.pk, s);
+  // Only the new tokens' K/V are quantized (in place); the IntactKV prefix stays fp32.
+  if (y.k.bits < 16) fake_quant(y.k, k.data(), N, K, k.data(), s);
+  if (y.v.bits < 16) fake_quant(y.v, v.data(), N, K, v.data(), s);
+  if (k_out) std::memcpy(k_out, k.data(), static_cast<size_t>(N * K) * sizeof(float));
+  if (v_out) std::memcpy(v_out, v.data(), static_cast<size_t>(N * K) * sizeof(float));
+  std::vector<float> kf, vf;  // (S, K) prefix ; sequence
+  if (P > 0) {
+    kf.resize(static_cast<size_t>(S * K));
+    vf.resize(static_cast<size_t>(S * K));
+    std::memcpy(kf.data(), m.intact_k[l].data(), static_cast<size_t>(P * K) * sizeof(float));
+    std::memcpy(vf.data(), m.intact_v[l].data(), static_cast<size_t>(P * K) * sizeof(float));
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* kb = k.data() + b * T * K;
+    const float* vb = v.data() + b * T * K;
+    if (P > 0) {
+      std::memcpy(kf.data() + P * K, kb, static_cast<size_t>(T * K) * sizeof(float));
+      std::memcpy(vf.data() + P * K, vb, static_cast<size_t>(T * K) * sizeof(float));
+      kb = kf.data();
+      vb = vf.data();
+    }
+    prefix_attention(att.data() + b * T * Q, q.data() + b * T * Q, kb, vb, P, T, n_h, n_kv, d);
+  }
+  // P_oᵀ X per token over the (n_h, d) heads.
+  apply_kron(att.data(), N, Q, t.po, {}, s);
+  run_linear(m, y, kO, att.data(), N, nullptr, o.data(), s);
+  for (int64_t i = 0; i < N * H; ++i) xs[i] += o[i];
+
+  // MLP half.
+  std::vector<float> gate(N * I), up(N * I);
+  rmsnorm_forward(h.data(), xs, y.post_norm.data(), N, H, eps);
+  apply_kron(h.data(), N, H, t.u1, t.u2, s);
+  run_linear(m, y, kGate, h.data(), N, nullptr, gate.data(), s);
+  run_linear(m, y, kUp, h.data(), N, nullptr, up.data(), s);
+  swiglu_forward(gate.data(), gate.data(), up.data(), N * I);
+  apply_kron(gate.data(), N, I, t.d1, t.d2, s);
+  run_linear(m, y, kDown, gate.data(), N, nullptr, o.data(), s);
+  for (int64_t i = 0; i < N * H; ++i) xs[i] += o[i];
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- public API
+
+void prefix_attention(float* out, const float* q, const float* k, const float* v, int64_t P,
+                      int64_t T, int64_t n_h, int64_t n_kv, int64_t d) {
+  QCAL_CHECK(P >= 0 && T >= 0 && n_kv > 0 && n_h % n_kv == 0 && d > 0);
+  if (T == 0) return;
+  const int64_t S = P + T, Q = n_h * d, K = n_kv * d, rep = n_h / n_kv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  std::vector<float> sc(static_cast<size_t>(T * S));  // (T, S) scores, then probabilities
+  for (int64_t hh = 0; hh < n_h; ++hh) {
+    const int64_t g = hh / rep;
+    sgemm(false, true, T, S, d, scale, q + hh * d, Q, k + g * d, K, 0.0f, sc.data(), S);
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = sc.data() + t * S;
+      const int64_t len = P + t + 1;  // query t (position P + t) sees keys 0 .. P + t
+      float mx = row[0];
+      for (int64_t j = 1; j < len; ++j) mx = std::max(mx, row[j]);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < len; ++j) {
+        row[j] = std::exp(row[j] - mx);
+        sum += row[j];
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j < len; ++j) row[j] *= inv;
+      for (int64_t j = len; j < S; ++j) row[j] = 0.0f;
+    }
+    sgemm(false, false, T, d, S, 1.0f, sc.data(), S, v + g * d, K, 0.0f, out + hh * d, Q);
+  }
+}
+
+Status write_native(const NativeModel& m, const std::string& dir, bool overwrite) {
+  Status st = check_model(m);
+  if (!st.is_ok()) return st.with_context("write_native " + dir);
+  if (!overwrite && path_exists(dir))
+    return invalid_input(dir + ": output exists (pass --overwrite to replace it)");
+  QCAL_ASSIGN_OR_RETURN(std::string staging, make_staging_dir(dir));
+  st = write_staging(m, staging);
+  if (st.is_ok()) st = publish_dir(staging, dir, overwrite);
+  if (!st.is_ok()) {
+    std::error_code ec;
+    fs::remove_all(staging, ec);
+  }
+  return st;
+}
+
+Result<NativeModel> read_native(const std::string& dir) { return read_native_impl(dir); }
+
+bool is_native_dir(const std::string& dir) { return path_exists(join_path(dir, kQuantFile)); }
+
+std::vector<float> native_logits(const NativeModel& m, const int32_t* tokens, int64_t B,
+                                 int64_t T) {
+  return native_logits(m, tokens, B, T, nullptr);
+}
+
+std::vector<float> native_logits(const NativeModel& m, const int32_t* tokens, int64_t B, int64_t T,
+                                 NativeKvCapture* capture) {
+  const ModelConfig& c = m.config;
+  const int64_t H = c.hidden_size, V = c.vocab_size, K = c.kv_dim();
+  QCAL_CHECK(B >= 0 && T >= 0);
+  QCAL_CHECK(static_cast<int64_t>(m.layers.size()) == c.num_hidden_layers);
+  const int64_t rows = B * T;
+  if (capture) {
+    capture->k.assign(static_cast<size_t>(c.num_hidden_layers),
+                      std::vector<float>(static_cast<size_t>(rows * K)));
+    capture->v = capture->k;
+  }
+  if (rows == 0) return {};
+  std::vector<float> x(static_cast<size_t>(rows * H));  // (B·T, H) residual stream
+  for (int64_t r = 0; r < rows; ++r) {
+    QCAL_CHECK_MSG(tokens[r] >= 0 && tokens[r] < V, "native_logits: token id outside the vocab");
+    std::memcpy(x.data() + r * H, m.embed.data() + static_cast<int64_t>(tokens[r]) * H,
+                static_cast<size_t>(H) * sizeof(float));
+  }
+  // Sequences go through in groups of >= 512 rows to bound the workspace.
+  const int64_t per = std::min(B, std::max<int64_t>(1, (512 + T - 1) / T));
+  Scratch s;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    for (auto& w : s.deq) w.clear();
+    for (int64_t b0 = 0; b0 < B; b0 += per) {
+      float* ko = capture ? capture->k[l].data() + b0 * T * K : nullptr;
+      float* vo = capture ? capture->v[l].data() + b0 * T * K : nullptr;
+      native_block(m, l, x.data() + b0 * T * H, std::min(per, B - b0), T, s, ko, vo);
+    }
+  }
+  std::vector<float> xn(static_cast<size_t>(rows * H)), out(static_cast<size_t>(rows * V));
+  rmsnorm_forward(xn.data(), x.data(), m.final_norm.data(), rows, H,
+                  static_cast<float>(c.rms_norm_eps));
+  linear_forward(out.data(), xn.data(), m.lm_head.data(), nullptr, rows, H, V);
+  return out;
+}
+
+}  // namespace qcal::calib

@@ -1,0 +1,100 @@
+// The native qcal checkpoint (docs/NATIVE_FORMAT.md) and quantized inference on
+// the CPU with the integer kernels (kernels/qgemm.h): int4/int8 weights,
+// activations quantized per token on the fly, a quantized K/V cache, and the
+// online transforms a recipe leaves (Hadamards, Kronecker pairs, the cross-head
+// P_o, P_k on K and P_k⁻ᵀ on Q), plus the IntactKV prefix cache.
+//
+// Directory layout: config.json (the HF config, unchanged), qcal_quant.json
+// (format "qcal-native", version 1, the recipe, per-layer quantizer settings),
+// model.safetensors (all tensors; names in NATIVE_FORMAT.md).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/data.h"
+#include "common/model_config.h"
+#include "common/status.h"
+#include "kernels/qgemm.h"
+#include "worker/calib/qblock.h"
+
+namespace qcal::calib {
+
+inline constexpr const char* kNativeFormat = "qcal-native";
+inline constexpr int kNativeVersion = 1;
+
+// Dynamic quantizer of an activation, the K or the V cache.
+struct NativeActQuant {
+  int bits = 16;         // 16 = off
+  bool sym = true;       // activations: symmetric per token; K/V: asymmetric
+  int64_t group = -1;    // columns per group (K/V: head_dim); -1 = per token
+  float clip = 1.0f;     // fixed ratio (QuaRot) or sigmoid(β) of a trained LAC
+};
+
+struct NativeLayer {
+  std::vector<float> input_norm, post_norm;  // with every foldable diagonal folded in
+  // Quantized weights (w_bits < 16): symmetric signed codes with per-(row, group) scales.
+  std::array<PackedWeight, kNumProj> qw;
+  // Unquantized weights (w_bits == 16, the transform-only check): HF [out, in].
+  std::array<std::vector<float>, kNumProj> fw;
+  std::array<std::vector<float>, 3> bias;  // q, k, v (transformed); empty when absent
+  // Online transforms, activation side only (empty = identity): a1/a2 (q/k/v input),
+  // u1/u2 (gate/up input), d1/d2 (down input), po (across heads, o input),
+  // pk (K, after RoPE), pk_it (Q, after RoPE). Other members unused.
+  BlockTransformsT<float> online;
+  std::array<NativeActQuant, kNumProj> act;
+  NativeActQuant k, v;
+};
+
+struct NativeModel {
+  ModelConfig config;
+  nlohmann::json recipe = nlohmann::json::object();  // what produced it (for inspect)
+  int w_bits = 4;
+  int64_t w_group = -1;
+  std::vector<float> embed, final_norm, lm_head;     // fp32 (rotations folded)
+  std::vector<NativeLayer> layers;
+  // IntactKV: FP K/V of the pivot prefix per layer, in the model's (rotated /
+  // transformed) cache basis: (P, n_kv·d) each; K after RoPE and P_k. Empty = off.
+  std::vector<int32_t> intact_prefix;
+  std::vector<std::vector<float>> intact_k, intact_v;
+  std::vector<float> intact_logits;  // (P, V) FP logits of the prefix
+};
+
+Status write_native(const NativeModel& m, const std::string& dir, bool overwrite);
+// Validates everything (format, version, shapes, code ranges); kInvalidInput naming
+// the tensor or field.
+Result<NativeModel> read_native(const std::string& dir);
+// True iff `dir` holds a qcal_quant.json.
+bool is_native_dir(const std::string& dir);
+
+// Logits (B·T, V) of B sequences of T tokens with the integer kernels. With IntactKV
+// the prefix cache is prepended: the sequence tokens start at position P, and the
+// caller decides whether token 0 of each sequence is the prefix itself (see eval).
+std::vector<float> native_logits(const NativeModel& m, const int32_t* tokens, int64_t B,
+                                 int64_t T);
+
+// The K/V cache entries a forward pass adds, per layer (L entries of (B·T, n_kv·d),
+// sequence-major): K after RoPE, P_k and the K quantizer, V after the V quantizer,
+// exactly as they join the cache (NATIVE_FORMAT.md steps 3–5). The IntactKV prefix
+// entries already in the cache are not repeated. IntactKV builds its prefix cache
+// from this with every quantizer off (worker/calib/intactkv.h).
+struct NativeKvCapture {
+  std::vector<std::vector<float>> k, v;
+};
+// native_logits, also filling `capture` (resized; may be null).
+std::vector<float> native_logits(const NativeModel& m, const int32_t* tokens, int64_t B, int64_t T,
+                                 NativeKvCapture* capture);
+
+// Causal GQA attention of T queries at positions P..P+T−1 over P+T keys (an
+// IntactKV prefix of P, then the sequence itself): q (T, n_h·d), k/v (P+T, n_kv·d),
+// out (T, n_h·d); query t sees keys 0..P+t; scale 1/sqrt(d), fp32 softmax with max
+// subtraction. P = 0 is attention_forward (kernels/ops.h).
+void prefix_attention(float* out, const float* q, const float* k, const float* v, int64_t P,
+                      int64_t T, int64_t n_h, int64_t n_kv, int64_t d);
+
+}  // namespace qcal::calib
