@@ -9,11 +9,13 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 
-#include <nlohmann/json.hpp>
-
+#include "api/calib_cli.h"
 #include "api/cmd_service.h"
+#include "api/cmd_train.h"
 #include "common/data.h"
 #include "common/flags.h"
 #include "common/fsutil.h"
@@ -21,6 +23,9 @@
 #include "common/model_dir.h"
 #include "kernels/device.h"
 #include "kernels/gemm.h"
+#include "worker/calib/intactkv.h"
+#include "worker/calib/methods.h"
+#include "worker/calib/native.h"
 #include "worker/engine/eval.h"
 #include "worker/engine/qformats.h"
 #include "worker/engine/quantize.h"
@@ -33,15 +38,16 @@ constexpr const char* kVersion = "0.1.0";
 
 int fail(const std::string& cmd, const Status& s) {
   std::fprintf(stderr, "qcal %s: error: %s\n", cmd.c_str(), s.message().c_str());
-  return s.code() == Code::kInvalidInput || s.code() == Code::kNotFound || s.code() == Code::kCorrupt
+  return s.code() == Code::kInvalidInput || s.code() == Code::kNotFound ||
+                 s.code() == Code::kCorrupt
              ? 2
              : 1;
 }
 
-#define CLI_TRY(cmd, expr)                      \
-  do {                                          \
-    ::qcal::Status _s = (expr);                 \
-    if (!_s.is_ok()) return fail((cmd), _s);    \
+#define CLI_TRY(cmd, expr)                   \
+  do {                                       \
+    ::qcal::Status _s = (expr);              \
+    if (!_s.is_ok()) return fail((cmd), _s); \
   } while (0)
 #define CLI_ASSIGN(cmd, lhs, expr)                           \
   auto QCAL_CONCAT(_r_, __LINE__) = (expr);                  \
@@ -65,7 +71,9 @@ int cmd_synth(int argc, char** argv) {
   CLI_ASSIGN(cmd, c.hidden_size, f.integer("hidden", 256));
   CLI_ASSIGN(cmd, c.num_attention_heads, f.integer("heads", 8));
   CLI_ASSIGN(cmd, c.num_key_value_heads, f.integer("kv-heads", c.num_attention_heads));
-  CLI_ASSIGN(cmd, c.head_dim, f.integer("head-dim", c.num_attention_heads > 0 ? c.hidden_size / c.num_attention_heads : 0));
+  CLI_ASSIGN(
+      cmd, c.head_dim,
+      f.integer("head-dim", c.num_attention_heads > 0 ? c.hidden_size / c.num_attention_heads : 0));
   CLI_ASSIGN(cmd, c.intermediate_size, f.integer("intermediate", 688));
   CLI_ASSIGN(cmd, c.vocab_size, f.integer("vocab", 512));
   CLI_ASSIGN(cmd, c.rope_theta, f.number("rope-theta", 10000.0));
@@ -110,7 +118,8 @@ int cmd_synth_data(int argc, char** argv) {
   CLI_ASSIGN(cmd, int64_t count, f.integer("tokens", 65536));
   CLI_ASSIGN(cmd, int64_t seed, f.integer("seed", 1));
   CLI_ASSIGN(cmd, int64_t per_line, f.integer("per-line", 512));
-  if (count <= 0 || per_line <= 0) return fail(cmd, invalid_input("--tokens and --per-line must be positive"));
+  if (count <= 0 || per_line <= 0)
+    return fail(cmd, invalid_input("--tokens and --per-line must be positive"));
   auto toks = synth_tokens(count, vocab, static_cast<uint64_t>(seed));
   CLI_TRY(cmd, write_tokens_jsonl(out, toks, per_line));
   std::printf("wrote %s: %lld tokens, vocab %lld\n", out.c_str(), static_cast<long long>(count),
@@ -118,15 +127,76 @@ int cmd_synth_data(int argc, char** argv) {
   return 0;
 }
 
+// ---------------------------------------------------------------- quantize (calibration engine)
+// --method smoothquant|quarot|spinquant|flatquant, or rtn/gptq with --a-bits/--kv-bits < 16.
+int cmd_quantize_calib(const Flags& f) {
+  const std::string cmd = "quantize";
+  CLI_ASSIGN(cmd, std::string model, f.required("model"));
+  CLI_ASSIGN(cmd, std::string calib_path, f.required("calib"));
+  CLI_ASSIGN(cmd, std::string out, f.required("out"));
+  CLI_ASSIGN(cmd, calib::CalibRecipe r, recipe_from_flags(f));
+  std::string format = f.str("format", "auto");
+  if (format != "auto" && format != "native" && format != "gptq" && format != "compressed-tensors")
+    return fail(cmd, invalid_input("--format must be auto, native, gptq or compressed-tensors"));
+  if ((format == "gptq" || format == "compressed-tensors") && !r.folds_completely())
+    return fail(
+        cmd, invalid_input("--format " + format + ": " +
+                           (r.transforms_fold() && r.intactkv
+                                ? std::string("the IntactKV prefix cache needs the native format")
+                                : std::string("this recipe leaves transforms or activation/KV "
+                                              "quantizers to run online")) +
+                           "; use --format native (or auto)"));
+  if (format == "auto") format = r.folds_completely() ? "gptq" : "native";
+  const bool overwrite = f.flag("overwrite");
+  if (path_exists(out) && !overwrite)
+    return fail(cmd, invalid_input(out + ": output exists (pass --overwrite to replace it)"));
+  CLI_ASSIGN(cmd, int64_t nsamples, f.integer("nsamples", 128));
+  CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 2048));
+  if (nsamples <= 0 || seqlen < 2)
+    return fail(cmd, invalid_input("--nsamples must be > 0 and --seqlen ≥ 2"));
+  CLI_ASSIGN(cmd, ModelConfig c, load_model_config(join_path(model, "config.json")));
+  CLI_ASSIGN(cmd, TokenSequences calib,
+             load_token_sequences(calib_path, seqlen, c.vocab_size, nsamples));
+  LOG_INFO << "quantize " << model << ": " << r.to_json().dump() << ", " << calib.count() << " x "
+           << seqlen << " calibration tokens, " << blas_threads() << " threads";
+  auto progress = [](const std::string& stage, int64_t i, int64_t n) {
+    LOG_INFO << stage << " " << (i + 1) << "/" << n;
+  };
+  CLI_ASSIGN(cmd, calib::CalibReport rep,
+             calib::calibrate_to_dir(model, calib, r, out, format, overwrite, progress));
+  nlohmann::json j = rep.to_json();
+  j["out"] = out;
+  j["recipe"] = r.to_json();
+  if (f.has("report")) CLI_TRY(cmd, write_file_atomic(f.str("report"), j.dump(2) + "\n"));
+  if (f.flag("json")) {
+    std::cout << j.dump() << std::endl;
+  } else {
+    std::printf("wrote %s in %.1f s\n", out.c_str(), rep.seconds);
+  }
+  return 0;
+}
+
 // ---------------------------------------------------------------- quantize
 int cmd_quantize(int argc, char** argv) {
   const std::string cmd = "quantize";
-  Flags f({"model", "method", "w-bits", "group-size", "calib", "nsamples", "seqlen", "format",
-           "out", "damp", "blocksize", "max-shard-mb", "batch", "report"},
-          {"sym", "asym", "act-order", "static-groups", "mse-clip", "no-true-sequential",
-           "overwrite", "json", "quiet"});
+  std::set<std::string> valued = {"model",     "method",       "w-bits", "group-size", "calib",
+                                  "nsamples",  "seqlen",       "format", "out",        "damp",
+                                  "blocksize", "max-shard-mb", "batch",  "report"};
+  std::set<std::string> bools = {"sym",           "asym",     "act-order",
+                                 "static-groups", "mse-clip", "no-true-sequential",
+                                 "overwrite",     "json",     "quiet"};
+  valued.insert(calib_valued_flags().begin(), calib_valued_flags().end());
+  bools.insert(calib_bool_flags().begin(), calib_bool_flags().end());
+  Flags f(valued, bools);
   CLI_TRY(cmd, f.parse(argc, argv, 2));
   if (f.flag("quiet")) set_log_level(LogLevel::kWarn);
+  if (wants_calibration(f)) return cmd_quantize_calib(f);
+  for (const auto& k : calib_valued_flags())
+    if (f.has(k) && k != "a-bits" && k != "kv-bits")
+      return fail(cmd, invalid_input("--" + k +
+                                     " applies to the calibration methods "
+                                     "(--method smoothquant|quarot|spinquant|flatquant) or "
+                                     "quantized activations (--a-bits/--kv-bits < 16)"));
   CLI_ASSIGN(cmd, std::string model, f.required("model"));
   CLI_ASSIGN(cmd, std::string calib_path, f.required("calib"));
   CLI_ASSIGN(cmd, std::string out, f.required("out"));
@@ -135,7 +205,8 @@ int cmd_quantize(int argc, char** argv) {
   CLI_ASSIGN(cmd, int64_t bits, f.integer("w-bits", 4));
   o.spec.bits = static_cast<int>(bits);
   CLI_ASSIGN(cmd, o.spec.group_size, f.integer("group-size", 128));
-  if (f.flag("sym") && f.flag("asym")) return fail(cmd, invalid_input("--sym and --asym are exclusive"));
+  if (f.flag("sym") && f.flag("asym"))
+    return fail(cmd, invalid_input("--sym and --asym are exclusive"));
   o.spec.sym = !f.flag("asym");
   o.spec.mse_clip = f.flag("mse-clip");
   CLI_TRY(cmd, o.spec.validate());
@@ -154,21 +225,24 @@ int cmd_quantize(int argc, char** argv) {
   CLI_ASSIGN(cmd, o.batch, f.integer("batch", 8));
   CLI_ASSIGN(cmd, int64_t nsamples, f.integer("nsamples", 128));
   CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 2048));
-  if (nsamples <= 0 || seqlen < 2) return fail(cmd, invalid_input("--nsamples must be > 0 and --seqlen ≥ 2"));
+  if (nsamples <= 0 || seqlen < 2)
+    return fail(cmd, invalid_input("--nsamples must be > 0 and --seqlen ≥ 2"));
   if (path_exists(out) && !o.write.overwrite)
     return fail(cmd, invalid_input(out + ": output exists (pass --overwrite to replace it)"));
 
   CLI_ASSIGN(cmd, ModelConfig c, load_model_config(join_path(model, "config.json")));
   if (seqlen > c.max_position_embeddings)
-    LOG_WARN << "--seqlen " << seqlen << " exceeds max_position_embeddings " << c.max_position_embeddings;
-  CLI_ASSIGN(cmd, TokenSequences calib, load_token_sequences(calib_path, seqlen, c.vocab_size, nsamples));
+    LOG_WARN << "--seqlen " << seqlen << " exceeds max_position_embeddings "
+             << c.max_position_embeddings;
+  CLI_ASSIGN(cmd, TokenSequences calib,
+             load_token_sequences(calib_path, seqlen, c.vocab_size, nsamples));
   if (calib.count() < nsamples)
     LOG_WARN << calib_path << " holds " << calib.count() << " sequences of " << seqlen
              << " tokens; using them all (asked for " << nsamples << ")";
   LOG_INFO << "quantize " << model << ": " << (o.method == WeightMethod::kGptq ? "gptq" : "rtn")
            << " w" << o.spec.bits << " g" << o.spec.group_size << (o.spec.sym ? " sym" : " asym")
-           << ", " << calib.count() << " x " << seqlen << " calibration tokens, "
-           << blas_threads() << " threads";
+           << ", " << calib.count() << " x " << seqlen << " calibration tokens, " << blas_threads()
+           << " threads";
   CLI_ASSIGN(cmd, QuantizeReport rep, quantize_model(model, calib, o, out));
   nlohmann::json j = rep.to_json();
   j["out"] = out;
@@ -185,6 +259,35 @@ int cmd_quantize(int argc, char** argv) {
   return 0;
 }
 
+// `qcal eval` on a native qcal checkpoint: quantized inference with the integer kernels.
+int cmd_eval_native(const Flags& f, const std::string& model_path, int64_t seqlen, int64_t nsamples,
+                    int64_t batch) {
+  const std::string cmd = "eval";
+  CLI_ASSIGN(cmd, calib::NativeModel nm, calib::read_native(model_path));
+  const ModelConfig& c = nm.config;
+  std::unique_ptr<LlamaModel> fp;
+  if (f.has("fp-model")) {
+    CLI_ASSIGN(cmd, fp, LlamaModel::open(f.str("fp-model")));
+    const ModelConfig& b = fp->config();
+    if (c.vocab_size != b.vocab_size || c.hidden_size != b.hidden_size ||
+        c.num_hidden_layers != b.num_hidden_layers)
+      return fail(cmd, invalid_input("--fp-model " + f.str("fp-model") +
+                                     " has a different architecture than --model"));
+  }
+  CLI_ASSIGN(cmd, TokenSequences data,
+             load_token_sequences(f.str("data"), seqlen, c.vocab_size, nsamples));
+  // With IntactKV every sequence must begin with the prefix (methods.md §6.2).
+  CLI_ASSIGN(cmd, EvalResult r, calib::evaluate_native(nm, data, fp.get(), batch));
+  if (f.flag("json")) {
+    std::cout << r.to_json().dump() << std::endl;
+    return 0;
+  }
+  std::printf("ppl %.4f  nll %.5f  tokens %lld", r.ppl, r.nll, static_cast<long long>(r.tokens));
+  if (r.kl) std::printf("  kl %.5f  top1_agree %.4f  fp_ppl %.4f", *r.kl, *r.top1_agree, *r.fp_ppl);
+  std::printf("\n");
+  return 0;
+}
+
 // ---------------------------------------------------------------- eval
 int cmd_eval(int argc, char** argv) {
   const std::string cmd = "eval";
@@ -196,7 +299,10 @@ int cmd_eval(int argc, char** argv) {
   CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 2048));
   CLI_ASSIGN(cmd, int64_t nsamples, f.integer("nsamples", 0));
   CLI_ASSIGN(cmd, int64_t batch, f.integer("batch", 8));
-  if (seqlen < 2 || batch <= 0) return fail(cmd, invalid_input("--seqlen must be ≥ 2 and --batch > 0"));
+  if (seqlen < 2 || batch <= 0)
+    return fail(cmd, invalid_input("--seqlen must be ≥ 2 and --batch > 0"));
+  if (calib::is_native_dir(model_path))
+    return cmd_eval_native(f, model_path, seqlen, nsamples, batch);
   CLI_ASSIGN(cmd, auto model, LlamaModel::open(model_path));
   std::unique_ptr<LlamaModel> fp;
   if (f.has("fp-model")) {
@@ -225,7 +331,8 @@ int cmd_inspect(int argc, char** argv) {
   const std::string cmd = "inspect";
   Flags f({}, {"json"});
   CLI_TRY(cmd, f.parse(argc, argv, 2));
-  if (f.positionals().size() != 1) return fail(cmd, invalid_input("usage: qcal inspect DIR [--json]"));
+  if (f.positionals().size() != 1)
+    return fail(cmd, invalid_input("usage: qcal inspect DIR [--json]"));
   CLI_ASSIGN(cmd, auto dir, ModelDir::open(f.positionals()[0]));
   CLI_ASSIGN(cmd, nlohmann::json j, inspect_checkpoint(*dir));
   if (f.flag("json")) {
@@ -254,20 +361,43 @@ void usage() {
   std::printf(
       "qcal %s — post-training quantization for LLaMA-family models\n\n"
       "Embedded (single process) commands:\n"
-      "  qcal synth      --out DIR [--layers 4 --hidden 256 --heads 8 --kv-heads 8 --intermediate 688\n"
-      "                  --vocab 512 --seed 1 --model-type llama|mistral|qwen2 --dtype float32|float16|bfloat16\n"
+      "  qcal synth      --out DIR [--layers 4 --hidden 256 --heads 8 --kv-heads 8 --intermediate "
+      "688\n"
+      "                  --vocab 512 --seed 1 --model-type llama|mistral|qwen2 --dtype "
+      "float32|float16|bfloat16\n"
       "                  --tie --outlier-norm N --outlier-up N --outlier-v N --outlier-alpha 20]\n"
       "  qcal synth-data --out FILE.jsonl (--vocab N | --model DIR) [--tokens 65536 --seed 1]\n"
-      "  qcal quantize   --model DIR --calib FILE --out DIR [--method gptq|rtn --w-bits 4 --group-size 128\n"
-      "                  --sym|--asym --nsamples 128 --seqlen 2048 --format gptq|compressed-tensors\n"
+      "  qcal quantize   --model DIR --calib FILE --out DIR [--method gptq|rtn --w-bits 4 "
+      "--group-size 128\n"
+      "                  --sym|--asym --nsamples 128 --seqlen 2048 --format "
+      "gptq|compressed-tensors\n"
       "                  --damp 0.01 --act-order --static-groups --blocksize 128 --mse-clip\n"
       "                  --max-shard-mb 2048 --overwrite --report FILE --json]\n"
-      "  qcal eval       --model DIR --data FILE [--seqlen 2048 --fp-model DIR --nsamples N --json]\n"
+      "  qcal quantize   --method smoothquant|quarot|spinquant|flatquant|rtn|gptq --a-bits 4 "
+      "--kv-bits 4\n"
+      "                  [--weight-solver rtn|gptq --w-bits 4 --group-size -1 --a-clip 1 --kv-clip "
+      "1\n"
+      "                  --alpha 0.5 (smoothquant) --epochs 15 --flat-lr 5e-3 --cali-bsz 4 "
+      "--diag-alpha 0.3\n"
+      "                  --no-lwc --no-lac --no-diag (flatquant) --spin-steps 100 --spin-lr 1.5 "
+      "(spinquant)\n"
+      "                  --intactkv [--intactkv-prefix 1,...] (keep the pivot tokens' FP KV "
+      "cache)\n"
+      "                  --seed 0 --embed-mean-sub --format auto|native|gptq|compressed-tensors]\n"
+      "                  The calibration engine; writes a native qcal checkpoint "
+      "(docs/NATIVE_FORMAT.md)\n"
+      "                  unless everything folds into the weights.\n"
+      "  qcal eval       --model DIR --data FILE [--seqlen 2048 --fp-model DIR --nsamples N "
+      "--json]\n"
+      "                  (DIR may be a native qcal checkpoint: runs the quantized integer "
+      "kernels)\n"
       "  qcal inspect    DIR [--json]\n"
       "  qcal version\n\n"
-      "Data files: .jsonl ({\"input_ids\": [...]} per line) or .u32 (little-endian uint32 tokens).\n"
+      "Data files: .jsonl ({\"input_ids\": [...]} per line) or .u32 (little-endian uint32 "
+      "tokens).\n"
       "Threads: QCAL_THREADS (default: all cores). Logs: QCAL_LOG_LEVEL=debug|info|warn|error.\n",
       kVersion);
+  std::printf("\n%s", train_usage());
   std::printf("\n%s", service_usage());
 }
 
@@ -282,11 +412,14 @@ int main(int argc, char** argv) {
   }
   std::string cmd = argv[1];
   static const std::map<std::string, std::function<int(int, char**)>> kCommands = {
-      {"synth", cmd_synth},       {"synth-data", cmd_synth_data}, {"quantize", cmd_quantize},
-      {"eval", cmd_eval},         {"inspect", cmd_inspect},
-      {"submit", cmd_submit},     {"status", cmd_status},         {"wait", cmd_wait},
-      {"jobs", cmd_jobs},         {"cancel", cmd_cancel},         {"logs", cmd_logs},
-      {"report", cmd_report},     {"schedules", cmd_schedules},
+      {"synth", cmd_synth},         {"synth-data", cmd_synth_data},
+      {"quantize", cmd_quantize},   {"eval", cmd_eval},
+      {"inspect", cmd_inspect},     {"submit", cmd_submit},
+      {"status", cmd_status},       {"wait", cmd_wait},
+      {"jobs", cmd_jobs},           {"cancel", cmd_cancel},
+      {"logs", cmd_logs},           {"report", cmd_report},
+      {"schedules", cmd_schedules}, {"synth-grammar", cmd_synth_grammar},
+      {"train-lm", cmd_train_lm},   {"inject-outliers", cmd_inject_outliers},
   };
   if (cmd == "-h" || cmd == "--help" || cmd == "help") {
     usage();

@@ -469,6 +469,13 @@ Status CbqOptions::validate(const ModelConfig& c) const {
   for (double lr : {lr_scale, lr_lora, lr_act})
     if (!(lr >= 0) || !std::isfinite(lr)) return bad("learning rates must be finite and >= 0");
   if (c.hidden_size <= 0 || c.num_hidden_layers <= 0) return bad("model config has no layers");
+  if (!online.empty() && static_cast<int64_t>(online.size()) != c.num_hidden_layers)
+    return bad("online transforms for " + std::to_string(online.size()) +
+               " layers, the model has " + std::to_string(c.num_hidden_layers));
+  if (needs_online && online.empty())
+    return bad(
+        "the recipe keeps transforms online but the options carry none (build them with "
+        "cbq_options(recipe, setup))");
   return Status::ok();
 }
 
@@ -675,6 +682,10 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   const std::string where = "cbq: window " + std::to_string(wi) + " (layers " +
                             std::to_string(win.first) + ".." + std::to_string(win.last) + ")";
 
+  // Online transforms of block j of the window (identity when the options have none).
+  auto online_of = [&](int64_t j) -> const BlockTransformsT<float>* {
+    return o.online.empty() ? &kNoTransforms : &o.online[static_cast<size_t>(win.first + j)];
+  };
   const LoraRoundSpec spec = o.lora_spec();
   const BlockQuantSpec qspec = o.block_spec(c);
   const bool learn_clip = o.learn_act_clip && (o.a_bits < 16 || o.kv_bits < 16);
@@ -688,7 +699,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   const float* fp_in = state->x_fp.data();
   std::vector<ChanMax> cmax(static_cast<size_t>(k));
   for (int64_t j = 0; j < k; ++j) {
-    QBlock<float> qb(c, layers[j], &kNoTransforms, &kNoQuant, &kNoClip);
+    QBlock<float> qb(c, layers[j], online_of(j), &kNoQuant, &kNoClip);
     LinearInputHook hook;
     ChanMax& cm = cmax[j];
     if (smooth) {
@@ -739,12 +750,17 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
                                                        o.cfp_lambda1, o.cfp_lambda2);
       }
     if (smooth) {
-      b.info.smooth_attn = cfp_act_scales(cmax[j].attn, o.cfp_lambda1, o.cfp_lambda2,
-                                          o.cfp_act_alpha, &b.info.outlier_channels[0]);
-      b.info.smooth_mlp = cfp_act_scales(cmax[j].mlp, o.cfp_lambda1, o.cfp_lambda2, o.cfp_act_alpha,
-                                         &b.info.outlier_channels[1]);
-      b.info.smooth_down = cfp_act_scales(cmax[j].down, o.cfp_lambda1, o.cfp_lambda2,
-                                          o.cfp_act_alpha, &b.info.outlier_channels[2]);
+      // Not on an input that an online transform mixes (the fold would not be exact).
+      const BlockTransformsT<float>& t = *online_of(j);
+      if (t.a1.empty() && t.a2.empty())
+        b.info.smooth_attn = cfp_act_scales(cmax[j].attn, o.cfp_lambda1, o.cfp_lambda2,
+                                            o.cfp_act_alpha, &b.info.outlier_channels[0]);
+      if (t.u1.empty() && t.u2.empty())
+        b.info.smooth_mlp = cfp_act_scales(cmax[j].mlp, o.cfp_lambda1, o.cfp_lambda2,
+                                           o.cfp_act_alpha, &b.info.outlier_channels[1]);
+      if (t.d1.empty() && t.d2.empty())
+        b.info.smooth_down = cfp_act_scales(cmax[j].down, o.cfp_lambda1, o.cfp_lambda2,
+                                            o.cfp_act_alpha, &b.info.outlier_channels[2]);
       fold_smoothing(b.base, b.info.smooth_attn, b.info.smooth_mlp, b.info.smooth_down, H, I);
     }
     b.cur = b.base;
@@ -797,6 +813,18 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
           lw.lp.scale[i] = static_cast<float>(lw.s0[i] * std::exp(b.prm.rho[p][i]));
         std::copy(b.prm.a1[p].begin(), b.prm.a1[p].end(), lw.lp.a1.begin());
         std::copy(b.prm.a2[p].begin(), b.prm.a2[p].end(), lw.lp.a2.begin());
+        if (o.v0_follows_scale && !lw.lp.v0.empty()) {
+          // V0 = h⁻¹(frac(W/s)) at the current step sizes: A1·A2 = 0 is round to
+          // nearest on the current grid (a constant of the step, no gradient).
+          const int64_t G = spec.groups(lw.C), gc = spec.group_cols(lw.C);
+          const float* W = b.base.w[p].data();
+          for (int64_t i = 0; i < lw.R; ++i)
+            for (int64_t c2 = 0; c2 < lw.C; ++c2) {
+              const double v = static_cast<double>(W[i * lw.C + c2]) / lw.lp.scale[i * G + c2 / gc];
+              lw.lp.v0[i * lw.C + c2] =
+                  static_cast<float>(rect_sigmoid_inv(v - std::floor(v), spec.zeta, spec.gamma));
+            }
+        }
       }
   };
   auto quantize_weights = [&](bool hard) {
@@ -814,7 +842,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
     qbs->clear();
     for (int64_t j = 0; j < k; ++j)
       qbs->push_back(
-          std::make_unique<QBlock<float>>(c, &bw[j].cur, &kNoTransforms, &qspec, &clipf[j]));
+          std::make_unique<QBlock<float>>(c, &bw[j].cur, online_of(j), &qspec, &clipf[j]));
   };
   // E over all N sequences with the current weights.
   auto full_loss = [&]() {
@@ -903,7 +931,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
       std::vector<float> a = acts[0];
       y_aug.resize(n);
       for (int64_t j = 0; j < k; ++j) {
-        QBlock<float> fb(c, layers[j], &kNoTransforms, &kNoQuant, &kNoClip);
+        QBlock<float> fb(c, layers[j], online_of(j), &kNoQuant, &kNoClip);
         fb.forward(a.data(), y_aug.data(), B, T);
         a.swap(y_aug);
       }

@@ -68,16 +68,72 @@ void compare_rows(const float* lp, const float* lf, int64_t R, int64_t V, double
   for (auto& t : pool) t.join();
 }
 
+// Accumulates NLL, and against FP log-probabilities KL and top-1 agreement, over
+// rows of log-softmaxed logits; the one scoring rule of every evaluate*().
+class Scorer {
+ public:
+  Scorer(const TokenSequences& data, int64_t V, bool with_fp) : data_(data), V_(V), fp_(with_fp) {}
+  // lp / lf: (R, V) log-probabilities of rows [r0, r0+R) of sequences starting at s0.
+  void add(const float* lp, const float* lf, int64_t s0, int64_t r0, int64_t R) {
+    const int64_t T = data_.seqlen;
+    if (fp_) {
+      kl_row_.resize(static_cast<size_t>(R));
+      agree_row_.resize(static_cast<size_t>(R));
+      compare_rows(lp, lf, R, V_, kl_row_.data(), agree_row_.data());
+    }
+    for (int64_t i = 0; i < R; ++i) {
+      const int64_t r = r0 + i, b = r / T, t = r % T;
+      if (t == T - 1) continue;  // the last position predicts nothing inside the sequence
+      const int32_t next = data_.seq(s0 + b)[t + 1];
+      nll_sum_ -= lp[i * V_ + next];
+      if (fp_) {
+        fp_nll_sum_ -= lf[i * V_ + next];
+        kl_sum_ += kl_row_[static_cast<size_t>(i)];
+        agree_sum_ += agree_row_[static_cast<size_t>(i)];
+      }
+    }
+  }
+  EvalResult result() const {
+    EvalResult res;
+    res.sequences = data_.count();
+    res.tokens = res.sequences * (data_.seqlen - 1);
+    const double n = static_cast<double>(res.tokens);
+    res.nll = nll_sum_ / n;
+    res.ppl = std::exp(res.nll);
+    if (fp_) {
+      res.kl = kl_sum_ / n;
+      res.top1_agree = static_cast<double>(agree_sum_) / n;
+      res.fp_ppl = std::exp(fp_nll_sum_ / n);
+    }
+    return res;
+  }
+
+ private:
+  const TokenSequences& data_;
+  int64_t V_;
+  bool fp_;
+  double nll_sum_ = 0.0, fp_nll_sum_ = 0.0, kl_sum_ = 0.0;
+  int64_t agree_sum_ = 0;
+  std::vector<double> kl_row_;
+  std::vector<uint8_t> agree_row_;
+};
+
+Status check_eval_inputs(const TokenSequences& data, int64_t batch) {
+  if (data.seqlen < 2)
+    return invalid_input("evaluation needs seqlen >= 2, got " + std::to_string(data.seqlen));
+  if (data.count() < 1) return invalid_input("evaluation data holds no sequence");
+  if (batch < 1)
+    return invalid_input("evaluation batch must be >= 1, got " + std::to_string(batch));
+  return Status::ok();
+}
+
 }  // namespace
 
 Result<EvalResult> evaluate(const LlamaModel& model, const TokenSequences& data,
                             const LlamaModel* fp_model, int64_t batch) {
   const ModelConfig& c = model.config();
   const int64_t T = data.seqlen, S = data.count(), V = c.vocab_size;
-  if (T < 2) return invalid_input("evaluation needs seqlen >= 2, got " + std::to_string(T));
-  if (S < 1) return invalid_input("evaluation data holds no sequence");
-  if (batch < 1)
-    return invalid_input("evaluation batch must be >= 1, got " + std::to_string(batch));
+  QCAL_RETURN_IF_ERROR(check_eval_inputs(data, batch));
   if (fp_model && fp_model->config().vocab_size != V)
     return invalid_input("FP model vocab " + std::to_string(fp_model->config().vocab_size) +
                          " differs from the model's " + std::to_string(V));
@@ -86,10 +142,7 @@ Result<EvalResult> evaluate(const LlamaModel& model, const TokenSequences& data,
   // Logits are produced R rows at a time: at most ~64 Mi floats per model.
   const int64_t max_rows = std::max<int64_t>(1, (int64_t{1} << 26) / V);
 
-  double nll_sum = 0.0, fp_nll_sum = 0.0, kl_sum = 0.0;
-  int64_t agree_sum = 0;
-  std::vector<double> kl_row;
-  std::vector<uint8_t> agree_row;
+  Scorer scorer(data, V, fp_model != nullptr);
   for (int64_t s0 = 0; s0 < S; s0 += batch) {
     const int64_t nb = std::min(batch, S - s0), N = nb * T;
     QCAL_ASSIGN_OR_RETURN(Tensor x, model.embed(data, s0, nb));  // (N, H)
@@ -113,36 +166,36 @@ Result<EvalResult> evaluate(const LlamaModel& model, const TokenSequences& data,
       Tensor lf;                                                     // (R, V)
       if (fp_model) {
         QCAL_ASSIGN_OR_RETURN(lf, log_probs(*fp_model, xf, r0, R));
-        kl_row.resize(static_cast<size_t>(R));
-        agree_row.resize(static_cast<size_t>(R));
-        compare_rows(lp.ptr(), lf.ptr(), R, V, kl_row.data(), agree_row.data());
       }
-      for (int64_t i = 0; i < R; ++i) {
-        const int64_t r = r0 + i, b = r / T, t = r % T;
-        if (t == T - 1) continue;  // the last position predicts nothing inside the sequence
-        const int32_t next = data.seq(s0 + b)[t + 1];
-        nll_sum -= lp.at(i, next);
-        if (fp_model) {
-          fp_nll_sum -= lf.at(i, next);
-          kl_sum += kl_row[i];
-          agree_sum += agree_row[i];
-        }
-      }
+      scorer.add(lp.ptr(), fp_model ? lf.ptr() : nullptr, s0, r0, R);
     }
   }
+  return scorer.result();
+}
 
-  EvalResult res;
-  res.sequences = S;
-  res.tokens = S * (T - 1);
-  const double n = static_cast<double>(res.tokens);
-  res.nll = nll_sum / n;
-  res.ppl = std::exp(res.nll);
-  if (fp_model) {
-    res.kl = kl_sum / n;
-    res.top1_agree = static_cast<double>(agree_sum) / n;
-    res.fp_ppl = std::exp(fp_nll_sum / n);
+Result<EvalResult> evaluate_logits(const BatchLogits& model, const BatchLogits* fp,
+                                   const TokenSequences& data, int64_t V, int64_t batch) {
+  QCAL_RETURN_IF_ERROR(check_eval_inputs(data, batch));
+  const int64_t T = data.seqlen, S = data.count();
+  Scorer scorer(data, V, fp != nullptr);
+  for (int64_t s0 = 0; s0 < S; s0 += batch) {
+    const int64_t nb = std::min(batch, S - s0), N = nb * T;
+    QCAL_ASSIGN_OR_RETURN(Tensor lp, model(s0, nb));
+    if (lp.numel() != N * V)
+      return internal_error("evaluate_logits: model returned " + shape_str(lp.shape) +
+                            " logits for " + std::to_string(N) + " rows of vocab " +
+                            std::to_string(V));
+    log_softmax_rows(lp.ptr(), N, V);
+    Tensor lf;
+    if (fp) {
+      QCAL_ASSIGN_OR_RETURN(lf, (*fp)(s0, nb));
+      if (lf.numel() != N * V)
+        return internal_error("evaluate_logits: FP logits have the wrong shape");
+      log_softmax_rows(lf.ptr(), N, V);
+    }
+    scorer.add(lp.ptr(), fp ? lf.ptr() : nullptr, s0, 0, N);
   }
-  return res;
+  return scorer.result();
 }
 
 }  // namespace qcal

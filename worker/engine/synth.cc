@@ -10,13 +10,17 @@
 #include <filesystem>
 #include <functional>
 #include <limits>
+#include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string_view>
 #include <thread>
 #include <tuple>
 #include <utility>
 
 #include "common/fsutil.h"
+#include "common/model_dir.h"
 #include "common/rng.h"
 #include "common/safetensors.h"
 #include "common/tensor.h"
@@ -102,6 +106,8 @@ Status check_positive(const char* field, int64_t v) {
   return Status::ok();
 }
 
+Status check_outliers(const OutlierOptions& out, const ModelConfig& c);
+
 // Checks the options and fills the config defaults (kv heads, head_dim).
 Result<ModelConfig> resolve(const SynthOptions& o) {
   ModelConfig c = o.config;
@@ -153,7 +159,13 @@ Result<ModelConfig> resolve(const SynthOptions& o) {
   QCAL_ASSIGN_OR_RETURN(ModelConfig parsed, parse_model_config(c.to_json(), "synth config"));
   (void)parsed;
 
-  const OutlierOptions& out = o.outliers;
+  QCAL_RETURN_IF_ERROR(check_outliers(o.outliers, c));
+  if (o.max_shard_bytes == 0) return invalid_input("max_shard_bytes must be positive");
+  return c;
+}
+
+// Checks outlier options against the (resolved) shapes of `c`.
+Status check_outliers(const OutlierOptions& out, const ModelConfig& c) {
   for (auto [field, n, dim, dim_name] :
        {std::tuple{"outliers.norm_channels", out.norm_channels, c.hidden_size, "hidden_size"},
         {"outliers.up_channels", out.up_channels, c.intermediate_size, "intermediate_size"},
@@ -165,17 +177,14 @@ Result<ModelConfig> resolve(const SynthOptions& o) {
   if (out.any() && (!(out.alpha > 0) || !std::isfinite(out.alpha)))
     return invalid_input("outliers.alpha must be positive and finite, got " +
                          std::to_string(out.alpha));
-  if (o.max_shard_bytes == 0) return invalid_input("max_shard_bytes must be positive");
-  return c;
+  return Status::ok();
 }
 
-OutlierChannels pick_channels(const SynthOptions& o, const ModelConfig& c) {
+OutlierChannels pick_channels(const OutlierOptions& o, uint64_t seed, const ModelConfig& c) {
   OutlierChannels ch;
-  ch.norm =
-      choose_channels(o.seed, "qcal.synth.outliers.norm", c.hidden_size, o.outliers.norm_channels);
-  ch.up = choose_channels(o.seed, "qcal.synth.outliers.up", c.intermediate_size,
-                          o.outliers.up_channels);
-  ch.v = choose_channels(o.seed, "qcal.synth.outliers.v", c.kv_dim(), o.outliers.v_channels);
+  ch.norm = choose_channels(seed, "qcal.synth.outliers.norm", c.hidden_size, o.norm_channels);
+  ch.up = choose_channels(seed, "qcal.synth.outliers.up", c.intermediate_size, o.up_channels);
+  ch.v = choose_channels(seed, "qcal.synth.outliers.v", c.kv_dim(), o.v_channels);
   return ch;
 }
 
@@ -197,13 +206,16 @@ enum class Role {
   kDown,
   kFinalNorm,
   kLmHead,
+  kOther,  // a tensor of an input checkpoint that no recipe knows (inject_outliers)
 };
 
 struct TensorSpec {
   std::string name;
   std::vector<int64_t> shape;  // (out, in) or (n)
   Role role;
+  DType dtype = DType::kF32;  // storage
   int64_t numel() const { return Tensor::count(shape); }
+  uint64_t nbytes() const { return static_cast<uint64_t>(numel()) * dtype_size(dtype); }
 };
 
 // Every tensor of the model, in file order.
@@ -229,7 +241,55 @@ std::vector<TensorSpec> model_specs(const ModelConfig& c) {
   }
   s.push_back({"model.norm.weight", {H}, Role::kFinalNorm});
   if (!c.tie_word_embeddings) s.push_back({"lm_head.weight", {V, H}, Role::kLmHead});
+  for (TensorSpec& t : s) t.dtype = c.torch_dtype;
   return s;
+}
+
+// ---------------------------------------------------------------- outlier factors
+
+// The outlier factors of a tensor of role `role` and shape (rows, cols):
+// element (r, j) is multiplied by row_mul[r] · col_mul[j] (an empty vector
+// means all ones). The one definition of the injection, shared by
+// synth_model() and inject_outliers().
+void outlier_factors(const ModelConfig& c, const OutlierChannels& ch, double alpha, Role role,
+                     int64_t rows, int64_t cols, std::vector<double>* row_mul,
+                     std::vector<double>* col_mul) {
+  const double a = alpha, inv = 1.0 / alpha;
+  auto set = [](std::vector<double>* v, int64_t n, const std::vector<int64_t>& idx, double f) {
+    if (idx.empty()) return;
+    if (v->empty()) v->assign(static_cast<size_t>(n), 1.0);
+    for (int64_t j : idx) (*v)[static_cast<size_t>(j)] *= f;
+  };
+  switch (role) {
+    case Role::kInputNorm:
+    case Role::kPostNorm: set(col_mul, cols, ch.norm, a); break;
+    case Role::kQ:
+    case Role::kK:
+    case Role::kGate: set(col_mul, cols, ch.norm, inv); break;
+    case Role::kV:
+      set(col_mul, cols, ch.norm, inv);
+      set(row_mul, rows, ch.v, a);
+      break;
+    case Role::kVBias: set(col_mul, cols, ch.v, a); break;
+    case Role::kUp:
+      set(col_mul, cols, ch.norm, inv);
+      set(row_mul, rows, ch.up, a);
+      break;
+    case Role::kDown: set(col_mul, cols, ch.up, inv); break;
+    case Role::kO: {
+      // Query head h reads KV head h / group; v channel g·d + p feeds
+      // o_proj column h·d + p of every such h.
+      const int64_t d = c.head_dim;
+      const int64_t group = c.num_attention_heads / c.num_key_value_heads;
+      std::vector<int64_t> cols_o;
+      for (int64_t j : ch.v)
+        for (int64_t h = (j / d) * group; h < (j / d + 1) * group; ++h)
+          cols_o.push_back(h * d + j % d);
+      set(col_mul, cols, cols_o, inv);
+      break;
+    }
+    default: break;
+  }
 }
 
 class Generator {
@@ -258,7 +318,7 @@ class Generator {
     const int64_t cols = t.shape.back();
     out->resize(static_cast<size_t>(t.numel()));
     std::vector<double> row_mul, col_mul;
-    scales(t.role, rows, cols, &row_mul, &col_mul);
+    outlier_factors(c_, ch_, alpha_, t.role, rows, cols, &row_mul, &col_mul);
     const uint64_t key = stream_key(seed_, t.name);
     float* dst = out->data();
     parallel_rows(rows, cols, [&](int64_t r0, int64_t r1) {
@@ -314,6 +374,7 @@ class Generator {
           add_u(x, n, std::sqrt(H));
         }
         return;
+      case Role::kOther: break;
       case Role::kLmHead: {
         normal_perp_u(rng, x, n, kSynthLogitScale * std::sqrt(2.0 / H));
         const double prior =
@@ -337,48 +398,6 @@ class Generator {
     for (int64_t j = 0; j < n; ++j) x[j] += a * u_[static_cast<size_t>(j)];
   }
 
-  // The outlier factors of a tensor: element (r, j) is multiplied by
-  // row_mul[r] · col_mul[j] (an empty vector means all ones).
-  void scales(Role role, int64_t rows, int64_t cols, std::vector<double>* row_mul,
-              std::vector<double>* col_mul) const {
-    const double a = alpha_, inv = 1.0 / alpha_;
-    auto set = [](std::vector<double>* v, int64_t n, const std::vector<int64_t>& idx, double f) {
-      if (idx.empty()) return;
-      if (v->empty()) v->assign(static_cast<size_t>(n), 1.0);
-      for (int64_t j : idx) (*v)[static_cast<size_t>(j)] *= f;
-    };
-    switch (role) {
-      case Role::kInputNorm:
-      case Role::kPostNorm: set(col_mul, cols, ch_.norm, a); break;
-      case Role::kQ:
-      case Role::kK:
-      case Role::kGate: set(col_mul, cols, ch_.norm, inv); break;
-      case Role::kV:
-        set(col_mul, cols, ch_.norm, inv);
-        set(row_mul, rows, ch_.v, a);
-        break;
-      case Role::kVBias: set(col_mul, cols, ch_.v, a); break;
-      case Role::kUp:
-        set(col_mul, cols, ch_.norm, inv);
-        set(row_mul, rows, ch_.up, a);
-        break;
-      case Role::kDown: set(col_mul, cols, ch_.up, inv); break;
-      case Role::kO: {
-        // Query head h reads KV head h / group; v channel g·d + p feeds
-        // o_proj column h·d + p of every such h.
-        const int64_t d = c_.head_dim;
-        const int64_t group = c_.num_attention_heads / c_.num_key_value_heads;
-        std::vector<int64_t> cols_o;
-        for (int64_t j : ch_.v)
-          for (int64_t h = (j / d) * group; h < (j / d + 1) * group; ++h)
-            cols_o.push_back(h * d + j % d);
-        set(col_mul, cols, cols_o, inv);
-        break;
-      }
-      default: break;
-    }
-  }
-
   const ModelConfig& c_;
   uint64_t seed_;
   OutlierChannels ch_;
@@ -396,12 +415,12 @@ std::string shard_name(size_t k, size_t n) {
 }
 
 // Greedy split of the specs, in order, into shards of at most `max_bytes`.
-std::vector<std::vector<size_t>> plan_shards(const std::vector<TensorSpec>& specs, size_t esize,
+std::vector<std::vector<size_t>> plan_shards(const std::vector<TensorSpec>& specs,
                                              uint64_t max_bytes) {
   std::vector<std::vector<size_t>> shards(1);
   uint64_t used = 0;
   for (size_t i = 0; i < specs.size(); ++i) {
-    const uint64_t b = static_cast<uint64_t>(specs[i].numel()) * esize;
+    const uint64_t b = specs[i].nbytes();
     if (!shards.back().empty() && used + b > max_bytes) {
       shards.emplace_back();
       used = 0;
@@ -416,38 +435,27 @@ Status write_json(const std::string& path, const json& j) {
   return write_file_atomic(path, j.dump(2) + "\n");
 }
 
-Status write_model(const SynthOptions& o, const ModelConfig& c, const OutlierChannels& ch,
-                   const std::string& dir) {
-  const std::vector<TensorSpec> specs = model_specs(c);
-  const DType dt = c.torch_dtype;
-  const size_t esize = dtype_size(dt);
-  const auto shards = plan_shards(specs, esize, o.max_shard_bytes);
-
-  json info = {{"version", kRecipeVersion}, {"seed", o.seed}};
-  if (o.outliers.any())
-    info["outliers"] = {{"alpha", o.outliers.alpha},
-                        {"norm_channels", ch.norm},
-                        {"up_channels", ch.up},
-                        {"v_channels", ch.v}};
-  const std::string info_str = info.dump();
-
-  Generator gen(c, o.seed, ch, o.outliers.any() ? o.outliers.alpha : 1.0);
-  std::vector<float> buf;  // one tensor
+// Writes the tensors `specs`, in order, as model.safetensors or shards of at
+// most `max_shard_bytes` plus model.safetensors.index.json; `write(spec, w)`
+// writes one tensor's data to its writer. Every shard carries `metadata`.
+using TensorWriteFn = std::function<Status(const TensorSpec&, SafetensorsWriter&)>;
+Status write_tensors(const std::string& dir, const std::vector<TensorSpec>& specs,
+                     uint64_t max_shard_bytes, const std::map<std::string, std::string>& metadata,
+                     const TensorWriteFn& write) {
+  const auto shards = plan_shards(specs, max_shard_bytes);
   json weight_map = json::object();
   uint64_t total = 0;
   for (size_t k = 0; k < shards.size(); ++k) {
     const std::string file =
         shards.size() == 1 ? "model.safetensors" : shard_name(k, shards.size());
     SafetensorsWriter w(join_path(dir, file));
-    w.set_metadata("format", "pt");
-    w.set_metadata("qcal.synth", info_str);
-    for (size_t i : shards[k]) w.add(specs[i].name, dt, specs[i].shape);
+    for (const auto& [key, value] : metadata) w.set_metadata(key, value);
+    for (size_t i : shards[k]) w.add(specs[i].name, specs[i].dtype, specs[i].shape);
     QCAL_RETURN_IF_ERROR(w.begin());
     for (size_t i : shards[k]) {
-      gen.fill(specs[i], &buf);
-      QCAL_RETURN_IF_ERROR(w.write_f32(buf.data(), buf.size()));
+      QCAL_RETURN_IF_ERROR(write(specs[i], w));
       weight_map[specs[i].name] = file;
-      total += static_cast<uint64_t>(specs[i].numel()) * esize;
+      total += specs[i].nbytes();
     }
     QCAL_RETURN_IF_ERROR(w.finish());
   }
@@ -455,6 +463,27 @@ Status write_model(const SynthOptions& o, const ModelConfig& c, const OutlierCha
     json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
     QCAL_RETURN_IF_ERROR(write_json(join_path(dir, "model.safetensors.index.json"), index));
   }
+  return Status::ok();
+}
+
+json outlier_info(const OutlierOptions& o, const OutlierChannels& ch) {
+  return {
+      {"alpha", o.alpha}, {"norm_channels", ch.norm}, {"up_channels", ch.up}, {"v_channels", ch.v}};
+}
+
+Status write_model(const SynthOptions& o, const ModelConfig& c, const OutlierChannels& ch,
+                   const std::string& dir) {
+  json info = {{"version", kRecipeVersion}, {"seed", o.seed}};
+  if (o.outliers.any()) info["outliers"] = outlier_info(o.outliers, ch);
+
+  Generator gen(c, o.seed, ch, o.outliers.any() ? o.outliers.alpha : 1.0);
+  std::vector<float> buf;  // one tensor
+  QCAL_RETURN_IF_ERROR(write_tensors(dir, model_specs(c), o.max_shard_bytes,
+                                     {{"format", "pt"}, {"qcal.synth", info.dump()}},
+                                     [&](const TensorSpec& t, SafetensorsWriter& w) {
+                                       gen.fill(t, &buf);
+                                       return w.write_f32(buf.data(), buf.size());
+                                     }));
   const json cj = c.to_json();
   QCAL_RETURN_IF_ERROR(write_json(join_path(dir, "config.json"), cj));
   json gj = {{"_from_model_config", true},
@@ -477,7 +506,94 @@ struct StagingGuard {
 
 Result<OutlierChannels> synth_outlier_channels(const SynthOptions& opts) {
   QCAL_ASSIGN_OR_RETURN(ModelConfig c, resolve(opts));
-  return pick_channels(opts, c);
+  return pick_channels(opts.outliers, opts.seed, c);
+}
+
+Result<OutlierChannels> outlier_channels(const ModelConfig& c, const OutlierOptions& opts,
+                                         uint64_t seed) {
+  QCAL_RETURN_IF_ERROR(check_outliers(opts, c));
+  return pick_channels(opts, seed, c);
+}
+
+Status inject_outliers(const std::string& in_dir, const OutlierOptions& opts, uint64_t seed,
+                       const std::string& out_dir, bool overwrite) {
+  if (out_dir.empty()) return invalid_input("output directory is empty");
+  QCAL_ASSIGN_OR_RETURN(std::unique_ptr<ModelDir> md, ModelDir::open(in_dir));
+  if (md->quantization_config())
+    return invalid_input(in_dir +
+                         " is a quantized checkpoint; outliers are injected into FP models");
+  QCAL_RETURN_IF_ERROR(md->validate_fp_model());
+  const ModelConfig& c = md->config();
+  if (!opts.any()) return invalid_input("no outlier channels requested");
+  QCAL_ASSIGN_OR_RETURN(OutlierChannels ch, outlier_channels(c, opts, seed));
+  if (path_exists(out_dir) && !overwrite)
+    return invalid_input(out_dir + " already exists (pass overwrite to replace it)");
+
+  // The recipe's tensors in model order, stored as they are in the input; any
+  // other tensor of the input is copied through unchanged.
+  ModelConfig with_bias = c;  // q/k/v biases are read when present (LlamaModel), so scaled too
+  with_bias.attention_bias = c.attention_bias || md->has(layer_prefix(0) + "self_attn.v_proj.bias");
+  std::vector<TensorSpec> specs = model_specs(with_bias);
+  std::set<std::string> known;
+  for (TensorSpec& t : specs) {
+    const TensorInfo* info = md->find(t.name);
+    if (!info) return invalid_input(in_dir + ": missing tensor " + t.name);
+    known.insert(t.name);
+    t.dtype = info->dtype;
+  }
+  for (const std::string& name : md->tensor_names()) {
+    if (known.count(name)) continue;
+    const TensorInfo* info = md->find(name);
+    specs.push_back({name, info->shape, Role::kOther, info->dtype});
+  }
+  // One file, unless the input is sharded: then shards of at most 2 GiB (synth's default).
+  const uint64_t max_shard = path_exists(join_path(in_dir, "model.safetensors.index.json"))
+                                 ? (2ull << 30)
+                                 : std::numeric_limits<uint64_t>::max() / 2;
+
+  QCAL_ASSIGN_OR_RETURN(std::string staging, make_staging_dir(out_dir));
+  StagingGuard guard{staging};
+  json info = {{"seed", seed}, {"outliers", outlier_info(opts, ch)}};
+  std::vector<float> buf;
+  QCAL_RETURN_IF_ERROR(write_tensors(
+      staging, specs, max_shard, {{"format", "pt"}, {"qcal.outliers", info.dump()}},
+      [&](const TensorSpec& t, SafetensorsWriter& w) -> Status {
+        const int64_t rows = t.shape.size() == 2 ? t.shape[0] : 1;
+        const int64_t cols = t.shape.empty() ? 1 : t.shape.back();
+        std::vector<double> row_mul, col_mul;
+        if (t.shape.size() <= 2)
+          outlier_factors(c, ch, opts.alpha, t.role, rows, cols, &row_mul, &col_mul);
+        const SafetensorsFile* file = nullptr;
+        const TensorInfo* ti = md->find(t.name, &file);
+        if (row_mul.empty() && col_mul.empty()) return w.write(file->raw(*ti));  // bit-identical
+        QCAL_ASSIGN_OR_RETURN(Tensor x, file->read_f32(t.name));
+        buf.resize(x.data.size());
+        for (int64_t r = 0; r < rows; ++r) {
+          const double rm = row_mul.empty() ? 1.0 : row_mul[static_cast<size_t>(r)];
+          for (int64_t j = 0; j < cols; ++j) {
+            double v = static_cast<double>(x.data[static_cast<size_t>(r * cols + j)]) * rm;
+            if (!col_mul.empty()) v *= col_mul[static_cast<size_t>(j)];
+            buf[static_cast<size_t>(r * cols + j)] = static_cast<float>(v);
+          }
+        }
+        return w.write_f32(buf.data(), buf.size());
+      }));
+  QCAL_RETURN_IF_ERROR(write_json(join_path(staging, "config.json"), md->config_json()));
+  // Every other file of the input (generation config, tokenizer) is copied.
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(in_dir, ec)) {
+    const std::string name = e.path().filename().string();
+    const bool weights =
+        name == "model.safetensors.index.json" ||
+        (name.size() >= 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0);
+    if (!e.is_regular_file() || name == "config.json" || weights ||
+        name.find(".tmp.") != std::string::npos)
+      continue;
+    QCAL_ASSIGN_OR_RETURN(std::string bytes, read_file(e.path().string()));
+    QCAL_RETURN_IF_ERROR(write_file_atomic(join_path(staging, name), bytes));
+  }
+  if (ec) return io_error(in_dir + ": cannot list: " + ec.message());
+  return publish_dir(staging, out_dir, overwrite);
 }
 
 Status synth_model(const SynthOptions& opts, const std::string& out_dir) {
@@ -485,7 +601,7 @@ Status synth_model(const SynthOptions& opts, const std::string& out_dir) {
   if (out_dir.empty()) return invalid_input("output directory is empty");
   if (path_exists(out_dir) && !opts.overwrite)
     return invalid_input(out_dir + " already exists (pass overwrite to replace it)");
-  const OutlierChannels ch = pick_channels(opts, c);
+  const OutlierChannels ch = pick_channels(opts.outliers, opts.seed, c);
   QCAL_ASSIGN_OR_RETURN(std::string staging, make_staging_dir(out_dir));
   StagingGuard guard{staging};
   QCAL_RETURN_IF_ERROR(write_model(opts, c, ch, staging));

@@ -1,5 +1,6 @@
 // Deterministic synthetic LLaMA-architecture checkpoints in HF format
-// (`qcal synth`), with optional function-preserving outlier injection.
+// (`qcal synth`), with optional function-preserving outlier injection, which
+// also applies to an existing checkpoint (inject_outliers, `qcal inject-outliers`).
 //
 // Letters: H hidden, I intermediate, V vocab, L layers, n_h query heads,
 // n_kv key/value heads, d head_dim. Weights are HF orientation [out, in].
@@ -129,6 +130,31 @@ struct OutlierChannels {
   std::vector<int64_t> v;
 };
 Result<OutlierChannels> synth_outlier_channels(const SynthOptions& opts);
+
+// The channels of `opts` for a model of (resolved) config `c`, drawn from
+// `seed` exactly as synth_model() draws them (so a synthetic model and its
+// injection share them). kInvalidInput as synth_model() for bad counts / α.
+Result<OutlierChannels> outlier_channels(const ModelConfig& c, const OutlierOptions& opts,
+                                         uint64_t seed);
+
+// `qcal inject-outliers`: writes to `out_dir` (atomically, like synth_model)
+// the FP checkpoint at `in_dir` with the outlier injection above applied:
+// the channels of outlier_channels(config, opts, seed), the same factors as
+// synth_model() (one definition serves both), each rescaled tensor read as
+// fp32, multiplied in fp64 and rounded once to its own storage dtype.
+// Tensors no injection touches are copied byte for byte (as are tensors the
+// recipe does not know); config.json and the other non-weight files of the
+// input are copied; the output is one model.safetensors unless the input was
+// sharded (then shards of ≤ 2 GiB). Shard metadata: {"format": "pt",
+// "qcal.outliers": {seed, α and the channels as JSON}}.
+// Injecting into synth_model(seed, no outliers) reproduces synth_model(seed,
+// opts) up to one extra rounding per rescaled weight (F32: ≤ 1 ulp).
+// Errors: kInvalidInput for a quantized or incomplete input, no channels
+// requested, bad counts / α, `out_dir` existing without `overwrite`;
+// kNotFound / kCorrupt from reading the input; kIoError from the filesystem.
+// On error nothing appears at `out_dir`. Memory: one tensor in fp32.
+Status inject_outliers(const std::string& in_dir, const OutlierOptions& opts, uint64_t seed,
+                       const std::string& out_dir, bool overwrite = false);
 
 // Random token stream (for demos and tests): `count` ids in [0, vocab), with
 // a Zipf-like skew so that frequent tokens exist: independent draws with

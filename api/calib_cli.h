@@ -1,0 +1,33 @@
+// `qcal quantize --method smoothquant|quarot|spinquant|flatquant` (and rtn/gptq with
+// quantized activations or KV cache): the calibration-engine path of the CLI, and
+// `qcal eval` on a native qcal checkpoint.
+#pragma once
+
+#include <set>
+#include <string>
+
+#include "common/flags.h"
+#include "common/status.h"
+#include "worker/calib/recipe.h"
+
+namespace qcal {
+
+// The recipe flags `qcal quantize` accepts on top of its weight-only ones.
+const std::set<std::string>& calib_valued_flags();
+const std::set<std::string>& calib_bool_flags();
+
+// True iff the flags ask for the calibration engine: a transform method,
+// --a-bits / --kv-bits below 16, --format native, --intactkv [--intactkv-prefix],
+// --weight-solver, or a reconstruction flag (--reconstruction none|block|cbq,
+// --cbq-window, --cbq-overlap, --cbq-parallel, --cbq-epochs, --lora-rank, --no-cfp).
+bool wants_calibration(const Flags& f);
+
+// The CalibRecipe the flags describe (validated). --intactkv turns IntactKV on;
+// --intactkv-prefix 1,5,9 sets its prefix (default [bos_token_id]; needs --intactkv).
+// --method rtn|gptq|lora-rounding (or --weight-solver alone) quantizes the
+// untransformed model with that solver; a transform method takes --weight-solver
+// (default rtn). lora-rounding needs --reconstruction block|cbq; --reconstruction
+// block|cbq without --method / --weight-solver means lora-rounding.
+Result<calib::CalibRecipe> recipe_from_flags(const Flags& f);
+
+}  // namespace qcal

@@ -1,0 +1,21 @@
+// The `qcal` commands that build the tiny trained fixtures (tools/make_fixtures.sh):
+//   synth-grammar    a structured token corpus (worker/calib/grammar.h) as .u32
+//   train-lm         trains a small LLaMA on a .u32 corpus with AdamW and writes
+//                    an HF checkpoint (worker/calib/fp_model.h)
+//   inject-outliers  function-preserving outlier channels in an existing FP
+//                    checkpoint (worker/engine/synth.h inject_outliers)
+// Each takes the whole argv (argv[1] is the command name) and returns the exit
+// code: 0 success, 2 bad input (invalid, missing or corrupt), 1 anything else
+// (including a training run that diverged: the message names the step).
+#pragma once
+
+namespace qcal {
+
+int cmd_synth_grammar(int argc, char** argv);
+int cmd_train_lm(int argc, char** argv);
+int cmd_inject_outliers(int argc, char** argv);
+
+// The usage lines of these commands, for `qcal --help`.
+const char* train_usage();
+
+}  // namespace qcal

@@ -1,0 +1,676 @@
+// labels: unit
+// The calibration pipelines (worker/calib/methods.h, recipe.h) on a small synthetic
+// LLaMA with outlier channels (H 64, I 192 = 12·16, 2 layers, 4 heads, 2 KV heads):
+// transform-only equivalence (methods.md §10 item 6, §11.10a), exact folds
+// (§11.10b), the W4A4KV4 quality ordering RTN ≫ QuaRot ≥ FlatQuant, FlatQuant's
+// loss decreasing and its NaN guard, recipe validation and JSON, and the
+// calibrate_to_dir outputs (native, and GPTQ for a fully folded recipe).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/rng.h"
+#include "kernels/hadamard.h"
+#include "tests/unit/test_util.h"
+#include "worker/calib/fp_model.h"
+#include "worker/calib/intactkv.h"
+#include "worker/calib/methods.h"
+#include "worker/calib/native.h"
+#include "worker/calib/param.h"
+#include "worker/calib/recipe.h"
+#include "worker/engine/model.h"
+#include "worker/engine/synth.h"
+
+namespace qcal::calib {
+namespace {
+
+constexpr int64_t kT = 32;  // tokens per sequence
+
+struct Fixture {
+  testing::TempDir dir{"qcal_methods_"};
+  std::string model_dir;
+  FpModel fp;
+  TokenSequences calib, eval;
+};
+
+Fixture& fx() {
+  static Fixture* f = [] {
+    auto* f = new Fixture;
+    SynthOptions o;
+    ModelConfig& c = o.config;
+    c.hidden_size = 64;
+    c.intermediate_size = 192;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+    c.head_dim = 16;
+    c.vocab_size = 256;
+    c.rms_norm_eps = 1e-5;
+    o.seed = 7;
+    o.outliers.norm_channels = 2;
+    o.outliers.up_channels = 2;
+    // No V-row outliers: a ×20 V channel whose o_proj columns are ÷20 is adversarial
+    // for rotations (the Hadamard spreads the outlier's quantization noise onto normal
+    // o_proj weights; measured KL: QuaRot 0.15 vs RTN 0.42 at α 20, 0.75 vs 0.48 at α 50).
+    o.outliers.alpha = 20;
+    f->model_dir = f->dir.sub("m");
+    Status st = synth_model(o, f->model_dir);
+    if (!st.is_ok()) {
+      std::fprintf(stderr, "synth_model: %s\n", st.to_string().c_str());
+      std::abort();
+    }
+    auto fp = load_fp_model(f->model_dir);
+    if (!fp.is_ok()) std::abort();
+    f->fp = std::move(fp).value();
+    f->calib = {kT, synth_tokens(8 * kT, c.vocab_size, 11)};
+    f->eval = {kT, synth_tokens(8 * kT, c.vocab_size, 12)};
+    return f;
+  }();
+  return *f;
+}
+
+std::vector<float> fp_logits(const FpModel& m, const TokenSequences& s) {
+  return fp_model_logits(m, s.tokens.data(), s.count(), s.seqlen);
+}
+
+// max |a − b| / max |b|.
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    const double d = std::fabs(static_cast<double>(a[i]) - b[i]);
+    num = std::isnan(d) ? std::numeric_limits<double>::infinity() : std::max(num, d);
+    den = std::max(den, std::fabs(static_cast<double>(b[i])));
+  }
+  return num / den;
+}
+
+// Mean KL(P_ref ‖ P_q) per position, nats.
+double mean_kl(const std::vector<float>& q, const std::vector<float>& ref, int64_t V) {
+  const int64_t rows = static_cast<int64_t>(ref.size()) / V;
+  double total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = ref.data() + r * V;
+    const float* b = q.data() + r * V;
+    double ma = *std::max_element(a, a + V), mb = *std::max_element(b, b + V), sa = 0, sb = 0;
+    for (int64_t i = 0; i < V; ++i) {
+      sa += std::exp(a[i] - ma);
+      sb += std::exp(b[i] - mb);
+    }
+    const double la = ma + std::log(sa), lb = mb + std::log(sb);
+    double kl = 0;
+    for (int64_t i = 0; i < V; ++i) {
+      const double lpa = a[i] - la, lpb = b[i] - lb;
+      kl += std::exp(lpa) * (lpa - lpb);
+    }
+    total += kl;
+  }
+  return total / static_cast<double>(rows);
+}
+
+// Perplexity of next-token prediction inside each sequence.
+double ppl(const std::vector<float>& logits, const TokenSequences& s, int64_t V) {
+  double nll = 0;
+  int64_t n = 0;
+  for (int64_t q = 0; q < s.count(); ++q)
+    for (int64_t t = 0; t + 1 < s.seqlen; ++t) {
+      const float* row = logits.data() + (q * s.seqlen + t) * V;
+      const double m = *std::max_element(row, row + V);
+      double z = 0;
+      for (int64_t i = 0; i < V; ++i) z += std::exp(row[i] - m);
+      nll += m + std::log(z) - row[s.seq(q)[t + 1]];
+      ++n;
+    }
+  return std::exp(nll / static_cast<double>(n));
+}
+
+CalibRecipe recipe(Transform t, int w, int a, int kv) {
+  CalibRecipe r;
+  r.transform = t;
+  r.w_bits = w;
+  r.a_bits = a;
+  r.kv_bits = kv;
+  r.epochs = 4;
+  r.cali_bsz = 4;
+  r.seed = 1;
+  return r;
+}
+
+NativeModel calibrate_ok(const CalibRecipe& r, CalibReport* rep = nullptr) {
+  const Fixture& f = fx();
+  auto nm = calibrate(f.fp, f.calib, r, rep);
+  EXPECT_TRUE(nm.is_ok()) << nm.status().to_string();
+  if (!nm.is_ok()) return {};
+  return std::move(nm).value();
+}
+
+std::vector<float> native_eval(const NativeModel& nm, const TokenSequences& s) {
+  return native_logits(nm, s.tokens.data(), s.count(), s.seqlen);
+}
+
+// Every activation / K / V quantizer off: what is left are the transforms.
+void quantizers_off(NativeModel& nm) {
+  for (auto& y : nm.layers) {
+    for (auto& a : y.act) a.bits = 16;
+    y.k.bits = 16;
+    y.v.bits = 16;
+  }
+}
+
+// ---- 1. Transform-only equivalence.
+
+TEST(Methods, TransformOnlyEqualsFp) {
+  const Fixture& f = fx();
+  const std::vector<float> ref = fp_logits(f.fp, f.eval);
+  for (Transform t :
+       {Transform::kNone, Transform::kSmoothQuant, Transform::kQuaRot, Transform::kFlatQuant}) {
+    CalibReport rep;
+    NativeModel nm = calibrate_ok(recipe(t, 16, 16, 16), &rep);
+    ASSERT_EQ(nm.layers.size(), 2u) << transform_name(t);
+    const double e = rel_err(native_eval(nm, f.eval), ref);
+    EXPECT_LE(e, 1e-4) << transform_name(t);
+    std::printf("transform-only %-11s w16a16kv16: rel err %.2e\n", transform_name(t), e);
+  }
+}
+
+// Trained (FlatQuant) or fixed (QuaRot) transforms with every online piece present
+// (a/u/d Kronecker pairs, po, pk/pk_it): the model calibrated at W16A4KV4 with its
+// activation and K/V quantizers switched off afterwards reproduces the FP model.
+TEST(Methods, TrainedTransformsWithQuantizersOffEqualFp) {
+  const Fixture& f = fx();
+  const std::vector<float> ref = fp_logits(f.fp, f.eval);
+  for (Transform t : {Transform::kQuaRot, Transform::kFlatQuant}) {
+    CalibReport rep;
+    NativeModel nm = calibrate_ok(recipe(t, 16, 4, 4), &rep);
+    ASSERT_EQ(nm.layers.size(), 2u);
+    const auto& on = nm.layers[1].online;
+    EXPECT_FALSE(on.d1.empty() || on.d2.empty() || on.po.empty() || on.pk.empty() ||
+                 on.pk_it.empty())
+        << transform_name(t);
+    if (t == Transform::kFlatQuant) {
+      EXPECT_FALSE(on.a1.empty() || on.a2.empty() || on.u1.empty() || on.u2.empty());
+      EXPECT_LT(nm.layers[0].act[kQ].clip, 1.0f);  // LAC clip = sigmoid(β) < 1
+    }
+    const double quant_err = rel_err(native_eval(nm, f.eval), ref);
+    quantizers_off(nm);
+    const double e = rel_err(native_eval(nm, f.eval), ref);
+    EXPECT_LE(e, 1e-4) << transform_name(t);
+    EXPECT_GT(quant_err, 100 * e) << transform_name(t);  // the quantizers did act
+    std::printf("transforms of %-9s W16A4KV4, quantizers off: rel err %.2e (on: %.2e)\n",
+                transform_name(t), e, quant_err);
+  }
+}
+
+// ---- 2. Each fold preserves the FP function.
+
+TEST(Methods, FoldsPreserveLogits) {
+  const Fixture& f = fx();
+  const ModelConfig& c = f.fp.config;
+  const std::vector<float> ref = fp_logits(f.fp, f.eval);
+
+  FpModel m = f.fp;
+  fold_norms(m, /*embed_mean_sub=*/false);
+  EXPECT_EQ(m.final_norm[0], 1.0f);
+  EXPECT_EQ(m.layers[0].input_norm[3], 1.0f);
+  const double e_fold = rel_err(fp_logits(m, f.eval), ref);
+  EXPECT_LE(e_fold, 1e-4);
+
+  rotate_residual(m, random_hadamard_matrix(c.hidden_size, 5));
+  const double e_rot = rel_err(fp_logits(m, f.eval), ref);
+  EXPECT_LE(e_rot, 1e-4);
+
+  Rng rng(3);
+  for (auto& w : m.layers) rotate_heads(w, c, random_orthogonal(c.head_dim, rng));
+  const double e_heads = rel_err(fp_logits(m, f.eval), ref);
+  EXPECT_LE(e_heads, 1e-4);
+  std::printf("fold_norms %.2e, + rotate_residual %.2e, + rotate_heads %.2e\n", e_fold, e_rot,
+              e_heads);
+
+  // The weights did change (not a silent no-op).
+  EXPECT_GT(std::fabs(m.layers[0].w[kV][0] - f.fp.layers[0].w[kV][0]), 1e-6);
+
+  FpModel s = f.fp;
+  std::vector<float> a(static_cast<size_t>(c.hidden_size)), b(a.size());
+  for (size_t j = 0; j < a.size(); ++j) {
+    a[j] = static_cast<float>(0.1 + rng.uniform() * 30);
+    b[j] = static_cast<float>(0.1 + rng.uniform() * 30);
+  }
+  for (auto& w : s.layers) smooth_layer(w, a, b, 0.5);
+  EXPECT_NE(s.layers[0].input_norm[0], f.fp.layers[0].input_norm[0]);
+  const double e_sq = rel_err(fp_logits(s, f.eval), ref);
+  EXPECT_LE(e_sq, 1e-4);
+
+  // Embedding mean subtraction is not an identity for RMSNorm models (§10 item 1).
+  FpModel e = f.fp;
+  fold_norms(e, /*embed_mean_sub=*/true);
+  EXPECT_GT(rel_err(fp_logits(e, f.eval), ref), 1e-4);
+}
+
+// ---- 3. Quality ordering at W4A4KV4 on the outlier model.
+
+TEST(Methods, W4A4KV4Ordering) {
+  const Fixture& f = fx();
+  const int64_t V = f.fp.config.vocab_size;
+  const std::vector<float> ref = fp_logits(f.fp, f.eval);
+  std::printf("FP ppl %.3f\n", ppl(ref, f.eval, V));
+  auto kl_of = [&](const CalibRecipe& r, CalibReport* rep) {
+    NativeModel nm = calibrate_ok(r, rep);
+    if (nm.layers.empty()) return std::numeric_limits<double>::infinity();
+    const std::vector<float> q = native_eval(nm, f.eval);
+    std::printf("  %s-%s: ppl %.3f\n", transform_name(r.transform),
+                r.weight_solver == WeightSolver::kGptq ? "gptq" : "rtn", ppl(q, f.eval, V));
+    return mean_kl(q, ref, V);
+  };
+  const double kl_rtn = kl_of(recipe(Transform::kNone, 4, 4, 4), nullptr);
+  CalibRecipe sq = recipe(Transform::kSmoothQuant, 4, 4, 4);
+  const double kl_sq = kl_of(sq, nullptr);
+  CalibRecipe qr = recipe(Transform::kQuaRot, 4, 4, 4);
+  qr.a_clip = 0.9;
+  qr.kv_clip = 0.95;
+  const double kl_quarot = kl_of(qr, nullptr);
+  qr.weight_solver = WeightSolver::kGptq;
+  const double kl_quarot_gptq = kl_of(qr, nullptr);
+  CalibRecipe fq = recipe(Transform::kFlatQuant, 4, 4, 4);
+  fq.epochs = 30;
+  fq.cali_bsz = 8;  // one full batch per step: first and last step see the same data
+  CalibReport rep;
+  const double kl_flat = kl_of(fq, &rep);
+  fq.weight_solver = WeightSolver::kGptq;
+  const double kl_flat_gptq = kl_of(fq, nullptr);
+  std::printf(
+      "W4A4KV4 KL to FP: rtn %.4f  smoothquant %.4f  quarot-rtn %.4f  quarot-gptq %.4f  "
+      "flatquant-rtn %.4f  flatquant-gptq %.4f\n",
+      kl_rtn, kl_sq, kl_quarot, kl_quarot_gptq, kl_flat, kl_flat_gptq);
+  EXPECT_GT(kl_rtn, 5 * kl_quarot);
+  EXPECT_LT(kl_sq, kl_rtn);
+  EXPECT_LE(kl_flat, kl_quarot);
+  EXPECT_LT(kl_quarot_gptq, kl_quarot);
+  EXPECT_LT(kl_flat_gptq, kl_quarot);
+  ASSERT_EQ(rep.layers.size(), 2u);
+  for (const auto& l : rep.layers) {
+    std::printf("flatquant layer %lld: loss %.4g -> %.4g\n", static_cast<long long>(l.layer),
+                l.loss_first, l.loss_last);
+    EXPECT_LT(l.loss_last, l.loss_first) << "layer " << l.layer;
+    EXPECT_GT(l.loss_first, 0.0);
+  }
+}
+
+TEST(Methods, FlatQuantNamesTheLayerAndStepOfANaN) {
+  const Fixture& f = fx();
+  const int64_t H = f.fp.config.hidden_size;
+  CalibRecipe r = recipe(Transform::kFlatQuant, 4, 4, 4);
+  r.epochs = 1;
+  {
+    FpModel m = f.fp;  // a NaN in the inputs of layer 0 (one embedding row)
+    m.embed[static_cast<size_t>(f.calib.tokens[5]) * H + 3] = std::nanf("");
+    auto res = calibrate(m, f.calib, r, nullptr);
+    ASSERT_FALSE(res.is_ok());
+    EXPECT_NE(res.status().message().find("flatquant: layer 0 step 0: loss is NaN"),
+              std::string::npos)
+        << res.status().to_string();
+  }
+  {
+    FpModel m = f.fp;  // a NaN inside layer 1
+    m.layers[1].w[kUp][17] = std::nanf("");
+    auto res = calibrate(m, f.calib, r, nullptr);
+    ASSERT_FALSE(res.is_ok());
+    EXPECT_NE(res.status().message().find("flatquant: layer 1 step 0: loss is NaN"),
+              std::string::npos)
+        << res.status().to_string();
+  }
+}
+
+// GPTQ with groups (act-order over static groups) packs (out, G) scales the native
+// kernels read; the result stays far better than plain RTN.
+TEST(Methods, GroupedGptqNative) {
+  const Fixture& f = fx();
+  const std::vector<float> ref = fp_logits(f.fp, f.eval);
+  CalibRecipe r = recipe(Transform::kQuaRot, 4, 4, 4);
+  r.weight_solver = WeightSolver::kGptq;
+  r.w_group = 32;
+  r.gptq.act_order = true;
+  r.gptq.static_groups = true;
+  NativeModel nm = calibrate_ok(r);
+  ASSERT_EQ(nm.layers.size(), 2u);
+  EXPECT_EQ(nm.w_group, 32);
+  const PackedWeight& down = nm.layers[1].qw[kDown];
+  EXPECT_EQ(down.group, 32);
+  EXPECT_EQ(down.scales.size(), static_cast<size_t>(64 * (192 / 32)));
+  const double kl = mean_kl(native_eval(nm, f.eval), ref, f.fp.config.vocab_size);
+  NativeModel rtn = calibrate_ok(recipe(Transform::kNone, 4, 4, 4));
+  const double kl_rtn = mean_kl(native_eval(rtn, f.eval), ref, f.fp.config.vocab_size);
+  std::printf("quarot-gptq g32 act-order W4A4KV4 KL %.4f (rtn %.4f)\n", kl, kl_rtn);
+  EXPECT_LT(5 * kl, kl_rtn);
+}
+
+// ---- Output directories.
+
+TEST(Methods, CalibrateToDirNativeAndFolded) {
+  const Fixture& f = fx();
+  const std::vector<float> ref = fp_logits(f.fp, f.eval);
+  // Not foldable (A4 online): native checkpoint, identical to the in-memory model.
+  CalibRecipe r = recipe(Transform::kQuaRot, 4, 4, 4);
+  auto rep = calibrate_to_dir(f.model_dir, f.calib, r, f.dir.sub("native"), "gptq", false);
+  ASSERT_TRUE(rep.is_ok()) << rep.status().to_string();
+  ASSERT_TRUE(is_native_dir(f.dir.sub("native")));
+  auto back = read_native(f.dir.sub("native"));
+  ASSERT_TRUE(back.is_ok()) << back.status().to_string();
+  NativeModel mem = calibrate_ok(r);
+  EXPECT_EQ(rel_err(native_eval(*back, f.eval), native_eval(mem, f.eval)), 0.0);
+
+  // Weight-only QuaRot folds completely (R1 + per-head V/O): a GPTQ checkpoint that the
+  // engine loads, equal to the native model of the same recipe (RTN is deterministic).
+  CalibRecipe w = recipe(Transform::kQuaRot, 4, 16, 16);
+  ASSERT_TRUE(w.folds_completely());
+  auto rep2 = calibrate_to_dir(f.model_dir, f.calib, w, f.dir.sub("gptq"), "gptq", false);
+  ASSERT_TRUE(rep2.is_ok()) << rep2.status().to_string();
+  auto lm = LlamaModel::open(f.dir.sub("gptq"));
+  ASSERT_TRUE(lm.is_ok()) << lm.status().to_string();
+  auto logits = model_logits(**lm, f.eval, 0, f.eval.count());
+  ASSERT_TRUE(logits.is_ok()) << logits.status().to_string();
+  NativeModel wn = calibrate_ok(w);
+  const std::vector<float> wl = native_eval(wn, f.eval);
+  const double e = rel_err(logits->data, wl);
+  EXPECT_LE(e, 1e-4);
+  const double kl = mean_kl(logits->data, ref, f.fp.config.vocab_size);
+  EXPECT_GT(kl, 0.0);
+  std::printf("folded quarot W4A16 via GPTQ format: vs native %.2e, KL to FP %.4f\n", e, kl);
+
+  // An existing output directory is refused without overwrite.
+  auto again = calibrate_to_dir(f.model_dir, f.calib, w, f.dir.sub("gptq"), "gptq", false);
+  EXPECT_FALSE(again.is_ok());
+}
+
+// ---- IntactKV through the pipeline (methods.md §6).
+
+// The eval set with every sequence's first token replaced by BOS (IntactKV's
+// evaluation needs sequences that begin with the prefix).
+TokenSequences bos_eval() {
+  TokenSequences s = fx().eval;
+  for (int64_t q = 0; q < s.count(); ++q)
+    s.tokens[static_cast<size_t>(q * s.seqlen)] = static_cast<int32_t>(fx().fp.config.bos_token_id);
+  return s;
+}
+
+const LlamaModel& fp_llama() {
+  static const LlamaModel* m = [] {
+    auto r = LlamaModel::open(fx().model_dir);
+    if (!r.is_ok()) std::abort();
+    return std::move(r).value().release();
+  }();
+  return *m;
+}
+
+EvalResult eval_ok(const NativeModel& nm, const TokenSequences& data) {
+  auto r = evaluate_native(nm, data, &fp_llama(), 8);
+  EXPECT_TRUE(r.is_ok()) << r.status().to_string();
+  return r.is_ok() ? std::move(r).value() : EvalResult{};
+}
+
+NativeModel without_intactkv(NativeModel nm) {
+  nm.intact_prefix.clear();
+  nm.intact_k.clear();
+  nm.intact_v.clear();
+  nm.intact_logits.clear();
+  return nm;
+}
+
+// With every quantizer off the FP prefix cache in the transformed basis plus the
+// transformed model reproduce the FP model exactly: at W16A16KV16, and at W16A4KV4
+// (all online pieces present, P_k on K included) with the quantizers switched off
+// after calibration.
+TEST(Methods, IntactKvWithQuantizersOffReproducesFp) {
+  const TokenSequences data = bos_eval();
+  const int32_t bos = static_cast<int32_t>(fx().fp.config.bos_token_id);
+  for (Transform t : {Transform::kQuaRot, Transform::kFlatQuant}) {
+    for (int bits : {16, 4}) {
+      CalibRecipe r = recipe(t, 16, bits, bits);
+      r.epochs = 2;
+      r.intactkv = true;
+      NativeModel nm = calibrate_ok(r);
+      ASSERT_EQ(nm.intact_prefix, std::vector<int32_t>{bos}) << transform_name(t);
+      ASSERT_EQ(nm.intact_k.size(), 2u);
+      EXPECT_EQ(nm.recipe["intactkv"], true);
+      if (bits < 16) {
+        EXPECT_FALSE(nm.layers[0].online.pk.empty()) << transform_name(t);
+        quantizers_off(nm);
+      }
+      const EvalResult e = eval_ok(nm, data);
+      ASSERT_TRUE(e.kl && e.fp_ppl);
+      const double rel = std::fabs(e.ppl - *e.fp_ppl) / *e.fp_ppl;
+      EXPECT_LE(rel, 1e-5) << transform_name(t) << " a/kv " << bits;
+      // |KL|: the evaluator's float sums leave it at about ±1e-8 when the models agree.
+      EXPECT_LE(std::fabs(*e.kl), 1e-6) << transform_name(t) << " a/kv " << bits;
+      EXPECT_GT(e.ppl, 1.0);
+      std::printf(
+          "intactkv %-9s calibrated w16a%dkv%d, quantizers off: ppl %.6f fp %.6f "
+          "(rel %.1e) KL %.2e\n",
+          transform_name(t), bits, bits, e.ppl, *e.fp_ppl, rel, *e.kl);
+    }
+  }
+}
+
+// The prefix cache comes from the deployed weights before GPTQ: the same as the
+// W16 model's of the same transforms, and the quantized model itself is unchanged
+// by IntactKV.
+TEST(Methods, IntactKvUsesUnquantizedDeployedWeights) {
+  CalibRecipe r = recipe(Transform::kQuaRot, 4, 4, 4);
+  r.weight_solver = WeightSolver::kGptq;
+  r.intactkv = true;
+  r.intactkv_prefix = {1, 5, 9};
+  NativeModel q = calibrate_ok(r);
+  CalibRecipe r16 = r;
+  r16.w_bits = 16;
+  NativeModel w16 = calibrate_ok(r16);
+  ASSERT_EQ(q.intact_prefix, (std::vector<int32_t>{1, 5, 9}));
+  ASSERT_EQ(q.intact_k.size(), 2u);
+  ASSERT_EQ(q.intact_k[1].size(), static_cast<size_t>(3 * 2 * 16));
+  EXPECT_EQ(q.intact_k, w16.intact_k);
+  EXPECT_EQ(q.intact_v, w16.intact_v);
+  EXPECT_EQ(q.intact_logits, w16.intact_logits);
+  CalibRecipe plain = r;
+  plain.intactkv = false;
+  plain.intactkv_prefix.clear();
+  NativeModel p = calibrate_ok(plain);
+  EXPECT_EQ(native_eval(without_intactkv(q), fx().eval), native_eval(p, fx().eval));
+}
+
+// W4A4KV4 KL to FP with and without the FP prefix cache (same quantized model).
+// Reported, not ordered: the synthetic model has no attention sink on BOS.
+TEST(Methods, IntactKvW4A4KV4Report) {
+  const TokenSequences data = bos_eval();
+  for (Transform t : {Transform::kNone, Transform::kQuaRot, Transform::kFlatQuant}) {
+    CalibRecipe r = recipe(t, 4, 4, 4);
+    r.intactkv = true;
+    if (t == Transform::kQuaRot) {
+      r.a_clip = 0.9;
+      r.kv_clip = 0.95;
+    }
+    NativeModel nm = calibrate_ok(r);
+    ASSERT_EQ(nm.intact_k.size(), 2u) << transform_name(t);
+    const EvalResult with = eval_ok(nm, data);
+    const EvalResult without = eval_ok(without_intactkv(nm), data);
+    ASSERT_TRUE(with.kl && without.kl);
+    for (double v : {*with.kl, *without.kl, with.ppl, without.ppl})
+      EXPECT_TRUE(std::isfinite(v)) << transform_name(t);
+    EXPECT_GT(*with.kl, 0.0);
+    EXPECT_GT(*without.kl, 0.0);
+    std::printf("W4A4KV4 %-9s KL to FP: intactkv %.4f  without %.4f  (ppl %.3f / %.3f, fp %.3f)\n",
+                transform_name(t), *with.kl, *without.kl, with.ppl, without.ppl, *with.fp_ppl);
+  }
+}
+
+// ---- 4. Recipe validation and JSON.
+
+TEST(Recipe, ValidationNamesTheField) {
+  auto err = [](CalibRecipe r) { return r.validate().message(); };
+  CalibRecipe ok = recipe(Transform::kFlatQuant, 4, 4, 4);
+  EXPECT_TRUE(ok.validate().is_ok());
+  CalibRecipe r = ok;
+  r.w_bits = 5;
+  EXPECT_NE(err(r).find("w_bits"), std::string::npos);
+  r = ok;
+  r.a_bits = 1;
+  EXPECT_NE(err(r).find("a_bits"), std::string::npos);
+  r = ok;
+  r.kv_bits = 12;
+  EXPECT_NE(err(r).find("kv_bits"), std::string::npos);
+  r = ok;
+  r.w_group = 0;
+  EXPECT_NE(err(r).find("w_group"), std::string::npos);
+  r = ok;
+  r.a_clip = 1.5;
+  EXPECT_NE(err(r).find("a_clip"), std::string::npos);
+  r = ok;
+  r.cali_bsz = 0;
+  EXPECT_NE(err(r).find("cali_bsz"), std::string::npos);
+  r = ok;
+  r.flat_lr = -1;
+  EXPECT_NE(err(r).find("flat_lr"), std::string::npos);
+  r = ok;
+  r.w_mse_clip = true;
+  EXPECT_NE(err(r).find("w_mse_clip"), std::string::npos);
+  for (Transform t : {Transform::kNone, Transform::kQuaRot, Transform::kFlatQuant}) {
+    r = recipe(t, 16, 16, 16);
+    EXPECT_NE(err(r).find("nothing"), std::string::npos) << transform_name(t);
+  }
+  r = recipe(Transform::kSpinQuant, 4, 16, 16);
+  r.weight_solver = WeightSolver::kGptq;
+  EXPECT_NE(err(r).find("spinquant"), std::string::npos);
+  r.weight_solver = WeightSolver::kRtn;
+  EXPECT_TRUE(r.validate().is_ok());
+  r = recipe(Transform::kQuaRot, 4, 4, 4);
+  r.weight_solver = WeightSolver::kGptq;
+  r.w_group = 32;
+  r.gptq.act_order = true;
+  EXPECT_NE(err(r).find("gptq.act_order"), std::string::npos);
+  r.gptq.static_groups = true;
+  EXPECT_TRUE(r.validate().is_ok());
+
+  // Model-dependent checks.
+  ModelConfig c = fx().fp.config;
+  r = recipe(Transform::kQuaRot, 4, 4, 4);
+  r.w_group = 48;
+  EXPECT_NE(r.validate_for(c).message().find("w_group: 48 does not divide hidden_size 64"),
+            std::string::npos)
+      << r.validate_for(c).message();
+  r.w_group = 32;
+  EXPECT_TRUE(r.validate_for(c).is_ok());
+  r.w_group = -1;
+  ModelConfig odd = c;
+  odd.intermediate_size = 88;  // 8·11: no Hadamard of that size
+  EXPECT_NE(r.validate_for(odd).message().find("intermediate_size 88"), std::string::npos);
+  r.a_bits = r.kv_bits = 16;  // folds completely: no R4, so I needs no Hadamard
+  EXPECT_TRUE(r.validate_for(odd).is_ok()) << r.validate_for(odd).message();
+  CalibRecipe fq = recipe(Transform::kFlatQuant, 4, 4, 4);
+  odd.intermediate_size = 90;  // 2 mod 4: no Kronecker pair
+  EXPECT_NE(fq.validate_for(odd).message().find("flatquant"), std::string::npos);
+
+  // IntactKV.
+  r = recipe(Transform::kQuaRot, 4, 4, 4);
+  r.intactkv_prefix = {1};
+  EXPECT_NE(err(r).find("intactkv_prefix: set without intactkv"), std::string::npos) << err(r);
+  r.intactkv = true;
+  EXPECT_TRUE(r.validate().is_ok());
+  r.intactkv_prefix = {1, -2};
+  EXPECT_NE(err(r).find("intactkv_prefix: token 1 = -2 is negative"), std::string::npos);
+  r.intactkv_prefix = {1, 256};
+  EXPECT_TRUE(r.validate().is_ok());  // the vocabulary is validate_for's
+  EXPECT_NE(r.validate_for(c).message().find("intactkv_prefix: token 1 = 256 is outside"),
+            std::string::npos)
+      << r.validate_for(c).message();
+  r.intactkv_prefix.clear();
+  EXPECT_TRUE(r.validate_for(c).is_ok());
+  EXPECT_EQ(r.intactkv_prefix_for(c), std::vector<int32_t>{static_cast<int32_t>(c.bos_token_id)});
+  ModelConfig nobos = c;
+  nobos.bos_token_id = -1;
+  EXPECT_NE(r.validate_for(nobos).message().find("bos_token_id -1"), std::string::npos);
+  r.intactkv_prefix = {3, 4};
+  EXPECT_TRUE(r.validate_for(nobos).is_ok());
+  EXPECT_EQ(r.intactkv_prefix_for(nobos), (std::vector<int32_t>{3, 4}));
+  // Weight-only QuaRot with IntactKV: the transforms still fold (no R4, so I needs
+  // no Hadamard), but the prefix cache needs the native format.
+  r = recipe(Transform::kQuaRot, 4, 16, 16);
+  r.intactkv = true;
+  EXPECT_TRUE(r.transforms_fold());
+  EXPECT_FALSE(r.folds_completely());
+  odd.intermediate_size = 88;
+  EXPECT_TRUE(r.validate_for(odd).is_ok()) << r.validate_for(odd).message();
+  r.weight_solver = WeightSolver::kGptq;  // act-order groups must fit the native format
+  r.w_group = 32;
+  r.gptq.act_order = true;
+  EXPECT_NE(err(r).find("gptq.act_order"), std::string::npos);
+
+  // What folds.
+  EXPECT_TRUE(recipe(Transform::kNone, 4, 16, 16).folds_completely());
+  EXPECT_TRUE(recipe(Transform::kSmoothQuant, 4, 16, 16).folds_completely());
+  EXPECT_FALSE(recipe(Transform::kQuaRot, 4, 16, 4).folds_completely());
+  EXPECT_FALSE(recipe(Transform::kFlatQuant, 4, 16, 16).folds_completely());
+}
+
+TEST(Recipe, JsonRoundTripAndUnknownKeys) {
+  CalibRecipe r = recipe(Transform::kSpinQuant, 3, 6, 8);
+  r.weight_solver = WeightSolver::kGptq;
+  r.w_group = 64;
+  r.w_mse_clip = true;
+  r.a_clip = 0.9;
+  r.kv_clip = 0.95;
+  r.sq_alpha = 0.8;
+  r.epochs = 7;
+  r.flat_lr = 1e-3;
+  r.lwc = false;
+  r.diag_alpha = 0.4;
+  r.spin_steps = 12;
+  r.embed_mean_sub = true;
+  r.intactkv = true;
+  r.intactkv_prefix = {1, 5, 9};
+  r.gptq.percdamp = 0.1;
+  r.gptq.act_order = true;
+  r.seed = 18446744073709551557ull;
+  r.batch = 3;
+  const nlohmann::json j = r.to_json();
+  auto back = recipe_from_json(j);
+  ASSERT_TRUE(back.is_ok()) << back.status().to_string();
+  EXPECT_EQ(back->to_json(), j);
+  EXPECT_EQ(back->seed, r.seed);
+  EXPECT_EQ(back->transform, Transform::kSpinQuant);
+  EXPECT_EQ(j["transform"], "spinquant");
+  EXPECT_EQ(back->intactkv_prefix, (std::vector<int32_t>{1, 5, 9}));
+  EXPECT_TRUE(back->intactkv);
+
+  auto partial = recipe_from_json({{"transform", "flatquant"}, {"epochs", 3}});
+  ASSERT_TRUE(partial.is_ok());
+  EXPECT_EQ(partial->epochs, 3);
+  EXPECT_EQ(partial->w_bits, 4);  // defaults elsewhere
+
+  auto msg = [](const nlohmann::json& x) { return recipe_from_json(x).status().message(); };
+  EXPECT_NE(msg({{"epoch", 3}}).find("epoch: unknown key"), std::string::npos);
+  EXPECT_NE(msg({{"gptq", {{"damp", 0.1}}}}).find("gptq.damp: unknown key"), std::string::npos);
+  EXPECT_NE(msg({{"w_bits", "4"}}).find("w_bits: must be an integer"), std::string::npos);
+  EXPECT_NE(msg({{"w_bits", 4.5}}).find("w_bits"), std::string::npos);
+  EXPECT_NE(msg({{"lwc", 1}}).find("lwc: must be a boolean"), std::string::npos);
+  EXPECT_NE(msg({{"transform", "gptq"}}).find("transform: unknown 'gptq'"), std::string::npos);
+  EXPECT_NE(msg({{"weight_solver", "awq"}}).find("weight_solver"), std::string::npos);
+  EXPECT_NE(msg({{"seed", -1}}).find("seed"), std::string::npos);
+  EXPECT_NE(msg({{"intactkv", "yes"}}).find("intactkv: must be a boolean"), std::string::npos);
+  EXPECT_NE(msg({{"intactkv_prefix", 1}}).find("intactkv_prefix: must be an array"),
+            std::string::npos);
+  EXPECT_NE(msg({{"intactkv_prefix", {1, 2.5}}}).find("intactkv_prefix[1]: must be an integer"),
+            std::string::npos);
+  EXPECT_NE(msg({{"intactkv_prefix", nlohmann::json::array({4294967296ll})}})
+                .find("intactkv_prefix[0]: out of range"),
+            std::string::npos);
+  EXPECT_FALSE(recipe_from_json(nlohmann::json::array()).is_ok());
+  auto t = parse_transform("quarot");
+  ASSERT_TRUE(t.is_ok());
+  EXPECT_EQ(*t, Transform::kQuaRot);
+}
+
+}  // namespace
+}  // namespace qcal::calib

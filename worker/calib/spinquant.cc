@@ -1,0 +1,161 @@
+// SpinQuant (methods.md §4): R1 (residual stream, H×H) and R2 (per layer, d×d)
+// learned by Cayley SGD on the Stiefel manifold through the fake-quantized model
+// (identity straight-through estimators, §0.2), next-token cross-entropy on the
+// calibration sequences. R3 (FWHT on Q/K after RoPE) and R4 (Hadamard before
+// down_proj) are fixed Hadamards, as in QuaRot.
+//
+// Each step rotates a copy of the norm-folded model by the current R1 (what
+// SpinQuant's QuantizeLinear does on the fly in fp64), runs the whole model with
+// R2 as the per-head V/O transform of every block, and chains the weight
+// gradients back to R1:  W = W0·R1 (q,k,v,gate,up, lm_head, embedding) gives
+// ∂R1 += W0ᵀ·∂W;  W = R1ᵀ·W0 (o, down) gives ∂R1 += W0·∂Wᵀ. R2 enters the block
+// twice (pv on the V output side, pv_it on the o input side; equal because R2 is
+// orthogonal), so ∂R2 = ∂pv + ∂pv_it.
+#include <cmath>
+#include <vector>
+
+#include "common/log.h"
+#include "common/rng.h"
+#include "kernels/grad.h"
+#include "kernels/hadamard.h"
+#include "worker/calib/methods.h"
+#include "worker/calib/param.h"
+
+namespace qcal::calib {
+namespace {
+
+std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+std::vector<float> to_float(const std::vector<double>& v) { return {v.begin(), v.end()}; }
+
+// dR (H×H) += Aᵀ·B for A, B (rows, H) (the input-side chain W = W0·R1).
+void add_at_b(std::vector<double>& dR, const std::vector<float>& A, const std::vector<float>& B,
+              int64_t rows, int64_t H) {
+  std::vector<double> a = to_double(A), b = to_double(B);
+  gemm_t(true, false, H, H, rows, 1.0, a.data(), H, b.data(), H, 1.0, dR.data(), H);
+}
+// dR (H×H) += A·Bᵀ for A, B (H, cols) (the output-side chain W = R1ᵀ·W0).
+void add_a_bt(std::vector<double>& dR, const std::vector<float>& A, const std::vector<float>& B,
+              int64_t H, int64_t cols) {
+  std::vector<double> a = to_double(A), b = to_double(B);
+  gemm_t(false, true, H, H, cols, 1.0, a.data(), cols, b.data(), cols, 1.0, dR.data(), H);
+}
+
+}  // namespace
+
+Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const CalibRecipe& r,
+                       std::vector<double>* R1, std::vector<std::vector<double>>* R2,
+                       CalibReport* report) {
+  const ModelConfig& c = folded.config;
+  const int64_t H = c.hidden_size, I = c.intermediate_size, d = c.head_dim;
+  const int64_t L = c.num_hidden_layers, V = c.vocab_size;
+  if (calib.count() < 1) return invalid_input("spinquant: no calibration sequences");
+  QCAL_ASSIGN_OR_RETURN(int64_t kh, hadamard_k(H));
+  QCAL_ASSIGN_OR_RETURN(int64_t kd, hadamard_k(d));
+  QCAL_ASSIGN_OR_RETURN(int64_t ki, hadamard_k(I));
+  (void)kh, (void)kd, (void)ki;
+
+  // Initialization (§4.1): random Hadamards.
+  *R1 = random_hadamard_matrix(H, r.seed);
+  R2->assign(static_cast<size_t>(L), {});
+  for (int64_t l = 0; l < L; ++l)
+    (*R2)[static_cast<size_t>(l)] =
+        random_hadamard_matrix(d, r.seed + 1 + static_cast<uint64_t>(l));
+
+  // Fixed parts: R4 as the down-input Kronecker pair d1/d2 (the block applies it to
+  // the activations and, through d1_it/d2_it, to W_down's input side: no pre-fold),
+  // and R3 on Q/K.
+  const FpModel& base = folded;
+  std::vector<double> hl, hr;
+  hadamard_kron_factors(I, &hl, &hr);
+  const std::vector<double> hd = hadamard_matrix(d);
+
+  // Training quantizers: the recipe's, with SpinQuant's identity STE and fixed clips.
+  // With GPTQ as the final weight solver, rotations are trained at W16 (§4.2, §10.4).
+  CalibRecipe tr = r;
+  if (r.weight_solver == WeightSolver::kGptq) tr.w_bits = 16;
+  BlockQuantSpec qs = block_quant_spec(tr, c, /*training=*/true);
+  auto identity_ste = [](FakeQuantSpec& s) {
+    s.ste = Ste::kIdentity;
+    s.clip = ClipMode::kFixed;
+  };
+  for (auto& s : qs.act) identity_ste(s);
+  for (auto& s : qs.w) identity_ste(s);
+  identity_ste(qs.k);
+  identity_ste(qs.v);
+
+  std::vector<BlockTransformsT<float>> tf(static_cast<size_t>(L));
+  std::vector<BlockClipT<float>> clips(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    auto& t = tf[static_cast<size_t>(l)];
+    t.d1 = to_float(hl);
+    t.d2 = to_float(hr);
+    t.d1_it = t.d1;
+    t.d2_it = t.d2;
+    if (r.kv_bits < 16) {
+      t.pk = to_float(hd);
+      t.pk_it = t.pk;
+    }
+  }
+  std::vector<LayerPlan> plans(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l)
+    plans[static_cast<size_t>(l)] = {&tf[static_cast<size_t>(l)], &qs,
+                                     &clips[static_cast<size_t>(l)]};
+
+  Rng rng(r.seed ^ 0x5e1f5e1full);
+  const int64_t B = std::min<int64_t>(r.spin_bsz, calib.count()), T = calib.seqlen;
+  std::vector<int32_t> tokens(static_cast<size_t>(B * T));
+  int64_t next_seq = 0;
+  for (int64_t step = 0; step < r.spin_steps; ++step) {
+    for (int64_t b = 0; b < B; ++b) {  // fixed order, cycling (the reference does not shuffle)
+      const int32_t* s = calib.seq(next_seq);
+      std::copy(s, s + T, tokens.begin() + b * T);
+      next_seq = (next_seq + 1) % calib.count();
+    }
+    FpModel m = base;
+    rotate_residual(m, *R1);
+    for (int64_t l = 0; l < L; ++l) {
+      auto& t = tf[static_cast<size_t>(l)];
+      t.pv = to_float((*R2)[static_cast<size_t>(l)]);
+      t.pv_it = t.pv;
+    }
+    FpModelGrads g;
+    const double loss = fp_model_loss(m, tokens.data(), B, T, &g, &plans);
+    if (!std::isfinite(loss))
+      return invalid_input("spinquant: step " + std::to_string(step) + ": loss is " +
+                           std::to_string(loss) + " (lower --spin-lr)");
+    if (report) report->spin_loss.push_back(loss);
+
+    // ∂R1 from every rotated weight of the model (W0 = the unrotated base weights).
+    std::vector<double> dR1(static_cast<size_t>(H * H), 0.0);
+    add_at_b(dR1, base.embed, g.embed, V, H);
+    add_at_b(dR1, base.lm_head, g.lm_head, V, H);
+    for (int64_t l = 0; l < L; ++l) {
+      const auto& w0 = base.layers[static_cast<size_t>(l)].w;
+      const auto& dw = g.layers[static_cast<size_t>(l)].w.w;
+      for (int p : {kQ, kK, kV, kGate, kUp}) {
+        const int64_t rows = static_cast<int64_t>(w0[p].size()) / H;
+        add_at_b(dR1, w0[p], dw[p], rows, H);
+      }
+      for (int p : {kO, kDown}) {
+        const int64_t cols = static_cast<int64_t>(w0[p].size()) / H;
+        add_a_bt(dR1, w0[p], dw[p], H, cols);
+      }
+    }
+    const double lr = cosine_lr(r.spin_lr, 0.0, step, r.spin_steps);
+    stiefel_sgd_step(*R1, dR1, H, lr, rng.below(101) == 0);
+    for (int64_t l = 0; l < L; ++l) {
+      const auto& gt = g.layers[static_cast<size_t>(l)].t;
+      std::vector<double> dR2(static_cast<size_t>(d * d), 0.0);
+      for (size_t i = 0; i < dR2.size(); ++i) {
+        if (!gt.pv.empty()) dR2[i] += gt.pv[i];
+        if (!gt.pv_it.empty()) dR2[i] += gt.pv_it[i];
+      }
+      stiefel_sgd_step((*R2)[static_cast<size_t>(l)], dR2, d, lr, rng.below(101) == 0);
+    }
+    if (step % 10 == 0 || step + 1 == r.spin_steps)
+      LOG_INFO << "spinquant: step " << step << " loss " << loss << " lr " << lr;
+  }
+  return Status::ok();
+}
+
+}  // namespace qcal::calib
