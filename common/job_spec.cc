@@ -153,12 +153,102 @@ Status one_of(const std::string& path, const std::string& v,
   return invalid_input(path + ": must be " + list + " (got '" + v + "')");
 }
 
+bool contains(const std::vector<std::string>& v, const std::string& k) {
+  for (const auto& e : v)
+    if (e == k) return true;
+  return false;
+}
+
+const std::vector<std::string>& transform_methods() {
+  static const std::vector<std::string> k = {"smoothquant", "quarot", "spinquant", "flatquant"};
+  return k;
+}
+
+// The calibration key to use instead of a weight-only one.
+std::string calib_hint(const std::string& key) {
+  if (key == "group_size") return "use w_group";
+  if (key == "sym") return "the calibration engine quantizes weights symmetrically";
+  if (key == "act_order") return "use gptq.act_order";
+  if (key == "static_groups") return "use gptq.static_groups";
+  if (key == "damp") return "use gptq.percdamp";
+  if (key == "mse_clip") return "use w_mse_clip";
+  if (key == "true_sequential") return "the calibration engine is always true-sequential";
+  if (key == "mode") return "use cbq_parallel";
+  if (key == "window") return "use cbq_window";
+  if (key == "overlap") return "use cbq_overlap";
+  return "not a calibration recipe key";
+}
+
+// A calibration recipe (see job_spec.h): checks the key set and resolves
+// "method"; the engine checks the values when the job is planned.
+Status parse_calib_recipe(const json& j, const std::string& why, RecipeSpec* r) {
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it.key() == "method" || contains(calib_recipe_keys(), it.key())) continue;
+    return invalid_input("recipe." + it.key() + ": a weight-only recipe key, but this is a " +
+                         "calibration recipe (because of " + why + "); " + calib_hint(it.key()));
+  }
+  json c = j;
+  std::string display;
+  if (const auto it = j.find("method"); it != j.end()) {
+    if (!it->is_string())
+      return invalid_input("recipe.method: must be a string (got " + type_name(*it) + ")");
+    const std::string m = it->get<std::string>();
+    const bool solver = m == "rtn" || m == "gptq";
+    if (!solver && !contains(transform_methods(), m))
+      return invalid_input(
+          "recipe.method: must be rtn, gptq, smoothquant, quarot, spinquant or "
+          "flatquant (got '" +
+          m + "')");
+    const char* key = solver ? "weight_solver" : "transform";
+    if (const auto k = j.find(key); k != j.end() && !(k->is_string() && k->get<std::string>() == m))
+      return invalid_input(std::string("recipe.") + key + ": " + shown(*k) +
+                           " contradicts recipe.method '" + m + "'");
+    c.erase("method");
+    c[key] = m;
+  }
+  if (const auto it = c.find("transform");
+      it != c.end() && it->is_string() && it->get<std::string>() != "none")
+    display = it->get<std::string>();
+  if (display.empty()) {
+    const auto it = c.find("weight_solver");
+    display = it != c.end() && it->is_string() ? it->get<std::string>() : "rtn";
+  }
+  r->method = display;
+  if (const auto it = c.find("w_bits"); it != c.end() && it->is_number_integer())
+    r->w_bits = it->get<int>();
+  if (const auto it = c.find("seed"); it != c.end() && it->is_number_unsigned())
+    r->seed = it->get<uint64_t>();
+  r->calib = std::move(c);
+  return Status::ok();
+}
+
 Status parse_recipe(const json& j, RecipeSpec* r) {
   QCAL_RETURN_IF_ERROR(require_object(j, "recipe"));
   Reader rd(j, "recipe");
-  QCAL_RETURN_IF_ERROR(
-      rd.check_keys({"method", "w_bits", "group_size", "sym", "act_order", "static_groups", "damp",
-                     "mse_clip", "true_sequential", "mode", "window", "overlap", "seed"}));
+  // Which form: a key only the calibration schema has, or a transform as method.
+  std::string why;
+  for (auto it = j.begin(); it != j.end() && why.empty(); ++it) {
+    const std::string& k = it.key();
+    const bool weight_only = contains(weight_only_recipe_keys(), k);
+    if (!weight_only && !contains(calib_recipe_keys(), k)) {
+      std::string list;
+      for (const auto& e : weight_only_recipe_keys()) list += (list.empty() ? "" : ", ") + e;
+      std::string calib;
+      for (const auto& e : calib_recipe_keys())
+        if (!contains(weight_only_recipe_keys(), e)) calib += (calib.empty() ? "" : ", ") + e;
+      return invalid_input("recipe." + k + ": unknown key (known: " + list +
+                           "; calibration recipes: " + calib + ")");
+    }
+    if (!weight_only) why = k;
+  }
+  if (why.empty()) {
+    if (const json* m = rd.find("method");
+        m && m->is_string() && contains(transform_methods(), m->get<std::string>()))
+      why = "method " + m->get<std::string>();
+  }
+  if (!why.empty()) return parse_calib_recipe(j, why, r);
+
+  QCAL_RETURN_IF_ERROR(rd.check_keys(weight_only_recipe_keys()));
   QCAL_RETURN_IF_ERROR(rd.str("method", &r->method, false));
   QCAL_RETURN_IF_ERROR(one_of("recipe.method", r->method, {"rtn", "gptq"}));
 
@@ -227,13 +317,24 @@ Status parse_data(const json& j, const std::string& path, bool is_eval, DataSpec
   return Status::ok();
 }
 
-Status parse_output(const json& j, OutputSpec* o) {
+Status parse_output(const json& j, bool calibration, OutputSpec* o) {
   QCAL_RETURN_IF_ERROR(require_object(j, "output"));
   Reader rd(j, "output");
   QCAL_RETURN_IF_ERROR(rd.check_keys({"path", "format", "overwrite"}));
   QCAL_RETURN_IF_ERROR(rd.str("path", &o->path, /*required=*/true));
+  if (calibration) o->format = "auto";
   QCAL_RETURN_IF_ERROR(rd.str("format", &o->format, false));
-  QCAL_RETURN_IF_ERROR(one_of("output.format", o->format, {"gptq", "compressed-tensors"}));
+  if (calibration) {
+    QCAL_RETURN_IF_ERROR(
+        one_of("output.format", o->format, {"auto", "native", "gptq", "compressed-tensors"}));
+  } else if (o->format == "native" || o->format == "auto") {
+    return invalid_input("output.format: " + o->format +
+                         " is for calibration recipes (transform, a_bits, kv_bits, "
+                         "reconstruction, intactkv, ...); a weight-only recipe writes gptq or "
+                         "compressed-tensors");
+  } else {
+    QCAL_RETURN_IF_ERROR(one_of("output.format", o->format, {"gptq", "compressed-tensors"}));
+  }
   QCAL_RETURN_IF_ERROR(rd.boolean("overwrite", &o->overwrite));
   return Status::ok();
 }
@@ -279,22 +380,48 @@ json optional_json(const std::optional<double>& v) { return v ? json(*v) : json(
 
 }  // namespace
 
+const std::vector<std::string>& calib_recipe_keys() {
+  // CalibRecipe::to_json's keys (worker/calib/recipe.h); test_job_spec checks the two agree.
+  // clang-format off
+  static const std::vector<std::string> k = {
+      "transform", "weight_solver", "w_bits", "w_group", "w_mse_clip",
+      "a_bits", "a_clip", "kv_bits", "kv_clip", "sq_alpha",
+      "epochs", "cali_bsz", "flat_lr", "lwc", "lac", "add_diag", "diag_alpha",
+      "spin_steps", "spin_lr", "spin_bsz", "embed_mean_sub",
+      "intactkv", "intactkv_prefix", "gptq", "seed", "batch",
+      "reconstruction", "cbq_window", "cbq_overlap", "cbq_parallel", "cbq_epochs", "lora_rank",
+      "cfp"};
+  // clang-format on
+  return k;
+}
+
+const std::vector<std::string>& weight_only_recipe_keys() {
+  static const std::vector<std::string> k = {
+      "method",   "w_bits",          "group_size", "sym",    "act_order", "static_groups", "damp",
+      "mse_clip", "true_sequential", "mode",       "window", "overlap",   "seed"};
+  return k;
+}
+
 json JobSpec::to_json() const {
   json j;
   j["model"] = model;
-  j["recipe"] = {{"method", recipe.method},
-                 {"w_bits", recipe.w_bits},
-                 {"group_size", recipe.group_size},
-                 {"sym", recipe.sym},
-                 {"act_order", recipe.act_order},
-                 {"static_groups", recipe.static_groups},
-                 {"damp", recipe.damp},
-                 {"mse_clip", recipe.mse_clip},
-                 {"true_sequential", recipe.true_sequential},
-                 {"mode", recipe.mode},
-                 {"window", recipe.window},
-                 {"overlap", recipe.overlap},
-                 {"seed", recipe.seed}};
+  if (recipe.calib) {
+    j["recipe"] = *recipe.calib;
+  } else {
+    j["recipe"] = {{"method", recipe.method},
+                   {"w_bits", recipe.w_bits},
+                   {"group_size", recipe.group_size},
+                   {"sym", recipe.sym},
+                   {"act_order", recipe.act_order},
+                   {"static_groups", recipe.static_groups},
+                   {"damp", recipe.damp},
+                   {"mse_clip", recipe.mse_clip},
+                   {"true_sequential", recipe.true_sequential},
+                   {"mode", recipe.mode},
+                   {"window", recipe.window},
+                   {"overlap", recipe.overlap},
+                   {"seed", recipe.seed}};
+  }
   j["calib"] = data_json(calib);
   j["eval"] = eval ? data_json(*eval) : json(nullptr);
   j["output"] = {{"path", output.path}, {"format", output.format}, {"overwrite", output.overwrite}};
@@ -329,8 +456,9 @@ Result<JobSpec> parse_job_spec(const nlohmann::json& j) {
 
   const json* output = rd.find("output");
   if (!output) return invalid_input("output.path: required");
-  QCAL_RETURN_IF_ERROR(parse_output(*output, &s.output));
-  if (s.output.format == "compressed-tensors" && s.recipe.w_bits != 4 && s.recipe.w_bits != 8) {
+  QCAL_RETURN_IF_ERROR(parse_output(*output, s.recipe.calibration(), &s.output));
+  if (!s.recipe.calibration() && s.output.format == "compressed-tensors" && s.recipe.w_bits != 4 &&
+      s.recipe.w_bits != 8) {
     return invalid_input("output.format: compressed-tensors needs recipe.w_bits 4 or 8 (got " +
                          std::to_string(s.recipe.w_bits) + ")");
   }

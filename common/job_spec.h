@@ -16,6 +16,27 @@
 //   "priority": "normal",                 // high | normal | low
 //   "labels": {"team": "infra"}
 // }
+//
+// The recipe object has two forms (issue #5 part 3: one recipe schema for
+// `qcal quantize` and the REST API):
+//  - weight-only: the keys above, method rtn | gptq (GPTQ / compressed-tensors
+//    output through the block-wise DAG; unchanged, byte-identical outputs);
+//  - calibration: the calibration engine's recipe (worker/calib/recipe.h,
+//    CalibRecipe::to_json's keys: transform, weight_solver, w_bits, w_group,
+//    a_bits, a_clip, kv_bits, kv_clip, ..., intactkv, intactkv_prefix, gptq,
+//    reconstruction, cbq_window, cbq_overlap, cbq_parallel, cbq_epochs,
+//    lora_rank, cfp, seed, batch), plus "method" as the CLI's --method: rtn |
+//    gptq set weight_solver, smoothquant | quarot | spinquant | flatquant set
+//    transform. A recipe is a calibration recipe when it has a key only that
+//    schema has (calib_recipe_keys() minus the weight-only keys) or its method
+//    names a transform. Its defaults are CalibRecipe's (weight_solver rtn,
+//    per-channel weights). Weight-only keys in it are refused with the
+//    calibration key to use ("recipe.group_size: ... use w_group").
+//    output.format then also takes "native" and "auto" (the default: native
+//    unless everything folds into the weights, see worker/engine/recipe.h).
+//    The object is kept as given (method resolved); the engine parses and
+//    validates it (calib::recipe_from_json + validate) when the job is planned:
+//    calib_recipe_from_spec in worker/engine/recipe.h.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +44,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 
@@ -42,7 +64,18 @@ struct RecipeSpec {
   int64_t window = 1;               // blocks per calibration task
   int64_t overlap = 0;
   uint64_t seed = 0;
+  // The calibration recipe (see the top of this file), "method" resolved into
+  // transform / weight_solver; nullopt for a weight-only recipe. When set, the
+  // fields above are unused but for `method` (a display name: the transform, else
+  // the weight solver, else "rtn") and w_bits / seed (copied when given).
+  std::optional<nlohmann::json> calib;
+  bool calibration() const { return calib.has_value(); }
 };
+
+// The keys of a calibration recipe object (CalibRecipe::to_json's, without the
+// "method" alias), and the weight-only recipe's keys.
+const std::vector<std::string>& calib_recipe_keys();
+const std::vector<std::string>& weight_only_recipe_keys();
 
 struct DataSpec {
   std::string path;
@@ -52,7 +85,8 @@ struct DataSpec {
 
 struct OutputSpec {
   std::string path;
-  std::string format = "gptq";  // gptq | compressed-tensors
+  // gptq | compressed-tensors; calibration recipes also native | auto (their default)
+  std::string format = "gptq";
   bool overwrite = false;
 };
 

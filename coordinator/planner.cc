@@ -10,8 +10,10 @@
 
 #include "common/model_dir.h"
 #include "common/plan.h"
+#include "worker/calib/methods.h"
 #include "worker/engine/qformats.h"
 #include "worker/engine/quantizer.h"
+#include "worker/engine/recipe.h"
 
 namespace qcal {
 
@@ -190,9 +192,205 @@ std::string fit_hint(const TaskDef& t, const MemoryEstimate& m, const JobSpec& s
   return "this model needs workers with more memory";
 }
 
+std::string cbq_window_id(int64_t w) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%s-%04lld", plan::kCbqWindow, static_cast<long long>(w));
+  return buf;
+}
+
+const char* reconstruction_name(calib::Reconstruction r) {
+  switch (r) {
+    case calib::Reconstruction::kNone: return "none";
+    case calib::Reconstruction::kBlock: return "block";
+    case calib::Reconstruction::kCbq: return "cbq";
+  }
+  return "none";
+}
+
+// The calibration DAGs of common/plan.h (spec.recipe.calib set).
+Result<Plan> plan_calibration(const JobSpec& spec, const PlannerLimits& limits) {
+  // The recipe on its own first: its errors name recipe fields and need no files.
+  QCAL_ASSIGN_OR_RETURN(calib::CalibRecipe r, calib_recipe_from_spec(spec));
+  QCAL_ASSIGN_OR_RETURN(std::string format, calib_output_format(spec, r));
+  if (spec.calib.seqlen < 2) return invalid_input("calib.seqlen: must be at least 2");
+
+  auto dir_or = ModelDir::open(spec.model);
+  if (!dir_or.is_ok()) return dir_or.status().with_context("model");
+  const ModelDir& dir = **dir_or;
+  if (dir.quantization_config())
+    return invalid_input("model: " + spec.model +
+                         " is already quantized (config.json has quantization_config); "
+                         "submit the FP checkpoint");
+  QCAL_RETURN_IF_ERROR(dir.validate_fp_model().with_context("model"));
+  const ModelConfig& c = dir.config();
+  QCAL_RETURN_IF_ERROR(calib_recipe_from_spec(spec, &c).status());
+  const bool reconstruct = r.reconstruction != calib::Reconstruction::kNone;
+  calib::CbqOptions cbq;
+  if (reconstruct) {
+    cbq = calib::cbq_options(r, c);
+    Status s = cbq.validate(c);
+    if (!s.is_ok()) return Status(s.code(), "recipe (reconstruction): " + s.message());
+  }
+  if (format != "native") {
+    // Everything folds: the engine's GPTQ / compressed-tensors writers pack it.
+    QuantSpec qspec;
+    qspec.bits = r.w_bits;
+    qspec.group_size = r.w_group;
+    qspec.sym = true;
+    QCAL_ASSIGN_OR_RETURN(CheckpointFormat f, parse_checkpoint_format(format));
+    for (const char* proj : kProjNames) {
+      auto shape = proj_shape(c, proj);
+      QuantizedLinear probe;
+      probe.out_features = shape[0];
+      probe.in_features = shape[1];
+      probe.spec = qspec;
+      probe.act_order = r.weight_solver == calib::WeightSolver::kGptq && r.gptq.act_order;
+      Status st = check_writable(probe, f);
+      if (!st.is_ok())
+        return st.with_context("output.format " + std::string(checkpoint_format_name(f)) + ": " +
+                               proj);
+    }
+  }
+
+  QCAL_ASSIGN_OR_RETURN(u64 calib_bytes, check_data_file("calib.path", spec.calib.path));
+  u64 eval_seqs = 0, eval_T = 0;
+  if (spec.eval) {
+    QCAL_ASSIGN_OR_RETURN(u64 eval_bytes, check_data_file("eval.path", spec.eval->path));
+    eval_seqs = sequences_bound(*spec.eval, eval_bytes);
+    eval_T = u(spec.eval->seqlen);
+  }
+  QCAL_RETURN_IF_ERROR(check_output(spec.output, spec.model));
+
+  // ---- Shapes for the estimates.
+  const int64_t L = c.num_hidden_layers;
+  const BlockShapes b = block_shapes(c, r.w_group);
+  const u64 N = sequences_bound(spec.calib, calib_bytes);
+  const u64 T = u(spec.calib.seqlen);
+  const u64 batch = std::max<u64>(1, u(std::min<int64_t>(limits.batch, r.batch)));
+  const u64 x_bytes = N * T * b.H * 4;
+  // The whole FP model in fp32 (FpModel: every block, embeddings, lm_head copy).
+  const u64 model_bytes = (u(L) * b.params + 2 * b.V * b.H + b.H) * 4;
+  const u64 arena = batch_arena(b, std::min(batch, N), T);
+
+  Plan plan;
+  std::vector<MemoryEstimate> est;
+  int64_t windows = 0;
+  std::string validate_dep;
+  if (!reconstruct) {
+    TaskDef t;
+    t.id = plan::kCalib;
+    t.type = plan::kCalib;
+    t.params["format"] = format;
+    plan.tasks.push_back(t);
+    MemoryEstimate m;
+    m.parts.push_back({"weights", 2 * model_bytes});  // FP + transformed / quantized
+    m.parts.push_back({"activations", 3 * x_bytes});  // quantized path, FP in / out
+    m.parts.push_back({"batch", arena});
+    est.push_back(m);
+    validate_dep = t.id;
+  } else {
+    const std::vector<calib::CbqWindow> wins = calib::cbq_plan(L, cbq.window, cbq.overlap);
+    windows = static_cast<int64_t>(wins.size());
+    TaskDef capture;
+    capture.id = plan::kCapture;
+    capture.type = plan::kCapture;
+    capture.params["cbq"] = true;
+    plan.tasks.push_back(capture);
+    MemoryEstimate mc;
+    mc.parts.push_back({"weights", 2 * model_bytes});  // FP + the setup's transformed model
+    mc.parts.push_back({"activations", 2 * x_bytes});
+    mc.parts.push_back({"batch", arena});
+    est.push_back(mc);
+    std::vector<std::string> deps_all = {capture.id};
+    for (int64_t w = 0; w < windows; ++w) {
+      const calib::CbqWindow& win = wins[static_cast<size_t>(w)];
+      TaskDef t;
+      t.id = cbq_window_id(w);
+      t.type = plan::kCbqWindow;
+      t.params = {{"window", w},
+                  {"first", win.first},
+                  {"last", win.last},
+                  {"finalize_last", win.finalize_last}};
+      t.deps = {capture.id};
+      if (w > 0) t.deps.push_back(cbq_window_id(w - 1));
+      deps_all.push_back(t.id);
+      plan.tasks.push_back(std::move(t));
+      const u64 k = u(win.last - win.first + 1);
+      MemoryEstimate m;
+      // The setup's whole model, plus per window block FP, CFP base and Ŵ, and the
+      // LoRA-Rounding base V0 per linear.
+      m.parts.push_back({"weights", model_bytes + k * (b.params * 4 * 3 + b.linear_params * 4)});
+      // Running, next input and target, plus the state's x_fp / x_q in and out.
+      m.parts.push_back({"activations", 7 * x_bytes});
+      m.parts.push_back({"batch", 3 * k * batch_arena(b, std::min(u(r.cali_bsz), N), T)});
+      est.push_back(m);
+    }
+    TaskDef assemble;
+    assemble.id = plan::kAssemble;
+    assemble.type = plan::kAssemble;
+    assemble.deps = deps_all;
+    plan.tasks.push_back(assemble);
+    MemoryEstimate ma;
+    ma.parts.push_back({"weights", 2 * model_bytes});  // setup + native model
+    ma.parts.push_back({"quantized", u(L) * b.quantized});
+    est.push_back(ma);
+    validate_dep = assemble.id;
+  }
+  TaskDef validate;
+  validate.id = plan::kValidate;
+  validate.type = plan::kValidate;
+  validate.deps = {validate_dep};
+  plan.tasks.push_back(validate);
+  {
+    MemoryEstimate m;
+    // A native output is held whole; a GPTQ one streams a block at a time.
+    m.parts.push_back({"weights", format == "native"
+                                      ? model_bytes + std::max(b.params, b.V * b.H) * 4
+                                      : 2 * std::max(b.params, b.V * b.H) * 4});
+    if (spec.eval) {
+      const u64 eb = std::min(batch, eval_seqs);
+      m.parts.push_back({"activations", 2 * eb * eval_T * (b.H + b.V) * 4});
+      m.parts.push_back({"batch", batch_arena(b, eb, eval_T)});
+    }
+    est.push_back(m);
+  }
+
+  size_t peak = 0;
+  for (size_t i = 0; i < plan.tasks.size(); ++i) {
+    plan.tasks[i].mem_bytes = est[i].total();
+    if (est[i].total() > est[peak].total()) peak = i;
+  }
+  if (est[peak].total() > limits.worker_memory_bytes) {
+    const TaskDef& t = plan.tasks[peak];
+    return resource_exhausted(t.id + " needs " + format_bytes(est[peak].total()) + " (" +
+                              est[peak].describe() + ") but workers have " +
+                              format_bytes(limits.worker_memory_bytes) + "; " +
+                              fit_hint(t, est[peak], spec));
+  }
+  nlohmann::json estimates = nlohmann::json::object();
+  for (size_t i = 0; i < plan.tasks.size(); ++i) estimates[plan.tasks[i].id] = est[i].to_json();
+  plan.summary = {{"method", spec.recipe.method},
+                  {"recipe", r.to_json()},
+                  {"reconstruction", reconstruction_name(r.reconstruction)},
+                  {"layers", L},
+                  {"format", format},
+                  {"calib_sequences", N},
+                  {"tasks", plan.tasks.size()},
+                  {"peak", {{"task", plan.tasks[peak].id}, {"bytes", est[peak].total()}}},
+                  {"worker_memory_bytes", limits.worker_memory_bytes},
+                  {"estimates", estimates}};
+  if (reconstruct) {
+    plan.summary["windows"] = windows;
+    plan.summary["window"] = cbq.window;
+    plan.summary["overlap"] = cbq.overlap;
+  }
+  return plan;
+}
+
 }  // namespace
 
 Result<Plan> plan_job(const JobSpec& spec, const PlannerLimits& limits) {
+  if (spec.recipe.calibration()) return plan_calibration(spec, limits);
   const RecipeSpec& r = spec.recipe;
   const MethodInfo* method = find_method(r.method);
   if (!method) {

@@ -55,6 +55,33 @@
 // N = calib.nsamples; when 0 ("all") it is bounded from the file size
 // (.u32: bytes/4/T; .jsonl: bytes/2/T, at least "d," per token).
 //
+// Calibration recipes (spec.recipe.calib, common/job_spec.h) are planned into
+// the calibration DAGs of common/plan.h. Checks, in order:
+//   recipe            calib_recipe_from_spec (worker/engine/recipe.h):
+//                     calib::recipe_from_json + validate, "recipe.<field>: ..."
+//   output.format     calib_output_format ("auto" → native, or gptq when
+//                     everything folds and nothing is reconstructed)
+//   model             as above, then CalibRecipe::validate_for(config) and, with
+//                     a reconstruction, CbqOptions::validate
+//   format            gptq / compressed-tensors: check_writable as above
+//   calib.path, eval.path, output.path, memory: as above
+// DAG: calib → validate without reconstruction; capture → cbq-window-0000 → … →
+// assemble → validate with reconstruction "cbq" / "block" (windows from
+// calib::cbq_plan(L, window, overlap); per block = window 1, overlap 0).
+// Memory (M = the whole FP model in fp32: L block params + 2·V·H, as FpModel
+// holds it; x = N·T·H·4):
+//   calib      weights 2·M, activations 3·x, batch arena
+//   capture    weights 2·M (FP + transformed setup), activations 2·x, batch
+//   cbq-window weights M + k·(block params·12 + linear params·4) (setup, and per
+//              window block FP / CFP base / Ŵ / V0), activations 7·x (window
+//              running, next input, target; the state's x_fp / x_q in and out),
+//              batch 3·k minibatch arenas of cali_bsz sequences
+//   assemble   weights 2·M (setup + native model), quantized L·(block codes)
+//   validate   native output: M + the largest of a block / lm_head; else as above
+// Summary: {"method", "recipe" (CalibRecipe::to_json), "reconstruction", "layers",
+// "format", "calib_sequences", "tasks", "peak", "worker_memory_bytes",
+// "estimates"} plus "windows", "window", "overlap" with a reconstruction.
+//
 // Thread safety: plan_job is a pure function of its arguments and the files it
 // reads; concurrent calls are safe.
 #pragma once

@@ -182,6 +182,7 @@ json job_detail(const JobInfo& j, const std::vector<TaskInfo>& tasks, double now
   d["report"] = j.report;
   json tj = json::array();
   json blocks = json::array();
+  json windows = json::array();  // CBQ: one report per finished window task
   double cal_sum = 0;
   int64_t cal_done = 0, cal_left = 0, cal_running = 0, done = 0;
   for (const TaskInfo& t : tasks) {
@@ -196,12 +197,16 @@ json job_detail(const JobInfo& j, const std::vector<TaskInfo>& tasks, double now
                   {"mem_bytes", t.def.mem_bytes},
                   {"error", t.error}});
     if (t.state == TaskState::kDone) ++done;
-    if (t.def.type != plan::kCalibrate) continue;
+    if (t.def.type != plan::kCalibrate && t.def.type != plan::kCbqWindow &&
+        t.def.type != plan::kCalib)
+      continue;
     if (t.state == TaskState::kDone) {
       cal_sum += task_seconds(t, now);
       ++cal_done;
       if (t.result.is_object() && t.result.contains("layers") && t.result["layers"].is_array())
         for (const auto& l : t.result["layers"]) blocks.push_back(l);
+      if (t.result.is_object() && t.result.contains("window") && t.result["window"].is_object())
+        windows.push_back(t.result["window"]);
     } else if (t.state != TaskState::kCancelled && t.state != TaskState::kFailed) {
       ++cal_left;
       if (t.state == TaskState::kRunning) ++cal_running;
@@ -217,6 +222,13 @@ json job_detail(const JobInfo& j, const std::vector<TaskInfo>& tasks, double now
   d["progress"] = {
       {"tasks_total", static_cast<int64_t>(tasks.size())}, {"tasks_done", done}, {"tasks", tj}};
   d["blocks"] = blocks;
+  auto window_of = [](const json& w) {
+    return w.contains("window") && w["window"].is_number_integer() ? w["window"].get<int64_t>()
+                                                                   : int64_t{0};
+  };
+  std::stable_sort(windows.begin(), windows.end(),
+                   [&](const json& a, const json& b) { return window_of(a) < window_of(b); });
+  d["windows"] = windows;
   // ETA: mean calibrate duration × the calibrate tasks left, over the windows
   // running at once (1 in sequential mode).
   json eta;

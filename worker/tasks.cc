@@ -4,12 +4,20 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <optional>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 #include "common/data.h"
 #include "common/fsutil.h"
 #include "common/log.h"
+#include "common/model_config.h"
 #include "common/plan.h"
+#include "common/sha256.h"
+#include "worker/calib/intactkv.h"
+#include "worker/calib/methods.h"
+#include "worker/calib/native.h"
 #include "worker/engine/eval.h"
 #include "worker/engine/model.h"
 #include "worker/engine/quantize.h"
@@ -26,6 +34,9 @@ constexpr const char* kCancelledPrefix = "cancelled: ";
 // Bits of RankGroup::agree between layers.
 constexpr int kAgreeFailed = 1;
 constexpr int kAgreeCancel = 2;
+
+// Sequences per evaluation batch (evaluate's default).
+constexpr int64_t kEvalBatch = 8;
 
 double now_s() {
   using namespace std::chrono;
@@ -377,16 +388,33 @@ Result<nlohmann::json> run_validate(const TaskContext& ctx) {
       out = it->second["output"].get<std::string>();
   }
   QCAL_ASSIGN_OR_RETURN(auto fp, LlamaModel::open(ctx.spec.model));
-  QCAL_ASSIGN_OR_RETURN(auto q, LlamaModel::open(out));
-  const ModelConfig &a = q->config(), &b = fp->config();
-  if (a.vocab_size != b.vocab_size || a.hidden_size != b.hidden_size ||
-      a.num_hidden_layers != b.num_hidden_layers)
-    return invalid_input(out + " has a different architecture than " + ctx.spec.model);
+  const ModelConfig& b = fp->config();
   const DataSpec& d = *ctx.spec.eval;
-  QCAL_ASSIGN_OR_RETURN(TokenSequences data,
-                        load_token_sequences(d.path, d.seqlen, a.vocab_size, d.nsamples));
-  if (data.count() == 0) return invalid_input(d.path + ": eval data holds no complete sequence");
-  QCAL_ASSIGN_OR_RETURN(EvalResult r, evaluate(*q, data, fp.get()));
+  auto same_arch = [&](const ModelConfig& a) -> Status {
+    if (a.vocab_size != b.vocab_size || a.hidden_size != b.hidden_size ||
+        a.num_hidden_layers != b.num_hidden_layers)
+      return invalid_input(out + " has a different architecture than " + ctx.spec.model);
+    return Status::ok();
+  };
+  auto load_eval = [&]() -> Result<TokenSequences> {
+    QCAL_ASSIGN_OR_RETURN(TokenSequences data,
+                          load_token_sequences(d.path, d.seqlen, b.vocab_size, d.nsamples));
+    if (data.count() == 0) return invalid_input(d.path + ": eval data holds no complete sequence");
+    return data;
+  };
+  EvalResult r;
+  if (calib::is_native_dir(out)) {
+    // A native qcal checkpoint: quantized inference with the integer kernels.
+    QCAL_ASSIGN_OR_RETURN(calib::NativeModel nm, calib::read_native(out));
+    QCAL_RETURN_IF_ERROR(same_arch(nm.config));
+    QCAL_ASSIGN_OR_RETURN(TokenSequences data, load_eval());
+    QCAL_ASSIGN_OR_RETURN(r, calib::evaluate_native(nm, data, fp.get(), kEvalBatch));
+  } else {
+    QCAL_ASSIGN_OR_RETURN(auto q, LlamaModel::open(out));
+    QCAL_RETURN_IF_ERROR(same_arch(q->config()));
+    QCAL_ASSIGN_OR_RETURN(TokenSequences data, load_eval());
+    QCAL_ASSIGN_OR_RETURN(r, evaluate(*q, data, fp.get()));
+  }
 
   nlohmann::json report = r.to_json();
   nlohmann::json gate = nlohmann::json::object();
@@ -424,6 +452,305 @@ Result<nlohmann::json> run_validate(const TaskContext& ctx) {
   return nlohmann::json{{"report", report}, {"gate_passed", passed}};
 }
 
+// ---------------------------------------------------------------- calibration recipes
+
+// Directory artifacts (common/plan.h): every file under store-relative `rel` (a
+// file or a directory) as refs in `arts`, keyed "<name>" (a file) or
+// "<name>/<path inside>" (a directory, sorted).
+Status add_tree_refs(const ArtifactStore& store, const std::string& rel, const std::string& name,
+                     nlohmann::json* arts) {
+  const std::string abs = store.absolute(rel);
+  std::error_code ec;
+  if (fs::is_regular_file(abs, ec)) {
+    QCAL_ASSIGN_OR_RETURN(FileDigest d, sha256_file(abs));
+    (*arts)[name] = ArtifactRef{rel, d.sha256, d.bytes}.to_json();
+    return Status::ok();
+  }
+  if (!fs::is_directory(abs, ec)) return io_error(abs + ": not written");
+  std::vector<std::string> files;
+  for (auto it = fs::recursive_directory_iterator(abs, ec);
+       !ec && it != fs::recursive_directory_iterator(); it.increment(ec))
+    if (it->is_regular_file(ec)) files.push_back(fs::relative(it->path(), abs).generic_string());
+  if (ec) return io_error(abs + ": " + ec.message());
+  if (files.empty()) return io_error(abs + ": empty directory");
+  std::sort(files.begin(), files.end());
+  for (const std::string& f : files) {
+    QCAL_ASSIGN_OR_RETURN(FileDigest d, sha256_file(abs + "/" + f));
+    (*arts)[name + "/" + f] = ArtifactRef{rel + "/" + f, d.sha256, d.bytes}.to_json();
+  }
+  return Status::ok();
+}
+
+// A file or directory artifact `name` of a dep: its store-relative path and files.
+struct TreeInput {
+  std::string producer;
+  std::string path;  // relative to the store root
+  std::vector<TaskInput> files;
+};
+
+bool dep_has_tree(const TaskContext& ctx, const std::string& dep, const std::string& name) {
+  auto it = ctx.deps.find(dep);
+  if (it == ctx.deps.end() || !it->second.is_object() || !it->second.contains("artifacts") ||
+      !it->second["artifacts"].is_object())
+    return false;
+  for (auto a = it->second["artifacts"].begin(); a != it->second["artifacts"].end(); ++a)
+    if (a.key() == name || a.key().rfind(name + "/", 0) == 0) return true;
+  return false;
+}
+
+Result<TreeInput> dep_tree(const TaskContext& ctx, const std::string& dep,
+                           const std::string& name) {
+  if (!dep_has_tree(ctx, dep, name))
+    return invalid_input("task " + ctx.task.id + ": dep " + dep + " has no artifact '" + name +
+                         "'");
+  TreeInput t;
+  t.producer = dep;
+  const nlohmann::json& arts = ctx.deps.at(dep)["artifacts"];
+  for (auto a = arts.begin(); a != arts.end(); ++a) {
+    const std::string& key = a.key();
+    const bool file = key == name;
+    if (!file && key.rfind(name + "/", 0) != 0) continue;
+    auto ref = ArtifactRef::from_json(a.value());
+    if (!ref.is_ok()) return ref.status().with_context("dep " + dep + " artifact " + key);
+    std::string root = ref->path;
+    if (!file) {
+      const std::string inside = key.substr(name.size());  // "/<path inside>"
+      if (root.size() <= inside.size() ||
+          root.compare(root.size() - inside.size(), inside.size(), inside) != 0)
+        return invalid_input("task " + ctx.task.id + ": dep " + dep + " artifact " + key +
+                             " is stored at " + ref->path);
+      root.resize(root.size() - inside.size());
+    }
+    if (!t.path.empty() && t.path != root)
+      return invalid_input("task " + ctx.task.id + ": dep " + dep + " artifact " + name +
+                           " spans " + t.path + " and " + root);
+    t.path = root;
+    t.files.push_back(TaskInput{dep, key, *ref});
+  }
+  return t;
+}
+
+// The first dep holding artifact `name`.
+Result<TreeInput> find_tree(const TaskContext& ctx, const std::string& name) {
+  for (const auto& dep : ctx.task.deps)
+    if (dep_has_tree(ctx, dep, name)) return dep_tree(ctx, dep, name);
+  return invalid_input("task " + ctx.task.id + ": no dep has artifact '" + name + "'");
+}
+
+Status verify_tree(const TaskContext& ctx, const TreeInput& t) {
+  for (const TaskInput& f : t.files) QCAL_RETURN_IF_ERROR(ctx.store->verify(f.ref));
+  return Status::ok();
+}
+
+Result<TokenSequences> load_calib(const TaskContext& ctx, int64_t vocab) {
+  const DataSpec& d = ctx.spec.calib;
+  QCAL_ASSIGN_OR_RETURN(TokenSequences calib,
+                        load_token_sequences(d.path, d.seqlen, vocab, d.nsamples));
+  if (calib.count() == 0)
+    return invalid_input(d.path + ": calibration data holds no complete sequence");
+  if (d.nsamples > 0 && calib.count() < d.nsamples)
+    say(ctx, d.path + " holds " + std::to_string(calib.count()) + " sequences of " +
+                 std::to_string(d.seqlen) + " tokens; using them all (asked for " +
+                 std::to_string(d.nsamples) + ")");
+  return calib;
+}
+
+calib::CalibProgress progress_to(const TaskContext& ctx) {
+  return [&ctx](const std::string& stage, int64_t i, int64_t n) {
+    say(ctx, stage + " " + std::to_string(i + 1) + "/" + std::to_string(n));
+  };
+}
+
+// Publishing output.path from a task that may be re-run after a crash between
+// publishing and reporting: the intent marker (written before publishing) lets
+// the re-run replace its own earlier output. Returns the overwrite flag to use.
+Result<bool> begin_publish(const TaskContext& ctx) {
+  const std::string& out = ctx.spec.output.path;
+  bool overwrite = ctx.spec.output.overwrite;
+  const std::string marker = "jobs/" + ctx.job_id + "/" + ctx.task.id + "/publishing.json";
+  const bool marked = path_exists(ctx.store->absolute(marker));
+  if (path_exists(out) && !overwrite && marked) {
+    say(ctx, out + " exists from an earlier attempt of this task: replacing it");
+    overwrite = true;
+  }
+  if (!marked)
+    QCAL_RETURN_IF_ERROR(
+        ctx.store->write_blob(marker, nlohmann::json{{"output", out}}.dump()).status());
+  return overwrite;
+}
+
+// calib: one task, the whole calibration in process (calibrate_to_dir).
+Result<nlohmann::json> run_calib(const TaskContext& ctx) {
+  QCAL_RETURN_IF_ERROR(need_root(ctx));
+  QCAL_ASSIGN_OR_RETURN(ModelConfig c, load_model_config(join_path(ctx.spec.model, "config.json")));
+  QCAL_ASSIGN_OR_RETURN(calib::CalibRecipe r, calib_recipe_from_spec(ctx.spec, &c));
+  std::string format;
+  if (ctx.task.params.is_object() && ctx.task.params.contains("format") &&
+      ctx.task.params["format"].is_string()) {
+    format = ctx.task.params["format"].get<std::string>();
+  } else {
+    QCAL_ASSIGN_OR_RETURN(format, calib_output_format(ctx.spec, r));
+  }
+  QCAL_ASSIGN_OR_RETURN(TokenSequences calib, load_calib(ctx, c.vocab_size));
+  if (ctx.cancel && ctx.cancel->load()) return cancelled("calib before starting");
+  const std::string& out = ctx.spec.output.path;
+  QCAL_ASSIGN_OR_RETURN(bool overwrite, begin_publish(ctx));
+  QCAL_ASSIGN_OR_RETURN(
+      calib::CalibReport rep,
+      calib::calibrate_to_dir(ctx.spec.model, calib, r, out, format, overwrite, progress_to(ctx)));
+  const uint64_t bytes = dir_bytes(out);
+  say(ctx, "wrote " + out + " (" + format + ", " + std::to_string(bytes) + " bytes) in " +
+               std::to_string(rep.seconds) + " s");
+  return nlohmann::json{
+      {"output", out}, {"bytes", bytes}, {"format", format}, {"report", rep.to_json()}};
+}
+
+// capture of a reconstruction recipe: everything before the first window.
+Result<nlohmann::json> run_cbq_capture(const TaskContext& ctx) {
+  QCAL_RETURN_IF_ERROR(need_root(ctx));
+  QCAL_ASSIGN_OR_RETURN(calib::FpModel fp, calib::load_fp_model(ctx.spec.model));
+  const ModelConfig& c = fp.config;
+  QCAL_ASSIGN_OR_RETURN(calib::CalibRecipe r, calib_recipe_from_spec(ctx.spec, &c));
+  QCAL_ASSIGN_OR_RETURN(TokenSequences calib, load_calib(ctx, c.vocab_size));
+  if (ctx.cancel && ctx.cancel->load()) return cancelled("capture before starting");
+  calib::CalibReport rep;
+  QCAL_ASSIGN_OR_RETURN(calib::CbqSetup setup, calib::cbq_prepare(fp, calib, r, &rep));
+  const calib::CbqOptions o = calib::cbq_options(r, setup);
+  const auto windows = calib::cbq_plan(c.num_hidden_layers, o.window, o.overlap);
+  const std::string rel = task_artifact_path(ctx.job_id, ctx.task.id, ctx.attempt, "setup");
+  std::error_code ec;
+  fs::create_directories(fs::path(ctx.store->absolute(rel)).parent_path(), ec);
+  if (ec) return io_error(ctx.store->absolute(rel) + ": " + ec.message());
+  QCAL_RETURN_IF_ERROR(calib::save_cbq_setup(setup, ctx.store->absolute(rel)));
+  nlohmann::json arts = nlohmann::json::object();
+  QCAL_RETURN_IF_ERROR(add_tree_refs(*ctx.store, rel, "setup", &arts));
+  say(ctx, "prepared " + std::to_string(setup.N) + " x " + std::to_string(setup.T) +
+               " tokens for " + std::to_string(windows.size()) + " window(s)");
+  return nlohmann::json{{"artifacts", arts},
+                        {"sequences", setup.N},
+                        {"seqlen", setup.T},
+                        {"windows", windows.size()},
+                        {"report", rep.to_json()}};
+}
+
+nlohmann::json window_json(const calib::CbqWindowReport& w) {
+  return {{"window", w.window},       {"first", w.first},
+          {"last", w.last},           {"loss_first", w.loss_first},
+          {"loss_last", w.loss_last}, {"loss_hard_init", w.loss_hard_init},
+          {"loss_hard", w.loss_hard}, {"steps", w.steps},
+          {"seconds", w.seconds}};
+}
+
+// One CBQ window: setup + the previous window's state → the next state.
+Result<nlohmann::json> run_cbq_window(const TaskContext& ctx) {
+  QCAL_RETURN_IF_ERROR(need_root(ctx));
+  QCAL_ASSIGN_OR_RETURN(int64_t w, int_param(ctx.task, "window"));
+  if (ctx.cancel && ctx.cancel->load()) return cancelled(ctx.task.id + " before starting");
+  QCAL_ASSIGN_OR_RETURN(TreeInput setup_in, find_tree(ctx, "setup"));
+  QCAL_RETURN_IF_ERROR(verify_tree(ctx, setup_in));
+  std::optional<TreeInput> state_in;
+  if (w > 0) {
+    QCAL_ASSIGN_OR_RETURN(TreeInput t, find_tree(ctx, "state"));
+    QCAL_RETURN_IF_ERROR(verify_tree(ctx, t));
+    state_in = std::move(t);
+  }
+  QCAL_ASSIGN_OR_RETURN(calib::CbqSetup setup,
+                        calib::load_cbq_setup(ctx.store->absolute(setup_in.path)));
+  const ModelConfig& c = setup.model.config;
+  QCAL_ASSIGN_OR_RETURN(calib::CalibRecipe r, calib_recipe_from_spec(ctx.spec, &c));
+  const calib::CbqOptions o = calib::cbq_options(r, setup);
+  const std::vector<calib::CbqWindow> plan =
+      calib::cbq_plan(c.num_hidden_layers, o.window, o.overlap);
+  if (w < 0 || w >= static_cast<int64_t>(plan.size()))
+    return invalid_input("task " + ctx.task.id + ": window " + std::to_string(w) +
+                         " not in the recipe's " + std::to_string(plan.size()) + " windows");
+  const calib::CbqWindow& win = plan[static_cast<size_t>(w)];
+  for (const auto& [key, v] : {std::pair<const char*, int64_t>{"first", win.first},
+                               {"last", win.last},
+                               {"finalize_last", win.finalize_last}}) {
+    auto p = int_param(ctx.task, key);
+    if (p.is_ok() && *p != v)
+      return invalid_input("task " + ctx.task.id + ": params." + key + " " + std::to_string(*p) +
+                           " but the recipe's window " + std::to_string(w) + " has " +
+                           std::to_string(v));
+  }
+  calib::CbqState state;
+  if (w == 0) {
+    state = calib::cbq_initial_state(setup.x0, o);
+  } else {
+    std::vector<calib::CbqLayerResult> earlier;  // read by assemble, not here
+    QCAL_ASSIGN_OR_RETURN(state,
+                          calib::load_cbq_state(ctx.store->absolute(state_in->path), &earlier));
+    say(ctx, "resuming from the state of " + state_in->producer);
+  }
+  if (state.next_window != w)
+    return invalid_input("task " + ctx.task.id + ": the state " +
+                         (state_in ? "of " + state_in->producer : std::string("at start")) +
+                         " is at window " + std::to_string(state.next_window) + ", not " +
+                         std::to_string(w));
+  if (ctx.cancel && ctx.cancel->load()) return cancelled(ctx.task.id + " before starting");
+  std::vector<calib::BlockWeightsT<float>*> layers;
+  for (int64_t l = win.first; l <= win.last; ++l)
+    layers.push_back(&setup.model.layers[static_cast<size_t>(l)]);
+  std::vector<calib::CbqLayerResult> finalized;
+  calib::CbqWindowReport rep;
+  QCAL_RETURN_IF_ERROR(
+      calib::cbq_run_window(c, o, plan, setup.N, setup.T, layers, &state, &finalized, &rep));
+  const std::string rel = task_artifact_path(ctx.job_id, ctx.task.id, ctx.attempt, "state");
+  std::error_code ec;
+  fs::create_directories(fs::path(ctx.store->absolute(rel)).parent_path(), ec);
+  if (ec) return io_error(ctx.store->absolute(rel) + ": " + ec.message());
+  QCAL_RETURN_IF_ERROR(calib::save_cbq_state(state, finalized, ctx.store->absolute(rel)));
+  nlohmann::json arts = nlohmann::json::object();
+  QCAL_RETURN_IF_ERROR(add_tree_refs(*ctx.store, rel, "state", &arts));
+  nlohmann::json fin = nlohmann::json::array();
+  for (const auto& l : finalized) fin.push_back(l.layer);
+  std::ostringstream line;
+  line << "window " << w + 1 << "/" << plan.size() << " (layers " << win.first << ".." << win.last
+       << "): loss " << rep.loss_first << " -> " << rep.loss_last << ", hardened "
+       << rep.loss_hard_init << " -> " << rep.loss_hard << " (" << rep.seconds << " s)";
+  say(ctx, line.str());
+  return nlohmann::json{{"artifacts", arts}, {"window", window_json(rep)}, {"finalized", fin}};
+}
+
+// assemble of a reconstruction recipe: every window's finalized layers → native.
+Result<nlohmann::json> run_cbq_assemble(const TaskContext& ctx) {
+  QCAL_RETURN_IF_ERROR(need_root(ctx));
+  QCAL_ASSIGN_OR_RETURN(TreeInput setup_in, find_tree(ctx, "setup"));
+  QCAL_RETURN_IF_ERROR(verify_tree(ctx, setup_in));
+  QCAL_ASSIGN_OR_RETURN(calib::CbqSetup setup,
+                        calib::load_cbq_setup(ctx.store->absolute(setup_in.path)));
+  const ModelConfig& c = setup.model.config;
+  QCAL_ASSIGN_OR_RETURN(calib::CalibRecipe r, calib_recipe_from_spec(ctx.spec, &c));
+  std::vector<calib::CbqLayerResult> layers;
+  for (const auto& dep : ctx.task.deps) {
+    if (!dep_has_tree(ctx, dep, "state")) continue;
+    if (ctx.cancel && ctx.cancel->load()) return cancelled("assemble while reading inputs");
+    QCAL_ASSIGN_OR_RETURN(TreeInput t, dep_tree(ctx, dep, "state"));
+    QCAL_RETURN_IF_ERROR(verify_tree(ctx, t));
+    std::vector<calib::CbqLayerResult> fin;
+    QCAL_RETURN_IF_ERROR(calib::load_cbq_state(ctx.store->absolute(t.path), &fin).status());
+    for (auto& l : fin) layers.push_back(std::move(l));
+  }
+  const int64_t L = c.num_hidden_layers;
+  if (static_cast<int64_t>(layers.size()) != L)
+    return invalid_input("task " + ctx.task.id + ": the windows finalized " +
+                         std::to_string(layers.size()) + " layers, the model has " +
+                         std::to_string(L));
+  for (int64_t l = 0; l < L; ++l)
+    if (layers[static_cast<size_t>(l)].layer != l)
+      return invalid_input("task " + ctx.task.id + ": finalized layer " + std::to_string(l) +
+                           " is layer " + std::to_string(layers[static_cast<size_t>(l)].layer));
+  QCAL_ASSIGN_OR_RETURN(calib::NativeModel nm, calib::cbq_finish(setup, layers, r));
+  const std::string& out = ctx.spec.output.path;
+  QCAL_ASSIGN_OR_RETURN(bool overwrite, begin_publish(ctx));
+  QCAL_RETURN_IF_ERROR(calib::write_native(nm, out, overwrite));
+  const uint64_t bytes = dir_bytes(out);
+  say(ctx, "wrote " + out + " (native, " + std::to_string(bytes) + " bytes, " + std::to_string(L) +
+               " layers)");
+  return nlohmann::json{{"output", out}, {"bytes", bytes}, {"format", "native"}, {"layers", L}};
+}
+
 }  // namespace
 
 Status cancelled(const std::string& what) { return unavailable(kCancelledPrefix + what); }
@@ -439,6 +766,22 @@ Result<std::vector<TaskInput>> task_inputs(const TaskContext& ctx) {
     QCAL_ASSIGN_OR_RETURN(int64_t begin, int_param(ctx.task, "layer_begin"));
     QCAL_ASSIGN_OR_RETURN(TaskInput in, calibrate_input(ctx, begin));
     out.push_back(std::move(in));
+  } else if (type == plan::kCbqWindow ||
+             (type == plan::kAssemble && ctx.spec.recipe.calibration())) {
+    // The setup and the states: every file artifact of every dep.
+    for (const auto& dep : ctx.task.deps) {
+      auto it = ctx.deps.find(dep);
+      if (it == ctx.deps.end())
+        return invalid_input("task " + ctx.task.id + ": no result for dep " + dep);
+      const nlohmann::json& r = it->second;
+      if (!r.is_object() || !r.contains("artifacts") || !r["artifacts"].is_object())
+        return invalid_input("task " + ctx.task.id + ": dep " + dep + " has no artifacts");
+      for (auto a = r["artifacts"].begin(); a != r["artifacts"].end(); ++a) {
+        auto ref = ArtifactRef::from_json(a.value());
+        if (!ref.is_ok()) return ref.status().with_context("dep " + dep + " artifact " + a.key());
+        out.push_back(TaskInput{dep, a.key(), *ref});
+      }
+    }
   } else if (type == plan::kAssemble) {
     for (const auto& dep : ctx.task.deps) {
       QCAL_ASSIGN_OR_RETURN(ArtifactRef r, dep_artifact(ctx, dep, "qlinears"));
@@ -467,9 +810,12 @@ Status find_corrupt_input(const TaskContext& ctx, std::string* producer) {
 Result<nlohmann::json> run_task(const TaskContext& ctx) {
   if (!ctx.store) return internal_error("run_task: no artifact store");
   const std::string& type = ctx.task.type;
-  if (type == plan::kCapture) return run_capture(ctx);
+  const bool calibration = ctx.spec.recipe.calibration();
+  if (type == plan::kCapture) return calibration ? run_cbq_capture(ctx) : run_capture(ctx);
   if (type == plan::kCalibrate) return run_calibrate(ctx);
-  if (type == plan::kAssemble) return run_assemble(ctx);
+  if (type == plan::kCalib) return run_calib(ctx);
+  if (type == plan::kCbqWindow) return run_cbq_window(ctx);
+  if (type == plan::kAssemble) return calibration ? run_cbq_assemble(ctx) : run_assemble(ctx);
   if (type == plan::kValidate) return run_validate(ctx);
   return invalid_input("task " + ctx.task.id + ": unknown type '" + type + "'");
 }

@@ -24,6 +24,27 @@
 //   validate  {"report": EvalResult JSON + {"gate": {...}}, "gate_passed": bool}
 //             (no eval data: {"report": {"skipped": "..."}, "gate_passed": true})
 //
+// Calibration recipes (spec.recipe.calib; the DAGs and results of common/plan.h),
+// through worker/calib with calib_recipe_from_spec (worker/engine/recipe.h):
+//   calib          load_token_sequences; calib::calibrate_to_dir(model, calib,
+//                  recipe, output.path, params.format) — one task
+//   capture        calib::load_fp_model; cbq_prepare; save_cbq_setup →
+//                  "setup/<file>" artifacts (a directory, every file checksummed)
+//   cbq-window     load_cbq_setup; window 0: cbq_initial_state(x0), else
+//                  load_cbq_state of the previous window's "state"; ONE
+//                  cbq_run_window on the setup's FP blocks first..last;
+//                  save_cbq_state(new state, the layers this window finalized) →
+//                  "state/<file>"; result "window" = CbqWindowReport. A window
+//                  re-run (worker died) reads the same setup and previous state,
+//                  so with the same BLAS thread count its bytes are the same.
+//   assemble       load_cbq_setup; every window's finalized layers (in dep
+//                  order) → cbq_finish → write_native(output.path), published
+//                  like the weight-only assemble (intent marker, overwrite on re-run)
+//   validate       a native output (calib::is_native_dir) is evaluated with
+//                  calib::evaluate_native; the gate is the same
+// The calibration runners check ctx.cancel before they start (a window runs to
+// its end once started) and run on the root rank alone.
+//
 // Ranks: calibrate runs on every rank of ctx.group together (sequences
 // sharded, Hessians all-reduced, activations gathered; the root reads and
 // writes the store and its result is the task's). The other tasks run on the

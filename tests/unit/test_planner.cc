@@ -45,6 +45,13 @@ class Planner : public ::testing::Test {
   }
   static std::string path(const std::string& name) { return *dir_ + "/" + name; }
 
+  // A calibration recipe (job_spec.h), output format auto.
+  static JobSpec calib_spec(const nlohmann::json& recipe) {
+    JobSpec s = spec();
+    s.recipe.calib = recipe;
+    s.output.format = "auto";
+    return s;
+  }
   static JobSpec spec() {
     JobSpec s;
     s.model = path("model");
@@ -306,6 +313,138 @@ TEST_F(Planner, OverlapNeedsACrossBlockMethod) {
   Status st = plan_err(s);
   EXPECT_EQ(st.code(), Code::kInvalidInput);
   EXPECT_NE(st.message().find("recipe.overlap"), std::string::npos) << st.message();
+}
+
+// ---- Calibration recipes (common/plan.h: calib → validate; capture → cbq-window-… →
+// assemble → validate).
+
+std::vector<std::string> deps_of(const Plan& p, const std::string& id) {
+  for (const auto& t : p.tasks)
+    if (t.id == id) return t.deps;
+  ADD_FAILURE() << "no task " << id;
+  return {};
+}
+
+TEST_F(Planner, CbqWindowsTwoOverlapOneAreAChain) {
+  // L 4, window 2, overlap 1: blocks (0, 1), (1, 2), (2, 3); window w finalizes block w
+  // (the last one all of them).
+  JobSpec s = calib_spec({{"weight_solver", "lora-rounding"},
+                          {"w_bits", 2},
+                          {"w_group", 32},
+                          {"reconstruction", "cbq"},
+                          {"cbq_window", 2},
+                          {"cbq_overlap", 1}});
+  Plan p = plan_ok(s);
+  ASSERT_EQ(ids(p), (std::vector<std::string>{"capture", "cbq-window-0000", "cbq-window-0001",
+                                              "cbq-window-0002", "assemble", "validate"}));
+  EXPECT_EQ(p.tasks[0].type, plan::kCapture);
+  EXPECT_TRUE(p.tasks[0].deps.empty());
+  EXPECT_EQ(p.tasks[0].params["cbq"], true);
+  const int64_t first[] = {0, 1, 2}, last[] = {1, 2, 3}, fin[] = {0, 1, 3};
+  for (int w = 0; w < 3; ++w) {
+    const TaskDef& t = p.tasks[1 + w];
+    SCOPED_TRACE(t.id);
+    EXPECT_EQ(t.type, plan::kCbqWindow);
+    EXPECT_EQ(t.params["window"], w);
+    EXPECT_EQ(t.params["first"], first[w]);
+    EXPECT_EQ(t.params["last"], last[w]);
+    EXPECT_EQ(t.params["finalize_last"], fin[w]);
+    // The setup, and (after window 0) the previous window's state.
+    if (w == 0) {
+      EXPECT_EQ(t.deps, std::vector<std::string>{"capture"});
+    } else {
+      EXPECT_EQ(t.deps, (std::vector<std::string>{"capture", p.tasks[w].id}));
+    }
+  }
+  EXPECT_EQ(p.tasks[4].type, plan::kAssemble);
+  EXPECT_EQ(deps_of(p, "assemble"),
+            (std::vector<std::string>{"capture", "cbq-window-0000", "cbq-window-0001",
+                                      "cbq-window-0002"}));
+  EXPECT_EQ(deps_of(p, "validate"), std::vector<std::string>{"assemble"});
+  for (const auto& t : p.tasks) EXPECT_GT(t.mem_bytes, 0u) << t.id;
+  EXPECT_EQ(p.summary["windows"], 3);
+  EXPECT_EQ(p.summary["window"], 2);
+  EXPECT_EQ(p.summary["overlap"], 1);
+  EXPECT_EQ(p.summary["format"], "native");
+  EXPECT_EQ(p.summary["reconstruction"], "cbq");
+  EXPECT_EQ(p.summary["recipe"]["w_group"], 32);
+  EXPECT_EQ(p.summary["tasks"], 6);
+  // A window holds more than the whole FP model (the setup) plus its blocks.
+  EXPECT_GT(p.summary["estimates"]["cbq-window-0001"]["weights"].get<uint64_t>(),
+            p.summary["estimates"]["validate"]["weights"].get<uint64_t>() / 2);
+}
+
+TEST_F(Planner, PerBlockReconstructionIsOneWindowPerBlock) {
+  JobSpec s = calib_spec({{"w_bits", 4}, {"a_bits", 4}, {"reconstruction", "block"}});
+  Plan p = plan_ok(s);
+  ASSERT_EQ(ids(p), (std::vector<std::string>{"capture", "cbq-window-0000", "cbq-window-0001",
+                                              "cbq-window-0002", "cbq-window-0003", "assemble",
+                                              "validate"}));
+  for (int w = 0; w < kL; ++w) {
+    const TaskDef& t = p.tasks[1 + w];
+    EXPECT_EQ(t.params["first"], w) << t.id;
+    EXPECT_EQ(t.params["last"], w) << t.id;
+    EXPECT_EQ(t.params["finalize_last"], w) << t.id;
+    EXPECT_EQ(t.deps.back(), p.tasks[w].id) << t.id;
+  }
+  EXPECT_EQ(deps_of(p, "assemble").size(), 5u);
+  EXPECT_EQ(p.summary["windows"], 4);
+}
+
+TEST_F(Planner, CalibrationWithoutReconstructionIsOneTask) {
+  // W4A8 QuaRot leaves online Hadamards: native.
+  Plan p = plan_ok(calib_spec({{"transform", "quarot"}, {"w_bits", 4}, {"a_bits", 8}}));
+  ASSERT_EQ(ids(p), (std::vector<std::string>{"calib", "validate"}));
+  EXPECT_EQ(p.tasks[0].type, plan::kCalib);
+  EXPECT_TRUE(p.tasks[0].deps.empty());
+  EXPECT_EQ(p.tasks[0].params["format"], "native");
+  EXPECT_EQ(p.tasks[1].deps, std::vector<std::string>{"calib"});
+  EXPECT_EQ(p.summary["format"], "native");
+  EXPECT_FALSE(p.summary.contains("windows"));
+  // W4A16 QuaRot folds completely: auto writes GPTQ.
+  p = plan_ok(calib_spec({{"transform", "quarot"}, {"w_bits", 4}, {"w_group", 32}}));
+  EXPECT_EQ(p.tasks[0].params["format"], "gptq");
+}
+
+TEST_F(Planner, CalibrationRecipeErrorsNameTheField) {
+  Status st = plan_err(calib_spec({{"a_bits", 5}}));
+  EXPECT_EQ(st.code(), Code::kInvalidInput);
+  EXPECT_EQ(st.message().rfind("recipe.a_bits: ", 0), 0u) << st.message();
+
+  // Needs the model: 48 does not divide hidden 64.
+  st = plan_err(calib_spec({{"w_group", 48}, {"a_bits", 8}}));
+  EXPECT_EQ(st.message().rfind("recipe.w_group: ", 0), 0u) << st.message();
+
+  // Formats the recipe cannot be written as.
+  JobSpec s = calib_spec({{"w_bits", 4}, {"a_bits", 4}});
+  s.output.format = "gptq";
+  st = plan_err(s);
+  EXPECT_EQ(st.message().rfind("output.format: gptq", 0), 0u) << st.message();
+  s = calib_spec({{"w_bits", 2}, {"w_group", 32}, {"reconstruction", "cbq"}});
+  s.output.format = "compressed-tensors";
+  st = plan_err(s);
+  EXPECT_NE(st.message().find("reconstruction recipe writes the native format"), std::string::npos)
+      << st.message();
+  s.output.format = "native";
+  EXPECT_TRUE(plan_job(s, {}).is_ok());
+
+  // The shared checks still run.
+  s = calib_spec({{"a_bits", 8}});
+  s.calib.path = path("missing.jsonl");
+  EXPECT_EQ(plan_err(s).code(), Code::kNotFound);
+}
+
+TEST_F(Planner, CbqWindowThatDoesNotFitIsRefusedWithTheNumbers) {
+  JobSpec s = calib_spec({{"w_bits", 2}, {"w_group", 32}, {"reconstruction", "cbq"}});
+  s.calib.nsamples = 4096;  // 64 MiB per activation tensor
+  PlannerLimits limits;
+  limits.worker_memory_bytes = 200ull << 20;
+  Status st = plan_err(s, limits);
+  EXPECT_EQ(st.code(), Code::kResourceExhausted);
+  EXPECT_EQ(st.message().rfind("cbq-window-", 0), 0u) << st.message();
+  EXPECT_NE(st.message().find("activations 448.0 MiB"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("lower calib.nsamples or calib.seqlen"), std::string::npos)
+      << st.message();
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -13,6 +14,8 @@
 #include "common/fsutil.h"
 #include "common/job_spec.h"
 #include "common/plan.h"
+#include "coordinator/planner.h"
+#include "worker/calib/methods.h"
 #include "worker/engine/quantize.h"
 #include "worker/engine/recipe.h"
 #include "worker/engine/synth.h"
@@ -332,6 +335,178 @@ TEST(Tasks, ParallelModeCalibratesFromFpInputs) {
   for (const auto& [name, q] : *a) EXPECT_EQ(q.q, b->at(name).q) << name;
   auto m = LlamaModel::open(out);
   EXPECT_TRUE(m.is_ok()) << m.status().to_string();
+}
+
+// ---- Calibration recipes: the DAGs the planner emits, run through run_task.
+
+nlohmann::json calib_spec_json(const nlohmann::json& recipe, const std::string& out) {
+  return {{"model", model_dir()},
+          {"recipe", recipe},
+          {"calib", {{"path", calib_path()}, {"nsamples", kNSamples}, {"seqlen", kSeqlen}}},
+          {"eval", {{"path", eval_path()}, {"seqlen", kSeqlen}}},
+          {"output", {{"path", out}}}};
+}
+
+std::vector<TaskDef> planned(const JobSpec& spec) {
+  auto p = plan_job(spec, {});
+  EXPECT_TRUE(p.is_ok()) << p.status().to_string();
+  return p.is_ok() ? p->tasks : std::vector<TaskDef>{};
+}
+
+TaskContext context(const JobSpec& spec, const TaskDef& t, ArtifactStore* store,
+                    const std::string& job, const std::map<std::string, nlohmann::json>& results,
+                    int64_t attempt = 1) {
+  TaskContext ctx;
+  ctx.job_id = job;
+  ctx.spec = spec;
+  ctx.task = t;
+  ctx.attempt = attempt;
+  ctx.store = store;
+  for (const auto& d : t.deps) ctx.deps[d] = results.at(d);
+  return ctx;
+}
+
+// The in-process pipeline with the same recipe (what `qcal quantize` runs).
+std::string calib_reference(const JobSpec& spec, const std::string& name, const std::string& fmt) {
+  auto r = calib_recipe_from_spec(spec);
+  EXPECT_TRUE(r.is_ok()) << r.status().to_string();
+  auto calib = load_token_sequences(spec.calib.path, spec.calib.seqlen, 128, spec.calib.nsamples);
+  EXPECT_TRUE(calib.is_ok());
+  const std::string out = dir() + "/" + name;
+  auto rep = calib::calibrate_to_dir(spec.model, *calib, *r, out, fmt, false);
+  EXPECT_TRUE(rep.is_ok()) << rep.status().to_string();
+  return out;
+}
+
+TEST(CalibTasks, OneTaskCalibrationMatchesTheCli) {
+  const std::string out = dir() + "/out_quarot";
+  JobSpec spec =
+      parse(calib_spec_json({{"transform", "quarot"}, {"w_bits", 4}, {"a_bits", 8}}, out));
+  ASSERT_TRUE(spec.recipe.calibration());
+  std::vector<TaskDef> dag = planned(spec);
+  ASSERT_EQ(dag.size(), 2u);
+  ArtifactStore store(dir() + "/store_quarot");
+  auto results = run_dag(spec, dag, &store, "j-quarot");
+  ASSERT_TRUE(results.count("validate"));
+  EXPECT_EQ(results["calib"]["format"], "native");
+  EXPECT_EQ(results["calib"]["output"], out);
+  EXPECT_TRUE(calib::is_native_dir(out));
+  const nlohmann::json& v = results["validate"];
+  EXPECT_TRUE(v["gate_passed"].get<bool>());
+  EXPECT_GT(v["report"]["ppl"].get<double>(), 1.0);
+  EXPECT_GE(v["report"]["kl"].get<double>(), 0.0);
+  expect_same_tree(out, calib_reference(spec, "ref_quarot", "native"));
+}
+
+// CBQ: capture → cbq-window-0000 → cbq-window-0001 → assemble → validate (3 layers,
+// window 2, overlap 1). A second job stops in window 1 (a worker dying after it
+// wrote its state but before reporting), re-runs it as attempt 2 and finishes:
+// byte-identical to the uninterrupted job and to the in-process pipeline.
+TEST(CalibTasks, CbqWindowsResumeByteIdentical) {
+  const nlohmann::json recipe = {{"weight_solver", "lora-rounding"},
+                                 {"w_bits", 2},
+                                 {"w_group", 32},
+                                 {"reconstruction", "cbq"},
+                                 {"cbq_window", 2},
+                                 {"cbq_overlap", 1},
+                                 {"cbq_epochs", 2},
+                                 {"lora_rank", 4}};
+  const std::string out_a = dir() + "/out_cbq_a", out_b = dir() + "/out_cbq_b";
+  JobSpec a = parse(calib_spec_json(recipe, out_a));
+  std::vector<TaskDef> dag = planned(a);
+  ASSERT_EQ(dag.size(), 5u);
+  EXPECT_EQ(dag[1].id, "cbq-window-0000");
+  EXPECT_EQ(dag[2].id, "cbq-window-0001");
+  ArtifactStore store(dir() + "/store_cbq");
+  auto ra = run_dag(a, dag, &store, "j-cbq-a");
+  ASSERT_TRUE(ra.count("validate"));
+
+  // Results of common/plan.h.
+  int setup_files = 0;
+  for (auto it = ra["capture"]["artifacts"].begin(); it != ra["capture"]["artifacts"].end(); ++it) {
+    EXPECT_EQ(it.key().rfind("setup/", 0), 0u) << it.key();
+    ++setup_files;
+  }
+  EXPECT_GT(setup_files, 0);
+  EXPECT_EQ(ra["capture"]["windows"], 2);
+  for (int w = 0; w < 2; ++w) {
+    const nlohmann::json& r = ra[dag[1 + w].id];
+    const nlohmann::json& rep = r["window"];
+    SCOPED_TRACE(r.dump());
+    EXPECT_EQ(rep["window"], w);
+    EXPECT_EQ(rep["first"], w);
+    EXPECT_EQ(rep["last"], w + 1);
+    for (const char* k : {"loss_first", "loss_last", "loss_hard_init", "loss_hard"}) {
+      ASSERT_TRUE(rep[k].is_number()) << k;  // NaN would be null
+      EXPECT_TRUE(std::isfinite(rep[k].get<double>())) << k;
+      EXPECT_GE(rep[k].get<double>(), 0.0) << k;
+    }
+    EXPECT_GT(rep["steps"].get<int64_t>(), 0);
+    bool has_state = false;
+    for (auto it = r["artifacts"].begin(); it != r["artifacts"].end(); ++it)
+      has_state = has_state || it.key() == "state" || it.key().rfind("state/", 0) == 0;
+    EXPECT_TRUE(has_state);
+  }
+  EXPECT_EQ(ra["cbq-window-0000"]["finalized"], nlohmann::json::array({0}));
+  EXPECT_EQ(ra["cbq-window-0001"]["finalized"], nlohmann::json::array({1, 2}));
+  EXPECT_EQ(ra["assemble"]["format"], "native");
+  EXPECT_TRUE(calib::is_native_dir(out_a));
+  EXPECT_GT(ra["validate"]["report"]["ppl"].get<double>(), 1.0);
+
+  // Job B: capture and window 0, then window 1 twice (attempt 1's result is lost).
+  JobSpec b = parse(calib_spec_json(recipe, out_b));
+  const std::string job = "j-cbq-b";
+  auto rb = run_dag(b, {dag[0], dag[1]}, &store, job);
+  ASSERT_TRUE(rb.count("cbq-window-0000"));
+  {
+    TaskContext ctx = context(b, dag[2], &store, job, rb);
+    std::atomic<bool> cancel{true};
+    ctx.cancel = &cancel;
+    auto r = run_task(ctx);
+    ASSERT_FALSE(r.is_ok());
+    EXPECT_TRUE(is_cancelled(r.status())) << r.status().to_string();
+  }
+  auto lost = run_task(context(b, dag[2], &store, job, rb, /*attempt=*/1));
+  ASSERT_TRUE(lost.is_ok()) << lost.status().to_string();
+  auto again = run_task(context(b, dag[2], &store, job, rb, /*attempt=*/2));
+  ASSERT_TRUE(again.is_ok()) << again.status().to_string();
+  // Same bytes from the same state, under another attempt's path.
+  ASSERT_EQ((*lost)["artifacts"].size(), (*again)["artifacts"].size());
+  for (auto it = (*lost)["artifacts"].begin(); it != (*lost)["artifacts"].end(); ++it) {
+    EXPECT_EQ(it.value()["sha256"], (*again)["artifacts"][it.key()]["sha256"]) << it.key();
+    EXPECT_NE(it.value()["path"], (*again)["artifacts"][it.key()]["path"]) << it.key();
+  }
+  EXPECT_EQ((*again)["window"]["loss_hard"], ra["cbq-window-0001"]["window"]["loss_hard"]);
+  rb["cbq-window-0001"] = *again;
+  for (size_t i = 3; i < dag.size(); ++i) {
+    auto r = run_task(context(b, dag[i], &store, job, rb));
+    ASSERT_TRUE(r.is_ok()) << dag[i].id << ": " << r.status().to_string();
+    rb[dag[i].id] = *r;
+  }
+  expect_same_tree(out_a, out_b);
+  // The service's windows are the in-process pipeline's.
+  expect_same_tree(out_a, calib_reference(a, "ref_cbq", "native"));
+
+  // A corrupt state names the window that wrote it.
+  ArtifactRef st;
+  for (auto it = rb["cbq-window-0000"]["artifacts"].begin();
+       it != rb["cbq-window-0000"]["artifacts"].end(); ++it)
+    st = *ArtifactRef::from_json(it.value());
+  {
+    std::fstream f(store.absolute(st.path), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(0);
+    const char c = static_cast<char>(f.get());
+    f.seekp(0);
+    f.put(static_cast<char>(c ^ 1));
+  }
+  std::string producer;
+  Status v = find_corrupt_input(context(b, dag[2], &store, job, rb), &producer);
+  EXPECT_EQ(v.code(), Code::kCorrupt) << v.to_string();
+  EXPECT_EQ(producer, "cbq-window-0000");
+  EXPECT_EQ(run_task(context(b, dag[2], &store, job, rb, 3)).status().code(), Code::kCorrupt);
+  producer.clear();
+  v = find_corrupt_input(context(b, dag[3], &store, job, rb), &producer);  // assemble
+  EXPECT_EQ(producer, "cbq-window-0000");
 }
 
 }  // namespace

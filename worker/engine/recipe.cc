@@ -41,4 +41,48 @@ Result<QuantizeOptions> quantize_options_from_spec(const JobSpec& spec) {
   return o;
 }
 
+namespace {
+
+// "w_bits: ..." → "recipe.w_bits: ..." (the engine names fields without the
+// spec's section; a message already naming "recipe" keeps its form).
+Status in_recipe(const Status& s) {
+  if (s.is_ok()) return s;
+  const std::string& m = s.message();
+  if (m.rfind("recipe", 0) == 0) return s;
+  return Status(s.code(), "recipe." + m);
+}
+
+}  // namespace
+
+Result<calib::CalibRecipe> calib_recipe_from_spec(const JobSpec& spec, const ModelConfig* config) {
+  if (!spec.recipe.calib)
+    return invalid_input("recipe: not a calibration recipe (method " + spec.recipe.method + ")");
+  auto r = calib::recipe_from_json(*spec.recipe.calib);
+  if (!r.is_ok()) return in_recipe(r.status());
+  QCAL_RETURN_IF_ERROR(in_recipe(r->validate()));
+  if (config) QCAL_RETURN_IF_ERROR(in_recipe(r->validate_for(*config)));
+  return r;
+}
+
+Result<std::string> calib_output_format(const JobSpec& spec, const calib::CalibRecipe& r) {
+  const bool reconstruct = r.reconstruction != calib::Reconstruction::kNone;
+  const std::string& f = spec.output.format;
+  if (f == "auto") return std::string(r.folds_completely() && !reconstruct ? "gptq" : "native");
+  if (f == "native") return f;
+  if (f != "gptq" && f != "compressed-tensors")
+    return invalid_input("output.format: must be auto, native, gptq or compressed-tensors (got '" +
+                         f + "')");
+  if (reconstruct)
+    return invalid_input("output.format: " + f +
+                         ": a reconstruction recipe writes the native format (use native or auto)");
+  if (!r.folds_completely())
+    return invalid_input("output.format: " + f + ": " +
+                         (r.transforms_fold() && r.intactkv
+                              ? std::string("the IntactKV prefix cache needs the native format")
+                              : std::string("this recipe leaves transforms or activation/KV "
+                                            "quantizers to run online")) +
+                         " (use native or auto)");
+  return f;
+}
+
 }  // namespace qcal

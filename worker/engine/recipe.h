@@ -6,6 +6,7 @@
 
 #include "common/job_spec.h"
 #include "common/status.h"
+#include "worker/calib/recipe.h"
 #include "worker/engine/quantize.h"
 
 namespace qcal {
@@ -25,5 +26,22 @@ namespace qcal {
 // Errors: kInvalidInput naming the field ("recipe.damp: must be positive
 // (got 0)"). Pure; thread safe.
 Result<QuantizeOptions> quantize_options_from_spec(const JobSpec& spec);
+
+// The calibration engine's recipe of a job whose recipe is a calibration recipe
+// (spec.recipe.calib, common/job_spec.h): calib::recipe_from_json, then
+// CalibRecipe::validate (and validate_for(*config) when given). Errors are
+// kInvalidInput naming the field under "recipe." ("recipe.a_bits: must be 2, 3,
+// 4, 6, 8 or 16 (got 5)"); a weight-only spec is kInvalidInput too. The planner
+// and every calibration task go through it, so one recipe always means the same
+// numerics. Pure; thread safe.
+Result<calib::CalibRecipe> calib_recipe_from_spec(const JobSpec& spec,
+                                                  const ModelConfig* config = nullptr);
+
+// What a calibration job writes: output.format with "auto" resolved — gptq when
+// everything folds into the weights (CalibRecipe::folds_completely) and there is
+// no reconstruction, else native. Refuses (kInvalidInput, "output.format: ...")
+// gptq / compressed-tensors for a recipe that leaves work to do online or
+// reconstructs blocks (the service writes reconstructed models natively).
+Result<std::string> calib_output_format(const JobSpec& spec, const calib::CalibRecipe& r);
 
 }  // namespace qcal
