@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "api/cli_util.h"
 #include "api/client.h"
 #include "api/spec_flags.h"
 #include "common/flags.h"
@@ -33,31 +34,6 @@ namespace qcal {
 namespace {
 
 using nlohmann::json;
-
-int exit_code(const Status& s) {
-  switch (s.code()) {
-    case Code::kInvalidInput:
-    case Code::kNotFound:
-    case Code::kCorrupt: return 2;
-    default: return 1;
-  }
-}
-
-int fail(const std::string& cmd, const Status& s) {
-  std::fprintf(stderr, "qcal %s: error: %s\n", cmd.c_str(), s.message().c_str());
-  return exit_code(s);
-}
-
-#define SVC_TRY(cmd, expr)                   \
-  do {                                       \
-    ::qcal::Status _s = (expr);              \
-    if (!_s.is_ok()) return fail((cmd), _s); \
-  } while (0)
-#define SVC_ASSIGN(cmd, lhs, expr)                           \
-  auto QCAL_CONCAT(_r_, __LINE__) = (expr);                  \
-  if (!QCAL_CONCAT(_r_, __LINE__).is_ok())                   \
-    return fail((cmd), QCAL_CONCAT(_r_, __LINE__).status()); \
-  lhs = std::move(QCAL_CONCAT(_r_, __LINE__)).value()
 
 // A Flags for a service command: its own flags plus --server and --token.
 Flags service_flags(std::set<std::string> valued, std::set<std::string> booleans) {
@@ -290,7 +266,7 @@ int follow_job(const std::string& cmd, ApiClient& client, const std::string& id,
       // before and is now gone (restart, failover) is waited for a while.
       if (!job.is_object() || (s.code() != Code::kUnavailable && s.code() != Code::kInternal)) {
         if (drew) std::fputc('\n', stderr);
-        return fail(cmd, s);
+        return cli_fail(cmd, s);
       }
       if (unreachable_at < 0) {
         unreachable_at = seconds_since(start);
@@ -301,7 +277,7 @@ int follow_job(const std::string& cmd, ApiClient& client, const std::string& id,
                        s.message().c_str(), o.unreachable_s);
         }
       } else if (seconds_since(start) - unreachable_at > o.unreachable_s) {
-        return fail(cmd, s);
+        return cli_fail(cmd, s);
       }
     } else {
       if (unreachable_at >= 0 && !o.quiet) {
@@ -400,43 +376,44 @@ int cmd_submit(int argc, char** argv) {
   valued.insert(kWaitValued.begin(), kWaitValued.end());
   for (const char* b : {"json", "wait", "dry-run", "quiet"}) booleans.insert(b);
   Flags f = service_flags(valued, booleans);
-  SVC_TRY(cmd, f.parse(argc, argv, 2));
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
   if (!f.positionals().empty())
-    return fail(cmd, invalid_input("unexpected argument '" + f.positionals()[0] + "'"));
+    return cli_fail(cmd, invalid_input("unexpected argument '" + f.positionals()[0] + "'"));
 
   json spec;
   if (f.has("spec")) {
     for (const auto& name : spec_valued_flags())
       if (f.has(name))
-        return fail(cmd, invalid_input("--spec and --" + name +
-                                       " are exclusive: "
-                                       "put the field in the spec file"));
+        return cli_fail(cmd, invalid_input("--spec and --" + name +
+                                           " are exclusive: "
+                                           "put the field in the spec file"));
     for (const auto& name : spec_boolean_flags())
       if (f.has(name))
-        return fail(cmd, invalid_input("--spec and --" + name +
-                                       " are exclusive: "
-                                       "put the field in the spec file"));
-    SVC_ASSIGN(cmd, std::string text, read_file(f.str("spec")));
+        return cli_fail(cmd, invalid_input("--spec and --" + name +
+                                           " are exclusive: "
+                                           "put the field in the spec file"));
+    CLI_ASSIGN(cmd, std::string text, read_file(f.str("spec")));
     try {
       spec = json::parse(text);
     } catch (const json::exception& e) {
-      return fail(cmd, invalid_input(f.str("spec") + ": not valid JSON: " + e.what()));
+      return cli_fail(cmd, invalid_input(f.str("spec") + ": not valid JSON: " + e.what()));
     }
-    if (!spec.is_object()) return fail(cmd, invalid_input(f.str("spec") + ": not a JSON object"));
+    if (!spec.is_object())
+      return cli_fail(cmd, invalid_input(f.str("spec") + ": not a JSON object"));
   } else {
-    SVC_ASSIGN(cmd, spec, job_spec_json_from_flags(f));
+    CLI_ASSIGN(cmd, spec, job_spec_json_from_flags(f));
     for (const char* p : {"model", "calib.path", "eval.path", "output.path"}) absolutize(spec, p);
   }
   if (f.flag("dry-run")) {
     std::cout << spec.dump(2) << std::endl;
     return 0;
   }
-  SVC_ASSIGN(cmd, WaitOptions wo, wait_options(f));
-  SVC_ASSIGN(cmd, auto client, make_client(f));
-  SVC_ASSIGN(cmd, json created, client->post_json("/v1/jobs", spec));
+  CLI_ASSIGN(cmd, WaitOptions wo, wait_options(f));
+  CLI_ASSIGN(cmd, auto client, make_client(f));
+  CLI_ASSIGN(cmd, json created, client->post_json("/v1/jobs", spec));
   std::string id = json_string(created, {"id"});
   if (id.empty())
-    return fail(
+    return cli_fail(
         cmd, internal_error("the coordinator accepted the job but sent no id: " + created.dump()));
   if (f.flag("wait")) {
     if (!wo.quiet) std::fprintf(stderr, "submitted %s\n", id.c_str());
@@ -452,20 +429,20 @@ int cmd_submit(int argc, char** argv) {
 int cmd_wait(int argc, char** argv) {
   const std::string cmd = "wait";
   Flags f = service_flags(kWaitValued, {"json", "quiet"});
-  SVC_TRY(cmd, f.parse(argc, argv, 2));
-  SVC_ASSIGN(cmd, std::string id, one_id(f, "qcal wait ID [--json --interval S --timeout S]"));
-  SVC_ASSIGN(cmd, WaitOptions wo, wait_options(f));
-  SVC_ASSIGN(cmd, auto client, make_client(f));
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  CLI_ASSIGN(cmd, std::string id, one_id(f, "qcal wait ID [--json --interval S --timeout S]"));
+  CLI_ASSIGN(cmd, WaitOptions wo, wait_options(f));
+  CLI_ASSIGN(cmd, auto client, make_client(f));
   return follow_job(cmd, *client, id, wo);
 }
 
 int cmd_status(int argc, char** argv) {
   const std::string cmd = "status";
   Flags f = service_flags({}, {"json"});
-  SVC_TRY(cmd, f.parse(argc, argv, 2));
-  SVC_ASSIGN(cmd, std::string id, one_id(f, "qcal status ID [--json]"));
-  SVC_ASSIGN(cmd, auto client, make_client(f));
-  SVC_ASSIGN(cmd, json job, client->get_json("/v1/jobs/" + url_encode(id)));
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  CLI_ASSIGN(cmd, std::string id, one_id(f, "qcal status ID [--json]"));
+  CLI_ASSIGN(cmd, auto client, make_client(f));
+  CLI_ASSIGN(cmd, json job, client->get_json("/v1/jobs/" + url_encode(id)));
   if (f.flag("json")) {
     std::cout << job.dump(2) << std::endl;
     return 0;
@@ -498,31 +475,31 @@ int cmd_status(int argc, char** argv) {
 int cmd_jobs(int argc, char** argv) {
   const std::string cmd = "jobs";
   Flags f = service_flags({"state", "label", "labels", "limit"}, {"json"});
-  SVC_TRY(cmd, f.parse(argc, argv, 2));
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
   if (!f.positionals().empty())
-    return fail(cmd, invalid_input("unexpected argument '" + f.positionals()[0] + "'"));
+    return cli_fail(cmd, invalid_input("unexpected argument '" + f.positionals()[0] + "'"));
   std::vector<std::pair<std::string, std::string>> q;
   if (f.has("state")) q.emplace_back("state", f.str("state"));
   for (const char* flag : {"label", "labels"}) {
     if (!f.has(flag)) continue;
-    SVC_ASSIGN(cmd, auto labels, parse_labels(f.str(flag), std::string("--") + flag));
+    CLI_ASSIGN(cmd, auto labels, parse_labels(f.str(flag), std::string("--") + flag));
     for (const auto& [k, v] : labels) q.emplace_back("label", k + "=" + v);
   }
   if (f.has("limit")) {
-    SVC_ASSIGN(cmd, int64_t limit, f.integer("limit", 100));
-    if (limit <= 0) return fail(cmd, invalid_input("--limit must be positive"));
+    CLI_ASSIGN(cmd, int64_t limit, f.integer("limit", 100));
+    if (limit <= 0) return cli_fail(cmd, invalid_input("--limit must be positive"));
     q.emplace_back("limit", std::to_string(limit));
   }
-  SVC_ASSIGN(cmd, auto client, make_client(f));
-  SVC_ASSIGN(cmd, json answer, client->get_json("/v1/jobs" + query_string(q)));
+  CLI_ASSIGN(cmd, auto client, make_client(f));
+  CLI_ASSIGN(cmd, json answer, client->get_json("/v1/jobs" + query_string(q)));
   if (f.flag("json")) {
     std::cout << answer.dump(2) << std::endl;
     return 0;
   }
   const json* list = answer.is_array() ? &answer : json_find(answer, "jobs");
   if (!list || !list->is_array())
-    return fail(cmd, internal_error("GET /v1/jobs: expected a list of jobs, got " +
-                                    answer.dump().substr(0, 200)));
+    return cli_fail(cmd, internal_error("GET /v1/jobs: expected a list of jobs, got " +
+                                        answer.dump().substr(0, 200)));
   std::printf("%-28s %-11s %-9s %-8s %-19s %s\n", "ID", "STATE", "TASKS", "PRIORITY", "CREATED",
               "LABELS");
   for (const auto& j : *list) {
@@ -537,10 +514,10 @@ int cmd_jobs(int argc, char** argv) {
 int cmd_cancel(int argc, char** argv) {
   const std::string cmd = "cancel";
   Flags f = service_flags({}, {"json"});
-  SVC_TRY(cmd, f.parse(argc, argv, 2));
-  SVC_ASSIGN(cmd, std::string id, one_id(f, "qcal cancel ID"));
-  SVC_ASSIGN(cmd, auto client, make_client(f));
-  SVC_ASSIGN(cmd, json answer, client->delete_json("/v1/jobs/" + url_encode(id)));
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  CLI_ASSIGN(cmd, std::string id, one_id(f, "qcal cancel ID"));
+  CLI_ASSIGN(cmd, auto client, make_client(f));
+  CLI_ASSIGN(cmd, json answer, client->delete_json("/v1/jobs/" + url_encode(id)));
   if (f.flag("json"))
     std::cout << answer.dump(2) << std::endl;
   else
@@ -551,20 +528,20 @@ int cmd_cancel(int argc, char** argv) {
 int cmd_logs(int argc, char** argv) {
   const std::string cmd = "logs";
   Flags f = service_flags({"from", "interval"}, {"json", "follow"});
-  SVC_TRY(cmd, f.parse(argc, argv, 2));
-  SVC_ASSIGN(cmd, std::string id,
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  CLI_ASSIGN(cmd, std::string id,
              one_id(f, "qcal logs ID [--from N] [--follow [--interval S]] [--json]"));
-  SVC_ASSIGN(cmd, int64_t from, f.integer("from", 0));
-  SVC_ASSIGN(cmd, double interval, f.number("interval", 1.0));
+  CLI_ASSIGN(cmd, int64_t from, f.integer("from", 0));
+  CLI_ASSIGN(cmd, double interval, f.number("interval", 1.0));
   if (from < 0 || interval <= 0)
-    return fail(cmd, invalid_input("--from must be ≥ 0 and --interval > 0"));
+    return cli_fail(cmd, invalid_input("--from must be ≥ 0 and --interval > 0"));
   if (f.flag("json") && f.flag("follow"))
-    return fail(cmd, invalid_input("--json and --follow are exclusive"));
-  SVC_ASSIGN(cmd, auto client, make_client(f));
+    return cli_fail(cmd, invalid_input("--json and --follow are exclusive"));
+  CLI_ASSIGN(cmd, auto client, make_client(f));
   const std::string path = "/v1/jobs/" + url_encode(id) + "/logs";
   // {"id", "state", "lines": [...], "next": index after the last line}
   for (;;) {
-    SVC_ASSIGN(cmd, json j,
+    CLI_ASSIGN(cmd, json j,
                client->get_json(path + query_string({{"from", std::to_string(from)}})));
     if (f.flag("json")) {
       std::cout << j.dump(2) << std::endl;
@@ -572,8 +549,8 @@ int cmd_logs(int argc, char** argv) {
     }
     const json* lines = json_find(j, "lines");
     if (!lines || !lines->is_array())
-      return fail(cmd, internal_error("GET " + path + ": expected {\"lines\": [...]}, got " +
-                                      j.dump().substr(0, 200)));
+      return cli_fail(cmd, internal_error("GET " + path + ": expected {\"lines\": [...]}, got " +
+                                          j.dump().substr(0, 200)));
     for (const auto& l : *lines)
       std::printf("%s\n", l.is_string() ? l.get<std::string>().c_str() : l.dump().c_str());
     std::fflush(stdout);
@@ -588,10 +565,10 @@ int cmd_logs(int argc, char** argv) {
 int cmd_report(int argc, char** argv) {
   const std::string cmd = "report";
   Flags f = service_flags({}, {"json"});
-  SVC_TRY(cmd, f.parse(argc, argv, 2));
-  SVC_ASSIGN(cmd, std::string id, one_id(f, "qcal report ID [--json]"));
-  SVC_ASSIGN(cmd, auto client, make_client(f));
-  SVC_ASSIGN(cmd, json rep, client->get_json("/v1/jobs/" + url_encode(id) + "/report"));
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  CLI_ASSIGN(cmd, std::string id, one_id(f, "qcal report ID [--json]"));
+  CLI_ASSIGN(cmd, auto client, make_client(f));
+  CLI_ASSIGN(cmd, json rep, client->get_json("/v1/jobs/" + url_encode(id) + "/report"));
   if (f.flag("json")) {
     std::cout << rep.dump(2) << std::endl;
     return 0;
@@ -608,9 +585,9 @@ int cmd_schedules(int argc, char** argv) {
       "qcal schedules list | get ID | create --cron EXPR --spec FILE "
       "[--max-ppl-regression X --max-kl-regression X] | delete ID";
   Flags f = service_flags({"cron", "spec", "max-ppl-regression", "max-kl-regression"}, {"json"});
-  SVC_TRY(cmd, f.parse(argc, argv, 2));
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
   const auto& pos = f.positionals();
-  if (pos.empty()) return fail(cmd, invalid_input(std::string("usage: ") + usage));
+  if (pos.empty()) return cli_fail(cmd, invalid_input(std::string("usage: ") + usage));
   const std::string sub = pos[0];
   auto need_args = [&](size_t n) -> Status {
     if (pos.size() != n) return invalid_input(std::string("usage: ") + usage);
@@ -619,20 +596,21 @@ int cmd_schedules(int argc, char** argv) {
   if (sub != "create")
     for (const char* flag : {"cron", "spec", "max-ppl-regression", "max-kl-regression"})
       if (f.has(flag))
-        return fail(cmd, invalid_input(std::string("--") + flag + " is for 'schedules create'"));
-  SVC_ASSIGN(cmd, auto client, make_client(f));
+        return cli_fail(cmd,
+                        invalid_input(std::string("--") + flag + " is for 'schedules create'"));
+  CLI_ASSIGN(cmd, auto client, make_client(f));
 
   if (sub == "list") {
-    SVC_TRY(cmd, need_args(1));
-    SVC_ASSIGN(cmd, json answer, client->get_json("/v1/schedules"));
+    CLI_TRY(cmd, need_args(1));
+    CLI_ASSIGN(cmd, json answer, client->get_json("/v1/schedules"));
     if (f.flag("json")) {
       std::cout << answer.dump(2) << std::endl;
       return 0;
     }
     const json* list = answer.is_array() ? &answer : json_find(answer, "schedules");
     if (!list || !list->is_array())
-      return fail(cmd, internal_error("GET /v1/schedules: expected a list, got " +
-                                      answer.dump().substr(0, 200)));
+      return cli_fail(cmd, internal_error("GET /v1/schedules: expected a list, got " +
+                                          answer.dump().substr(0, 200)));
     std::printf("%-28s %-20s %-19s %-28s %s\n", "ID", "CRON", "NEXT RUN (UTC)", "LAST JOB",
                 "REGRESSIONS");
     for (const auto& s : *list) {
@@ -655,12 +633,12 @@ int cmd_schedules(int argc, char** argv) {
     return 0;
   }
   if (sub == "get" || sub == "delete") {
-    SVC_TRY(cmd, need_args(2));
+    CLI_TRY(cmd, need_args(2));
     const std::string& id = pos[1];
     if (id.empty() || id.find_first_of("/?#% ") != std::string::npos)
-      return fail(cmd, invalid_input("'" + id + "' is not a schedule id"));
+      return cli_fail(cmd, invalid_input("'" + id + "' is not a schedule id"));
     const std::string path = "/v1/schedules/" + url_encode(id);
-    SVC_ASSIGN(cmd, json answer, sub == "get" ? client->get_json(path) : client->delete_json(path));
+    CLI_ASSIGN(cmd, json answer, sub == "get" ? client->get_json(path) : client->delete_json(path));
     if (sub == "get" || f.flag("json"))
       std::cout << answer.dump(2) << std::endl;
     else
@@ -668,32 +646,32 @@ int cmd_schedules(int argc, char** argv) {
     return 0;
   }
   if (sub == "create") {
-    SVC_TRY(cmd, need_args(1));
-    SVC_ASSIGN(cmd, std::string cron, f.required("cron"));
-    SVC_ASSIGN(cmd, std::string spec_path, f.required("spec"));
-    SVC_ASSIGN(cmd, std::string text, read_file(spec_path));
+    CLI_TRY(cmd, need_args(1));
+    CLI_ASSIGN(cmd, std::string cron, f.required("cron"));
+    CLI_ASSIGN(cmd, std::string spec_path, f.required("spec"));
+    CLI_ASSIGN(cmd, std::string text, read_file(spec_path));
     json body;
     try {
       body = {{"cron", cron}, {"template", json::parse(text)}};
     } catch (const json::exception& e) {
-      return fail(cmd, invalid_input(spec_path + ": not valid JSON: " + e.what()));
+      return cli_fail(cmd, invalid_input(spec_path + ": not valid JSON: " + e.what()));
     }
     if (f.has("max-ppl-regression")) {
-      SVC_ASSIGN(cmd, double x, f.number("max-ppl-regression", 0));
+      CLI_ASSIGN(cmd, double x, f.number("max-ppl-regression", 0));
       body["thresholds"]["max_ppl_regression"] = x;
     }
     if (f.has("max-kl-regression")) {
-      SVC_ASSIGN(cmd, double x, f.number("max-kl-regression", 0));
+      CLI_ASSIGN(cmd, double x, f.number("max-kl-regression", 0));
       body["thresholds"]["max_kl_regression"] = x;
     }
-    SVC_ASSIGN(cmd, json answer, client->post_json("/v1/schedules", body));
+    CLI_ASSIGN(cmd, json answer, client->post_json("/v1/schedules", body));
     if (f.flag("json"))
       std::cout << answer.dump(2) << std::endl;
     else
       std::printf("%s\n", json_string(answer, {"id"}).c_str());
     return 0;
   }
-  return fail(cmd, invalid_input("unknown subcommand '" + sub + "'; usage: " + usage));
+  return cli_fail(cmd, invalid_input("unknown subcommand '" + sub + "'; usage: " + usage));
 }
 
 const char* service_usage() {

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "api/cli_util.h"
 #include "common/data.h"
 #include "common/flags.h"
 #include "common/fsutil.h"
@@ -33,25 +34,6 @@
 
 namespace qcal {
 namespace {
-
-int fail(const std::string& cmd, const Status& s) {
-  std::fprintf(stderr, "qcal %s: error: %s\n", cmd.c_str(), s.message().c_str());
-  return s.code() == Code::kInvalidInput || s.code() == Code::kNotFound ||
-                 s.code() == Code::kCorrupt
-             ? 2
-             : 1;
-}
-
-#define TRAIN_TRY(cmd, expr)                 \
-  do {                                       \
-    ::qcal::Status _s = (expr);              \
-    if (!_s.is_ok()) return fail((cmd), _s); \
-  } while (0)
-#define TRAIN_ASSIGN(cmd, lhs, expr)                         \
-  auto QCAL_CONCAT(_r_, __LINE__) = (expr);                  \
-  if (!QCAL_CONCAT(_r_, __LINE__).is_ok())                   \
-    return fail((cmd), QCAL_CONCAT(_r_, __LINE__).status()); \
-  lhs = std::move(QCAL_CONCAT(_r_, __LINE__)).value()
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -203,24 +185,25 @@ double mean_nll(const calib::FpModel& m, const TokenSequences& data, int64_t bat
 int cmd_synth_grammar(int argc, char** argv) {
   const std::string cmd = "synth-grammar";
   Flags f({"out", "tokens", "sequences", "seqlen", "seed"}, {"json"});
-  TRAIN_TRY(cmd, f.parse(argc, argv, 2));
-  TRAIN_ASSIGN(cmd, std::string out, f.required("out"));
-  TRAIN_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 128));
-  TRAIN_ASSIGN(cmd, int64_t tokens, f.integer("tokens", 0));
-  TRAIN_ASSIGN(cmd, int64_t count, f.integer("sequences", 0));
-  TRAIN_ASSIGN(cmd, int64_t seed, f.integer("seed", 1));
-  if (seqlen < 2) return fail(cmd, invalid_input("--seqlen must be ≥ 2"));
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  CLI_ASSIGN(cmd, std::string out, f.required("out"));
+  CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 128));
+  CLI_ASSIGN(cmd, int64_t tokens, f.integer("tokens", 0));
+  CLI_ASSIGN(cmd, int64_t count, f.integer("sequences", 0));
+  CLI_ASSIGN(cmd, int64_t seed, f.integer("seed", 1));
+  if (seqlen < 2) return cli_fail(cmd, invalid_input("--seqlen must be ≥ 2"));
   if ((tokens > 0) == (count > 0))
-    return fail(cmd, invalid_input("give exactly one of --tokens N and --sequences N (positive)"));
+    return cli_fail(cmd,
+                    invalid_input("give exactly one of --tokens N and --sequences N (positive)"));
   if (count == 0) count = tokens / seqlen;
   if (count < 1)
-    return fail(cmd,
-                invalid_input("--tokens " + std::to_string(tokens) +
-                              " is less than one sequence of --seqlen " + std::to_string(seqlen)));
+    return cli_fail(
+        cmd, invalid_input("--tokens " + std::to_string(tokens) +
+                           " is less than one sequence of --seqlen " + std::to_string(seqlen)));
   calib::GrammarStats st;
   const std::vector<int32_t> toks =
       calib::grammar_sequences(count, seqlen, static_cast<uint64_t>(seed), &st);
-  TRAIN_TRY(cmd, calib::write_tokens_u32(out, toks));
+  CLI_TRY(cmd, calib::write_tokens_u32(out, toks));
   if (f.flag("json")) {
     nlohmann::json j = {{"out", out},
                         {"sequences", st.sequences},
@@ -247,58 +230,58 @@ int cmd_train_lm(int argc, char** argv) {
            "layers",       "hidden", "intermediate", "heads",      "kv-heads", "head-dim", "vocab",
            "rope-theta",   "dtype",  "log-every",    "eval-every", "report"},
           {"tie", "overwrite"});
-  TRAIN_TRY(cmd, f.parse(argc, argv, 2));
-  TRAIN_ASSIGN(cmd, std::string out, f.required("out"));
-  TRAIN_ASSIGN(cmd, std::string data_path, f.required("data"));
-  TRAIN_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 128));
-  TRAIN_ASSIGN(cmd, int64_t steps, f.integer("steps", 1000));
-  TRAIN_ASSIGN(cmd, int64_t batch, f.integer("batch", 16));
-  TRAIN_ASSIGN(cmd, double lr, f.number("lr", 3e-3));
-  TRAIN_ASSIGN(cmd, double min_lr_ratio, f.number("min-lr-ratio", 0.1));
-  TRAIN_ASSIGN(cmd, int64_t warmup, f.integer("warmup", 50));
-  TRAIN_ASSIGN(cmd, double clip, f.number("clip", 1.0));
-  TRAIN_ASSIGN(cmd, int64_t seed, f.integer("seed", 1));
-  TRAIN_ASSIGN(cmd, int64_t log_every, f.integer("log-every", 25));
-  TRAIN_ASSIGN(cmd, int64_t eval_every, f.integer("eval-every", 0));
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  CLI_ASSIGN(cmd, std::string out, f.required("out"));
+  CLI_ASSIGN(cmd, std::string data_path, f.required("data"));
+  CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 128));
+  CLI_ASSIGN(cmd, int64_t steps, f.integer("steps", 1000));
+  CLI_ASSIGN(cmd, int64_t batch, f.integer("batch", 16));
+  CLI_ASSIGN(cmd, double lr, f.number("lr", 3e-3));
+  CLI_ASSIGN(cmd, double min_lr_ratio, f.number("min-lr-ratio", 0.1));
+  CLI_ASSIGN(cmd, int64_t warmup, f.integer("warmup", 50));
+  CLI_ASSIGN(cmd, double clip, f.number("clip", 1.0));
+  CLI_ASSIGN(cmd, int64_t seed, f.integer("seed", 1));
+  CLI_ASSIGN(cmd, int64_t log_every, f.integer("log-every", 25));
+  CLI_ASSIGN(cmd, int64_t eval_every, f.integer("eval-every", 0));
   AdamWOptions ao;
-  TRAIN_ASSIGN(cmd, ao.weight_decay, f.number("weight-decay", 0.1));
-  TRAIN_ASSIGN(cmd, ao.beta1, f.number("beta1", 0.9));
-  TRAIN_ASSIGN(cmd, ao.beta2, f.number("beta2", 0.95));
+  CLI_ASSIGN(cmd, ao.weight_decay, f.number("weight-decay", 0.1));
+  CLI_ASSIGN(cmd, ao.beta1, f.number("beta1", 0.9));
+  CLI_ASSIGN(cmd, ao.beta2, f.number("beta2", 0.95));
   ModelConfig c;
   c.model_type = "llama";
-  TRAIN_ASSIGN(cmd, c.num_hidden_layers, f.integer("layers", 4));
-  TRAIN_ASSIGN(cmd, c.hidden_size, f.integer("hidden", 128));
-  TRAIN_ASSIGN(cmd, c.intermediate_size, f.integer("intermediate", 384));
-  TRAIN_ASSIGN(cmd, c.num_attention_heads, f.integer("heads", 4));
-  TRAIN_ASSIGN(cmd, c.num_key_value_heads, f.integer("kv-heads", 2));
-  TRAIN_ASSIGN(
+  CLI_ASSIGN(cmd, c.num_hidden_layers, f.integer("layers", 4));
+  CLI_ASSIGN(cmd, c.hidden_size, f.integer("hidden", 128));
+  CLI_ASSIGN(cmd, c.intermediate_size, f.integer("intermediate", 384));
+  CLI_ASSIGN(cmd, c.num_attention_heads, f.integer("heads", 4));
+  CLI_ASSIGN(cmd, c.num_key_value_heads, f.integer("kv-heads", 2));
+  CLI_ASSIGN(
       cmd, c.head_dim,
       f.integer("head-dim", c.num_attention_heads > 0 ? c.hidden_size / c.num_attention_heads : 0));
-  TRAIN_ASSIGN(cmd, c.vocab_size, f.integer("vocab", calib::kGrammarVocab));
-  TRAIN_ASSIGN(cmd, c.rope_theta, f.number("rope-theta", 10000.0));
+  CLI_ASSIGN(cmd, c.vocab_size, f.integer("vocab", calib::kGrammarVocab));
+  CLI_ASSIGN(cmd, c.rope_theta, f.number("rope-theta", 10000.0));
   c.max_position_embeddings = std::max<int64_t>(seqlen, 2048);
   c.tie_word_embeddings = f.flag("tie");
   c.bos_token_id = calib::kGrammarBos;
   c.eos_token_id = calib::kGrammarEos;
   auto dt = dtype_from_torch_name(f.str("dtype", "bfloat16"));
-  if (!dt) return fail(cmd, invalid_input("--dtype must be float32, float16 or bfloat16"));
+  if (!dt) return cli_fail(cmd, invalid_input("--dtype must be float32, float16 or bfloat16"));
   c.torch_dtype = *dt;
   if (seqlen < 2 || steps < 1 || batch < 1 || warmup < 0 || log_every < 1 || eval_every < 0)
-    return fail(cmd, invalid_input("--seqlen ≥ 2, --steps ≥ 1, --batch ≥ 1, --warmup ≥ 0, "
-                                   "--log-every ≥ 1 and --eval-every ≥ 0 are required"));
+    return cli_fail(cmd, invalid_input("--seqlen ≥ 2, --steps ≥ 1, --batch ≥ 1, --warmup ≥ 0, "
+                                       "--log-every ≥ 1 and --eval-every ≥ 0 are required"));
   if (!(lr > 0) || !std::isfinite(lr) || !(min_lr_ratio >= 0 && min_lr_ratio <= 1) ||
       !(clip >= 0) || !(ao.weight_decay >= 0) || !(ao.beta1 >= 0 && ao.beta1 < 1) ||
       !(ao.beta2 >= 0 && ao.beta2 < 1))
-    return fail(cmd, invalid_input("--lr > 0, --min-lr-ratio in [0, 1], --clip ≥ 0, "
-                                   "--weight-decay ≥ 0 and betas in [0, 1) are required"));
-  TRAIN_ASSIGN(cmd, ModelConfig checked, parse_model_config(c.to_json(), "--flags"));
+    return cli_fail(cmd, invalid_input("--lr > 0, --min-lr-ratio in [0, 1], --clip ≥ 0, "
+                                       "--weight-decay ≥ 0 and betas in [0, 1) are required"));
+  CLI_ASSIGN(cmd, ModelConfig checked, parse_model_config(c.to_json(), "--flags"));
   c = checked;
   if (path_exists(out) && !f.flag("overwrite"))
-    return fail(cmd, invalid_input(out + ": output exists (pass --overwrite to replace it)"));
-  TRAIN_ASSIGN(cmd, TokenSequences data, load_token_sequences(data_path, seqlen, c.vocab_size));
+    return cli_fail(cmd, invalid_input(out + ": output exists (pass --overwrite to replace it)"));
+  CLI_ASSIGN(cmd, TokenSequences data, load_token_sequences(data_path, seqlen, c.vocab_size));
   TokenSequences eval;
   if (f.has("eval")) {
-    TRAIN_ASSIGN(cmd, eval, load_token_sequences(f.str("eval"), seqlen, c.vocab_size));
+    CLI_ASSIGN(cmd, eval, load_token_sequences(f.str("eval"), seqlen, c.vocab_size));
   }
 
   // Every step allocates and frees the same ~100 MB of activations and tapes;
@@ -344,15 +327,15 @@ int cmd_train_lm(int argc, char** argv) {
     double sq = 0;
     for (const Param& p : ps) {
       if (p.g->size() != p.p->size())
-        return fail(cmd, internal_error("step " + std::to_string(step + 1) +
-                                        ": a gradient has the wrong size"));
+        return cli_fail(cmd, internal_error("step " + std::to_string(step + 1) +
+                                            ": a gradient has the wrong size"));
       for (float x : *p.g) sq += static_cast<double>(x) * x;
     }
     const double gnorm = std::sqrt(sq);
     if (!std::isfinite(loss) || !std::isfinite(gnorm))
-      return fail(cmd, internal_error("training diverged at step " + std::to_string(step + 1) +
-                                      ": loss " + std::to_string(loss) + ", gradient norm " +
-                                      std::to_string(gnorm) + " (lower --lr?)"));
+      return cli_fail(cmd, internal_error("training diverged at step " + std::to_string(step + 1) +
+                                          ": loss " + std::to_string(loss) + ", gradient norm " +
+                                          std::to_string(gnorm) + " (lower --lr?)"));
     const double rate = schedule(step, steps, warmup, lr, lr * min_lr_ratio);
     opt.step(ps, rate, clip > 0 && gnorm > clip ? clip / gnorm : 1.0);
     if (c.tie_word_embeddings) m.lm_head = m.embed;
@@ -381,7 +364,7 @@ int cmd_train_lm(int argc, char** argv) {
     }
   }
   const double train_seconds = seconds_since(t0), train_cpu = cpu_seconds() - cpu0;
-  TRAIN_TRY(cmd, calib::write_fp_model(m, out, f.flag("overwrite")));
+  CLI_TRY(cmd, calib::write_fp_model(m, out, f.flag("overwrite")));
   std::printf("wrote %s (%s) after %lld steps in %.1f s (%.1f CPU s): last batch loss %.4f",
               out.c_str(), torch_dtype_name(c.torch_dtype), static_cast<long long>(steps),
               train_seconds, train_cpu, last_loss);
@@ -400,7 +383,7 @@ int cmd_train_lm(int argc, char** argv) {
                         {"last_loss", last_loss},
                         {"history", history}};
     if (!std::isnan(last_eval)) r["eval_nll"] = last_eval;
-    TRAIN_TRY(cmd, write_file_atomic(f.str("report"), r.dump(2) + "\n"));
+    CLI_TRY(cmd, write_file_atomic(f.str("report"), r.dump(2) + "\n"));
   }
   return 0;
 }
@@ -411,18 +394,18 @@ int cmd_inject_outliers(int argc, char** argv) {
   const std::string cmd = "inject-outliers";
   Flags f({"in", "out", "norm-channels", "up-channels", "v-channels", "alpha", "seed"},
           {"overwrite"});
-  TRAIN_TRY(cmd, f.parse(argc, argv, 2));
-  TRAIN_ASSIGN(cmd, std::string in, f.required("in"));
-  TRAIN_ASSIGN(cmd, std::string out, f.required("out"));
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  CLI_ASSIGN(cmd, std::string in, f.required("in"));
+  CLI_ASSIGN(cmd, std::string out, f.required("out"));
   OutlierOptions o;
-  TRAIN_ASSIGN(cmd, o.norm_channels, f.integer("norm-channels", 4));
-  TRAIN_ASSIGN(cmd, o.up_channels, f.integer("up-channels", 4));
-  TRAIN_ASSIGN(cmd, o.v_channels, f.integer("v-channels", 2));
-  TRAIN_ASSIGN(cmd, o.alpha, f.number("alpha", 20.0));
-  TRAIN_ASSIGN(cmd, int64_t seed, f.integer("seed", 1));
-  TRAIN_TRY(cmd, inject_outliers(in, o, static_cast<uint64_t>(seed), out, f.flag("overwrite")));
-  TRAIN_ASSIGN(cmd, ModelConfig c, load_model_config(join_path(out, "config.json")));
-  TRAIN_ASSIGN(cmd, OutlierChannels ch, outlier_channels(c, o, static_cast<uint64_t>(seed)));
+  CLI_ASSIGN(cmd, o.norm_channels, f.integer("norm-channels", 4));
+  CLI_ASSIGN(cmd, o.up_channels, f.integer("up-channels", 4));
+  CLI_ASSIGN(cmd, o.v_channels, f.integer("v-channels", 2));
+  CLI_ASSIGN(cmd, o.alpha, f.number("alpha", 20.0));
+  CLI_ASSIGN(cmd, int64_t seed, f.integer("seed", 1));
+  CLI_TRY(cmd, inject_outliers(in, o, static_cast<uint64_t>(seed), out, f.flag("overwrite")));
+  CLI_ASSIGN(cmd, ModelConfig c, load_model_config(join_path(out, "config.json")));
+  CLI_ASSIGN(cmd, OutlierChannels ch, outlier_channels(c, o, static_cast<uint64_t>(seed)));
   auto list = [](const std::vector<int64_t>& v) {
     std::string s;
     for (int64_t x : v) s += (s.empty() ? "" : ",") + std::to_string(x);

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "api/calib_cli.h"
+#include "api/cli_util.h"
 #include "api/cmd_service.h"
 #include "api/cmd_train.h"
 #include "common/data.h"
@@ -35,25 +36,6 @@ namespace qcal {
 namespace {
 
 constexpr const char* kVersion = "0.1.0";
-
-int fail(const std::string& cmd, const Status& s) {
-  std::fprintf(stderr, "qcal %s: error: %s\n", cmd.c_str(), s.message().c_str());
-  return s.code() == Code::kInvalidInput || s.code() == Code::kNotFound ||
-                 s.code() == Code::kCorrupt
-             ? 2
-             : 1;
-}
-
-#define CLI_TRY(cmd, expr)                   \
-  do {                                       \
-    ::qcal::Status _s = (expr);              \
-    if (!_s.is_ok()) return fail((cmd), _s); \
-  } while (0)
-#define CLI_ASSIGN(cmd, lhs, expr)                           \
-  auto QCAL_CONCAT(_r_, __LINE__) = (expr);                  \
-  if (!QCAL_CONCAT(_r_, __LINE__).is_ok())                   \
-    return fail((cmd), QCAL_CONCAT(_r_, __LINE__).status()); \
-  lhs = std::move(QCAL_CONCAT(_r_, __LINE__)).value()
 
 // ---------------------------------------------------------------- synth
 int cmd_synth(int argc, char** argv) {
@@ -82,7 +64,7 @@ int cmd_synth(int argc, char** argv) {
   c.tie_word_embeddings = f.flag("tie");
   c.attention_bias = c.model_type == "qwen2";
   auto dt = dtype_from_torch_name(f.str("dtype", "float32"));
-  if (!dt) return fail(cmd, invalid_input("--dtype must be float32, float16 or bfloat16"));
+  if (!dt) return cli_fail(cmd, invalid_input("--dtype must be float32, float16 or bfloat16"));
   c.torch_dtype = *dt;
   CLI_ASSIGN(cmd, int64_t seed, f.integer("seed", 1));
   o.seed = static_cast<uint64_t>(seed);
@@ -114,12 +96,12 @@ int cmd_synth_data(int argc, char** argv) {
     CLI_ASSIGN(cmd, ModelConfig c, load_model_config(join_path(f.str("model"), "config.json")));
     vocab = c.vocab_size;
   }
-  if (vocab <= 0) return fail(cmd, invalid_input("give --vocab N or --model DIR"));
+  if (vocab <= 0) return cli_fail(cmd, invalid_input("give --vocab N or --model DIR"));
   CLI_ASSIGN(cmd, int64_t count, f.integer("tokens", 65536));
   CLI_ASSIGN(cmd, int64_t seed, f.integer("seed", 1));
   CLI_ASSIGN(cmd, int64_t per_line, f.integer("per-line", 512));
   if (count <= 0 || per_line <= 0)
-    return fail(cmd, invalid_input("--tokens and --per-line must be positive"));
+    return cli_fail(cmd, invalid_input("--tokens and --per-line must be positive"));
   auto toks = synth_tokens(count, vocab, static_cast<uint64_t>(seed));
   CLI_TRY(cmd, write_tokens_jsonl(out, toks, per_line));
   std::printf("wrote %s: %lld tokens, vocab %lld\n", out.c_str(), static_cast<long long>(count),
@@ -137,9 +119,10 @@ int cmd_quantize_calib(const Flags& f) {
   CLI_ASSIGN(cmd, calib::CalibRecipe r, recipe_from_flags(f));
   std::string format = f.str("format", "auto");
   if (format != "auto" && format != "native" && format != "gptq" && format != "compressed-tensors")
-    return fail(cmd, invalid_input("--format must be auto, native, gptq or compressed-tensors"));
+    return cli_fail(cmd,
+                    invalid_input("--format must be auto, native, gptq or compressed-tensors"));
   if ((format == "gptq" || format == "compressed-tensors") && !r.folds_completely())
-    return fail(
+    return cli_fail(
         cmd, invalid_input("--format " + format + ": " +
                            (r.transforms_fold() && r.intactkv
                                 ? std::string("the IntactKV prefix cache needs the native format")
@@ -149,11 +132,11 @@ int cmd_quantize_calib(const Flags& f) {
   if (format == "auto") format = r.folds_completely() ? "gptq" : "native";
   const bool overwrite = f.flag("overwrite");
   if (path_exists(out) && !overwrite)
-    return fail(cmd, invalid_input(out + ": output exists (pass --overwrite to replace it)"));
+    return cli_fail(cmd, invalid_input(out + ": output exists (pass --overwrite to replace it)"));
   CLI_ASSIGN(cmd, int64_t nsamples, f.integer("nsamples", 128));
   CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 2048));
   if (nsamples <= 0 || seqlen < 2)
-    return fail(cmd, invalid_input("--nsamples must be > 0 and --seqlen ≥ 2"));
+    return cli_fail(cmd, invalid_input("--nsamples must be > 0 and --seqlen ≥ 2"));
   CLI_ASSIGN(cmd, ModelConfig c, load_model_config(join_path(model, "config.json")));
   CLI_ASSIGN(cmd, TokenSequences calib,
              load_token_sequences(calib_path, seqlen, c.vocab_size, nsamples));
@@ -193,10 +176,10 @@ int cmd_quantize(int argc, char** argv) {
   if (wants_calibration(f)) return cmd_quantize_calib(f);
   for (const auto& k : calib_valued_flags())
     if (f.has(k) && k != "a-bits" && k != "kv-bits")
-      return fail(cmd, invalid_input("--" + k +
-                                     " applies to the calibration methods "
-                                     "(--method smoothquant|quarot|spinquant|flatquant) or "
-                                     "quantized activations (--a-bits/--kv-bits < 16)"));
+      return cli_fail(cmd, invalid_input("--" + k +
+                                         " applies to the calibration methods "
+                                         "(--method smoothquant|quarot|spinquant|flatquant) or "
+                                         "quantized activations (--a-bits/--kv-bits < 16)"));
   CLI_ASSIGN(cmd, std::string model, f.required("model"));
   CLI_ASSIGN(cmd, std::string calib_path, f.required("calib"));
   CLI_ASSIGN(cmd, std::string out, f.required("out"));
@@ -206,29 +189,29 @@ int cmd_quantize(int argc, char** argv) {
   o.spec.bits = static_cast<int>(bits);
   CLI_ASSIGN(cmd, o.spec.group_size, f.integer("group-size", 128));
   if (f.flag("sym") && f.flag("asym"))
-    return fail(cmd, invalid_input("--sym and --asym are exclusive"));
+    return cli_fail(cmd, invalid_input("--sym and --asym are exclusive"));
   o.spec.sym = !f.flag("asym");
   o.spec.mse_clip = f.flag("mse-clip");
   CLI_TRY(cmd, o.spec.validate());
   CLI_ASSIGN(cmd, o.gptq.percdamp, f.number("damp", 0.01));
   CLI_ASSIGN(cmd, o.gptq.blocksize, f.integer("blocksize", 128));
   if (o.gptq.percdamp <= 0 || o.gptq.blocksize <= 0)
-    return fail(cmd, invalid_input("--damp and --blocksize must be positive"));
+    return cli_fail(cmd, invalid_input("--damp and --blocksize must be positive"));
   o.gptq.act_order = f.flag("act-order");
   o.gptq.static_groups = f.flag("static-groups");
   o.true_sequential = !f.flag("no-true-sequential");
   CLI_ASSIGN(cmd, o.write.format, parse_checkpoint_format(f.str("format", "gptq")));
   CLI_ASSIGN(cmd, int64_t shard_mb, f.integer("max-shard-mb", 2048));
-  if (shard_mb <= 0) return fail(cmd, invalid_input("--max-shard-mb must be positive"));
+  if (shard_mb <= 0) return cli_fail(cmd, invalid_input("--max-shard-mb must be positive"));
   o.write.max_shard_bytes = static_cast<uint64_t>(shard_mb) << 20;
   o.write.overwrite = f.flag("overwrite");
   CLI_ASSIGN(cmd, o.batch, f.integer("batch", 8));
   CLI_ASSIGN(cmd, int64_t nsamples, f.integer("nsamples", 128));
   CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 2048));
   if (nsamples <= 0 || seqlen < 2)
-    return fail(cmd, invalid_input("--nsamples must be > 0 and --seqlen ≥ 2"));
+    return cli_fail(cmd, invalid_input("--nsamples must be > 0 and --seqlen ≥ 2"));
   if (path_exists(out) && !o.write.overwrite)
-    return fail(cmd, invalid_input(out + ": output exists (pass --overwrite to replace it)"));
+    return cli_fail(cmd, invalid_input(out + ": output exists (pass --overwrite to replace it)"));
 
   CLI_ASSIGN(cmd, ModelConfig c, load_model_config(join_path(model, "config.json")));
   if (seqlen > c.max_position_embeddings)
@@ -271,8 +254,8 @@ int cmd_eval_native(const Flags& f, const std::string& model_path, int64_t seqle
     const ModelConfig& b = fp->config();
     if (c.vocab_size != b.vocab_size || c.hidden_size != b.hidden_size ||
         c.num_hidden_layers != b.num_hidden_layers)
-      return fail(cmd, invalid_input("--fp-model " + f.str("fp-model") +
-                                     " has a different architecture than --model"));
+      return cli_fail(cmd, invalid_input("--fp-model " + f.str("fp-model") +
+                                         " has a different architecture than --model"));
   }
   CLI_ASSIGN(cmd, TokenSequences data,
              load_token_sequences(f.str("data"), seqlen, c.vocab_size, nsamples));
@@ -300,7 +283,7 @@ int cmd_eval(int argc, char** argv) {
   CLI_ASSIGN(cmd, int64_t nsamples, f.integer("nsamples", 0));
   CLI_ASSIGN(cmd, int64_t batch, f.integer("batch", 8));
   if (seqlen < 2 || batch <= 0)
-    return fail(cmd, invalid_input("--seqlen must be ≥ 2 and --batch > 0"));
+    return cli_fail(cmd, invalid_input("--seqlen must be ≥ 2 and --batch > 0"));
   if (calib::is_native_dir(model_path))
     return cmd_eval_native(f, model_path, seqlen, nsamples, batch);
   CLI_ASSIGN(cmd, auto model, LlamaModel::open(model_path));
@@ -310,8 +293,8 @@ int cmd_eval(int argc, char** argv) {
     const ModelConfig &a = model->config(), &b = fp->config();
     if (a.vocab_size != b.vocab_size || a.hidden_size != b.hidden_size ||
         a.num_hidden_layers != b.num_hidden_layers)
-      return fail(cmd, invalid_input("--fp-model " + f.str("fp-model") +
-                                     " has a different architecture than --model"));
+      return cli_fail(cmd, invalid_input("--fp-model " + f.str("fp-model") +
+                                         " has a different architecture than --model"));
   }
   CLI_ASSIGN(cmd, TokenSequences data,
              load_token_sequences(data_path, seqlen, model->config().vocab_size, nsamples));
@@ -332,7 +315,7 @@ int cmd_inspect(int argc, char** argv) {
   Flags f({}, {"json"});
   CLI_TRY(cmd, f.parse(argc, argv, 2));
   if (f.positionals().size() != 1)
-    return fail(cmd, invalid_input("usage: qcal inspect DIR [--json]"));
+    return cli_fail(cmd, invalid_input("usage: qcal inspect DIR [--json]"));
   CLI_ASSIGN(cmd, auto dir, ModelDir::open(f.positionals()[0]));
   CLI_ASSIGN(cmd, nlohmann::json j, inspect_checkpoint(*dir));
   if (f.flag("json")) {

@@ -6,7 +6,7 @@
 //
 // The matrix work goes through gemm_t (OpenBLAS, threaded inside); the
 // element-wise and row-wise loops run on a small pool of blocking worker
-// threads (see Workers), never while a GEMM runs, and never reduce across
+// threads (kernels/parallel.h), never while a GEMM runs, and never reduce across
 // threads, so the results do not depend on the thread count.
 #include "kernels/grad.h"
 
@@ -25,6 +25,7 @@
 
 #include "common/status.h"
 #include "kernels/gemm.h"
+#include "kernels/parallel.h"
 
 namespace qcal {
 
@@ -48,96 +49,6 @@ void gemm_t(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double 
 }
 
 namespace {
-
-// ---------------------------------------------------------------- threads
-
-thread_local bool t_in_job = false;
-
-// Blocking worker threads that run fn(begin, end) over chunks of [0, n).
-// Thread safety: one job at a time; a call made while another job is in
-// flight (another thread, or nested inside fn) runs inline on its caller.
-class Workers {
- public:
-  explicit Workers(int extra) {
-    for (int i = 0; i < extra; ++i) threads_.emplace_back([this] { loop(); });
-  }
-  int size() const { return static_cast<int>(threads_.size()) + 1; }
-
-  void run(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
-    std::unique_lock<std::mutex> job(job_mu_, std::try_to_lock);
-    if (t_in_job || threads_.empty() || !job.owns_lock()) {
-      fn(0, n);
-      return;
-    }
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      fn_ = &fn;
-      n_ = n;
-      chunk_ = chunk;
-      next_.store(0);
-      busy_ = static_cast<int>(threads_.size());
-      ++epoch_;
-    }
-    start_.notify_all();
-    take_chunks();
-    std::unique_lock<std::mutex> g(mu_);
-    done_.wait(g, [this] { return busy_ == 0; });
-    fn_ = nullptr;
-  }
-
- private:
-  void take_chunks() {
-    t_in_job = true;
-    for (int64_t b = next_.fetch_add(chunk_); b < n_; b = next_.fetch_add(chunk_))
-      (*fn_)(b, std::min(n_, b + chunk_));
-    t_in_job = false;
-  }
-  void loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> g(mu_);
-        start_.wait(g, [&] { return epoch_ != seen; });
-        seen = epoch_;
-      }
-      take_chunks();
-      std::lock_guard<std::mutex> g(mu_);
-      if (--busy_ == 0) done_.notify_one();
-    }
-  }
-
-  std::mutex job_mu_;  // held for the whole of one run()
-  std::mutex mu_;      // guards epoch_, busy_ and the publication of fn_, n_, chunk_
-  std::condition_variable start_, done_;
-  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
-  int64_t n_ = 0, chunk_ = 1;
-  std::atomic<int64_t> next_{0};
-  int busy_ = 0;
-  uint64_t epoch_ = 0;
-  std::vector<std::thread> threads_;
-};
-
-Workers& workers() {
-  // Leaked on purpose: the threads block forever and end with the process.
-  static Workers* w = new Workers(std::max(0, blas_threads() - 1));
-  return *w;
-}
-
-// fn(begin, end) over [0, n), items of `cost` work units each; inline below
-// ~64k units in all. Chunks never share an output element.
-void parallel_for(int64_t n, int64_t cost, const std::function<void(int64_t, int64_t)>& fn) {
-  constexpr int64_t kMinChunk = 1 << 15;
-  if (n <= 0) return;
-  const int64_t total = n * std::max<int64_t>(cost, 1);
-  Workers& w = workers();
-  if (n == 1 || w.size() == 1 || total < 2 * kMinChunk) {
-    fn(0, n);
-    return;
-  }
-  int64_t chunks = std::min<int64_t>({total / kMinChunk, 4 * static_cast<int64_t>(w.size()), n});
-  chunks = std::max<int64_t>(chunks, 1);
-  w.run(n, (n + chunks - 1) / chunks, fn);
-}
 
 template <typename T>
 void copy_n(T* dst, const T* src, int64_t n) {
