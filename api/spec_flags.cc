@@ -1,10 +1,18 @@
 #include "api/spec_flags.h"
 
+#include <string>
 #include <utility>
+
+#include "api/calib_cli.h"
+#include "common/job_spec.h"
+#include "worker/engine/recipe.h"
 
 namespace qcal {
 
-const std::set<std::string>& spec_valued_flags() {
+namespace {
+
+// The weight-only spec's flags (the table in spec_flags.h).
+const std::set<std::string>& weight_only_valued_flags() {
   // clang-format off
   static const std::set<std::string> kValued = {
       "model",
@@ -17,9 +25,37 @@ const std::set<std::string>& spec_valued_flags() {
   return kValued;
 }
 
-const std::set<std::string>& spec_boolean_flags() {
+const std::set<std::string>& weight_only_boolean_flags() {
   static const std::set<std::string> kBooleans = {
       "sym", "asym", "act-order", "static-groups", "mse-clip", "no-true-sequential", "overwrite"};
+  return kBooleans;
+}
+
+// Recipe flags that recipe_from_flags reads beyond calib_valued_flags() (the ones
+// `qcal quantize` declares for both of its paths).
+const std::set<std::string>& extra_calib_valued_flags() {
+  static const std::set<std::string> k = {"blocksize", "batch"};
+  return k;
+}
+
+}  // namespace
+
+const std::set<std::string>& spec_valued_flags() {
+  static const std::set<std::string> kValued = [] {
+    std::set<std::string> s = weight_only_valued_flags();
+    s.insert(calib_valued_flags().begin(), calib_valued_flags().end());
+    s.insert(extra_calib_valued_flags().begin(), extra_calib_valued_flags().end());
+    return s;
+  }();
+  return kValued;
+}
+
+const std::set<std::string>& spec_boolean_flags() {
+  static const std::set<std::string> kBooleans = [] {
+    std::set<std::string> s = weight_only_boolean_flags();
+    s.insert(calib_bool_flags().begin(), calib_bool_flags().end());
+    return s;
+  }();
   return kBooleans;
 }
 
@@ -70,15 +106,30 @@ void put_string(const Flags& f, const char* flag, nlohmann::json& j, const char*
   if (f.has(flag)) j[key] = f.str(flag);
 }
 
-}  // namespace
+Status check_seed(const Flags& f) {
+  if (!f.has("seed")) return Status::ok();
+  QCAL_ASSIGN_OR_RETURN(int64_t seed, f.integer("seed", 0));
+  if (seed < 0) return invalid_input("flag --seed: must be ≥ 0 (got " + f.str("seed") + ")");
+  return Status::ok();
+}
 
-Result<nlohmann::json> job_spec_json_from_flags(const Flags& f) {
-  nlohmann::json spec = nlohmann::json::object();
-  QCAL_ASSIGN_OR_RETURN(std::string model, f.required("model"));
-  QCAL_ASSIGN_OR_RETURN(std::string calib_path, f.required("calib"));
-  QCAL_ASSIGN_OR_RETURN(std::string out, f.required("out"));
-  spec["model"] = model;
-
+// The weight-only recipe object (the table in spec_flags.h); empty when no
+// recipe flag is given.
+Result<nlohmann::json> weight_only_recipe(const Flags& f) {
+  // A calibration-only flag has no field in a weight-only recipe: refuse it
+  // rather than drop it. --a-bits / --kv-bits get here only as 16 (unquantized).
+  for (const auto* set : {&spec_valued_flags(), &spec_boolean_flags()}) {
+    for (const auto& k : *set) {
+      if (!f.has(k) || weight_only_valued_flags().count(k) || weight_only_boolean_flags().count(k))
+        continue;
+      if (k == "a-bits" || k == "kv-bits") continue;
+      return invalid_input("--" + k +
+                           " applies to calibration recipes (--method "
+                           "smoothquant|quarot|spinquant|flatquant|lora-rounding, --weight-solver, "
+                           "--a-bits/--kv-bits < 16, --reconstruction, --intactkv, --format "
+                           "native); a weight-only rtn/gptq recipe has no field for it");
+    }
+  }
   nlohmann::json recipe = nlohmann::json::object();
   put_string(f, "method", recipe, "method");
   QCAL_RETURN_IF_ERROR(put_integer(f, "w-bits", recipe, "w_bits"));
@@ -94,10 +145,79 @@ Result<nlohmann::json> job_spec_json_from_flags(const Flags& f) {
   put_string(f, "mode", recipe, "mode");
   QCAL_RETURN_IF_ERROR(put_integer(f, "window", recipe, "window"));
   QCAL_RETURN_IF_ERROR(put_integer(f, "overlap", recipe, "overlap"));
+  QCAL_RETURN_IF_ERROR(check_seed(f));
   if (f.has("seed")) {
     QCAL_ASSIGN_OR_RETURN(int64_t seed, f.integer("seed", 0));
-    if (seed < 0) return invalid_input("flag --seed: must be ≥ 0 (got " + f.str("seed") + ")");
     recipe["seed"] = static_cast<uint64_t>(seed);
+  }
+  return recipe;
+}
+
+// The calibration recipe object: `qcal quantize`'s recipe, in CalibRecipe's
+// JSON form (transform and weight_solver resolved, every key present).
+Result<nlohmann::json> calibration_recipe(const Flags& f) {
+  // The weight-only DAG's knobs; CBQ has its own (and they also cut its tasks).
+  if (f.has("window") || f.has("overlap")) {
+    const std::string k = f.has("window") ? "window" : "overlap";
+    return invalid_input(
+        "--" + k + " is the weight-only recipe's " +
+        (k == "window" ? "blocks per calibrate task" : "blocks shared by calibrate tasks") +
+        "; a calibration recipe runs as one calib task, or with --reconstruction "
+        "block|cbq as one task per CBQ window: use --cbq-" +
+        k);
+  }
+  if (f.has("mode"))
+    return invalid_input(
+        "--mode applies to weight-only recipes; for CBQ windows calibrated independently on FP "
+        "inputs use --cbq-parallel");
+  if (f.flag("no-true-sequential"))
+    return invalid_input(
+        "--no-true-sequential applies to weight-only recipes; the calibration engine is always "
+        "true-sequential");
+  if (f.flag("sym") && f.flag("asym")) return invalid_input("--sym and --asym are exclusive");
+  QCAL_RETURN_IF_ERROR(check_seed(f));
+  QCAL_ASSIGN_OR_RETURN(calib::CalibRecipe r, recipe_from_flags(f));
+  return r.to_json();
+}
+
+// Runs a calibration spec through what the coordinator (parse_job_spec) and
+// its planner (calib_recipe_from_spec, calib_output_format) will run on it.
+Status check_calibration_spec(const nlohmann::json& spec) {
+  QCAL_ASSIGN_OR_RETURN(JobSpec js, parse_job_spec(spec));
+  if (!js.recipe.calibration())
+    return internal_error("the recipe flags built a recipe the coordinator reads as weight-only: " +
+                          spec["recipe"].dump());
+  QCAL_ASSIGN_OR_RETURN(calib::CalibRecipe r, calib_recipe_from_spec(js));
+  auto format = calib_output_format(js, r);
+  if (!format.is_ok()) {
+    // "output.format: gptq: ..." → "--format gptq: ..."
+    std::string m = format.status().message();
+    const std::string field = "output.format: ";
+    if (m.rfind(field, 0) == 0) m = m.substr(field.size());
+    if (m.rfind(js.output.format + ": ", 0) == 0)
+      m = "--format " + m;
+    else
+      m = "--format: " + m;
+    return invalid_input(m);
+  }
+  return Status::ok();
+}
+
+}  // namespace
+
+Result<nlohmann::json> job_spec_json_from_flags(const Flags& f) {
+  nlohmann::json spec = nlohmann::json::object();
+  QCAL_ASSIGN_OR_RETURN(std::string model, f.required("model"));
+  QCAL_ASSIGN_OR_RETURN(std::string calib_path, f.required("calib"));
+  QCAL_ASSIGN_OR_RETURN(std::string out, f.required("out"));
+  spec["model"] = model;
+
+  const bool calibration = wants_calibration(f);
+  nlohmann::json recipe;
+  if (calibration) {
+    QCAL_ASSIGN_OR_RETURN(recipe, calibration_recipe(f));
+  } else {
+    QCAL_ASSIGN_OR_RETURN(recipe, weight_only_recipe(f));
   }
   if (!recipe.empty()) spec["recipe"] = recipe;
 
@@ -140,6 +260,7 @@ Result<nlohmann::json> job_spec_json_from_flags(const Flags& f) {
     QCAL_ASSIGN_OR_RETURN(auto labels, parse_labels(f.str("labels"), "--labels"));
     spec["labels"] = labels;
   }
+  if (calibration) QCAL_RETURN_IF_ERROR(check_calibration_spec(spec));
   return spec;
 }
 

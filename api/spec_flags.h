@@ -1,6 +1,7 @@
-// Quantize-style command-line flags → the JobSpec JSON of common/job_spec.h.
-// Shared by `qcal submit` (sent to the coordinator) and `qcal quantize` (run
-// in process), so one recipe spelled as flags means the same job both ways.
+// Quantize-style command-line flags → the JobSpec JSON of common/job_spec.h,
+// for `qcal submit` (sent to the coordinator). The recipe flags mean what they
+// mean to `qcal quantize`, so one recipe spelled as flags means the same job
+// both ways.
 //
 // Flag → JSON field (a flag that is absent leaves its field out, so the
 // defaults documented in common/job_spec.h apply; parse_job_spec fills them):
@@ -15,7 +16,8 @@
 //   --mse-clip                  recipe.mse_clip = true
 //   --no-true-sequential        recipe.true_sequential = false
 //   --mode sequential|parallel  recipe.mode
-//   --window N / --overlap N    recipe.window / recipe.overlap
+//   --window N / --overlap N    recipe.window / recipe.overlap (blocks per
+//                               calibrate task; not CBQ's --cbq-window)
 //   --seed N                    recipe.seed
 //   --calib FILE                calib.path                 (required)
 //   --nsamples N / --seqlen N   calib.nsamples / calib.seqlen
@@ -30,12 +32,35 @@
 //   --priority high|normal|low  priority
 //   --labels k=v,k2=v2          labels {"k": "v", "k2": "v2"}
 //
-// This layer checks only what a flag can get wrong by itself: numbers that do
-// not parse, --sym with --asym, a --priority outside the three names, a label
-// without '=' or with an empty key, the same label key twice, an eval flag
-// without --eval-data. Range checks (bits, group size, methods) belong to
-// parse_job_spec, which the coordinator runs on every submission.
-// Errors are kInvalidInput naming the flag. Paths are copied as given.
+// Calibration recipes. When the flags ask for the calibration engine
+// (wants_calibration in api/calib_cli.h: a transform --method, --a-bits /
+// --kv-bits < 16, --format native, --intactkv, --weight-solver, a
+// reconstruction flag, ...), the recipe object is
+// recipe_from_flags(f).to_json(): every key of the calibration schema, with
+// the method resolved into "transform" / "weight_solver" (no "method" alias:
+// the spec's alias does not take lora-rounding). The recipe flags are
+// calib_valued_flags() / calib_bool_flags() plus --blocksize and --batch, and
+// mean what they mean to `qcal quantize` (--group-size → w_group, default per
+// channel; --damp / --act-order / --static-groups / --blocksize → gptq.*;
+// --mse-clip → w_mse_clip; --format also takes auto | native, the default
+// auto). --window, --overlap, --mode and --no-true-sequential shape only the
+// weight-only DAG and are refused there (CBQ's windows are --cbq-window /
+// --cbq-overlap / --cbq-parallel, which also set the service's tasks: one per
+// window). A calibration spec is checked in full before it is returned, the
+// way the coordinator and planner will check it (recipe_from_flags →
+// CalibRecipe::validate, parse_job_spec, calib_recipe_from_spec,
+// calib_output_format), so a bad combination fails at `qcal submit`.
+// Without the calibration engine, the calibration-only flags are refused
+// (--a-bits / --kv-bits 16 aside), and the spec is exactly the weight-only one
+// above.
+//
+// For a weight-only spec this layer checks only what a flag can get wrong by
+// itself: numbers that do not parse, --sym with --asym, a --priority outside
+// the three names, a label without '=' or with an empty key, the same label
+// key twice, an eval flag without --eval-data. Range checks (bits, group size,
+// methods) belong to parse_job_spec, which the coordinator runs on every
+// submission. Errors are kInvalidInput naming the flag. Paths are copied as
+// given.
 #pragma once
 
 #include <map>
@@ -49,7 +74,8 @@
 namespace qcal {
 
 // The flag names job_spec_json_from_flags reads, for a command to declare in
-// its Flags (add its own on top: --server, --json, ...).
+// its Flags (add its own on top: --server, --json, ...): the weight-only
+// flags of the table above and the calibration recipe flags.
 const std::set<std::string>& spec_valued_flags();
 const std::set<std::string>& spec_boolean_flags();
 

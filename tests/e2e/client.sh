@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end test of the service client without a server: the quantize-style
-# flags → JobSpec JSON mapping (`qcal submit --dry-run`, api/spec_flags.h),
+# flags → JobSpec JSON mapping (`qcal submit --dry-run`, api/spec_flags.h;
+# weight-only and calibration recipes; tests/unit/test_spec_flags.cc checks
+# the coordinator's parser on the calibration specs),
 # the flag errors (exit 2, message naming the flag), and the connection
 # errors (exit 1, "cannot reach coordinator at URL").
 set -euo pipefail
@@ -45,6 +47,30 @@ $QCAL submit --dry-run --model /m --calib /c --out /o --seqlen 128 --eval-data /
   python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["eval"] == {"path": "/e", "seqlen": 512}, d' ||
   fail "--eval-seqlen"
 
+# A calibration recipe (the `qcal quantize` recipe flags): the recipe object is
+# CalibRecipe's JSON form, method resolved into transform / weight_solver.
+$QCAL submit --model m --calib c.jsonl --out o --method flatquant --w-bits 4 --a-bits 4 --kv-bits 4 \
+  --reconstruction cbq --cbq-window 2 --intactkv --seqlen 64 --dry-run >"$T/cbq.json"
+python3 - "$T" "$T/cbq.json" <<'PY' || fail "calibration flags: $(cat "$T/cbq.json")"
+import json, sys
+t, got = sys.argv[1], json.load(open(sys.argv[2]))
+assert got["model"] == f"{t}/m" and got["calib"] == {"path": f"{t}/c.jsonl", "seqlen": 64}, got
+assert got["output"] == {"path": f"{t}/o"}, got  # format: auto (native here), the parser's default
+r = got["recipe"]
+want = {"transform": "flatquant", "weight_solver": "rtn", "w_bits": 4, "w_group": -1,
+        "a_bits": 4, "kv_bits": 4, "reconstruction": "cbq", "cbq_window": 2, "cbq_overlap": 1,
+        "cbq_parallel": False, "intactkv": True, "intactkv_prefix": [], "seed": 0, "lwc": True,
+        "gptq": {"percdamp": 0.01, "blocksize": 128, "act_order": False, "static_groups": False}}
+for k, v in want.items():
+    assert r.get(k) == v, (k, r.get(k), v)
+for k in ("method", "window", "overlap", "mode", "group_size", "sym", "true_sequential"):
+    assert k not in r, k
+PY
+$QCAL submit --model /m --calib /c --out /o --reconstruction block --weight-solver rtn --cbq-overlap 0 \
+  --format native --dry-run | python3 -c 'import json,sys; r=json.load(sys.stdin)["recipe"]
+assert (r["transform"], r["weight_solver"], r["reconstruction"], r["cbq_overlap"]) == ("none", "rtn", "block", 0), r' ||
+  fail "--reconstruction block --weight-solver rtn"
+
 expect() {  # expect RC WORDS cmd...
   local want=$1 words=$2; shift 2
   set +e; out=$("$@" 2>&1); rc=$?; set -e
@@ -68,6 +94,35 @@ echo '{"model":' >"$T/bad.json"
 expect 2 "bad.json: not valid JSON" $QCAL submit --spec "$T/bad.json"
 expect 2 "nope.json" $QCAL submit --spec "$T/nope.json"
 expect 2 "unknown flag --w-bitz" $QCAL submit "${B[@]}" --w-bitz 4
+# Calibration recipes: validated like `qcal quantize`, and the output format as the planner will.
+expect 2 "--spec and --cbq-window are exclusive" $QCAL submit --spec "$T/s.json" --cbq-window 2
+expect 2 "--spec and --intactkv are exclusive" $QCAL submit --spec "$T/s.json" --intactkv
+expect 2 "--spec and --method are exclusive" $QCAL submit --spec "$T/s.json" --method flatquant
+expect 2 "cbq learns the weights' step sizes and rounding itself and would discard gptq" \
+  $QCAL submit "${B[@]}" --reconstruction cbq --weight-solver gptq --dry-run
+expect 2 "--weight-solver rtn contradicts --method gptq" \
+  $QCAL submit "${B[@]}" --method gptq --weight-solver rtn --dry-run
+expect 2 "a_bits: must be 2, 3, 4, 6, 8 or 16 (got 5)" $QCAL submit "${B[@]}" --method quarot --a-bits 5 --dry-run
+expect 2 "--intactkv-prefix needs --intactkv" $QCAL submit "${B[@]}" --intactkv-prefix 1 --dry-run
+expect 2 "--asym: the calibration engine quantizes weights symmetrically" \
+  $QCAL submit "${B[@]}" --method flatquant --a-bits 4 --asym --dry-run
+expect 2 "--window is the weight-only recipe's blocks per calibrate task; .* use --cbq-window" \
+  $QCAL submit "${B[@]}" --reconstruction cbq --window 2 --dry-run
+expect 2 "use --cbq-overlap" $QCAL submit "${B[@]}" --reconstruction cbq --overlap 1 --dry-run
+expect 2 "use --cbq-parallel" $QCAL submit "${B[@]}" --method quarot --a-bits 4 --mode parallel --dry-run
+expect 2 "--format gptq: a reconstruction recipe writes the native format" \
+  $QCAL submit "${B[@]}" --reconstruction cbq --format gptq --dry-run
+expect 2 "--format compressed-tensors: this recipe leaves transforms" \
+  $QCAL submit "${B[@]}" --method flatquant --a-bits 4 --format compressed-tensors --dry-run
+# A weight-only recipe refuses the calibration-only flags instead of dropping them.
+expect 2 "--alpha applies to calibration recipes" $QCAL submit "${B[@]}" --method gptq --alpha 0.5 --dry-run
+expect 2 "--no-lwc applies to calibration recipes" $QCAL submit "${B[@]}" --no-lwc --dry-run
+# --help tells the service's blocks per task from CBQ's window.
+help=$($QCAL --help)
+grep -q -- "--window N --overlap N are the$" <<<"$help" || fail "--help: --window"
+grep -q -- "^ *blocks per calibrate task" <<<"$help" || fail "--help: --window"
+grep -q -- "--cbq-window N --cbq-overlap N$" <<<"$help" || fail "--help: --cbq-window"
+grep -q -- "^ *(CBQ's blocks per window" <<<"$help" || fail "--help: --cbq-window"
 expect 2 "usage: qcal status ID" $QCAL status
 expect 2 "usage: qcal wait ID" $QCAL wait a b
 expect 2 "unknown subcommand 'frobnicate'" $QCAL schedules frobnicate
