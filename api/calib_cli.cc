@@ -8,16 +8,20 @@
 namespace qcal {
 
 const std::set<std::string>& calib_valued_flags() {
-  static const std::set<std::string> k = {
-      "a-bits",         "kv-bits",    "a-clip",      "kv-clip",    "weight-solver",
-      "alpha",          "epochs",     "flat-lr",     "cali-bsz",   "diag-alpha",
-      "spin-steps",     "spin-lr",    "spin-bsz",    "seed",       "intactkv-prefix",
-      "reconstruction", "cbq-window", "cbq-overlap", "cbq-epochs", "lora-rank"};
+  static const std::set<std::string> k = {"a-bits",         "kv-bits",       "a-clip",
+                                          "kv-clip",        "weight-solver", "alpha",
+                                          "epochs",         "flat-lr",       "cali-bsz",
+                                          "diag-alpha",     "spin-steps",    "spin-lr",
+                                          "spin-bsz",       "seed",          "intactkv-prefix",
+                                          "reconstruction", "cbq-window",    "cbq-overlap",
+                                          "cbq-epochs",     "lora-rank",     "intactkv-cal-steps",
+                                          "intactkv-cal-lr"};
   return k;
 }
 const std::set<std::string>& calib_bool_flags() {
-  static const std::set<std::string> k = {"no-lwc",   "no-lac",       "no-diag", "embed-mean-sub",
-                                          "intactkv", "cbq-parallel", "no-cfp"};
+  static const std::set<std::string> k = {"no-lwc",         "no-lac",   "no-diag",
+                                          "embed-mean-sub", "intactkv", "intactkv-cal",
+                                          "cbq-parallel",   "no-cfp"};
   return k;
 }
 
@@ -52,7 +56,8 @@ bool wants_calibration(const Flags& f) {
   const std::string m = f.str("method", "gptq");
   if (m != "rtn" && m != "gptq") return true;
   if (f.str("format") == "native") return true;
-  if (f.flag("intactkv") || f.has("intactkv-prefix")) return true;
+  if (f.flag("intactkv") || f.has("intactkv-prefix") || f.flag("intactkv-cal")) return true;
+  if (f.has("intactkv-cal-steps") || f.has("intactkv-cal-lr")) return true;
   if (f.has("reconstruction") || f.has("weight-solver")) return true;
   for (const char* k : {"cbq-window", "cbq-overlap", "cbq-epochs", "lora-rank"})
     if (f.has(k)) return true;
@@ -134,6 +139,14 @@ Result<calib::CalibRecipe> recipe_from_flags(const Flags& f) {
     QCAL_ASSIGN_OR_RETURN(r.intactkv_prefix,
                           parse_ids("intactkv-prefix", f.str("intactkv-prefix")));
   }
+  r.intactkv_cal = f.flag("intactkv-cal");
+  if (r.intactkv_cal && !r.intactkv) return invalid_input("--intactkv-cal needs --intactkv");
+  for (const char* k : {"intactkv-cal-steps", "intactkv-cal-lr"})
+    if (f.has(k) && !r.intactkv_cal)
+      return invalid_input(std::string("--") + k + " needs --intactkv-cal");
+  QCAL_ASSIGN_OR_RETURN(r.intactkv_cal_steps,
+                        f.integer("intactkv-cal-steps", r.intactkv_cal_steps));
+  QCAL_ASSIGN_OR_RETURN(r.intactkv_cal_lr, f.number("intactkv-cal-lr", r.intactkv_cal_lr));
   QCAL_ASSIGN_OR_RETURN(r.gptq.percdamp, f.number("damp", 0.01));
   QCAL_ASSIGN_OR_RETURN(r.gptq.blocksize, f.integer("blocksize", 128));
   r.gptq.act_order = f.flag("act-order");

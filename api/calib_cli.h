@@ -17,13 +17,16 @@ const std::set<std::string>& calib_valued_flags();
 const std::set<std::string>& calib_bool_flags();
 
 // True iff the flags ask for the calibration engine: a transform method,
-// --a-bits / --kv-bits below 16, --format native, --intactkv [--intactkv-prefix],
+// --a-bits / --kv-bits below 16, --format native, --intactkv [--intactkv-prefix,
+// --intactkv-cal, --intactkv-cal-steps, --intactkv-cal-lr],
 // --weight-solver, or a reconstruction flag (--reconstruction none|block|cbq,
 // --cbq-window, --cbq-overlap, --cbq-parallel, --cbq-epochs, --lora-rank, --no-cfp).
 bool wants_calibration(const Flags& f);
 
 // The CalibRecipe the flags describe (validated). --intactkv turns IntactKV on;
-// --intactkv-prefix 1,5,9 sets its prefix (default [bos_token_id]; needs --intactkv).
+// --intactkv-prefix 1,5,9 sets its prefix (default [bos_token_id]; needs --intactkv);
+// --intactkv-cal trains that cache ("+Cal", needs --intactkv) with
+// --intactkv-cal-steps N (160) and --intactkv-cal-lr X (2e-4), which need it.
 // --method rtn|gptq|lora-rounding (or --weight-solver alone) quantizes the
 // untransformed model with that solver; a transform method takes --weight-solver
 // (default rtn). lora-rounding needs --reconstruction block|cbq; --reconstruction

@@ -388,7 +388,8 @@ const std::vector<std::string>& calib_recipe_keys() {
       "a_bits", "a_clip", "kv_bits", "kv_clip", "sq_alpha",
       "epochs", "cali_bsz", "flat_lr", "lwc", "lac", "add_diag", "diag_alpha",
       "spin_steps", "spin_lr", "spin_bsz", "embed_mean_sub",
-      "intactkv", "intactkv_prefix", "gptq", "seed", "batch",
+      "intactkv", "intactkv_prefix", "intactkv_cal", "intactkv_cal_steps", "intactkv_cal_lr",
+      "gptq", "seed", "batch",
       "reconstruction", "cbq_window", "cbq_overlap", "cbq_parallel", "cbq_epochs", "lora_rank",
       "cfp"};
   // clang-format on

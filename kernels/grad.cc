@@ -175,26 +175,31 @@ namespace {
 constexpr int64_t kAttnBlock = 128;
 }  // namespace
 
+// attention_fwd / attention_bwd are the P = 0 case of the prefix versions: with
+// P = 0 the prefix GEMMs are skipped and every remaining call is the plain one.
 template <typename T>
-void attention_fwd(T* out, const T* q, const T* k, const T* v, int64_t T_, int64_t n_h,
-                   int64_t n_kv, int64_t d, T* probs) {
-  QCAL_CHECK(n_kv > 0 && n_h % n_kv == 0);
+void prefix_attention_fwd(T* out, const T* q, const T* pk, const T* pv, int64_t P, const T* k,
+                          const T* v, int64_t T_, int64_t n_h, int64_t n_kv, int64_t d, T* probs) {
+  QCAL_CHECK(n_kv > 0 && n_h % n_kv == 0 && P >= 0);
+  QCAL_CHECK_MSG(P == 0 || (pk != nullptr && pv != nullptr), "prefix_attention_fwd: no prefix");
   if (T_ <= 0) return;
   const int64_t group = n_h / n_kv;
   const int64_t qs = n_h * d, ks = n_kv * d;  // row strides of q/out and k/v
+  const int64_t S = P + T_;                   // row length of probs
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(d)));
   for (int64_t h = 0; h < n_h; ++h) {
     const int64_t kvh = h / group;
     for (int64_t r0 = 0; r0 < T_; r0 += kAttnBlock) {
       const int64_t r1 = std::min(T_, r0 + kAttnBlock), rows = r1 - r0, keys = r1;
-      T* P = probs + (h * T_ + r0) * T_;  // (rows, T), leading dim T
-      // S = scale · Q[r0:r1] K[0:r1]ᵀ
-      gemm_t(false, true, rows, keys, d, scale, q + r0 * qs + h * d, qs, k + kvh * d, ks, T(0), P,
-             T_);
-      parallel_for(rows, 3 * keys, [&](int64_t i0, int64_t i1) {
+      T* Pm = probs + (h * T_ + r0) * S;  // (rows, P + keys), leading dim S
+      const T* qb = q + r0 * qs + h * d;
+      // S = scale · Q[r0:r1] [PK; K[0:r1]]ᵀ
+      if (P > 0) gemm_t(false, true, rows, P, d, scale, qb, qs, pk + kvh * d, ks, T(0), Pm, S);
+      gemm_t(false, true, rows, keys, d, scale, qb, qs, k + kvh * d, ks, T(0), Pm + P, S);
+      parallel_for(rows, 3 * (P + keys), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
-          T* row = P + i * T_;
-          const int64_t valid = r0 + i + 1;  // keys 0..r0+i are visible
+          T* row = Pm + i * S;
+          const int64_t valid = P + r0 + i + 1;  // the prefix and keys 0..r0+i are visible
           T mx = -std::numeric_limits<T>::infinity();
           for (int64_t j = 0; j < valid; ++j) mx = std::max(mx, row[j]);
           double sum = 0.0;
@@ -204,57 +209,84 @@ void attention_fwd(T* out, const T* q, const T* k, const T* v, int64_t T_, int64
           }
           const T inv = static_cast<T>(1.0 / sum);
           for (int64_t j = 0; j < valid; ++j) row[j] *= inv;
-          std::fill(row + valid, row + T_, T(0));
+          std::fill(row + valid, row + S, T(0));
         }
       });
-      // out[r0:r1] = P V[0:r1]
-      gemm_t(false, false, rows, d, keys, T(1), P, T_, v + kvh * d, ks, T(0), out + r0 * qs + h * d,
+      // out[r0:r1] = P [PV; V[0:r1]]
+      T* ob = out + r0 * qs + h * d;
+      if (P > 0) gemm_t(false, false, rows, d, P, T(1), Pm, S, pv + kvh * d, ks, T(0), ob, qs);
+      gemm_t(false, false, rows, d, keys, T(1), Pm + P, S, v + kvh * d, ks, P > 0 ? T(1) : T(0), ob,
              qs);
     }
   }
 }
 
 template <typename T>
-void attention_bwd(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k, const T* v,
-                   const T* probs, int64_t T_, int64_t n_h, int64_t n_kv, int64_t d) {
-  QCAL_CHECK(n_kv > 0 && n_h % n_kv == 0);
+void prefix_attention_bwd(T* dq, T* dpk, T* dpv, T* dk, T* dv, const T* dout, const T* q,
+                          const T* pk, const T* pv, int64_t P, const T* k, const T* v,
+                          const T* probs, int64_t T_, int64_t n_h, int64_t n_kv, int64_t d) {
+  QCAL_CHECK(n_kv > 0 && n_h % n_kv == 0 && P >= 0);
+  QCAL_CHECK_MSG(P == 0 || (pk != nullptr && pv != nullptr), "prefix_attention_bwd: no prefix");
   if (T_ <= 0) return;
   const int64_t group = n_h / n_kv;
   const int64_t qs = n_h * d, ks = n_kv * d;
+  const int64_t S = P + T_;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(d)));
   std::fill(dk, dk + T_ * ks, T(0));
   std::fill(dv, dv + T_ * ks, T(0));
-  std::vector<T> dS(static_cast<size_t>(std::min(T_, kAttnBlock) * T_));  // (rows, keys)
+  std::vector<T> dS(static_cast<size_t>(std::min(T_, kAttnBlock) * S));  // (rows, P + keys)
   for (int64_t h = 0; h < n_h; ++h) {
     const int64_t kvh = h / group;
     for (int64_t r0 = 0; r0 < T_; r0 += kAttnBlock) {
       const int64_t r1 = std::min(T_, r0 + kAttnBlock), rows = r1 - r0, keys = r1;
-      const T* P = probs + (h * T_ + r0) * T_;  // (rows, keys), leading dim T
+      const int64_t kw = P + keys;              // columns of dS
+      const T* Pm = probs + (h * T_ + r0) * S;  // (rows, kw), leading dim S
       const T* dO = dout + r0 * qs + h * d;     // (rows, d), leading dim qs
+      const T* qb = q + r0 * qs + h * d;
       T* ds = dS.data();
-      // dP = dO V[0:r1]ᵀ
-      gemm_t(false, true, rows, keys, d, T(1), dO, qs, v + kvh * d, ks, T(0), ds, keys);
+      // dP = dO [PV; V[0:r1]]ᵀ
+      if (P > 0) gemm_t(false, true, rows, P, d, T(1), dO, qs, pv + kvh * d, ks, T(0), ds, kw);
+      gemm_t(false, true, rows, keys, d, T(1), dO, qs, v + kvh * d, ks, T(0), ds + P, kw);
       // dS = P ⊙ (dP − rowsum(dP ⊙ P)); zero where masked (P is 0 there).
-      parallel_for(rows, 3 * keys, [&](int64_t i0, int64_t i1) {
+      parallel_for(rows, 3 * kw, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
-          const T* p = P + i * T_;
-          T* row = ds + i * keys;
-          const int64_t valid = r0 + i + 1;
+          const T* p = Pm + i * S;
+          T* row = ds + i * kw;
+          const int64_t valid = P + r0 + i + 1;
           double dot = 0.0;
           for (int64_t j = 0; j < valid; ++j) dot += static_cast<double>(row[j] * p[j]);
           const T dt = static_cast<T>(dot);
           for (int64_t j = 0; j < valid; ++j) row[j] = p[j] * (row[j] - dt);
-          std::fill(row + valid, row + keys, T(0));
+          std::fill(row + valid, row + kw, T(0));
         }
       });
-      // dQ[r0:r1] = scale · dS K[0:r1];  dK[0:r1] += scale · dSᵀ Q[r0:r1];  dV[0:r1] += Pᵀ dO
-      gemm_t(false, false, rows, d, keys, scale, ds, keys, k + kvh * d, ks, T(0),
-             dq + r0 * qs + h * d, qs);
-      gemm_t(true, false, keys, d, rows, scale, ds, keys, q + r0 * qs + h * d, qs, T(1),
-             dk + kvh * d, ks);
-      gemm_t(true, false, keys, d, rows, T(1), P, T_, dO, qs, T(1), dv + kvh * d, ks);
+      // dQ[r0:r1] = scale · dS [PK; K[0:r1]];  dK[0:r1] += scale · dSᵀ Q[r0:r1];
+      // dV[0:r1] += Pᵀ dO; the prefix columns likewise into dPK / dPV.
+      T* dqb = dq + r0 * qs + h * d;
+      if (P > 0) gemm_t(false, false, rows, d, P, scale, ds, kw, pk + kvh * d, ks, T(0), dqb, qs);
+      gemm_t(false, false, rows, d, keys, scale, ds + P, kw, k + kvh * d, ks, P > 0 ? T(1) : T(0),
+             dqb, qs);
+      gemm_t(true, false, keys, d, rows, scale, ds + P, kw, qb, qs, T(1), dk + kvh * d, ks);
+      gemm_t(true, false, keys, d, rows, T(1), Pm + P, S, dO, qs, T(1), dv + kvh * d, ks);
+      if (P > 0 && dpk)
+        gemm_t(true, false, P, d, rows, scale, ds, kw, qb, qs, T(1), dpk + kvh * d, ks);
+      if (P > 0 && dpv)
+        gemm_t(true, false, P, d, rows, T(1), Pm, S, dO, qs, T(1), dpv + kvh * d, ks);
     }
   }
+}
+
+template <typename T>
+void attention_fwd(T* out, const T* q, const T* k, const T* v, int64_t T_, int64_t n_h,
+                   int64_t n_kv, int64_t d, T* probs) {
+  prefix_attention_fwd<T>(out, q, nullptr, nullptr, 0, k, v, T_, n_h, n_kv, d, probs);
+}
+
+template <typename T>
+void attention_bwd(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k, const T* v,
+                   const T* probs, int64_t T_, int64_t n_h, int64_t n_kv, int64_t d) {
+  prefix_attention_bwd<T>(dq, nullptr, nullptr, dk, dv, dout, q, nullptr, nullptr, 0, k, v, probs,
+                          T_, n_h, n_kv, d);
 }
 
 // ---------------------------------------------------------------- SwiGLU
@@ -738,6 +770,11 @@ double cross_entropy_fwd_bwd(const T* logits, const int32_t* targets, int64_t ro
                                  int64_t, T*);                                                     \
   template void attention_bwd<T>(T*, T*, T*, const T*, const T*, const T*, const T*, const T*,     \
                                  int64_t, int64_t, int64_t, int64_t);                              \
+  template void prefix_attention_fwd<T>(T*, const T*, const T*, const T*, int64_t, const T*,       \
+                                        const T*, int64_t, int64_t, int64_t, int64_t, T*);         \
+  template void prefix_attention_bwd<T>(T*, T*, T*, T*, T*, const T*, const T*, const T*,          \
+                                        const T*, int64_t, const T*, const T*, const T*, int64_t,  \
+                                        int64_t, int64_t, int64_t);                                \
   template void swiglu_fwd<T>(T*, const T*, const T*, int64_t);                                    \
   template void swiglu_bwd<T>(T*, T*, const T*, const T*, const T*, int64_t);                      \
   template void kron_fwd<T>(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, T*);      \

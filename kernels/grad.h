@@ -49,6 +49,21 @@ template <typename T>
 void attention_bwd(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k, const T* v,
                    const T* probs, int64_t T_, int64_t n_h, int64_t n_kv, int64_t d);
 
+// ---- The same with an unquantized prefix of P keys in front (IntactKV, methods.md
+// §6): pk/pv (P, n_kv·d) precede the sequence's own k/v (T, n_kv·d); query t sees
+// the prefix 0..P−1 and keys 0..t. probs (n_h, T, P+T) saved: row t holds the prefix
+// columns 0..P−1, then the sequence's keys at P..P+T−1. P = 0 is attention_fwd /
+// attention_bwd exactly (those are this with P = 0; pk/pv may then be null).
+template <typename T>
+void prefix_attention_fwd(T* out, const T* q, const T* pk, const T* pv, int64_t P, const T* k,
+                          const T* v, int64_t T_, int64_t n_h, int64_t n_kv, int64_t d, T* probs);
+// dq, dk, dv overwritten; dpk, dpv (P, n_kv·d) ACCUMULATED (+=, so the prefix
+// gradients of several sequences sum); either may be null (not wanted).
+template <typename T>
+void prefix_attention_bwd(T* dq, T* dpk, T* dpv, T* dk, T* dv, const T* dout, const T* q,
+                          const T* pk, const T* pv, int64_t P, const T* k, const T* v,
+                          const T* probs, int64_t T_, int64_t n_h, int64_t n_kv, int64_t d);
+
 // ---- SwiGLU: out = silu(g) ⊙ u.
 template <typename T>
 void swiglu_fwd(T* out, const T* g, const T* u, int64_t n);

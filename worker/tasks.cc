@@ -599,6 +599,12 @@ Result<nlohmann::json> run_calib(const TaskContext& ctx) {
       calib::CalibReport rep,
       calib::calibrate_to_dir(ctx.spec.model, calib, r, out, format, overwrite, progress_to(ctx)));
   const uint64_t bytes = dir_bytes(out);
+  if (rep.intactkv_cal) {
+    std::ostringstream line;
+    line << "intactkv-cal: " << rep.intactkv_cal->steps << " steps, loss "
+         << rep.intactkv_cal->loss_first << " -> " << rep.intactkv_cal->loss_last;
+    say(ctx, line.str());
+  }
   say(ctx, "wrote " + out + " (" + format + ", " + std::to_string(bytes) + " bytes) in " +
                std::to_string(rep.seconds) + " s");
   return nlohmann::json{
@@ -741,14 +747,34 @@ Result<nlohmann::json> run_cbq_assemble(const TaskContext& ctx) {
     if (layers[static_cast<size_t>(l)].layer != l)
       return invalid_input("task " + ctx.task.id + ": finalized layer " + std::to_string(l) +
                            " is layer " + std::to_string(layers[static_cast<size_t>(l)].layer));
-  QCAL_ASSIGN_OR_RETURN(calib::NativeModel nm, calib::cbq_finish(setup, layers, r));
+  // IntactKV "+Cal" trains the prefix cache on the calibration data: this task reads
+  // it from the user's token file, as the capture task does.
+  std::optional<TokenSequences> calib;
+  if (r.intactkv && r.intactkv_cal) {
+    QCAL_ASSIGN_OR_RETURN(TokenSequences data, load_calib(ctx, c.vocab_size));
+    calib = std::move(data);
+  }
+  if (ctx.cancel && ctx.cancel->load()) return cancelled("assemble before finishing");
+  calib::CalibReport rep;
+  QCAL_ASSIGN_OR_RETURN(
+      calib::NativeModel nm,
+      calib::cbq_finish(setup, layers, r, calib ? &*calib : nullptr, &rep, progress_to(ctx)));
   const std::string& out = ctx.spec.output.path;
   QCAL_ASSIGN_OR_RETURN(bool overwrite, begin_publish(ctx));
   QCAL_RETURN_IF_ERROR(calib::write_native(nm, out, overwrite));
   const uint64_t bytes = dir_bytes(out);
   say(ctx, "wrote " + out + " (native, " + std::to_string(bytes) + " bytes, " + std::to_string(L) +
                " layers)");
-  return nlohmann::json{{"output", out}, {"bytes", bytes}, {"format", "native"}, {"layers", L}};
+  nlohmann::json res{{"output", out}, {"bytes", bytes}, {"format", "native"}, {"layers", L}};
+  if (rep.intactkv_cal) {
+    const calib::IntactKvCalReport& k = *rep.intactkv_cal;
+    std::ostringstream line;
+    line << "intactkv-cal: " << k.steps << " steps, loss " << k.loss_first << " -> " << k.loss_last
+         << " (" << k.seconds << " s)";
+    say(ctx, line.str());
+    res["report"] = rep.to_json();
+  }
+  return res;
 }
 
 }  // namespace

@@ -233,6 +233,51 @@ TEST(CbqRecipe, JsonRoundTripOfTheNewKeys) {
   EXPECT_STREQ(weight_solver_str(WeightSolver::kLoraRounding), "lora-rounding");
 }
 
+TEST(CbqRecipe, IntactKvCalKeys) {
+  CalibRecipe r;
+  r.transform = Transform::kQuaRot;
+  r.a_bits = 4;
+  r.intactkv = true;
+  r.intactkv_cal = true;
+  r.intactkv_cal_steps = 12;
+  r.intactkv_cal_lr = 5e-3;
+  EXPECT_TRUE(r.validate().is_ok()) << err(r.validate());
+  EXPECT_TRUE(r.validate_for(fx().fp.config).is_ok()) << err(r.validate_for(fx().fp.config));
+  const nlohmann::json j = r.to_json();
+  EXPECT_EQ(j["intactkv_cal"], true);
+  EXPECT_EQ(j["intactkv_cal_steps"], 12);
+  EXPECT_EQ(j["intactkv_cal_lr"], 5e-3);
+  auto back = recipe_from_json(j);
+  ASSERT_TRUE(back.is_ok()) << err(back.status());
+  EXPECT_TRUE(back->intactkv_cal);
+  EXPECT_EQ(back->intactkv_cal_steps, 12);
+  EXPECT_EQ(back->intactkv_cal_lr, 5e-3);
+  EXPECT_EQ(back->to_json(), j);
+  // Defaults (the paper's): off, 160 steps, lr 2e-4.
+  auto d = recipe_from_json({{"intactkv", true}, {"a_bits", 4}});
+  ASSERT_TRUE(d.is_ok());
+  EXPECT_FALSE(d->intactkv_cal);
+  EXPECT_EQ(d->intactkv_cal_steps, 160);
+  EXPECT_EQ(d->intactkv_cal_lr, 2e-4);
+  // Rejections name the key.
+  CalibRecipe bad = r;
+  bad.intactkv = false;
+  expect_rejected(bad.validate(), "intactkv_cal", "turn intactkv on");
+  bad = r;
+  bad.w_bits = bad.a_bits = bad.kv_bits = 16;
+  expect_rejected(bad.validate_for(fx().fp.config), "intactkv_cal", "nothing to calibrate");
+  bad = r;
+  bad.intactkv_cal_steps = 0;
+  expect_rejected(bad.validate(), "intactkv_cal_steps", "must be in [1,");
+  bad = r;
+  bad.intactkv_cal_lr = 0;
+  expect_rejected(bad.validate(), "intactkv_cal_lr", "must be positive");
+  expect_rejected(recipe_from_json({{"intactkv_cal", "yes"}}).status(), "intactkv_cal",
+                  "must be a boolean");
+  expect_rejected(recipe_from_json({{"intactkv_cal_steps", 1.5}}).status(), "intactkv_cal_steps",
+                  "must be an integer");
+}
+
 TEST(CbqRecipe, OptionsFollowTheRecipe) {
   const ModelConfig& c = fx().fp.config;
   CalibRecipe r = recon(Reconstruction::kBlock, WeightSolver::kRtn);
@@ -543,6 +588,107 @@ TEST(CbqPersistence, WindowTasksThroughSaveLoadEqualCalibrate) {
   const double kc = mean_kl(native_logits(nc.value(), f.eval.tokens.data(), B, kT), f.fp_eval, V);
   std::printf("QuaRot W4A4KV4 KL vs FP: RTN weights %.4f, CBQ(2,1) + LoRA-Rounding %.4f\n", kb, kc);
   EXPECT_LT(kc, kb);
+}
+
+// IntactKV "+Cal" in both pipelines: calibrate() without a reconstruction, and the
+// reconstruction's prepare → windows → cbq_finish (the service's capture / window /
+// assemble tasks) against calibrate() in one process.
+TEST(CbqPipeline, IntactKvCalTrainsTheCacheInBothPipelines) {
+  Fixture& f = fx();
+  const int64_t V = f.fp.config.vocab_size, B = f.eval.count();
+  auto kl_of = [&](const NativeModel& m) {
+    // The IntactKV protocol: the prefix logits are the stored FP ones.
+    std::vector<int32_t> rest;
+    for (int64_t q = 0; q < B; ++q) rest.insert(rest.end(), f.eval.seq(q) + 1, f.eval.seq(q) + kT);
+    const std::vector<float> tail = native_logits(m, rest.data(), B, kT - 1);
+    std::vector<float> all;
+    for (int64_t q = 0; q < B; ++q) {
+      all.insert(all.end(), m.intact_logits.begin(), m.intact_logits.end());
+      all.insert(all.end(), tail.begin() + q * (kT - 1) * V, tail.begin() + (q + 1) * (kT - 1) * V);
+    }
+    return mean_kl(all, f.fp_eval, V);
+  };
+  CalibRecipe plain;
+  plain.transform = Transform::kQuaRot;
+  plain.a_bits = plain.kv_bits = 4;
+  plain.a_clip = 0.9;
+  plain.kv_clip = 0.95;
+  plain.intactkv = true;
+  CalibRecipe cal = plain;
+  cal.intactkv_cal = true;
+  cal.intactkv_cal_steps = 24;
+  cal.intactkv_cal_lr = 1e-2;
+  std::vector<std::string> stages;
+  CalibReport rep;
+  auto a = calibrate(f.fp, f.calib, plain, nullptr);
+  auto b = calibrate(f.fp, f.calib, cal, &rep,
+                     [&](const std::string& st, int64_t, int64_t) { stages.push_back(st); });
+  ASSERT_TRUE(a.is_ok() && b.is_ok()) << err(b.status());
+  ASSERT_TRUE(rep.intactkv_cal.has_value());
+  EXPECT_EQ(rep.intactkv_cal->steps, 24);
+  EXPECT_LT(rep.intactkv_cal->loss_last, rep.intactkv_cal->loss_first);
+  EXPECT_EQ(rep.to_json()["intactkv_cal"]["steps"], 24);
+  EXPECT_EQ(std::count(stages.begin(), stages.end(), "intactkv-cal"), 13);  // every 2nd + last
+  EXPECT_EQ(b->recipe["intactkv_cal"], true);
+  // Only the cache differs.
+  EXPECT_NE(a->intact_k, b->intact_k);
+  EXPECT_EQ(a->intact_logits, b->intact_logits);
+  NativeModel b_with_a = b.value();
+  b_with_a.intact_k = a->intact_k;
+  b_with_a.intact_v = a->intact_v;
+  EXPECT_EQ(native_logits(b_with_a, f.eval.tokens.data(), 2, kT),
+            native_logits(a.value(), f.eval.tokens.data(), 2, kT));
+  const double kla = kl_of(a.value()), klb = kl_of(b.value());
+  std::printf("QuaRot W4A4KV4 + IntactKV: loss %.5f -> %.5f; eval KL %.5f -> %.5f with +Cal\n",
+              rep.intactkv_cal->loss_first, rep.intactkv_cal->loss_last, kla, klb);
+  EXPECT_TRUE(std::isfinite(klb));
+
+  // Reconstruction: calibrate() == the service's steps with the calibration data.
+  CalibRecipe rc = quarot_w4a4(1);
+  rc.cbq_window = 3;  // one window: quick
+  rc.cbq_overlap = 0;
+  rc.intactkv_cal = true;
+  rc.intactkv_cal_steps = 3;
+  CalibReport rep1;
+  auto one = calibrate(f.fp, f.calib, rc, &rep1);
+  ASSERT_TRUE(one.is_ok()) << err(one.status());
+  ASSERT_TRUE(rep1.intactkv_cal.has_value());
+  auto s = cbq_prepare(f.fp, f.calib, rc, nullptr);
+  ASSERT_TRUE(s.is_ok());
+  CbqState st = cbq_initial_state(s->x0, cbq_options(rc, s->model.config));
+  std::vector<CbqLayerResult> fin;
+  CbqWindowReport wr;
+  ASSERT_TRUE(cbq_run_setup_window(s.value(), rc, &st, &fin, &wr).is_ok());
+  ASSERT_EQ(fin.size(), 3u);
+  // Without the data the assemble step refuses +Cal.
+  auto no_data = cbq_finish(s.value(), fin, rc);
+  ASSERT_FALSE(no_data.is_ok());
+  EXPECT_NE(no_data.status().message().find("needs the calibration data"), std::string::npos)
+      << err(no_data.status());
+  CalibReport rep2;
+  auto two = cbq_finish(s.value(), fin, rc, &f.calib, &rep2);
+  ASSERT_TRUE(two.is_ok()) << err(two.status());
+  expect_same_native(one.value(), two.value());
+  ASSERT_TRUE(rep2.intactkv_cal.has_value());
+  EXPECT_EQ(rep2.intactkv_cal->loss_last, rep1.intactkv_cal->loss_last);
+  CalibRecipe rc_plain = rc;
+  rc_plain.intactkv_cal = false;
+  auto three = cbq_finish(s.value(), fin, rc_plain);
+  ASSERT_TRUE(three.is_ok());
+  EXPECT_NE(three->intact_k, two->intact_k);
+}
+
+// The +Cal training data: sequences not beginning with the prefix get it written over
+// their first tokens; the others are unchanged.
+TEST(CbqPipeline, IntactKvCalDataWritesThePrefix) {
+  TokenSequences d{4, {1, 2, 3, 4, 9, 1, 2, 3, 1, 5, 6, 7}};
+  int64_t n = -1;
+  const TokenSequences a = intactkv_cal_data(d, {1, 5}, &n);
+  EXPECT_EQ(n, 2);
+  EXPECT_EQ(a.tokens, (std::vector<int32_t>{1, 5, 3, 4, 1, 5, 2, 3, 1, 5, 6, 7}));
+  const TokenSequences b = intactkv_cal_data(d, {1}, &n);
+  EXPECT_EQ(n, 1);
+  EXPECT_EQ(b.tokens, (std::vector<int32_t>{1, 2, 3, 4, 1, 1, 2, 3, 1, 5, 6, 7}));
 }
 
 // ---------------------------------------------------------------- outputs and quality

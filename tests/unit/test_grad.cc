@@ -211,6 +211,31 @@ Op attention_op(int64_t T_, int64_t n_h, int64_t n_kv, int64_t d) {
   };
 }
 
+// Inputs q, pk, pv, k, v; gradients dq, dpk, dpv, dk, dv (dpk/dpv start at kAcc:
+// accumulated; dq/dk/dv at NaN: overwritten).
+template <typename T>
+Op prefix_attention_op(int64_t P, int64_t T_, int64_t n_h, int64_t n_kv, int64_t d) {
+  return [=](const std::vector<Vec>& in, const Vec& w, bool grads) {
+    auto q = as<T>(in[0]), pk = as<T>(in[1]), pv = as<T>(in[2]), k = as<T>(in[3]), v = as<T>(in[4]);
+    std::vector<T> out(q.size()), probs(n_h * T_ * (P + T_), std::numeric_limits<T>::quiet_NaN());
+    prefix_attention_fwd(out.data(), q.data(), pk.data(), pv.data(), P, k.data(), v.data(), T_, n_h,
+                         n_kv, d, probs.data());
+    OpRun r{f64(out), {}};
+    if (grads) {
+      auto dout = as<T>(w);
+      std::vector<T> dq(q.size(), NAN), dk(k.size(), NAN), dv(v.size(), NAN);
+      std::vector<T> dpk(pk.size(), static_cast<T>(kAcc)), dpv(pv.size(), static_cast<T>(kAcc));
+      prefix_attention_bwd(dq.data(), dpk.data(), dpv.data(), dk.data(), dv.data(), dout.data(),
+                           q.data(), pk.data(), pv.data(), P, k.data(), v.data(), probs.data(), T_,
+                           n_h, n_kv, d);
+      for (auto& e : dpk) e -= static_cast<T>(kAcc);
+      for (auto& e : dpv) e -= static_cast<T>(kAcc);
+      r.g = {f64(dq), f64(dpk), f64(dpv), f64(dk), f64(dv)};
+    }
+    return r;
+  };
+}
+
 template <typename T>
 Op swiglu_op(int64_t n) {
   return [=](const std::vector<Vec>& in, const Vec& w, bool grads) {
@@ -462,6 +487,94 @@ TEST(GradFd, AttentionSeveralQueryBlocks) {
   check_fd_dirs("attention T300", attention_op<double>(T_, n_h, n_kv, d), in, w, rng, 3, 1e-6);
   check_f32("attention T300", attention_op<float>(T_, n_h, n_kv, d),
             attention_op<double>(T_, n_h, n_kv, d), in, w, 5e-5);
+}
+
+TEST(GradFd, PrefixAttention) {
+  Rng rng(31);
+  struct Case {
+    int64_t P, T, n_h, n_kv, d;
+  };
+  for (Case c : {Case{1, 5, 4, 2, 4}, Case{3, 4, 2, 2, 4}, Case{2, 1, 2, 1, 4}}) {
+    const int64_t Q = c.n_h * c.d, K = c.n_kv * c.d;
+    const std::vector<Vec> in = {randn(rng, c.T * Q), randn(rng, c.P * K), randn(rng, c.P * K),
+                                 randn(rng, c.T * K), randn(rng, c.T * K)};
+    const Vec w = randn(rng, in[0].size());
+    const std::string name = "prefix attention P" + std::to_string(c.P) + " T" +
+                             std::to_string(c.T) + " nh" + std::to_string(c.n_h) + " nkv" +
+                             std::to_string(c.n_kv);
+    check_fd(name, prefix_attention_op<double>(c.P, c.T, c.n_h, c.n_kv, c.d), in, w, 1e-6, 1e-5,
+             {"q", "pk", "pv", "k", "v"});
+    check_f32(name, prefix_attention_op<float>(c.P, c.T, c.n_h, c.n_kv, c.d),
+              prefix_attention_op<double>(c.P, c.T, c.n_h, c.n_kv, c.d), in, w, 2e-5);
+  }
+}
+
+TEST(GradFd, PrefixAttentionSeveralQueryBlocks) {
+  Rng rng(32);
+  const int64_t P = 3, T_ = 300, n_h = 2, n_kv = 1, d = 8;
+  const std::vector<Vec> in = {randn(rng, T_ * n_h * d), randn(rng, P * n_kv * d),
+                               randn(rng, P * n_kv * d), randn(rng, T_ * n_kv * d),
+                               randn(rng, T_ * n_kv * d)};
+  const Vec w = randn(rng, in[0].size());
+  check_fd_dirs("prefix attention P3 T300", prefix_attention_op<double>(P, T_, n_h, n_kv, d), in, w,
+                rng, 3, 1e-6);
+  check_f32("prefix attention P3 T300", prefix_attention_op<float>(P, T_, n_h, n_kv, d),
+            prefix_attention_op<double>(P, T_, n_h, n_kv, d), in, w, 5e-5);
+}
+
+template <typename T>
+void expect_prefix_zero_is_plain(Rng& rng, int64_t T_, int64_t n_h, int64_t n_kv, int64_t d) {
+  const auto q = as<T>(randn(rng, T_ * n_h * d)), k = as<T>(randn(rng, T_ * n_kv * d)),
+             v = as<T>(randn(rng, T_ * n_kv * d)), dout = as<T>(randn(rng, T_ * n_h * d));
+  std::vector<T> o1(q.size()), o2(q.size()), p1(n_h * T_ * T_), p2(p1.size());
+  attention_fwd(o1.data(), q.data(), k.data(), v.data(), T_, n_h, n_kv, d, p1.data());
+  prefix_attention_fwd<T>(o2.data(), q.data(), nullptr, nullptr, 0, k.data(), v.data(), T_, n_h,
+                          n_kv, d, p2.data());
+  EXPECT_EQ(o1, o2);
+  EXPECT_EQ(p1, p2);
+  std::vector<T> dq1(q.size()), dk1(k.size()), dv1(v.size()), dq2(q.size()), dk2(k.size()),
+      dv2(v.size());
+  attention_bwd(dq1.data(), dk1.data(), dv1.data(), dout.data(), q.data(), k.data(), v.data(),
+                p1.data(), T_, n_h, n_kv, d);
+  prefix_attention_bwd<T>(dq2.data(), nullptr, nullptr, dk2.data(), dv2.data(), dout.data(),
+                          q.data(), nullptr, nullptr, 0, k.data(), v.data(), p2.data(), T_, n_h,
+                          n_kv, d);
+  EXPECT_EQ(dq1, dq2);
+  EXPECT_EQ(dk1, dk2);
+  EXPECT_EQ(dv1, dv2);
+}
+
+TEST(GradForward, PrefixAttentionZeroPrefixIsAttention) {
+  Rng rng(33);
+  expect_prefix_zero_is_plain<float>(rng, 140, 4, 2, 8);
+  expect_prefix_zero_is_plain<double>(rng, 9, 2, 1, 4);
+}
+
+TEST(GradForward, PrefixAttentionMatchesLongerCausalReference) {
+  // Query t with a prefix of P is row P + t of causal attention over [pk; k] (the
+  // first P query rows are unused), through the fp64 reference of kernels/ops.h.
+  Rng rng(34);
+  for (int64_t T_ : {7, 260}) {
+    const int64_t P = 4, n_h = 4, n_kv = 2, d = 16, Q = n_h * d, K = n_kv * d, S = P + T_;
+    const Vec q = randn(rng, T_ * Q, 0.5), pk = randn(rng, P * K, 0.5), pv = randn(rng, P * K),
+              k = randn(rng, T_ * K, 0.5), v = randn(rng, T_ * K);
+    Vec qf(S * Q, 0.0), kf = pk, vf = pv, ref(S * Q);
+    std::copy(q.begin(), q.end(), qf.begin() + P * Q);
+    kf.insert(kf.end(), k.begin(), k.end());
+    vf.insert(vf.end(), v.begin(), v.end());
+    attention_forward_ref(ref.data(), qf.data(), kf.data(), vf.data(), S, n_h, n_kv, d);
+    ref.erase(ref.begin(), ref.begin() + P * Q);
+    const auto q32 = as<float>(q), pk32 = as<float>(pk), pv32 = as<float>(pv), k32 = as<float>(k),
+               v32 = as<float>(v);
+    std::vector<float> out(q.size()), probs(n_h * T_ * S);
+    prefix_attention_fwd(out.data(), q32.data(), pk32.data(), pv32.data(), P, k32.data(),
+                         v32.data(), T_, n_h, n_kv, d, probs.data());
+    EXPECT_TRUE(close("prefix_attention_fwd<float> vs ref T" + std::to_string(T_), f64(out), ref,
+                      1e-5, &g_worst.ref));
+    for (int64_t h = 0; h < n_h; ++h)
+      for (int64_t t = 0; t < T_; ++t)
+        for (int64_t j = P + t + 1; j < S; ++j) ASSERT_EQ(probs[(h * T_ + t) * S + j], 0.0f);
+  }
 }
 
 TEST(GradFd, SwiGlu) {

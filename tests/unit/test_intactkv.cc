@@ -3,7 +3,10 @@
 // orthogonal online transforms: the FP prefix cache reproduces the FP model,
 // W4A4KV4 KL with and without it (plain model and a model with a forced
 // attention sink on BOS), the evaluation protocol's errors, the checkpoint round
-// trip, and the attention-sink diagnostic against attention_fwd's probabilities.
+// trip, the attention-sink diagnostic against attention_fwd's probabilities, and
+// "+Cal" (§6.4): the QBlock chain against native_logits, the objective's
+// gradient against float64 finite differences, calibration lowering the
+// objective and the held-out KL, and its errors.
 // Letters: S sequences, T tokens, P prefix, H hidden, I intermediate, V vocab,
 // n_h / n_kv heads, d head dim, Q = n_h·d, K = n_kv·d.
 #include <gtest/gtest.h>
@@ -11,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -470,6 +474,317 @@ TEST(IntactKv, AttentionSinkShare) {
   }
   EXPECT_EQ(attention_sink_share(*f.plain.llama, TokenSequences{}, 0).status().code(),
             Code::kInvalidInput);
+}
+
+// ---------------------------------------------------------------- +Cal (§6.4)
+
+// Per-element |got − ref| / max|ref|: the maximum and the q-quantile.
+struct ErrStats {
+  double max = INFINITY, q = INFINITY;
+};
+ErrStats err_stats(const std::vector<float>& got, const std::vector<float>& ref, double q) {
+  if (got.size() != ref.size() || got.empty()) return {};
+  double mr = 0;
+  for (float v : ref) mr = std::max(mr, std::fabs(static_cast<double>(v)));
+  std::vector<double> e(got.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i]) || !std::isfinite(ref[i])) return {};
+    e[i] = std::fabs(static_cast<double>(got[i]) - ref[i]) / mr;
+  }
+  std::sort(e.begin(), e.end());
+  return {e.back(), e[static_cast<size_t>(q * static_cast<double>(e.size() - 1))]};
+}
+
+TEST(IntactKvCal, QBlockChainMatchesNativeLogits) {
+  Fixture& f = fixture();
+  for (Variant* v : {&f.plain, &f.sink}) {
+    const char* name = v == &f.plain ? "plain" : "sink ";
+    const TokenSequences d = make_data({kBos}, 6, kT, 97, 41);
+    // Transform-only (every quantizer off, float weights): summation order only.
+    const ErrStats e16 = err_stats(qblock_chain_logits(v->tfp, d.tokens.data(), 6, kT),
+                                   native_logits(v->tfp, d.tokens.data(), 6, kT), 0.999);
+    EXPECT_LE(e16.max, 1e-5) << name;
+    // W4A4KV4 (integer GEMM vs fake quantization), without and with IntactKV.
+    NativeModel q = quantize_w4a4kv4(v->tfp);
+    const ErrStats e4 = err_stats(qblock_chain_logits(q, d.tokens.data(), 6, kT),
+                                  native_logits(q, d.tokens.data(), 6, kT), 0.999);
+    ASSERT_TRUE(attach_intactkv(q, fp_view(v->tfp), {kBos}).is_ok());
+    std::vector<int32_t> rest;
+    for (int64_t s = 0; s < 6; ++s) rest.insert(rest.end(), d.seq(s) + 1, d.seq(s) + kT);
+    const ErrStats e4i = err_stats(qblock_chain_logits(q, rest.data(), 6, kT - 1),
+                                   native_logits(q, rest.data(), 6, kT - 1), 0.999);
+    std::printf(
+        "  %s QBlock chain vs native_logits (rel to max|logit|): W16 max %.2e; W4A4KV4 p99.9 "
+        "%.2e max %.2e; + IntactKV p99.9 %.2e max %.2e\n",
+        name, e16.max, e4.q, e4.max, e4i.q, e4i.max);
+    EXPECT_LE(e4.q, 1e-4) << name;
+    EXPECT_LE(e4i.q, 1e-4) << name;
+    // The blocks use the stored weights as they are: no weight-side transform is set,
+    // so QBlock's effective (unquantized) weights are the dequantized codes, bit for bit.
+    const NativeBlockInputs in = native_block_inputs(q, 1);
+    EXPECT_FALSE(in.t.a1.empty() || in.t.po.empty() || in.t.pk_it.empty());
+    EXPECT_TRUE(in.t.a1_it.empty() && in.t.u1_it.empty() && in.t.d1_it.empty() &&
+                in.t.po_it.empty() && in.t.pv.empty() && in.t.ca.empty());
+    QBlock<float> blk(q.config, &in.w, &in.t, &in.q, nullptr);
+    for (int p = 0; p < kNumProj; ++p) {
+      EXPECT_EQ(blk.effective_weight(p, false), in.w.w[p]) << kProjNames[p];
+      EXPECT_FALSE(in.q.w[p].on());
+      EXPECT_EQ(in.q.act[p].bits, 4);
+      EXPECT_EQ(in.q.act[p].clip_ratio, 0.9f);
+    }
+    EXPECT_EQ(in.q.k.group, q.config.head_dim);
+    EXPECT_FALSE(in.q.k.sym);
+    // Negative control: without the prefix cache the chain is a different function.
+    NativeModel no_prefix = q;
+    no_prefix.intact_prefix.clear();
+    no_prefix.intact_k.clear();
+    no_prefix.intact_v.clear();
+    EXPECT_GT(err_stats(qblock_chain_logits(no_prefix, rest.data(), 6, kT - 1),
+                        native_logits(q, rest.data(), 6, kT - 1), 0.999)
+                  .q,
+              1e-3)
+        << name;
+  }
+}
+
+std::vector<std::vector<double>> to_f64(const std::vector<std::vector<float>>& a) {
+  std::vector<std::vector<double>> o;
+  for (const auto& v : a) o.emplace_back(v.begin(), v.end());
+  return o;
+}
+
+// Central difference of the objective along entry i of layer l's K (which 0) or V
+// (which 1), and the one-sided gap |D+ − D−| (a kink of the surrogate shows there).
+struct Fd1 {
+  double central, gap;
+};
+Fd1 fd_entry(const NativeModel& q, const NativeModel& fpv, const int32_t* seq, int64_t T,
+             std::vector<std::vector<double>>& k, std::vector<std::vector<double>>& v, int which,
+             int64_t l, int64_t i, RoundTape<double>* tape) {
+  auto& par = which ? v : k;
+  const double keep = par[l][i], h = 1e-5;
+  auto at = [&](double x) {
+    par[l][i] = x;
+    return intactkv_cal_objective(q, fpv, seq, T, k, v, nullptr, nullptr, tape);
+  };
+  const double lp = at(keep + h), lm = at(keep - h), l0 = at(keep);
+  return {(lp - lm) / (2 * h), std::fabs((lp - l0) - (l0 - lm)) / h};
+}
+
+TEST(IntactKvCal, ObjectiveGradientMatchesFiniteDifferences) {
+  // The objective of one sequence through both layers in float64: its gradient
+  // with respect to prefix K/V entries of both layers against central differences.
+  // W4 weights (dequantized, fixed) with (a) every activation / K / V quantizer
+  // off, (b) them on (QuaRot's clip ratios) through the RoundTape surrogate. As in
+  // test_qblock, (b) runs on a 10-bit grid: at 4 bits dozens of elements sit with
+  // their code exactly on a grid bound, where the surrogate has a kink and a central
+  // difference measures the mean of two slopes (the one-sided gap is printed).
+  Fixture& f = fixture();
+  const std::vector<int32_t> prefix = {kBos, 5};
+  const int64_t T = 12;
+  const TokenSequences d = make_data(prefix, 1, T, 97, 43);
+  const NativeModel fpv = fp_view(f.sink.tfp);
+  {
+    // Every quantizer off, float weights, the FP cache: h^q is h^fp, the objective ~0
+    // (the positions after the prefix and the cache basis agree with the full run).
+    NativeModel q = f.sink.tfp;
+    ASSERT_TRUE(attach_intactkv(q, fpv, prefix).is_ok());
+    const double l = intactkv_cal_objective(q, fpv, d.seq(0), T, to_f64(q.intact_k),
+                                            to_f64(q.intact_v), nullptr, nullptr);
+    std::printf("  quantizers off at the FP cache: objective %.2e\n", l);
+    EXPECT_LT(l, 1e-10);
+  }
+  for (int bits : {16, 10}) {
+    NativeModel q = quantize_w4a4kv4(f.sink.tfp);
+    for (NativeLayer& y : q.layers) {
+      for (NativeActQuant& a : y.act) a.bits = bits;
+      y.k.bits = y.v.bits = bits;
+    }
+    ASSERT_TRUE(attach_intactkv(q, fpv, prefix).is_ok());
+    auto k = to_f64(q.intact_k), v = to_f64(q.intact_v);
+    // Move off the FP cache a little (at it the gradient of the sink's K is tiny).
+    Rng rng(44);
+    for (auto* a : {&k, &v})
+      for (auto& e : *a)
+        for (double& x : e) x += 0.05 * rng.normal();
+    RoundTape<double> tape;
+    RoundTape<double>* tp = bits < 16 ? &tape : nullptr;
+    std::vector<std::vector<double>> dk, dv;
+    const double l0 = intactkv_cal_objective(q, fpv, d.seq(0), T, k, v, &dk, &dv, tp);
+    ASSERT_TRUE(std::isfinite(l0));
+    if (tp) {
+      ASSERT_GT(tape.offsets.size(), 0u);
+      tape.mode = RoundTape<double>::Mode::kReplay;
+      EXPECT_EQ(intactkv_cal_objective(q, fpv, d.seq(0), T, k, v, nullptr, nullptr, tp), l0);
+    }
+    ASSERT_EQ(dk.size(), 2u);
+    ASSERT_EQ(dv.size(), 2u);
+    const int64_t PK = 2 * q.config.kv_dim();
+    double worst = 0, worst_gap = 0;
+    int checked = 0;
+    for (int which = 0; which < 2; ++which)
+      for (int64_t l = 0; l < 2; ++l) {
+        const auto& grad = which ? dv : dk;
+        ASSERT_EQ(static_cast<int64_t>(grad[l].size()), PK);
+        double gmax = 0;
+        for (double e : grad[l]) gmax = std::max(gmax, std::fabs(e));
+        ASSERT_GT(gmax, 0.0);
+        for (int64_t i : {int64_t{0}, int64_t{7}, PK / 2 + 3, PK - 1}) {
+          const Fd1 fd = fd_entry(q, fpv, d.seq(0), T, k, v, which, l, i, tp);
+          const double err = std::fabs(fd.central - grad[l][i]) / gmax;
+          EXPECT_LT(err, 1e-6) << "bits " << bits << (which ? " v" : " k") << " layer " << l
+                               << " entry " << i << ": fd " << fd.central << " analytic "
+                               << grad[l][i] << " one-sided gap " << fd.gap;
+          worst = std::max(worst, err);
+          worst_gap = std::max(worst_gap, fd.gap / gmax);
+          ++checked;
+        }
+      }
+    std::printf(
+        "  bits %d: objective %.5f; %d prefix entries (K, V of both layers), max |fd − grad| / "
+        "max|grad| = %.2e (one-sided gap %.1e)\n",
+        bits, l0, checked, worst, worst_gap);
+  }
+}
+
+// The sink model at W4A4KV4 with its FP BOS cache attached, training and held-out data.
+struct CalSetup {
+  NativeModel q;
+  NativeModel fpv;
+  TokenSequences train, test;
+};
+CalSetup cal_setup() {
+  Fixture& f = fixture();
+  CalSetup c;
+  c.q = quantize_w4a4kv4(f.sink.tfp);
+  c.fpv = fp_view(f.sink.tfp);
+  QCAL_CHECK(attach_intactkv(c.q, c.fpv, {kBos}).is_ok());
+  c.train = make_data({kBos}, 16, kT, 97, 51);
+  c.test = make_data({kBos}, kSeqs, kT, 97, 5);
+  return c;
+}
+
+// Mean objective (float64) over the first n sequences of d at the model's cache.
+double mean_objective(const NativeModel& q, const NativeModel& fpv, const TokenSequences& d,
+                      int64_t n) {
+  const auto k = to_f64(q.intact_k), v = to_f64(q.intact_v);
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i)
+    s += intactkv_cal_objective(q, fpv, d.seq(i), d.seqlen, k, v, nullptr, nullptr);
+  return s / static_cast<double>(n);
+}
+
+TEST(IntactKvCal, CalibrationLowersTheObjectiveAndTheKl) {
+  Fixture& f = fixture();
+  CalSetup c = cal_setup();
+  auto before = evaluate_native(c.q, c.test, f.sink.llama.get(), 6);
+  ASSERT_TRUE(before.is_ok());
+  const double held_before = mean_objective(c.q, c.fpv, c.test, 6);
+  IntactKvCalOptions o;
+  o.steps = 40;
+  o.accum = 16;  // every step sees all 16 training sequences: first/last losses compare
+  o.lr = 2e-2;   // the paper's 2e-4 moves this tiny model's cache too little in 40 steps
+  int64_t calls = 0;
+  std::vector<double> losses;
+  auto r = calibrate_intactkv(c.q, c.fpv, c.train, o, [&](int64_t step, int64_t steps, double l) {
+    EXPECT_EQ(step, calls);
+    EXPECT_EQ(steps, o.steps);
+    ++calls;
+    losses.push_back(l);
+  });
+  ASSERT_TRUE(r.is_ok()) << r.status().to_string();
+  EXPECT_EQ(calls, o.steps);
+  EXPECT_EQ(r->steps, o.steps);
+  EXPECT_EQ(r->loss_first, losses.front());
+  EXPECT_EQ(r->loss_last, losses.back());
+  auto after = evaluate_native(c.q, c.test, f.sink.llama.get(), 6);
+  ASSERT_TRUE(after.is_ok());
+  const double held_after = mean_objective(c.q, c.fpv, c.test, 6);
+  std::printf(
+      "  +Cal %lld steps x %lld seqs (lr %.0e, %.2f s): objective %.5f -> %.5f; held-out "
+      "objective %.5f -> %.5f, KL %.5f -> %.5f, ppl %.3f -> %.3f (fp %.3f), top1 %.3f -> %.3f\n",
+      static_cast<long long>(o.steps), static_cast<long long>(o.accum), o.lr, r->seconds,
+      r->loss_first, r->loss_last, held_before, held_after, *before->kl, *after->kl, before->ppl,
+      after->ppl, *after->fp_ppl, *before->top1_agree, *after->top1_agree);
+  ASSERT_TRUE(std::isfinite(r->loss_first) && std::isfinite(r->loss_last));
+  // Measured: 0.0201 -> 0.0143 (0.71x); held-out objective and KL (0.018 -> 0.012) follow.
+  EXPECT_LT(r->loss_last, 0.85 * r->loss_first);
+  EXPECT_LT(held_after, 0.9 * held_before);
+  EXPECT_LT(*after->kl, 0.9 * *before->kl);
+  // Only the cache moved: the prefix and its FP logits are kept.
+  EXPECT_EQ(c.q.intact_prefix, std::vector<int32_t>{kBos});
+  EXPECT_EQ(c.q.intact_logits, cal_setup().q.intact_logits);
+}
+
+TEST(IntactKvCal, ZeroStepsLeavesTheCacheAndErrorsLeaveTheModel) {
+  CalSetup c = cal_setup();
+  const NativeModel orig = c.q;
+  auto same_cache = [&](const NativeModel& m) {
+    return m.intact_k == orig.intact_k && m.intact_v == orig.intact_v &&
+           m.intact_prefix == orig.intact_prefix && m.intact_logits == orig.intact_logits;
+  };
+  IntactKvCalOptions o;
+  o.steps = 0;
+  auto r = calibrate_intactkv(c.q, c.fpv, c.train, o);
+  ASSERT_TRUE(r.is_ok());
+  EXPECT_EQ(r->steps, 0);
+  EXPECT_TRUE(same_cache(c.q));
+  // A step at the default lr with warmup starts at lr 0: still the same; a second
+  // step moves it.
+  o.steps = 1;
+  o.accum = 2;
+  ASSERT_TRUE(calibrate_intactkv(c.q, c.fpv, c.train, o).is_ok());
+  EXPECT_TRUE(same_cache(c.q)) << "step 0 of the linear warmup runs at lr 0";
+  o.warmup_ratio = 0;
+  ASSERT_TRUE(calibrate_intactkv(c.q, c.fpv, c.train, o).is_ok());
+  EXPECT_FALSE(same_cache(c.q));
+  c.q = orig;
+
+  auto expect_error = [&](NativeModel& m, const NativeModel& fp, const TokenSequences& d,
+                          const IntactKvCalOptions& opt, Code code, const std::string& text) {
+    const NativeModel keep = m;
+    auto e = calibrate_intactkv(m, fp, d, opt);
+    ASSERT_FALSE(e.is_ok()) << text;
+    EXPECT_EQ(e.status().code(), code) << e.status().message();
+    EXPECT_NE(e.status().message().find(text), std::string::npos) << e.status().message();
+    EXPECT_TRUE(m.intact_k == keep.intact_k && m.intact_v == keep.intact_v) << text;
+  };
+  IntactKvCalOptions ok;
+  ok.steps = 2;
+  ok.accum = 2;
+  NativeModel bare = quantize_w4a4kv4(fixture().sink.tfp);
+  expect_error(bare, c.fpv, c.train, ok, Code::kInvalidInput, "no IntactKV cache");
+  TokenSequences bad = c.train;
+  bad.tokens[3 * kT] = 17;
+  expect_error(c.q, c.fpv, bad, ok, Code::kInvalidInput,
+               "IntactKV needs every sequence to begin with the prefix [1]; sequence 3 begins "
+               "with 17");
+  expect_error(c.q, c.fpv, make_data({kBos}, 2, 1, 97, 3), ok, Code::kInvalidInput,
+               "leaves nothing");
+  expect_error(c.q, c.fpv, TokenSequences{}, ok, Code::kInvalidInput, "no sequence");
+  for (auto [field, text] : {std::pair<int, const char*>{0, "steps"},
+                             {1, "accum"},
+                             {2, "lr"},
+                             {3, "warmup_ratio"},
+                             {4, "max_grad_norm"},
+                             {5, "weight_decay"}}) {
+    IntactKvCalOptions b = ok;
+    if (field == 0) b.steps = -1;
+    if (field == 1) b.accum = 0;
+    if (field == 2) b.lr = 0;
+    if (field == 3) b.warmup_ratio = 1.5;
+    if (field == 4) b.max_grad_norm = 0;
+    if (field == 5) b.weight_decay = -1;
+    expect_error(c.q, c.fpv, c.train, b, Code::kInvalidInput, text);
+  }
+  NativeModel fp_on = c.fpv;
+  fp_on.layers[1].act[kUp].bits = 4;
+  expect_error(c.q, fp_on, c.train, ok, Code::kInvalidInput, "layer 1");
+  // A NaN in the FP targets: the loss is NaN at the first step.
+  NativeModel fp_nan = c.fpv;
+  fp_nan.layers[1].post_norm[3] = NAN;
+  expect_error(c.q, fp_nan, c.train, ok, Code::kInternal, "intactkv-cal step 0: loss is NaN");
+  EXPECT_TRUE(same_cache(c.q));
 }
 
 }  // namespace

@@ -282,10 +282,13 @@ struct Problem {
   BlockQuantSpec q;
   BlockClipT<double> clip;
   Vec x, r;
+  int64_t P = 0;              // IntactKV prefix (set_prefix) when > 0
+  Vec pk, pv;                 // (P, n_kv·d) each
   mutable double labs = 0.0;  // Σ |y ⊙ r| at the last grads() (the roundoff scale of L)
 
   double loss(RoundTape<double>* tape) const {
     QBlock<double> blk(c, &w, &t, &q, &clip);
+    if (P > 0) blk.set_prefix(pk.data(), pv.data(), P);
     Vec y(x.size());
     if (tape) {
       tape->mode = RoundTape<double>::Mode::kReplay;
@@ -300,6 +303,7 @@ struct Problem {
   // Records the rounding offsets and returns every gradient of L.
   BlockGradsT<double> grads(RoundTape<double>* tape, BackwardOptions opt = {}) const {
     QBlock<double> blk(c, &w, &t, &q, &clip);
+    if (P > 0) blk.set_prefix(pk.data(), pv.data(), P);
     auto tp = make_tape<double>();
     Vec y(x.size());
     if (tape) {
@@ -333,6 +337,8 @@ struct Problem {
     ps.push_back({"v_min", &clip.v_min, &g.clip.v_min});
     ps.push_back({"input_norm", &w.input_norm, &g.w.input_norm});
     ps.push_back({"post_norm", &w.post_norm, &g.w.post_norm});
+    ps.push_back({"prefix_k", &pk, &g.prefix_k});
+    ps.push_back({"prefix_v", &pv, &g.prefix_v});
     std::vector<Param> out;
     for (const Param& p : ps)
       if (!p.value->empty()) out.push_back(p);
@@ -350,6 +356,17 @@ Problem make_problem(uint64_t seed, bool bias, int bits) {
   pb.clip = random_clip(pb.q, pb.c, rng);
   pb.x = randn(rng, pb.B * pb.T * pb.c.hidden_size);
   pb.r = randn(rng, pb.x.size());
+  return pb;
+}
+
+// The same with an IntactKV prefix of P entries (random K/V at the scale of the
+// block's own K/V).
+Problem make_prefix_problem(uint64_t seed, bool bias, int bits, int64_t P) {
+  Problem pb = make_problem(seed, bias, bits);
+  Rng rng(seed + 1000);
+  pb.P = P;
+  pb.pk = randn(rng, P * pb.c.kv_dim());
+  pb.pv = randn(rng, P * pb.c.kv_dim());
   return pb;
 }
 
@@ -376,6 +393,7 @@ void check_all(Problem& pb, RoundTape<double>* tape, const std::string& label) {
   const double kEps = 1e-5, kTol = 1e-6;
   BackwardOptions opt;
   opt.weights = true;
+  opt.prefix = pb.P > 0;
   BlockGradsT<double> g = pb.grads(tape, opt);
   const double labs = pb.labs;
   auto bound = [&](double scale) { return kTol + 1e-14 * labs / (kEps * scale); };
@@ -432,6 +450,7 @@ void check_all(Problem& pb, RoundTape<double>* tape, const std::string& label) {
 bool kink_free(Problem& pb, RoundTape<double>* tape) {
   BackwardOptions opt;
   opt.weights = true;
+  opt.prefix = pb.P > 0;
   BlockGradsT<double> g = pb.grads(tape, opt);
   Rng rng(11);
   const double eps = 1e-7;
@@ -824,6 +843,136 @@ TEST(QBlock, EffectiveWeightsAndBias) {
                    &sv);
     EXPECT_LT(max_rel(qw, want), 1e-12) << kProjNames[p];
   }
+}
+
+// ---- IntactKV prefix (set_prefix)
+
+TEST(QBlockFd, PrefixQuantizersOff) {
+  for (bool bias : {false, true}) {
+    Problem pb = make_prefix_problem(bias ? 4 : 3, bias, 16, 2);
+    check_all(pb, nullptr, bias ? "prefix, quant off, qwen2" : "prefix, quant off, llama");
+  }
+}
+
+TEST(QBlockFd, PrefixQuantizersOnSurrogate) {
+  // As QuantizersOnSurrogate, with a prefix of 3 (its entries are never quantized).
+  for (bool bias : {false, true}) {
+    const int bits = 10;
+    int seed = 0;
+    Problem pb;
+    RoundTape<double> tape;
+    for (seed = 1; seed <= 40; ++seed) {
+      pb = make_prefix_problem(200 + seed, bias, bits, 3);
+      if (kink_free(pb, &tape)) break;
+    }
+    ASSERT_LE(seed, 40) << "no kink-free seed";
+    std::printf("  (bits %d, seed %d)\n", bits, 200 + seed);
+    check_all(pb, &tape, bias ? "prefix, quant on, qwen2" : "prefix, quant on, llama");
+  }
+}
+
+// With quantizers off, a block with the prefix cache of P tokens computes rows
+// P.. of the same block run on [prefix tokens; sequence] (positions continue at P).
+TEST(QBlock, PrefixEqualsLongerSequence) {
+  for (bool bias : {false, true}) {
+    const ModelConfig c = tiny_config(bias);
+    Rng rng(bias ? 51 : 50);
+    const BlockWeightsT<double> w = random_weights(c, rng);
+    BlockTransformsT<double> t;
+    Vec unused;
+    factor(c.head_dim, rng, false, &t.pk, &unused);
+    factor(c.head_dim, rng, false, &t.pk_it, &unused);  // any matrix: both runs use it
+    const int64_t B = 2, T = 5, P = 3, H = c.hidden_size, K = c.kv_dim(), d = c.head_dim;
+    const Vec xp = randn(rng, B * P * H), x = randn(rng, B * T * H);
+    // The prefix cache of each sequence: K = RoPE(RMSNorm(xp)·Wkᵀ + bk)·P_k, V likewise
+    // without RoPE (positions 0..P−1).
+    QBlock<double> blk(c, &w, &t, nullptr, nullptr);
+    Vec y_ref(B * T * H), y(B * T * H);
+    for (int64_t b = 0; b < B; ++b) {
+      const Vec xpb(xp.begin() + b * P * H, xp.begin() + (b + 1) * P * H);
+      const Vec h = rmsnorm_scalar(xpb, w.input_norm, P, H, c.rms_norm_eps);
+      Vec k(P * K, 0.0), v(P * K, 0.0);
+      add_linear(&k, h, w.w[kK], P, H, K);
+      add_linear(&v, h, w.w[kV], P, H, K);
+      if (bias)
+        for (int64_t i = 0; i < P; ++i)
+          for (int64_t j = 0; j < K; ++j)
+            k[i * K + j] += w.bias[1][j], v[i * K + j] += w.bias[2][j];
+      rope_fwd(k.data(), P, c.num_key_value_heads, d, 0, c.rope_theta);
+      Vec kc(P * K, 0.0);
+      for (int64_t r = 0; r < P * c.num_key_value_heads; ++r)
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t j = 0; j < d; ++j) kc[r * d + j] += k[r * d + i] * t.pk[i * d + j];
+      // One sequence [xp_b; x_b] without a prefix: rows P.. are the reference.
+      Vec xl(xpb);
+      xl.insert(xl.end(), x.begin() + b * T * H, x.begin() + (b + 1) * T * H);
+      Vec yl(xl.size());
+      blk.set_prefix(nullptr, nullptr, 0);
+      blk.forward(xl.data(), yl.data(), 1, P + T);
+      std::copy(yl.begin() + P * H, yl.end(), y_ref.begin() + b * T * H);
+      blk.set_prefix(kc.data(), v.data(), P);
+      EXPECT_EQ(blk.prefix_len(), P);
+      blk.forward(x.data() + b * T * H, y.data() + b * T * H, 1, T);
+    }
+    const double e = max_rel(y, y_ref);
+    std::printf("  %s: prefix block vs the longer sequence, max rel %.2e\n",
+                bias ? "qwen2" : "llama", e);
+    EXPECT_LT(e, 1e-12);
+    // Negative control: the positions matter (a prefix of 0 length changes rows).
+    blk.set_prefix(nullptr, nullptr, 0);
+    EXPECT_EQ(blk.prefix_len(), 0);
+    Vec y0(x.size());
+    blk.forward(x.data(), y0.data(), B, T);
+    EXPECT_GT(max_rel(y0, y_ref), 1e-3);
+  }
+}
+
+// Without a prefix (never set, or cleared) the block is bit-identical; the prefix
+// gradient is only produced when asked for and accumulates over sequences.
+TEST(QBlock, PrefixOffIsUnchangedAndGradientsAccumulate) {
+  Problem pb = make_prefix_problem(61, true, 4, 2);
+  QBlock<double> a(pb.c, &pb.w, &pb.t, &pb.q, &pb.clip);
+  QBlock<double> b(pb.c, &pb.w, &pb.t, &pb.q, &pb.clip);
+  b.set_prefix(pb.pk.data(), pb.pv.data(), pb.P);
+  b.set_prefix(pb.pk.data(), pb.pv.data(), 0);
+  auto ta = make_tape<double>(), tb = make_tape<double>();
+  Vec ya(pb.x.size()), yb(pb.x.size());
+  a.forward(pb.x.data(), ya.data(), pb.B, pb.T, ta.get());
+  b.forward(pb.x.data(), yb.data(), pb.B, pb.T, tb.get());
+  EXPECT_EQ(ya, yb);
+  BlockGradsT<double> ga, gb;
+  BackwardOptions with_prefix;
+  with_prefix.prefix = true;
+  a.backward(*ta, pb.r.data(), &ga);
+  b.backward(*tb, pb.r.data(), &gb, with_prefix);
+  EXPECT_EQ(ga.dx, gb.dx);
+  EXPECT_TRUE(gb.prefix_k.empty());  // no prefix, nothing to fill
+
+  // With the prefix: not asked → empty; asked → the sum of the per-sequence gradients.
+  QBlock<double> c(pb.c, &pb.w, &pb.t, &pb.q, &pb.clip);
+  c.set_prefix(pb.pk.data(), pb.pv.data(), pb.P);
+  auto tc = make_tape<double>();
+  Vec yc(pb.x.size());
+  c.forward(pb.x.data(), yc.data(), pb.B, pb.T, tc.get());
+  BlockGradsT<double> g_no, g_all;
+  c.backward(*tc, pb.r.data(), &g_no);
+  EXPECT_TRUE(g_no.prefix_k.empty() && g_no.prefix_v.empty());
+  c.backward(*tc, pb.r.data(), &g_all, with_prefix);
+  ASSERT_EQ(g_all.prefix_k.size(), static_cast<size_t>(pb.P * pb.c.kv_dim()));
+  const int64_t H = pb.c.hidden_size, n = pb.T * H;
+  Vec sum_k(g_all.prefix_k.size(), 0.0), sum_v(sum_k.size(), 0.0);
+  for (int64_t s = 0; s < pb.B; ++s) {
+    auto t1 = make_tape<double>();
+    Vec y1(n);
+    c.forward(pb.x.data() + s * n, y1.data(), 1, pb.T, t1.get());
+    BlockGradsT<double> g1;
+    c.backward(*t1, pb.r.data() + s * n, &g1, with_prefix);
+    for (size_t i = 0; i < sum_k.size(); ++i)
+      sum_k[i] += g1.prefix_k[i], sum_v[i] += g1.prefix_v[i];
+  }
+  EXPECT_LT(max_rel(g_all.prefix_k, sum_k), 1e-12);
+  EXPECT_LT(max_rel(g_all.prefix_v, sum_v), 1e-12);
+  EXPECT_GT(max_abs(sum_k), 0.0);
 }
 
 }  // namespace

@@ -1,18 +1,22 @@
 // IntactKV (methods.md §6, §11.8): the K/V cache of a pivot prefix ([BOS], or
 // [BOS] + system prompt) computed by the full-precision model in the quantized
 // model's basis, kept unquantized in front of every sequence; the evaluation
-// protocol that uses it (§0.3, §6.2); and a diagnostic of attention sinks.
+// protocol that uses it (§0.3, §6.2); its calibration as trainable parameters
+// ("+Cal", §6.4); and a diagnostic of attention sinks.
 //
 // Letters: L layers, P prefix tokens, T tokens per sequence, V vocab, H hidden,
 // n_h / n_kv heads, d head dim, K = n_kv·d.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "common/data.h"
 #include "common/status.h"
+#include "kernels/grad.h"
 #include "worker/calib/native.h"
+#include "worker/calib/qblock.h"
 #include "worker/engine/eval.h"
 #include "worker/engine/model.h"
 
@@ -68,6 +72,101 @@ Status attach_intactkv(NativeModel& quantized, const NativeModel& fp_transformed
 // Memory: `batch` sequences of logits (batch·T, V) per model at a time.
 Result<EvalResult> evaluate_native(const NativeModel& m, const TokenSequences& data,
                                    const LlamaModel* fp, int64_t batch);
+
+// ---- IntactKV as trainable parameters ("+Cal", methods.md §6.4).
+
+// The QBlock inputs that compute what native_logits computes for layer l of m
+// (fake quantization in fp32 instead of the integer GEMM):
+//   w: the float weights in the deployed basis: `fw` at w_bits 16, else the
+//      dequantized codes scales·q (exactly native's dequantization), with the
+//      layer's norms and (transformed) biases;
+//   t: the online transforms a1/a2, u1/u2, d1/d2, po, pk, pk_it acting on the
+//      activations only. Every weight-side member (a1_it, a2_it, u1_it, u2_it,
+//      d1_it, d2_it, po_it, pv, pv_it, ca, cu, cd) stays EMPTY: QBlock transforms a
+//      weight only through those, so the stored weights are used as they are;
+//   q: act[p] / k / v from NativeActQuant (bits, sym, group, clip as a fixed
+//      ratio; Ste::kLsq for the backward), weight quantizers off.
+// Aborts (programmer error) when l is out of range or a layer lacks its weights.
+struct NativeBlockInputs {
+  BlockWeightsT<float> w;
+  BlockTransformsT<float> t;
+  BlockQuantSpec q;
+};
+NativeBlockInputs native_block_inputs(const NativeModel& m, int64_t l);
+
+// native_logits(m, tokens, B, T) computed through a chain of QBlock<float> built by
+// native_block_inputs (with m's IntactKV cache as every block's prefix, positions
+// starting at P), then the final norm and lm_head. Differs from native_logits by
+// float summation order, and where the integer GEMM and the fake-quantized fp32
+// GEMM round an activation to neighbouring codes (rare boundary flips).
+std::vector<float> qblock_chain_logits(const NativeModel& m, const int32_t* tokens, int64_t B,
+                                       int64_t T);
+
+// The paper's training setup (§6.4): HF Trainer, paged AdamW 32-bit, batch 1 with
+// gradient accumulation, constant schedule after linear warmup, global grad-norm
+// clip, seed 42.
+struct IntactKvCalOptions {
+  int64_t steps = 160, accum = 16;
+  double lr = 2e-4, warmup_ratio = 0.03, max_grad_norm = 0.3, weight_decay = 0;
+  uint64_t seed = 42;
+};
+struct IntactKvCalReport {
+  double loss_first = 0, loss_last = 0;  // mean objective of the first / last step's sequences
+  int64_t steps = 0;
+  double seconds = 0;
+};
+
+// Trains the IntactKV cache of `quantized` (attach_intactkv must have attached
+// it; `fp_transformed` is attach_intactkv's second argument): every layer's
+// prefix K and V (P, n_kv·d) are the only parameters, everything else is frozen.
+// Objective per sequence (every token after the prefix counts; there are no
+// assistant masks):
+//   L = Σ_l ½ · mean_{tokens t ≥ P, channels} (h_l^q − h_l^fp)²
+// with h_l the output of decoder layer l: h^fp from fp_transformed on the full
+// sequence (QBlocks, quantizers off; positions < P dropped), h^q from the
+// quantized QBlock chain (native_block_inputs) on tokens[P:] after the prefix
+// cache, positions from P. The backward runs through every layer (dx chained)
+// and sums the prefix gradients of all layers; the activations of one sequence
+// are recomputed layer by layer in the backward (memory: L+1 residual streams of
+// T−P tokens plus one layer's tape; the FP targets are cached while they fit in
+// 1 GiB, recomputed per sequence otherwise; the float weights of both models,
+// the quantized ones dequantized).
+// Optimization: AdamW (param.h, fp64 masters; betas 0.9/0.999, eps 1e-8,
+// weight_decay) at lr·min(1, s/W) for step s = 0..steps−1, W = ceil(warmup_ratio
+// · steps) (HF's linear warmup: step 0 runs at lr 0), on the mean gradient of
+// `accum` sequences (batch 1 each) clipped to global norm max_grad_norm
+// (coefficient max_grad_norm/(norm + 1e-6) when below 1). Sequences are drawn
+// without replacement from a permutation of data (Rng(seed)), reshuffled when
+// used up. `progress` (may be null) gets each finished step and its loss.
+// steps = 0 returns at once (loss_first = loss_last = 0) and leaves the cache
+// bit-identical. Only the cache (intact_k / intact_v) changes; the stored FP
+// prefix logits stay (they do not depend on it).
+// Errors, with `quantized` unchanged: kInvalidInput for no IntactKV cache,
+// options out of range (steps < 0, accum < 1, lr ≤ 0, warmup_ratio ∉ [0, 1],
+// max_grad_norm ≤ 0, weight_decay < 0), attach_intactkv's FP-twin checks, no
+// sequence, seqlen ≤ P, token ids outside the vocabulary, a sequence not
+// beginning with the prefix (evaluate_native's message); kInternal naming the
+// step when the loss or the gradient norm is not finite.
+Result<IntactKvCalReport> calibrate_intactkv(
+    NativeModel& quantized, const NativeModel& fp_transformed, const TokenSequences& data,
+    const IntactKvCalOptions& o,
+    const std::function<void(int64_t step, int64_t steps, double loss)>& progress = nullptr);
+
+// The objective L of ONE sequence `seq` (T tokens, beginning with the prefix) at
+// the prefix cache (k, v) given here (L entries of (P, n_kv·d); quantized's own
+// cache is not read, only its prefix length), in float64, and its gradient with
+// respect to k and v when dk / dv are non-null (resized, overwritten).
+// calibrate_intactkv runs the same code in float. `tape` (may be null) is the
+// RoundTape of the quantized chain's fake quantizers, in the order of the forward:
+// kRecord while computing the gradient, kReplay (pos reset here) for the
+// finite-difference surrogate. For tests. Aborts on inconsistent shapes.
+double intactkv_cal_objective(const NativeModel& quantized, const NativeModel& fp_transformed,
+                              const int32_t* seq, int64_t T,
+                              const std::vector<std::vector<double>>& k,
+                              const std::vector<std::vector<double>>& v,
+                              std::vector<std::vector<double>>* dk,
+                              std::vector<std::vector<double>>* dv,
+                              RoundTape<double>* tape = nullptr);
 
 // Attention-sink diagnostic: per layer l (L entries), the mean attention
 // probability that a query puts on position 0, averaged over the n_h heads,

@@ -734,7 +734,7 @@ void advance(const ModelConfig& c, const Deployed& dl, std::vector<float>& x, in
 // with `fp_layers`, or nm's own layers when they are empty, i.e. at W16) through
 // fp_view, and its prefix cache attached to `nm`.
 Status attach_fp_prefix(NativeModel& nm, std::vector<NativeLayer> fp_layers,
-                        const std::vector<int32_t>& prefix) {
+                        const std::vector<int32_t>& prefix, NativeModel* fp_twin) {
   NativeModel fp_t;
   if (fp_layers.empty()) {
     fp_t = fp_view(nm);
@@ -755,7 +755,45 @@ Status attach_fp_prefix(NativeModel& nm, std::vector<NativeLayer> fp_layers,
     nm.lm_head.swap(shell.lm_head);
   }
   Status st = attach_intactkv(nm, fp_t, prefix);
-  return st.is_ok() ? st : st.with_context("intactkv");
+  if (!st.is_ok()) return st.with_context("intactkv");
+  if (fp_twin) *fp_twin = std::move(fp_t);
+  return st;
+}
+
+// attach_fp_prefix, then (intactkv_cal) "+Cal" on the calibration data (§6.4).
+Status intactkv_stage(NativeModel& nm, std::vector<NativeLayer> fp_layers, const CalibRecipe& r,
+                      const TokenSequences* calib, CalibReport* report,
+                      const CalibProgress& progress) {
+  const std::vector<int32_t> prefix = r.intactkv_prefix_for(nm.config);
+  if (r.intactkv_cal && !calib)
+    return invalid_input("intactkv_cal: training the IntactKV cache needs the calibration data");
+  if (r.intactkv_cal && static_cast<int64_t>(prefix.size()) >= calib->seqlen) {
+    return invalid_input("intactkv_cal: the IntactKV prefix of " + std::to_string(prefix.size()) +
+                         " tokens leaves nothing of calibration sequences of " +
+                         std::to_string(calib->seqlen));
+  }
+  NativeModel fp_t;
+  QCAL_RETURN_IF_ERROR(
+      attach_fp_prefix(nm, std::move(fp_layers), prefix, r.intactkv_cal ? &fp_t : nullptr));
+  if (!r.intactkv_cal) return Status::ok();
+  int64_t replaced = 0;
+  const TokenSequences data = intactkv_cal_data(*calib, prefix, &replaced);
+  if (replaced > 0) {
+    LOG_INFO << "intactkv-cal: " << replaced << " of " << data.count()
+             << " calibration sequences did not begin with the prefix; their first "
+             << prefix.size() << " token(s) were replaced by it";
+  }
+  IntactKvCalOptions o;
+  o.steps = r.intactkv_cal_steps;
+  o.lr = r.intactkv_cal_lr;
+  // Progress at the first and last step and about every 1/16 of the way between.
+  const int64_t every = std::max<int64_t>(1, (o.steps + 15) / 16);
+  auto rep = calibrate_intactkv(nm, fp_t, data, o, [&](int64_t step, int64_t steps, double) {
+    if (progress && (step % every == 0 || step + 1 == steps)) progress("intactkv-cal", step, steps);
+  });
+  if (!rep.is_ok()) return rep.status().with_context("intactkv_cal");
+  if (report) report->intactkv_cal = *rep;
+  return Status::ok();
 }
 
 // Checks shared by calibrate() and calibrate_to_dir(). The all-16-bit recipe (the
@@ -1177,6 +1215,12 @@ nlohmann::json CalibReport::to_json() const {
                            {"seconds", l.seconds}});
   }
   j["spin_loss"] = spin_loss;
+  if (intactkv_cal) {
+    j["intactkv_cal"] = {{"loss_first", intactkv_cal->loss_first},
+                         {"loss_last", intactkv_cal->loss_last},
+                         {"steps", intactkv_cal->steps},
+                         {"seconds", intactkv_cal->seconds}};
+  }
   if (!windows.empty()) {
     j["windows"] = nlohmann::json::array();
     for (const auto& w : windows) {
@@ -1399,8 +1443,31 @@ Status cbq_run_setup_window(const CbqSetup& s, const CalibRecipe& r, CbqState* s
   return cbq_run_window(c, o, plan, s.N, s.T, ptrs, state, finalized, report);
 }
 
+TokenSequences intactkv_cal_data(const TokenSequences& calib, const std::vector<int32_t>& prefix,
+                                 int64_t* replaced) {
+  TokenSequences d = calib;
+  const int64_t P = static_cast<int64_t>(prefix.size());
+  int64_t n = 0;
+  if (P < d.seqlen) {
+    for (int64_t s = 0; s < d.count(); ++s) {
+      int32_t* seq = d.tokens.data() + s * d.seqlen;
+      if (std::equal(prefix.begin(), prefix.end(), seq)) continue;
+      std::copy(prefix.begin(), prefix.end(), seq);
+      ++n;
+    }
+  }
+  if (replaced) *replaced = n;
+  return d;
+}
+
 Result<NativeModel> cbq_finish(const CbqSetup& setup, const std::vector<CbqLayerResult>& layers,
                                const CalibRecipe& r) {
+  return cbq_finish(setup, layers, r, nullptr, nullptr, nullptr);
+}
+
+Result<NativeModel> cbq_finish(const CbqSetup& setup, const std::vector<CbqLayerResult>& layers,
+                               const CalibRecipe& r, const TokenSequences* calib,
+                               CalibReport* report, const CalibProgress& progress) {
   const ModelConfig& c = setup.model.config;
   const int64_t L = c.num_hidden_layers;
   QCAL_RETURN_IF_ERROR(r.validate());
@@ -1450,7 +1517,7 @@ Result<NativeModel> cbq_finish(const CbqSetup& setup, const std::vector<CbqLayer
     nm.layers.push_back(std::move(y));
   }
   if (r.intactkv)
-    QCAL_RETURN_IF_ERROR(attach_fp_prefix(nm, std::move(fp_layers), r.intactkv_prefix_for(c)));
+    QCAL_RETURN_IF_ERROR(intactkv_stage(nm, std::move(fp_layers), r, calib, report, progress));
   return nm;
 }
 
@@ -1760,7 +1827,7 @@ Result<NativeModel> calibrate(const FpModel& fp, const TokenSequences& calib, co
     QCAL_RETURN_IF_ERROR(run_windows(setup, r, &state, &fin, rep, progress));
     state = CbqState();
     if (r.intactkv && progress) progress("intactkv", 0, 1);
-    QCAL_ASSIGN_OR_RETURN(NativeModel nm, cbq_finish(setup, fin, r));
+    QCAL_ASSIGN_OR_RETURN(NativeModel nm, cbq_finish(setup, fin, r, &calib, rep, progress));
     rep->seconds = now_s() - t0;
     return nm;
   }
@@ -1808,7 +1875,7 @@ Result<NativeModel> calibrate(const FpModel& fp, const TokenSequences& calib, co
   }
   if (r.intactkv) {
     if (progress) progress("intactkv", 0, 1);
-    QCAL_RETURN_IF_ERROR(attach_fp_prefix(nm, std::move(fp_layers), r.intactkv_prefix_for(c)));
+    QCAL_RETURN_IF_ERROR(intactkv_stage(nm, std::move(fp_layers), r, &calib, rep, progress));
   }
   rep->seconds = now_s() - t0;
   return nm;

@@ -7,12 +7,14 @@
 #include <cstdint>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "common/data.h"
 #include "worker/calib/cbq.h"
 #include "worker/calib/fp_model.h"
+#include "worker/calib/intactkv.h"
 #include "worker/calib/native.h"
 #include "worker/calib/recipe.h"
 
@@ -25,8 +27,9 @@ struct CalibLayerReport {
 };
 struct CalibReport {
   std::vector<CalibLayerReport> layers;
-  std::vector<double> spin_loss;         // SpinQuant CE per step
-  std::vector<CbqWindowReport> windows;  // reconstruction: one per window, in order
+  std::vector<double> spin_loss;                  // SpinQuant CE per step
+  std::vector<CbqWindowReport> windows;           // reconstruction: one per window, in order
+  std::optional<IntactKvCalReport> intactkv_cal;  // recipe intactkv_cal: the "+Cal" training
   double seconds = 0;
   nlohmann::json to_json() const;
 };
@@ -86,6 +89,14 @@ CbqOptions cbq_options(const CalibRecipe& r, const CbqSetup& s);
 Status cbq_run_setup_window(const CbqSetup& s, const CalibRecipe& r, CbqState* state,
                             std::vector<CbqLayerResult>* finalized, CbqWindowReport* report);
 // The quantized NativeModel from the setup and every finalized layer's result.
+// With intactkv it attaches the FP prefix cache; with intactkv_cal it then trains it
+// on `calib` (the job's calibration sequences, as cbq_prepare got them; required
+// then, else kInvalidInput), recording the losses in `report` (may be null) and
+// calling `progress` ("intactkv-cal", step, steps).
+Result<NativeModel> cbq_finish(const CbqSetup& setup, const std::vector<CbqLayerResult>& layers,
+                               const CalibRecipe& r, const TokenSequences* calib,
+                               CalibReport* report, const CalibProgress& progress = nullptr);
+// The same without calibration data (recipes without intactkv_cal).
 Result<NativeModel> cbq_finish(const CbqSetup& setup, const std::vector<CbqLayerResult>& layers,
                                const CalibRecipe& r);
 // Persistence for the service's tasks (a directory each; atomic; checksummed by the
@@ -96,7 +107,16 @@ Status save_cbq_state(const CbqState& s, const std::vector<CbqLayerResult>& fina
                       const std::string& path);
 Result<CbqState> load_cbq_state(const std::string& path, std::vector<CbqLayerResult>* finalized);
 
+// ---- IntactKV "+Cal" on a recipe's calibration data: the sequences of `calib` with
+// their first P tokens replaced by `prefix` where they do not begin with it (the
+// IntactKV paper's protocol; P must be shorter than seqlen), and how many were changed.
+TokenSequences intactkv_cal_data(const TokenSequences& calib, const std::vector<int32_t>& prefix,
+                                 int64_t* replaced);
+
 // ---- The whole pipeline: FP model → calibrated, quantized NativeModel.
+// With intactkv_cal the attached IntactKV cache is trained ("+Cal") on intactkv_cal_data
+// of calib right after it is attached (progress stage "intactkv-cal"; losses in
+// report->intactkv_cal).
 Result<NativeModel> calibrate(const FpModel& fp, const TokenSequences& calib, const CalibRecipe& r,
                               CalibReport* report, const CalibProgress& progress = nullptr);
 

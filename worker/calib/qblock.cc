@@ -270,6 +270,9 @@ struct BlockTape {
 
   int64_t B = 0, T_ = 0, N = 0;
   bool valid = false;
+  int64_t P = 0;  // the prefix the forward ran with (QBlock::set_prefix)
+  const T* pk = nullptr;
+  const T* pv = nullptr;
   std::array<Lin, kNumProj> lin;
   std::vector<T> x, inv1, h, ht;         // (N,H), (N), (N,H), (N,H)
   const T* htp = nullptr;                // h̃: ht or h
@@ -278,7 +281,7 @@ struct BlockTape {
   std::vector<T> v_pre, v_att;           // (N,K)
   const T *qa = nullptr, *kp = nullptr, *ka = nullptr, *va = nullptr;
   FakeQuantSaved<T> ksaved, vsaved;
-  std::vector<T> probs;  // (B, n_h, T, T)
+  std::vector<T> probs;  // (B, n_h, T, P + T)
   std::vector<T> a, at;  // (N,Q)
   const T* atp = nullptr;
   std::vector<T> x1, inv2, m, mt;  // (N,H), (N), (N,H), (N,H)
@@ -696,6 +699,20 @@ template <typename T>
 QBlock<T>::~QBlock() = default;
 
 template <typename T>
+void QBlock<T>::set_prefix(const T* k, const T* v, int64_t P) {
+  QCAL_CHECK_MSG(P >= 0, "QBlock::set_prefix: negative prefix length");
+  if (P == 0 || k == nullptr) {
+    prefix_k_ = prefix_v_ = nullptr;
+    prefix_P_ = 0;
+    return;
+  }
+  QCAL_CHECK_MSG(v != nullptr, "QBlock::set_prefix: K without V");
+  prefix_k_ = k;
+  prefix_v_ = v;
+  prefix_P_ = P;
+}
+
+template <typename T>
 void QBlock<T>::forward(const T* x, T* y, int64_t B, int64_t T_, BlockTape<T>* tape,
                         const LinearInputHook& hook, RoundTape<T>* round_tape) const {
   const Ctx<T> cx(c_, w_, t_, q_, clip_);
@@ -710,6 +727,8 @@ void QBlock<T>::forward(const T* x, T* y, int64_t B, int64_t T_, BlockTape<T>* t
   BlockTape<T>& tp = *tape;
   tp.valid = false;
   tp.B = B, tp.T_ = T_, tp.N = N;
+  tp.P = prefix_P_, tp.pk = prefix_k_, tp.pv = prefix_v_;
+  const int64_t P = prefix_P_;
   if (N <= 0) return;
   const T eps = static_cast<T>(c_.rms_norm_eps);
   RoundTape<T>* rt = round_tape;
@@ -733,8 +752,8 @@ void QBlock<T>::forward(const T* x, T* y, int64_t B, int64_t T_, BlockTape<T>* t
   linear_fwd(cx, kK, tp.lin[kK], N, tp.k_rope.data());
   linear_fwd(cx, kV, tp.lin[kV], N, tp.v_pre.data());
   for (int64_t s = 0; s < B; ++s) {
-    rope_fwd(tp.q_rope.data() + s * T_ * Q, T_, nh, d, 0, c_.rope_theta);
-    rope_fwd(tp.k_rope.data() + s * T_ * K, T_, nkv, d, 0, c_.rope_theta);
+    rope_fwd(tp.q_rope.data() + s * T_ * Q, T_, nh, d, P, c_.rope_theta);
+    rope_fwd(tp.k_rope.data() + s * T_ * K, T_, nkv, d, P, c_.rope_theta);
   }
   const BlockTransformsT<T>& t = cx.t;
   tp.qa = tp.q_rope.data();
@@ -771,11 +790,12 @@ void QBlock<T>::forward(const T* x, T* y, int64_t B, int64_t T_, BlockTape<T>* t
     tp.va = tp.v_att.data();
   }
   tp.a.resize(static_cast<size_t>(N * Q));
-  const int64_t pstride = nh * T_ * T_;
+  const int64_t pstride = nh * T_ * (P + T_);
   tp.probs.resize(static_cast<size_t>((keep ? B : 1) * pstride));
   for (int64_t s = 0; s < B; ++s)
-    attention_fwd(tp.a.data() + s * T_ * Q, tp.qa + s * T_ * Q, tp.ka + s * T_ * K,
-                  tp.va + s * T_ * K, T_, nh, nkv, d, tp.probs.data() + (keep ? s * pstride : 0));
+    prefix_attention_fwd(tp.a.data() + s * T_ * Q, tp.qa + s * T_ * Q, tp.pk, tp.pv, P,
+                         tp.ka + s * T_ * K, tp.va + s * T_ * K, T_, nh, nkv, d,
+                         tp.probs.data() + (keep ? s * pstride : 0));
   tp.atp = act_transform_fwd(cx, cx.slots[1], tp.a.data(), N, tp.at, tp);
   act_quant_fwd(cx, kO, tp.atp, N, Q, tp.lin[kO], rt);
   call_hook(hook, kO, tp.lin[kO].xin, N, Q, &tp.s_hook);
@@ -858,11 +878,14 @@ void QBlock<T>::backward(const BlockTape<T>& tp, const T* dy, BlockGradsT<T>* g,
   T* dq = grow(tp.s_dI[0], nQ);
   T* dk = grow(tp.s_dK[0], nK);
   T* dv = grow(tp.s_dK[1], nK);
-  const int64_t pstride = nh * T_ * T_;
+  const int64_t P = tp.P;
+  const int64_t pstride = nh * T_ * (P + T_);
+  T* dpk = opt.prefix && P > 0 ? grad_buf(g->prefix_k, static_cast<size_t>(P * K)) : nullptr;
+  T* dpv = opt.prefix && P > 0 ? grad_buf(g->prefix_v, static_cast<size_t>(P * K)) : nullptr;
   for (int64_t s = 0; s < B; ++s)
-    attention_bwd(dq + s * T_ * Q, dk + s * T_ * K, dv + s * T_ * K, da + s * T_ * Q,
-                  tp.qa + s * T_ * Q, tp.ka + s * T_ * K, tp.va + s * T_ * K,
-                  tp.probs.data() + s * pstride, T_, nh, nkv, d);
+    prefix_attention_bwd(dq + s * T_ * Q, dpk, dpv, dk + s * T_ * K, dv + s * T_ * K,
+                         da + s * T_ * Q, tp.qa + s * T_ * Q, tp.pk, tp.pv, P, tp.ka + s * T_ * K,
+                         tp.va + s * T_ * K, tp.probs.data() + s * pstride, T_, nh, nkv, d);
   {
     const Beta<T> b = beta_of(qs.v, cx.clip.v_max, cx.clip.v_min, 1);
     if (qs.v.on()) {
@@ -896,8 +919,8 @@ void QBlock<T>::backward(const BlockTape<T>& tp, const T* dy, BlockGradsT<T>* g,
     dq = o;
   }
   for (int64_t s = 0; s < B; ++s) {
-    rope_bwd(dq + s * T_ * Q, T_, nh, d, 0, c_.rope_theta);
-    rope_bwd(dk + s * T_ * K, T_, nkv, d, 0, c_.rope_theta);
+    rope_bwd(dq + s * T_ * Q, T_, nh, d, P, c_.rope_theta);
+    rope_bwd(dk + s * T_ * K, T_, nkv, d, P, c_.rope_theta);
   }
 
   // ---- q / k / v

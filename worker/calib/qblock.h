@@ -9,9 +9,10 @@
 //   W̃q = kron_rows(W_q ⊙ 1/ca; a1_it, a2_it), same for k, v  (input side of the weights)
 //   W̃v per KV head block Wb (d, H) ← pvᵀ·Wb;  b̃v per head ← bv·pv  (output side)
 //   q/k/v = fq_act[q|k|v](h̃) · fq_w[q|k|v](W̃)ᵀ + bias
-//   RoPE(q), RoPE(k)  (positions 0..T−1 per sequence)
+//   RoPE(q), RoPE(k)  (positions 0..T−1 per sequence; P..P+T−1 with a prefix)
 //   q per head ← q_h·pk_it;  k per head ← k_h·pk;  k ← fq_k(k);  v ← fq_v(v)
-//   a  = attention(q, k, v)                         (causal, GQA)
+//   a  = attention(q, k, v)                         (causal, GQA; after the
+//        unquantized prefix K/V of set_prefix when there is one)
 //   ã  = kron(a; po, identity)  (P_oᵀ X per token over [n_h, d] heads)
 //   W̃o = kron_rows(W_o; po_it, pv_it)
 //   x  = x + fq_act[o](ã)·fq_w[o](W̃o)ᵀ
@@ -28,7 +29,9 @@
 //
 // Backward returns the gradient of everything the callers learn: the input x
 // (for multi-block windows and whole-model training), every transform matrix and
-// diagonal, the clip parameters, and (if asked) the weights, biases and norms.
+// diagonal, the clip parameters, and (if asked) the weights, biases, norms and the
+// IntactKV prefix K/V (set_prefix: an unquantized cache in front of every
+// sequence, whose positions then start at P).
 #pragma once
 
 #include <array>
@@ -95,6 +98,9 @@ struct BlockGradsT {
   BlockTransformsT<T> t;                // same shapes as the transforms (empty where identity)
   BlockClipT<T> clip;
   BlockWeightsT<T> w;                   // only when BackwardOptions::weights
+  // Only when BackwardOptions::prefix and the block has a prefix: the gradient at
+  // the prefix K / V (P, n_kv·d) each, summed over the B sequences.
+  std::vector<T> prefix_k, prefix_v;
 };
 
 struct BackwardOptions {
@@ -102,6 +108,7 @@ struct BackwardOptions {
   bool transforms = true;  // dt
   bool clip = true;        // dclip
   bool weights = false;    // dw (+ biases, norms)
+  bool prefix = false;     // the prefix K/V (set_prefix), into BlockGradsT::prefix_k / _v
 };
 
 // Everything the backward needs; opaque to callers.
@@ -137,6 +144,15 @@ class QBlock {
   // are sized on first use; dx overwritten).
   void backward(const BlockTape<T>& tape, const T* dy, BlockGradsT<T>* g,
                 const BackwardOptions& opt = {}) const;
+  // An IntactKV prefix (methods.md §6) in front of every sequence: k / v (P, n_kv·d)
+  // in the cache basis (K after RoPE at positions 0..P−1 and P_k; V as the
+  // attention reads it), never quantized. With a prefix the sequence's RoPE
+  // positions start at P and every query also attends to the P prefix keys
+  // (prefix_attention_fwd). The block keeps the pointers: the arrays must stay
+  // alive and unchanged from a forward to its backward. P = 0 (or null k) removes
+  // it; without a prefix the block computes exactly what it did before.
+  void set_prefix(const T* k, const T* v, int64_t P);
+  int64_t prefix_len() const { return prefix_P_; }
   // The effective weights the forward uses for linear p: transformed, LWC-clipped and
   // fake-quantized (what reparameterization would store), (out, in).
   std::vector<T> effective_weight(int p, bool quantized) const;
@@ -149,6 +165,9 @@ class QBlock {
   const BlockTransformsT<T>* t_;
   const BlockQuantSpec* q_;
   const BlockClipT<T>* clip_;
+  const T* prefix_k_ = nullptr;
+  const T* prefix_v_ = nullptr;
+  int64_t prefix_P_ = 0;
 };
 
 template <typename T>

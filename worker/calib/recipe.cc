@@ -29,6 +29,28 @@ bool act_bits_ok(int b) { return b == 16 || b == 2 || b == 3 || b == 4 || b == 6
 // The engine's quantizers and writers support these weight widths (worker/engine/quantizer.h).
 bool w_bits_ok(int b) { return b == 16 || b == 2 || b == 3 || b == 4 || b == 8; }
 
+// IntactKV "+Cal" (§6.4): trains the prefix cache of intactkv against the FP model,
+// which only makes sense when something is quantized. validate() and validate_for()
+// both run it (the transform-only probe of methods.cc bypasses the former).
+Status check_intactkv_cal(const CalibRecipe& r) {
+  if (r.intactkv_cal_steps < 1 || r.intactkv_cal_steps > 100000000) {
+    return invalid_input("intactkv_cal_steps: must be in [1, 100000000] (got " +
+                         std::to_string(r.intactkv_cal_steps) + ")");
+  }
+  if (!std::isfinite(r.intactkv_cal_lr) || r.intactkv_cal_lr <= 0) {
+    return invalid_input("intactkv_cal_lr: must be positive (got " + num(r.intactkv_cal_lr) + ")");
+  }
+  if (!r.intactkv_cal) return Status::ok();
+  if (!r.intactkv)
+    return invalid_input("intactkv_cal: trains the IntactKV cache; turn intactkv on");
+  if (r.w_bits == 16 && r.a_bits == 16 && r.kv_bits == 16) {
+    return invalid_input(
+        "intactkv_cal: w_bits, a_bits, kv_bits all 16: the model equals the FP one, there is "
+        "nothing to calibrate the cache against");
+  }
+  return Status::ok();
+}
+
 // Everything but the "nothing to quantize" check, which the transform-only
 // equivalence check (methods.md §10 item 6) must be able to bypass.
 Status validate_fields(const CalibRecipe& r) {
@@ -108,6 +130,7 @@ Status validate_fields(const CalibRecipe& r) {
                            std::to_string(r.intactkv_prefix[i]) + " is negative");
     }
   }
+  QCAL_RETURN_IF_ERROR(check_intactkv_cal(r));
   // Reconstruction (cbq.h; issue #5).
   const bool recon = r.reconstruction != Reconstruction::kNone;
   if (r.weight_solver == WeightSolver::kLoraRounding && !recon) {
@@ -338,6 +361,7 @@ Status CalibRecipe::validate() const {
 }
 
 Status CalibRecipe::validate_for(const ModelConfig& c) const {
+  QCAL_RETURN_IF_ERROR(check_intactkv_cal(*this));
   const int64_t H = c.hidden_size, I = c.intermediate_size, nh = c.num_attention_heads,
                 d = c.head_dim;
   if (w_bits < 16 && w_group > 0) {
@@ -422,6 +446,9 @@ nlohmann::json CalibRecipe::to_json() const {
   j["embed_mean_sub"] = embed_mean_sub;
   j["intactkv"] = intactkv;
   j["intactkv_prefix"] = intactkv_prefix;
+  j["intactkv_cal"] = intactkv_cal;
+  j["intactkv_cal_steps"] = intactkv_cal_steps;
+  j["intactkv_cal_lr"] = intactkv_cal_lr;
   j["gptq"] = {{"percdamp", gptq.percdamp},
                {"blocksize", gptq.blocksize},
                {"act_order", gptq.act_order},
@@ -465,6 +492,9 @@ Result<CalibRecipe> recipe_from_json(const nlohmann::json& j) {
                                                  "embed_mean_sub",
                                                  "intactkv",
                                                  "intactkv_prefix",
+                                                 "intactkv_cal",
+                                                 "intactkv_cal_steps",
+                                                 "intactkv_cal_lr",
                                                  "gptq",
                                                  "seed",
                                                  "batch",
@@ -516,6 +546,9 @@ Result<CalibRecipe> recipe_from_json(const nlohmann::json& j) {
   QCAL_RETURN_IF_ERROR(rd.get("embed_mean_sub", &r.embed_mean_sub));
   QCAL_RETURN_IF_ERROR(rd.get("intactkv", &r.intactkv));
   QCAL_RETURN_IF_ERROR(rd.get("intactkv_prefix", &r.intactkv_prefix));
+  QCAL_RETURN_IF_ERROR(rd.get("intactkv_cal", &r.intactkv_cal));
+  QCAL_RETURN_IF_ERROR(rd.get_int("intactkv_cal_steps", &r.intactkv_cal_steps));
+  QCAL_RETURN_IF_ERROR(rd.get("intactkv_cal_lr", &r.intactkv_cal_lr));
   QCAL_RETURN_IF_ERROR(rd.get_int("seed", &r.seed));
   QCAL_RETURN_IF_ERROR(rd.get_int("batch", &r.batch));
   if (const json* g = rd.find("gptq")) {

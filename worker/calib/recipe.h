@@ -53,6 +53,15 @@ struct CalibRecipe {
   // native format; evaluated sequences must begin with the prefix.
   bool intactkv = false;
   std::vector<int32_t> intactkv_prefix;  // empty = [config.bos_token_id]
+  // IntactKV "+Cal" (methods.md §6.4, intactkv.h calibrate_intactkv): the prefix
+  // K/V become the only trainable parameters, trained on the calibration data so
+  // that every decoder layer's output matches the FP model's (AdamW at
+  // intactkv_cal_lr, 160 steps of 16 sequences by default). Needs intactkv and some
+  // quantizer on. Calibration sequences that do not begin with the prefix get
+  // their first P tokens replaced by it (the IntactKV paper's protocol).
+  bool intactkv_cal = false;
+  int64_t intactkv_cal_steps = 160;
+  double intactkv_cal_lr = 2e-4;
   // Reconstruction (worker/calib/cbq.h): JSON keys "reconstruction", "cbq_window",
   // "cbq_overlap", "cbq_parallel", "cbq_epochs", "lora_rank", "cfp". Weight solver
   // "lora-rounding" needs a reconstruction; "rtn" with a reconstruction learns step
@@ -75,7 +84,8 @@ struct CalibRecipe {
 
   // Rejects combinations that make no sense, naming the field and why
   // ("spinquant needs a_bits or kv_bits < 16 or w_bits < 16", bits out of range,
-  // an intactkv_prefix without intactkv, a negative prefix id, ...).
+  // an intactkv_prefix without intactkv, a negative prefix id, intactkv_cal without
+  // intactkv or without any quantizer on, intactkv_cal_steps < 1, ...).
   Status validate() const;
   // The checks that need the model's shapes: group sizes dividing every linear's
   // input (H, n_h·d, I), Hadamard sizes (QuaRot/SpinQuant: H, I, n_h, d), Kronecker
