@@ -79,8 +79,8 @@ void kron_fwd(T* y, const T* x, const T* L, const T* R, int64_t rows, int64_t n1
 // dx = L dY Rᵀ per row (overwritten; dx may be null); dL += Σ X R dYᵀ; dR += Σ Xᵀ L dY
 // (dL / dR may be null, and are ignored where L / R is null). `work`: 2·rows·n1·n2.
 template <typename T>
-void kron_bwd(T* dx, T* dL, T* dR, const T* dy, const T* x, const T* L, const T* R,
-              int64_t rows, int64_t n1, int64_t n2, T* work);
+void kron_bwd(T* dx, T* dL, T* dR, const T* dy, const T* x, const T* L, const T* R, int64_t rows,
+              int64_t n1, int64_t n2, T* work);
 
 // ---- Fake quantization with straight-through estimators (methods.md §0.1, §0.2).
 //
@@ -109,9 +109,9 @@ enum class Ste {
 };
 
 enum class ClipMode {
-  kFixed,     // range × clip_ratio (QuaRot a_clip 0.9, kv_clip 0.95); no parameters
-  kLearned,   // range × sigmoid(β): LAC (one scalar β pair, FlatQuant activations)
-              // or LWC (one β pair per row·group, FlatQuant weights)
+  kFixed,    // range × clip_ratio (QuaRot a_clip 0.9, kv_clip 0.95); no parameters
+  kLearned,  // range × sigmoid(β): LAC (one scalar β pair, FlatQuant activations)
+             // or LWC (one β pair per row·group, FlatQuant weights)
 };
 
 // One fake quantizer over a (rows, cols) matrix with groups of `group` consecutive
@@ -145,7 +145,7 @@ struct FakeQuantSaved {
   std::vector<T> scale;          // (rows·G)
   std::vector<T> zero;           // (rows·G), asym
   std::vector<int64_t> amax_at;  // (rows·G) column of the max element (−1: the range was 0-widened)
-  std::vector<int64_t> amin_at;  // (rows·G) column of the min element (−1 likewise)
+  std::vector<int64_t> amin_at;     // (rows·G) column of the min element (−1 likewise)
   std::vector<T> raw_max, raw_min;  // (rows·G) before clipping
 };
 
@@ -153,13 +153,13 @@ struct FakeQuantSaved {
 // by all groups: LAC) or rows·G elements (LWC); `n_beta` says which. Null for kFixed.
 template <typename T>
 void fake_quant_fwd(const FakeQuantSpec& s, T* y, const T* x, int64_t rows, int64_t cols,
-                    const T* beta_max, const T* beta_min, int64_t n_beta,
-                    FakeQuantSaved<T>* saved, RoundTape<T>* tape = nullptr);
+                    const T* beta_max, const T* beta_min, int64_t n_beta, FakeQuantSaved<T>* saved,
+                    RoundTape<T>* tape = nullptr);
 // dx overwritten; dbeta_max / dbeta_min accumulated (null when not wanted).
 template <typename T>
 void fake_quant_bwd(const FakeQuantSpec& s, T* dx, T* dbeta_max, T* dbeta_min, const T* dy,
-                    const T* x, int64_t rows, int64_t cols, const T* beta_max,
-                    const T* beta_min, int64_t n_beta, const FakeQuantSaved<T>& saved);
+                    const T* x, int64_t rows, int64_t cols, const T* beta_max, const T* beta_min,
+                    int64_t n_beta, const FakeQuantSaved<T>& saved);
 
 // ---- Next-token cross-entropy over rows of logits (rows, V) with targets;
 // target < 0 = not scored. Returns the mean NLL over scored rows; dlogits

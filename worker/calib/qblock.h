@@ -52,9 +52,9 @@ enum Proj { kQ = 0, kK, kV, kO, kGate, kUp, kDown, kNumProj };
 
 template <typename T>
 struct BlockWeightsT {
-  std::vector<T> input_norm, post_norm;           // (H)
-  std::array<std::vector<T>, kNumProj> w;         // HF [out, in]
-  std::array<std::vector<T>, 3> bias;             // q, k, v; empty when absent
+  std::vector<T> input_norm, post_norm;    // (H)
+  std::array<std::vector<T>, kNumProj> w;  // HF [out, in]
+  std::array<std::vector<T>, 3> bias;      // q, k, v; empty when absent
 };
 BlockWeightsT<float> to_block_weights(const LayerWeights& w);
 LayerWeights to_layer_weights(const BlockWeightsT<float>& w, const ModelConfig& c);
@@ -94,10 +94,10 @@ BlockClipT<T> init_clip_params(const BlockQuantSpec& q, const ModelConfig& c, T 
 
 template <typename T>
 struct BlockGradsT {
-  std::vector<T> dx;                    // (B·T, H)
-  BlockTransformsT<T> t;                // same shapes as the transforms (empty where identity)
+  std::vector<T> dx;      // (B·T, H)
+  BlockTransformsT<T> t;  // same shapes as the transforms (empty where identity)
   BlockClipT<T> clip;
-  BlockWeightsT<T> w;                   // only when BackwardOptions::weights
+  BlockWeightsT<T> w;  // only when BackwardOptions::weights
   // Only when BackwardOptions::prefix and the block has a prefix: the gradient at
   // the prefix K / V (P, n_kv·d) each, summed over the B sequences.
   std::vector<T> prefix_k, prefix_v;
