@@ -1,4 +1,5 @@
-// `qcal synth-grammar`, `qcal train-lm`, `qcal inject-outliers` (cmd_train.h).
+// `qcal synth-grammar`, `qcal train-lm`, `qcal inject-outliers`, `qcal sinks`
+// (cmd_train.h).
 //
 // train-lm: a LLaMA of the given shape, initialized N(0, 0.02²) (o/down
 // projections ÷ sqrt(2L), norms 1) from --seed, trained on random batches of
@@ -30,6 +31,8 @@
 #include "kernels/gemm.h"
 #include "worker/calib/fp_model.h"
 #include "worker/calib/grammar.h"
+#include "worker/calib/intactkv.h"
+#include "worker/engine/model.h"
 #include "worker/engine/synth.h"
 
 namespace qcal {
@@ -84,6 +87,79 @@ calib::FpModel init_model(const ModelConfig& c, uint64_t seed) {
     fill_normal(rng, &m.lm_head, V * H, kInitStd);
   }
   return m;
+}
+
+// A planted attention-sink circuit (--sink-init), the mechanism LLMs grow on
+// their own after billions of tokens (methods.md §6.1: a massive activation on
+// the first token, which every head can then use as a no-op target), built into
+// the model so that one trained for minutes has it too:
+//   channel kSinkChannel: embed[BOS] holds `massive`, every other token 0;
+//   channel kConstChannel: every token but BOS holds `constant`;
+//   every query head reads the constant channel into its lowest-frequency RoPE
+//   dim (d/2 − 1: the rotation stays below 0.03 rad over 128 positions) and every
+//   KV head reads the sink channel into the same dim of its key, so BOS's key
+//   scores high against every query, at any distance;
+//   V ignores the sink channel (BOS's value is near zero: attending to it is a
+//   no-op); the input norms pass both channels at weight 1; no layer writes
+//   either channel (rows 0 and 1 of o_proj and down_proj are zero).
+// The circuit is fixed: plant_sink runs again after every optimizer step, and
+// everything else trains around it (a head that needs its attention elsewhere
+// must outscore the sink with content). The defaults are the grammar-sink
+// fixture's. Measured while building it (attention mass on BOS by layer, eval
+// ppl; the plain fixture: 0.04, 0.02, 0.03, 0.03, ppl 5.08):
+//   planted at init only, all trainable: the model reused the two channels as
+//     features; 0.49, 0.03, 0.03, 0.04 (ppl 5.17);
+//   channels kept reserved, the rest trainable: 0.48, 0.08, 0.04, 0.03 (5.13):
+//     the constant channel's share of the normalized input shrinks as the
+//     residual stream grows, and weight decay took the planted q/k from 0.7 to
+//     0.55 with nothing pushing back;
+//   fixed circuit, q/k 0.5 in every layer: 0.82, 0.17, 0.04, 0.05 (4.59);
+//   fixed circuit, q/k 0.5·2^l (--sink-growth 2, the default): 0.92, 0.61,
+//     0.13, 0.07 (5.13).
+constexpr int64_t kSinkChannel = 0, kConstChannel = 1;
+
+struct SinkInit {
+  double massive = 4.0;   // embed[BOS][kSinkChannel]
+  double constant = 1.0;  // embed[t][kConstChannel], t ≠ BOS
+  double qk = 0.5;        // the planted W_q / W_k entries of layer 0
+  double growth = 2.0;    // ... times growth^l in layer l (the residual stream grows
+                          // with depth, so the constant channel's normalized share shrinks)
+};
+
+void plant_sink(calib::FpModel& m, const SinkInit& s) {
+  const ModelConfig& c = m.config;
+  const int64_t H = c.hidden_size, V = c.vocab_size, d = c.head_dim;
+  const int64_t bos = c.bos_token_id;
+  for (int64_t t = 0; t < V; ++t) {
+    m.embed[static_cast<size_t>(t * H + kSinkChannel)] =
+        t == bos ? static_cast<float>(s.massive) : 0.0f;
+    m.embed[static_cast<size_t>(t * H + kConstChannel)] =
+        t == bos ? 0.0f : static_cast<float>(s.constant);
+  }
+  const int64_t dim = d / 2 - 1;
+  double qk = s.qk;
+  for (auto& w : m.layers) {
+    for (int64_t ch : {kSinkChannel, kConstChannel}) w.input_norm[static_cast<size_t>(ch)] = 1.0f;
+    for (int64_t h = 0; h < c.num_attention_heads; ++h) {
+      float* row = w.w[calib::kQ].data() + (h * d + dim) * H;
+      row[kConstChannel] = static_cast<float>(qk);
+      row[kSinkChannel] = 0.0f;
+    }
+    for (int64_t h = 0; h < c.num_key_value_heads; ++h) {
+      float* row = w.w[calib::kK].data() + (h * d + dim) * H;
+      row[kSinkChannel] = static_cast<float>(qk);
+      row[kConstChannel] = 0.0f;
+    }
+    qk *= s.growth;
+    for (int64_t r = 0; r < c.num_key_value_heads * d; ++r)
+      w.w[calib::kV][static_cast<size_t>(r * H + kSinkChannel)] = 0.0f;
+    for (int p : {calib::kO, calib::kDown}) {
+      const int64_t in = p == calib::kO ? c.num_attention_heads * d : c.intermediate_size;
+      for (int64_t ch : {kSinkChannel, kConstChannel})
+        std::fill_n(w.w[p].begin() + ch * in, in, 0.0f);
+    }
+  }
+  if (c.tie_word_embeddings) m.lm_head = m.embed;
 }
 
 // ---------------------------------------------------------------- AdamW
@@ -225,11 +301,13 @@ int cmd_synth_grammar(int argc, char** argv) {
 
 int cmd_train_lm(int argc, char** argv) {
   const std::string cmd = "train-lm";
-  Flags f({"out",          "data",   "eval",         "seqlen",     "steps",    "batch",    "lr",
-           "min-lr-ratio", "warmup", "weight-decay", "beta1",      "beta2",    "clip",     "seed",
-           "layers",       "hidden", "intermediate", "heads",      "kv-heads", "head-dim", "vocab",
-           "rope-theta",   "dtype",  "log-every",    "eval-every", "report"},
-          {"tie", "overwrite"});
+  Flags f({"out",    "data",         "eval",          "seqlen",    "steps",
+           "batch",  "lr",           "min-lr-ratio",  "warmup",    "weight-decay",
+           "beta1",  "beta2",        "clip",          "seed",      "layers",
+           "hidden", "intermediate", "heads",         "kv-heads",  "head-dim",
+           "vocab",  "rope-theta",   "dtype",         "log-every", "eval-every",
+           "report", "sink-massive", "sink-constant", "sink-qk",   "sink-growth"},
+          {"tie", "overwrite", "sink-init"});
   CLI_TRY(cmd, f.parse(argc, argv, 2));
   CLI_ASSIGN(cmd, std::string out, f.required("out"));
   CLI_ASSIGN(cmd, std::string data_path, f.required("data"));
@@ -290,6 +368,22 @@ int cmd_train_lm(int argc, char** argv) {
   mallopt(M_MMAP_THRESHOLD, 1 << 30);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
   calib::FpModel m = init_model(c, static_cast<uint64_t>(seed));
+  const bool sink = f.flag("sink-init");
+  SinkInit si;
+  if (sink) {
+    CLI_ASSIGN(cmd, si.massive, f.number("sink-massive", si.massive));
+    CLI_ASSIGN(cmd, si.constant, f.number("sink-constant", si.constant));
+    CLI_ASSIGN(cmd, si.qk, f.number("sink-qk", si.qk));
+    CLI_ASSIGN(cmd, si.growth, f.number("sink-growth", si.growth));
+    if (c.hidden_size < 2 || c.head_dim < 2 || c.bos_token_id < 0 || c.bos_token_id >= c.vocab_size)
+      return cli_fail(cmd, invalid_input("--sink-init needs hidden ≥ 2, head dim ≥ 2 and a BOS id "
+                                         "inside the vocabulary"));
+    plant_sink(m, si);
+  } else {
+    for (const char* k : {"sink-massive", "sink-constant", "sink-qk", "sink-growth"})
+      if (f.has(k))
+        return cli_fail(cmd, invalid_input(std::string("--") + k + " needs --sink-init"));
+  }
   std::printf(
       "train-lm: %lld parameters (%lld layers, hidden %lld, intermediate %lld, heads "
       "%lld/%lld, vocab %lld); %lld training sequences of %lld; %lld steps x %lld "
@@ -338,6 +432,7 @@ int cmd_train_lm(int argc, char** argv) {
                                           std::to_string(gnorm) + " (lower --lr?)"));
     const double rate = schedule(step, steps, warmup, lr, lr * min_lr_ratio);
     opt.step(ps, rate, clip > 0 && gnorm > clip ? clip / gnorm : 1.0);
+    if (sink) plant_sink(m, si);
     if (c.tie_word_embeddings) m.lm_head = m.embed;
     window_loss += loss;
     ++window_n;
@@ -416,6 +511,45 @@ int cmd_inject_outliers(int argc, char** argv) {
   return 0;
 }
 
+// ---------------------------------------------------------------- sinks
+
+int cmd_sinks(int argc, char** argv) {
+  const std::string cmd = "sinks";
+  Flags f({"model", "data", "seqlen", "max-seqs"}, {"json"});
+  CLI_TRY(cmd, f.parse(argc, argv, 2));
+  CLI_ASSIGN(cmd, std::string model, f.required("model"));
+  CLI_ASSIGN(cmd, std::string data_path, f.required("data"));
+  CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 128));
+  CLI_ASSIGN(cmd, int64_t max_seqs, f.integer("max-seqs", 16));
+  if (seqlen < 2) return cli_fail(cmd, invalid_input("--seqlen must be ≥ 2"));
+  CLI_ASSIGN(cmd, auto m, LlamaModel::open(model));
+  CLI_ASSIGN(cmd, TokenSequences data,
+             load_token_sequences(data_path, seqlen, m->config().vocab_size));
+  CLI_ASSIGN(cmd, std::vector<double> share, calib::attention_sink_share(*m, data, max_seqs));
+  // What a head that spreads its attention evenly over the causal window puts on
+  // position 0: mean over t = 1..T−1 of 1/(t+1).
+  double uniform = 0;
+  for (int64_t t = 1; t < seqlen; ++t) uniform += 1.0 / static_cast<double>(t + 1);
+  uniform /= static_cast<double>(seqlen - 1);
+  double mean = 0;
+  for (double x : share) mean += x;
+  mean /= static_cast<double>(std::max<size_t>(share.size(), 1));
+  if (f.flag("json")) {
+    nlohmann::json j = {{"model", model},
+                        {"seqlen", seqlen},
+                        {"per_layer", share},
+                        {"mean", mean},
+                        {"uniform", uniform}};
+    std::cout << j.dump(2) << std::endl;
+    return 0;
+  }
+  std::printf("attention mass on position 0 (mean over heads and query positions 1..%lld)\n",
+              static_cast<long long>(seqlen - 1));
+  for (size_t l = 0; l < share.size(); ++l) std::printf("  layer %2zu  %.3f\n", l, share[l]);
+  std::printf("  mean      %.3f   (uniform attention: %.3f)\n", mean, uniform);
+  return 0;
+}
+
 const char* train_usage() {
   return "Fixture commands (tiny trained models, tools/make_fixtures.sh):\n"
          "  qcal synth-grammar   --out FILE.u32 (--tokens N | --sequences N) [--seqlen 128 --seed "
@@ -428,10 +562,14 @@ const char* train_usage() {
          "                       --layers 4 --hidden 128 --intermediate 384 --heads 4 --kv-heads 2 "
          "--vocab 256\n"
          "                       --dtype bfloat16 --tie --log-every 25 --eval-every N --report "
-         "FILE --overwrite]\n"
+         "FILE --overwrite\n"
+         "                       --sink-init --sink-massive 4 --sink-constant 1 --sink-qk 0.5 "
+         "--sink-growth 2]\n"
          "  qcal inject-outliers --in DIR --out DIR [--norm-channels 4 --up-channels 4 "
          "--v-channels 2 --alpha 20\n"
-         "                       --seed 1 --overwrite]\n";
+         "                       --seed 1 --overwrite]\n"
+         "  qcal sinks           --model DIR --data FILE [--seqlen 128 --max-seqs 16 --json]\n"
+         "                       (attention mass on the first token, per layer)\n";
 }
 
 }  // namespace qcal

@@ -366,6 +366,12 @@ void usage() {
       "(spinquant)\n"
       "                  --intactkv [--intactkv-prefix 1,...] (keep the pivot tokens' FP KV "
       "cache)\n"
+      "                  --intactkv-cal [--intactkv-cal-steps 160 --intactkv-cal-lr 2e-4] "
+      "(then train it, §6.4)\n"
+      "                  --reconstruction none|block|cbq --weight-solver rtn|lora-rounding "
+      "--cbq-window 2\n"
+      "                  --cbq-overlap 1 --cbq-parallel --cbq-epochs 20 --lora-rank 16 --no-cfp "
+      "(CBQ, §7)\n"
       "                  --seed 0 --embed-mean-sub --format auto|native|gptq|compressed-tensors]\n"
       "                  The calibration engine; writes a native qcal checkpoint "
       "(docs/NATIVE_FORMAT.md)\n"
@@ -403,6 +409,7 @@ int main(int argc, char** argv) {
       {"logs", cmd_logs},           {"report", cmd_report},
       {"schedules", cmd_schedules}, {"synth-grammar", cmd_synth_grammar},
       {"train-lm", cmd_train_lm},   {"inject-outliers", cmd_inject_outliers},
+      {"sinks", cmd_sinks},
   };
   if (cmd == "-h" || cmd == "--help" || cmd == "help") {
     usage();

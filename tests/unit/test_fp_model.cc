@@ -24,6 +24,7 @@
 #include "tests/unit/test_util.h"
 #include "worker/calib/fp_model.h"
 #include "worker/calib/grammar.h"
+#include "worker/calib/intactkv.h"
 #include "worker/engine/eval.h"
 #include "worker/engine/model.h"
 #include "worker/engine/synth.h"
@@ -558,4 +559,39 @@ TEST(Fixtures, GrammarTinyModelsArePredictiveAndOutlierHeavy) {
 }
 
 }  // namespace
+// The sink fixture (train-lm --sink-init): as predictive as the plain one, and
+// most of its attention lands on BOS (layers 0 and 1 above all), where the plain
+// fixture's stays at the uniform level (~0.03) in every layer.
+TEST(Fixtures, GrammarSinkModelHasAttentionSinks) {
+  const std::string sink = fixture("grammar-sink"), plain = fixture("grammar-tiny");
+  ASSERT_TRUE(path_exists(sink + "/config.json"))
+      << "missing fixture " << sink << " (tools/make_fixtures.sh)";
+  auto m = LlamaModel::open(sink);
+  auto p = LlamaModel::open(plain);
+  ASSERT_TRUE(m.is_ok() && p.is_ok());
+  const ModelConfig& c = (*m)->config();
+  EXPECT_LE(c.num_parameters(), 2'000'000);
+  auto eval = load_token_sequences(fixture("grammar-data/eval.u32"), 128, c.vocab_size, 16);
+  ASSERT_TRUE(eval.is_ok()) << eval.status().to_string();
+  auto r = evaluate(**m, *eval);
+  ASSERT_TRUE(r.is_ok());
+  EXPECT_LT(r->ppl, 10.0);
+  auto share = attention_sink_share(**m, *eval, 8);
+  auto base = attention_sink_share(**p, *eval, 8);
+  ASSERT_TRUE(share.is_ok() && base.is_ok());
+  ASSERT_EQ(share->size(), static_cast<size_t>(c.num_hidden_layers));
+  std::printf("grammar-sink: ppl %.4f; sink share per layer:", r->ppl);
+  double mean = 0;
+  for (size_t l = 0; l < share->size(); ++l) {
+    std::printf(" %.3f (plain %.3f)", (*share)[l], (*base)[l]);
+    EXPECT_GE((*share)[l], 0.05) << "layer " << l;  // uniform attention: 0.035
+    EXPECT_LT((*base)[l], 0.1) << "layer " << l;
+    mean += (*share)[l] / static_cast<double>(share->size());
+  }
+  std::printf("\n");
+  EXPECT_GE((*share)[0], 0.8);
+  EXPECT_GE((*share)[1], 0.4);
+  EXPECT_GE(mean, 0.3);
+}
+
 }  // namespace qcal::calib
