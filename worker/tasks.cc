@@ -664,7 +664,8 @@ Result<nlohmann::json> run_cbq_window(const TaskContext& ctx) {
                         calib::load_cbq_setup(ctx.store->absolute(setup_in.path)));
   const ModelConfig& c = setup.model.config;
   QCAL_ASSIGN_OR_RETURN(calib::CalibRecipe r, calib_recipe_from_spec(ctx.spec, &c));
-  const calib::CbqOptions o = calib::cbq_options(r, setup);
+  calib::CbqOptions o = calib::cbq_options(r, setup);
+  if (ctx.cancel) o.should_stop = [&ctx] { return ctx.cancel->load(); };
   const std::vector<calib::CbqWindow> plan =
       calib::cbq_plan(c.num_hidden_layers, o.window, o.overlap);
   if (w < 0 || w >= static_cast<int64_t>(plan.size()))
@@ -700,8 +701,12 @@ Result<nlohmann::json> run_cbq_window(const TaskContext& ctx) {
     layers.push_back(&setup.model.layers[static_cast<size_t>(l)]);
   std::vector<calib::CbqLayerResult> finalized;
   calib::CbqWindowReport rep;
-  QCAL_RETURN_IF_ERROR(
-      calib::cbq_run_window(c, o, plan, setup.N, setup.T, layers, &state, &finalized, &rep));
+  if (Status st =
+          calib::cbq_run_window(c, o, plan, setup.N, setup.T, layers, &state, &finalized, &rep);
+      !st.is_ok()) {
+    if (ctx.cancel && ctx.cancel->load()) return cancelled(ctx.task.id + ": " + st.message());
+    return st;
+  }
   const std::string rel = task_artifact_path(ctx.job_id, ctx.task.id, ctx.attempt, "state");
   std::error_code ec;
   fs::create_directories(fs::path(ctx.store->absolute(rel)).parent_path(), ec);

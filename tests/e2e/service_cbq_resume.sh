@@ -7,6 +7,8 @@
 # worker reclaims window 1 once the lease runs out and starts it again from
 # window 0's state: window 0 (and capture) are not re-run, window 1 is, the
 # output is byte-identical to A's and the job status carries per-window losses.
+# Job C (20x the epochs) is cancelled inside window 0, which stops within a few
+# steps instead of finishing the window.
 source "$(dirname "$0")/lib/service.bash" "$@"
 
 start_redis
@@ -142,4 +144,26 @@ note "report: $(echo "$jb" | pyj '{k: d["report"].get(k) for k in ("ppl", "fp_pp
 
 compare_dirs "$T/out_a" "$T/out_b"
 (cd "$T/out_b" && sha256sum $(find . -type f | sort))
-passed "CBQ job resumed at window 1 after kill -9, output byte-identical"
+
+# ---- C: `qcal cancel` in the middle of a long window stops it within a few
+# steps (the window polls the cancel flag before every step), not at its end.
+# C's windows are 20x longer than A's, so the window would otherwise run on for
+# 20x A's window time.
+w0_secs=$(echo "$ja" | pyj "[t['seconds'] for t in d['progress']['tasks'] if t['id'] == 'cbq-window-0000'][0]")
+c=$(api POST /v1/jobs -d "$(spec "$T/out_c" | pyj "dict(d, recipe=dict(d['recipe'], cbq_epochs=$((EPOCHS * 20))))")"
+  [ "$HTTP_CODE" = 202 ] || fail "POST C: HTTP $HTTP_CODE $HTTP_BODY"; echo "$HTTP_BODY" | pyj 'd["id"]')
+note "submitted C $c (cbq_epochs $((EPOCHS * 20)))"
+_window0_running() { [ "$(job_json "$c" | pyj "[t['state'] for t in d['progress']['tasks'] if t['id'] == 'cbq-window-0000'][0]")" = running ]; }
+wait_until 300 "C's cbq-window-0000 running" _window0_running
+sleep 1
+tc=$SECONDS
+out=$(q cancel "$c")
+echo "$out" | grep -q "job $c cancelled" || fail "qcal cancel: $out"
+_c_let_go() { grep "$c/cbq-window-0000" "$T/worker-w2.log" | grep -q "stopped"; }
+wait_until 60 "w2 to stop C's window 0" _c_let_go
+stop_secs=$((SECONDS - tc))
+note "C's window 0 stopped $stop_secs s after the cancel (A's whole window 0: $w0_secs s; C's: ~20x that)"
+python3 -c "import sys; sys.exit(0 if $stop_secs < max(10, 5 * $w0_secs) else 1)" ||
+  fail "the cancelled window ran on for $stop_secs s (A's window 0 took $w0_secs s)"
+[ "$(job_state "$c")" = cancelled ] || fail "job $c is $(job_state "$c") after cancel"
+passed "CBQ job resumed at window 1 after kill -9, output byte-identical; cancel stops a window mid-way"

@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -361,11 +362,10 @@ TEST(CbqCfp, DetectsActivationOutlierChannels) {
 
 TEST(CbqPlan, Windows) {
   auto str = [](const std::vector<CbqWindow>& p) {
-    std::string s;
+    std::ostringstream s;  // (a "(" + std::string temporary trips GCC 12's -Wrestrict)
     for (const CbqWindow& w : p)
-      s += "(" + std::to_string(w.first) + "," + std::to_string(w.last) + ";" +
-           std::to_string(w.finalize_last) + ")";
-    return s;
+      s << "(" << w.first << "," << w.last << ";" << w.finalize_last << ")";
+    return s.str();
   };
   EXPECT_EQ(str(cbq_plan(4, 2, 1)), "(0,1;0)(1,2;1)(2,3;3)");
   EXPECT_EQ(str(cbq_plan(4, 1, 0)), "(0,0;0)(1,1;1)(2,2;2)(3,3;3)");
@@ -638,6 +638,33 @@ TEST(CbqSynth, NonFiniteIsReportedWithWindowAndStep) {
   EXPECT_EQ(r.status().code(), Code::kInternal);
   EXPECT_NE(r.status().to_string().find("window 0 (layers 0..1) step 0"), std::string::npos)
       << r.status().to_string();
+}
+
+TEST(CbqSynth, StopsWithinAWindowAndLeavesTheStateUnchanged) {
+  // should_stop is polled before every step: the window ends at the step it says
+  // so, the state and the blocks are untouched, and without it the same window runs.
+  Fixture& f = fx();
+  const ModelConfig& c = f.fp.config;
+  CbqOptions o = w2_options();
+  o.epochs = 2;
+  int polls = 0;
+  o.should_stop = [&polls] { return ++polls > 3; };
+  const std::vector<CbqWindow> plan = cbq_plan(c.num_hidden_layers, o.window, o.overlap);
+  CbqState st = cbq_initial_state(f.x_calib, o);
+  std::vector<BlockWeightsT<float>> b = f.fp.layers;
+  std::vector<BlockWeightsT<float>*> wl = {&b[0], &b[1]};
+  std::vector<CbqLayerResult> fin;
+  Status s = cbq_run_window(c, o, plan, f.n_calib, kT, wl, &st, &fin, nullptr);
+  EXPECT_EQ(s.code(), Code::kUnavailable);
+  EXPECT_NE(s.message().find("window 0 stopped at step 3"), std::string::npos) << s.to_string();
+  EXPECT_EQ(polls, 4);
+  EXPECT_EQ(st.next_window, 0);
+  EXPECT_TRUE(st.carried.empty());
+  EXPECT_TRUE(fin.empty());
+  EXPECT_EQ(b[0].w[kQ], f.fp.layers[0].w[kQ]);
+  o.should_stop = [] { return false; };
+  ASSERT_TRUE(cbq_run_window(c, o, plan, f.n_calib, kT, wl, &st, &fin, nullptr).is_ok());
+  EXPECT_EQ(st.next_window, 1);
 }
 
 // ---------------------------------------------------------------- ablation (QCAL_CBQ_SWEEP=1)

@@ -907,6 +907,9 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
     return internal_error(where + " step " + std::to_string(step) + ": " + what);
   };
   for (int64_t step = 0; step < total; ++step) {
+    if (o.should_stop && o.should_stop())
+      return unavailable("cbq: window " + std::to_string(wi) + " stopped at step " +
+                         std::to_string(step) + " of " + std::to_string(total));
     const int64_t b0 = (step % nb) * bsz, B = std::min(bsz, N - b0);
     const size_t n = static_cast<size_t>(B * T * H);
     sync();

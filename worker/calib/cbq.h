@@ -271,6 +271,10 @@ struct CbqOptions {
   int64_t bsz = 4;                                        // sequences per step
   double lr_scale = 1e-2, lr_lora = 2e-2, lr_act = 3e-2;  // ρ, A1/A2, activation β
   uint64_t seed = 0;
+  // Polled before every training step (may be null): when it returns true the
+  // window stops with kUnavailable "cbq: window W stopped at step S" and *state is
+  // unchanged, so a cancelled service task ends within one step, not one window.
+  std::function<bool()> should_stop;
   // Online (activation-side) transforms per model layer (L entries, or empty = none):
   // QuaRot/SpinQuant's online Hadamards, FlatQuant's Kronecker pairs (a1/a2, u1/u2,
   // d1/d2, po, pk/pk_it; the same form as NativeLayer::online). Both branches of a
