@@ -3,13 +3,19 @@
 trained fixtures (tests/fixtures/grammar-tiny and its outlier-injected variant).
 
     tools/make_results.py [--qcal build/api/qcal] [--out docs/RESULTS.md] [--jobs 2]
-                          [--sections 1,2]
+                          [--sections 1,2,3]
 
 Section 1: each cell is one `qcal quantize --method M --weight-solver S ...` followed
 by `qcal eval --fp-model FP --json` on the held-out split. Section 2 (issue #5):
 block reconstruction, CBQ windows and LoRA-Rounding, each with and without IntactKV,
 run `--jobs` at a time (QCAL_THREADS=1 each). Uses only the standard library; runs
-in a few minutes on 2 cores.
+in a few minutes on 2 cores. Section 3: the attention-sink diagnostic of every
+fixture, transforms combined with reconstruction, and IntactKV (+Cal) on the sink
+fixture.
+
+Each section sits between `<!-- make_results: section N -->` markers in the output;
+a run replaces only the sections it was asked for and keeps the rest of the page
+(the hand-written readings between them) as it is.
 """
 import argparse
 import concurrent.futures
@@ -26,6 +32,11 @@ FIXTURES = [
     ("grammar-tiny", "trained on the grammar corpus"),
     ("grammar-tiny-outlier", "the same model with outlier channels injected (function-preserving)"),
 ]
+# Section 2 also runs on the attention-sink fixture (train-lm --sink-init).
+SINK_FIXTURE = ("grammar-sink", "trained on the same corpus from an initialization with a planted "
+                "attention-sink circuit (`qcal train-lm --sink-init`): most heads put most of "
+                "their attention on BOS, as in real LLMs")
+CBQ_FIXTURES = FIXTURES + [SINK_FIXTURE]
 METHODS = ["none", "smoothquant", "quarot", "spinquant", "flatquant"]
 SOLVERS = ["rtn", "gptq"]
 SETTINGS = [("W4A4KV4", ["--w-bits", "4", "--a-bits", "4", "--kv-bits", "4"]),
@@ -64,10 +75,11 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "RESULTS.md"))
     ap.add_argument("--nsamples", default="64")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--sections", default="1,2")
+    ap.add_argument("--sections", default="1,2,3")
     ap.add_argument("--jobs", type=int, default=2, help="parallel runs in section 2")
     ap.add_argument("--cbq-nsamples", default="32")
     ap.add_argument("--cbq-epochs", default="8")
+    ap.add_argument("--json-out", default=os.path.join(tempfile.gettempdir(), "qcal_results.json"))
     a = ap.parse_args()
     sections = a.sections.split(",")
     data = os.path.join(ROOT, "tests", "fixtures", "grammar-data")
@@ -77,11 +89,14 @@ def main():
     rows = {}
     fp = {}
     cbq_rows = {}
+    s3 = {}
     try:
-        for fx, _ in FIXTURES:
+        for fx, _ in CBQ_FIXTURES:
             model = os.path.join(ROOT, "tests", "fixtures", fx)
             out, err, _ = run([a.qcal, "eval", "--model", model, "--data", evald, "--seqlen", seqlen, "--json"])
             fp[fx] = json.loads(out)["ppl"] if out else float("nan")
+            if (fx, _) not in FIXTURES:
+                continue
             for setting, sflags in (SETTINGS if "1" in sections else []):
                 for m in a.methods.split(","):
                     for s in SOLVERS:
@@ -108,24 +123,27 @@ def main():
                                else r["error"]), flush=True)
         if "2" in sections:
             cbq_rows = run_cbq_section(a, tmp, calib, evald, seqlen)
+        if "3" in sections:
+            s3 = run_section3(a, tmp, calib, evald, seqlen)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    lines = ["# Results: the calibration methods on the trained fixtures", ""]
-    if "1" not in sections:
-        lines += ["Produced by `tools/make_results.py` (do not edit by hand; rerun it). "
-                  "PPL = perplexity (lower is better); KL = mean KL(FP ‖ quantized) per token "
-                  "in nats, on the held-out split with the native checkpoint's integer kernels.", ""]
+    generated = {}
     if "1" in sections:
-        lines += section1_lines(a, rows, fp, seqlen)
+        generated["1"] = section1_lines(a, rows, fp, seqlen)
     if "2" in sections:
-        lines += cbq_section_lines(a, cbq_rows, fp, seqlen)
-    with open(a.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    out = {"|".join(k): v for k, v in rows.items()}
+        generated["2"] = cbq_section_lines(a, cbq_rows, fp, seqlen)
+    if "3" in sections:
+        generated["3"] = section3_lines(a, s3, fp, seqlen)
+    splice(a.out, generated)
+    path = a.json_out  # the raw numbers, for notes; not committed
+    out = {}
+    out.update({"|".join(k): v for k, v in rows.items()})
     out.update({"cbq|" + "|".join(k): v for k, v in cbq_rows.items()})
-    json.dump(out, open(a.out.replace(".md", ".json"), "w"), indent=1)
-    print("wrote", a.out)
+    out.update({"s3|" + "|".join(k): v for k, v in s3.items() if k[0] != "sinks"})
+    out.update({"sinks|" + k[1]: v for k, v in s3.items() if k[0] == "sinks"})
+    json.dump(out, open(path, "w"), indent=1)
+    print("raw numbers in", path)
 
 
 def section1_lines(a, rows, fp, seqlen):
@@ -155,10 +173,29 @@ def section1_lines(a, rows, fp, seqlen):
     return lines
 
 
-def quantize_and_eval(a, qdir, model, calib, evald, seqlen, flags, env):
+def splice(path, generated):
+    """Replaces each generated section between its markers in `path` (appending the
+    ones the page does not have yet); the text outside the markers is kept."""
+    text = open(path).read() if os.path.exists(path) else \
+        "# Results: the calibration methods on the trained fixtures\n\n"
+    for n in sorted(generated):
+        begin, end = f"<!-- make_results: section {n} -->", f"<!-- /make_results: section {n} -->"
+        body = begin + "\n" + "\n".join(generated[n]).rstrip("\n") + "\n" + end
+        i, j = text.find(begin), text.find(end)
+        if i >= 0 and j > i:
+            text = text[:i] + body + text[j + len(end):]
+        else:
+            text = text.rstrip("\n") + "\n\n" + body + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    print("wrote", path)
+
+
+def quantize_and_eval(a, qdir, model, calib, evald, seqlen, flags, env, nsamples=None):
     """One cell: quantize to qdir (native), evaluate against the FP model, remove qdir."""
     cmd = [a.qcal, "quantize", "--model", model, "--calib", calib, "--seqlen", seqlen,
-           "--nsamples", a.cbq_nsamples, "--out", qdir, "--quiet", "--format", "native"] + flags
+           "--nsamples", nsamples or a.cbq_nsamples, "--out", qdir, "--quiet", "--format",
+           "native"] + flags
     _, qerr, qsec = run(cmd, env)
     if qerr:
         r = {"error": qerr[0]}
@@ -171,13 +208,61 @@ def quantize_and_eval(a, qdir, model, calib, evald, seqlen, flags, env):
     return r
 
 
-def run_cbq_section(a, tmp, calib, evald, seqlen):
-    """Issue #5: every (fixture, setting, recipe, IntactKV) cell, a.jobs at a time."""
+def run_cells(a, tmp, calib, evald, seqlen, cells):
+    """Runs every (key, model, flags) cell through quantize_and_eval, a.jobs at a time
+    (QCAL_THREADS=1 each when parallel); reconstructions use a.cbq_nsamples sequences,
+    the rest a.nsamples. Returns {key: eval result or {"error": ...}}."""
     env = dict(os.environ)
     if a.jobs > 1:
         env["QCAL_THREADS"] = "1"
+    rows = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        futs = {}
+        for i, (key, model, flags) in enumerate(cells):
+            qdir = os.path.join(tmp, "cell-" + "-".join(key).replace(" ", "_").replace("/", "_") + f"-{i}")
+            ns = a.cbq_nsamples if "--reconstruction" in flags else a.nsamples
+            futs[pool.submit(quantize_and_eval, a, qdir, model, calib, evald, seqlen, flags, env,
+                             ns)] = key
+        for fut in concurrent.futures.as_completed(futs):
+            key = futs[fut]
+            r = rows[key] = fut.result()
+            print(f"{key[0]:22s} {key[1]:9s} {key[2]:32s} {key[3]:12s} " +
+                  (f"ppl {r['ppl']:.3f} kl {r['kl']:.4f} ({r['seconds']:.1f} s)" if "ppl" in r
+                   else r["error"]), flush=True)
+    return rows
+
+
+def table_lines(rows, fx, setting, names, cols):
+    """One markdown table: a row per recipe name, a PPL | KL pair per (key, label)
+    column, and the first column's seconds."""
+    head = "| recipe | " + " | ".join(f"{label}PPL | KL" for _, label in cols) + " | seconds |"
+    lines = [head, "|---|" + "---|---|" * len(cols) + "---|"]
+    for name in names:
+        cells, secs = [], ""
+        for i, (c, _) in enumerate(cols):
+            r = rows.get((fx, setting, name, c), {"error": "not run"})
+            if "ppl" in r:
+                cells += [f"{r['ppl']:.3f}", f"{r['kl']:.4f}"]
+                if i == 0:
+                    secs = f"{r['seconds']:.1f}"
+            else:
+                cells += [f"error: {r['error']}", ""]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {secs} |")
+    return lines + [""]
+
+
+def fixture_tables(rows, fx, intro, settings, names, cols):
+    """A fixture's heading, its intro line, and one table_lines per setting."""
+    lines = [f"### {fx}", "", intro, ""]
+    for setting, _ in settings:
+        lines += [f"#### {setting}", ""] + table_lines(rows, fx, setting, names, cols)
+    return lines
+
+
+def run_cbq_section(a, tmp, calib, evald, seqlen):
+    """Issue #5: every (fixture, setting, recipe, IntactKV) cell."""
     cells = []
-    for fx, _ in FIXTURES:
+    for fx, _ in CBQ_FIXTURES:
         model = os.path.join(ROOT, "tests", "fixtures", fx)
         for setting, sflags in CBQ_SETTINGS:
             for name, rflags in CBQ_ROWS:
@@ -186,19 +271,76 @@ def run_cbq_section(a, tmp, calib, evald, seqlen):
                     if "--reconstruction" in rflags:
                         flags += ["--cbq-epochs", a.cbq_epochs]
                     cells.append(((fx, setting, name, "intactkv" if ikv else "plain"), model, flags))
+    return run_cells(a, tmp, calib, evald, seqlen, cells)
+
+
+# Section 3: transforms combined with reconstruction (on the outlier fixture) and
+# IntactKV / IntactKV+Cal where the model has attention sinks (the sink fixture).
+S3_FIXTURES = [("grammar-tiny-outlier", False), ("grammar-sink", True)]  # (fixture, IntactKV columns)
+S3_SETTINGS = [("W4A4KV4", ["--w-bits", "4", "--a-bits", "4", "--kv-bits", "4"]),
+               ("W4A16", ["--w-bits", "4"])]
+S3_ROWS = [("RTN", ["--method", "rtn"]),
+           ("QuaRot", ["--method", "quarot", "--weight-solver", "rtn"]),
+           ("FlatQuant", ["--method", "flatquant", "--weight-solver", "rtn", "--epochs", "8"]),
+           ("CBQ + LoRA-Rounding", ["--weight-solver", "lora-rounding", "--reconstruction", "cbq"]),
+           ("QuaRot + CBQ + LoRA-Rounding",
+            ["--method", "quarot", "--weight-solver", "lora-rounding", "--reconstruction", "cbq"]),
+           ("FlatQuant + CBQ + LoRA-Rounding",
+            ["--method", "flatquant", "--epochs", "8", "--weight-solver", "lora-rounding",
+             "--reconstruction", "cbq"])]
+S3_IKV = [("plain", []), ("IntactKV", ["--intactkv"]),
+          ("IntactKV+Cal", ["--intactkv", "--intactkv-cal"])]
+
+
+def run_section3(a, tmp, calib, evald, seqlen):
     rows = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-        futs = {}
-        for i, (key, model, flags) in enumerate(cells):
-            qdir = os.path.join(tmp, f"cbq-{i}")
-            futs[pool.submit(quantize_and_eval, a, qdir, model, calib, evald, seqlen, flags, env)] = key
-        for fut in concurrent.futures.as_completed(futs):
-            key = futs[fut]
-            r = rows[key] = fut.result()
-            print(f"{key[0]:22s} {key[1]:9s} {key[2]:28s} {key[3]:8s} " +
-                  (f"ppl {r['ppl']:.3f} kl {r['kl']:.4f} ({r['seconds']:.1f} s)" if "ppl" in r
-                   else r["error"]), flush=True)
+    for fx, _ in CBQ_FIXTURES:
+        model = os.path.join(ROOT, "tests", "fixtures", fx)
+        out, err, _ = run([a.qcal, "sinks", "--model", model, "--data", evald, "--seqlen", seqlen,
+                           "--max-seqs", "64", "--json"])
+        rows[("sinks", fx)] = json.loads(out) if out else {"error": err[0]}
+    cells = []
+    for fx, ikv_cols in S3_FIXTURES:
+        model = os.path.join(ROOT, "tests", "fixtures", fx)
+        for setting, sflags in S3_SETTINGS:
+            for name, rflags in S3_ROWS:
+                for ikv, iflags in (S3_IKV if ikv_cols else S3_IKV[:1]):
+                    flags = sflags + rflags + iflags
+                    if "--reconstruction" in rflags:
+                        flags += ["--cbq-epochs", a.cbq_epochs]
+                    cells.append(((fx, setting, name, ikv), model, flags))
+    rows.update(run_cells(a, tmp, calib, evald, seqlen, cells))
     return rows
+
+
+def section3_lines(a, rows, fp, seqlen):
+    lines = ["## Attention sinks, IntactKV+Cal, and transforms with reconstruction", "",
+             "**Attention mass on the first token** (`qcal sinks`: mean over heads and query "
+             "positions 1..127 of the attention probability on position 0, on the 64 held-out "
+             "sequences; a head spreading its attention evenly over the causal window gives "
+             "0.035):", "",
+             "| fixture | " + " | ".join(f"layer {l}" for l in range(4)) + " | mean |",
+             "|---|" + "---|" * 5]
+    for fx, _ in CBQ_FIXTURES:
+        r = rows.get(("sinks", fx), {"error": "not run"})
+        if "per_layer" in r:
+            lines.append(f"| {fx} | " + " | ".join(f"{x:.3f}" for x in r["per_layer"]) +
+                         f" | {r['mean']:.3f} |")
+        else:
+            lines.append(f"| {fx} | error: {r['error']} |")
+    lines += ["", "Each cell: `qcal quantize` with the row's recipe (transforms with "
+              f"{a.nsamples} calibration sequences; reconstructions with {a.cbq_nsamples} "
+              f"sequences × {a.cbq_epochs} epochs per window, as in section 2), then `qcal eval "
+              "--fp-model` on the held-out split. *IntactKV*: the FP K/V cache of BOS, computed "
+              "by the transformed FP model; *IntactKV+Cal* (methods.md §6.4): that cache "
+              "trained as the only parameters against the FP model's layer outputs "
+              "(`--intactkv-cal` with the paper's settings, the recipe's defaults: AdamW lr "
+              "2e-4, 160 steps of 16 sequences, clip 0.3).", ""]
+    for fx, ikv_cols in S3_FIXTURES:
+        cols = [(c, "" if c == "plain" else c + ": ") for c, _ in (S3_IKV if ikv_cols else S3_IKV[:1])]
+        lines += fixture_tables(rows, fx, f"FP perplexity: **{fp[fx]:.3f}**.", S3_SETTINGS,
+                                [n for n, _ in S3_ROWS], cols)
+    return lines
 
 
 def cbq_section_lines(a, rows, fp, seqlen):
@@ -223,25 +365,10 @@ def cbq_section_lines(a, rows, fp, seqlen):
              "grammar-tiny, CBQ + LoRA-Rounding: KL 0.055 at 32 sequences × 8 epochs, 0.015 "
              "(PPL 5.152) at 64 × 20 in 54 s with one thread). Seconds are the "
              "wall time of `qcal quantize` with one thread on a shared machine.", ""]
-    for fx, desc in FIXTURES:
-        lines += [f"### {fx}", "", f"{desc}. FP perplexity: **{fp[fx]:.3f}**.", ""]
-        for setting, _ in CBQ_SETTINGS:
-            lines += [f"#### {setting}", "",
-                      "| recipe | PPL | KL | + IntactKV: PPL | KL | seconds |",
-                      "|---|---|---|---|---|---|"]
-            for name, _ in CBQ_ROWS:
-                cells = []
-                secs = ""
-                for ikv in ("plain", "intactkv"):
-                    r = rows.get((fx, setting, name, ikv), {"error": "not run"})
-                    if "ppl" in r:
-                        cells += [f"{r['ppl']:.3f}", f"{r['kl']:.4f}"]
-                        if ikv == "plain":
-                            secs = f"{r['seconds']:.1f}"
-                    else:
-                        cells += [f"error: {r['error']}", ""]
-                lines.append(f"| {name} | " + " | ".join(cells) + f" | {secs} |")
-            lines.append("")
+    for fx, desc in CBQ_FIXTURES:
+        lines += fixture_tables(rows, fx, f"{desc}. FP perplexity: **{fp[fx]:.3f}**.",
+                                CBQ_SETTINGS, [n for n, _ in CBQ_ROWS],
+                                [("plain", ""), ("intactkv", "+ IntactKV: ")])
     return lines
 
 
