@@ -208,6 +208,71 @@ const char* reconstruction_name(calib::Reconstruction r) {
 }
 
 // The calibration DAGs of common/plan.h (spec.recipe.calib set).
+// The eval batch of the validate task: logits and activations of `eb` sequences.
+void add_eval_parts(MemoryEstimate* m, const BlockShapes& b, u64 eb, u64 eval_T) {
+  m->parts.push_back({"activations", 2 * eb * eval_T * (b.H + b.V) * 4});
+  m->parts.push_back({"batch", batch_arena(b, eb, eval_T)});
+}
+
+// Sets every task's mem_bytes from `est` (one per task, in order) and refuses the
+// plan when the largest does not fit a worker. Returns the summary's memory keys:
+// "peak" (task, bytes), "worker_memory_bytes" and "estimates" (by task id).
+Result<nlohmann::json> set_task_memory(Plan* plan, const std::vector<MemoryEstimate>& est,
+                                       const PlannerLimits& limits, const JobSpec& spec) {
+  size_t peak = 0;
+  for (size_t i = 0; i < plan->tasks.size(); ++i) {
+    plan->tasks[i].mem_bytes = est[i].total();
+    if (est[i].total() > est[peak].total()) peak = i;
+  }
+  if (est[peak].total() > limits.worker_memory_bytes) {
+    const TaskDef& t = plan->tasks[peak];
+    return resource_exhausted(t.id + " needs " + format_bytes(est[peak].total()) + " (" +
+                              est[peak].describe() + ") but workers have " +
+                              format_bytes(limits.worker_memory_bytes) + "; " +
+                              fit_hint(t, est[peak], spec));
+  }
+  nlohmann::json estimates = nlohmann::json::object();
+  for (size_t i = 0; i < plan->tasks.size(); ++i) estimates[plan->tasks[i].id] = est[i].to_json();
+  return nlohmann::json{{"peak", {{"task", plan->tasks[peak].id}, {"bytes", est[peak].total()}}},
+                        {"worker_memory_bytes", limits.worker_memory_bytes},
+                        {"estimates", estimates}};
+}
+
+// Every projection of `c` quantized per `qspec` can be written as `f`.
+Status check_format_writable(const ModelConfig& c, const QuantSpec& qspec, bool act_order,
+                             CheckpointFormat f) {
+  for (const char* proj : kProjNames) {
+    auto shape = proj_shape(c, proj);
+    QuantizedLinear probe;
+    probe.out_features = shape[0];
+    probe.in_features = shape[1];
+    probe.spec = qspec;
+    probe.act_order = act_order;
+    Status st = check_writable(probe, f);
+    if (!st.is_ok())
+      return st.with_context("output.format " + std::string(checkpoint_format_name(f)) + ": " +
+                             proj);
+  }
+  return Status::ok();
+}
+
+// The job's data files and output path, checked; the sizes the estimates need.
+struct DataBounds {
+  u64 calib_seqs = 0, eval_seqs = 0, eval_T = 0;
+};
+Result<DataBounds> check_data_and_output(const JobSpec& spec) {
+  DataBounds d;
+  QCAL_ASSIGN_OR_RETURN(u64 calib_bytes, check_data_file("calib.path", spec.calib.path));
+  d.calib_seqs = sequences_bound(spec.calib, calib_bytes);
+  if (spec.eval) {
+    QCAL_ASSIGN_OR_RETURN(u64 eval_bytes, check_data_file("eval.path", spec.eval->path));
+    d.eval_seqs = sequences_bound(*spec.eval, eval_bytes);
+    d.eval_T = u(spec.eval->seqlen);
+  }
+  QCAL_RETURN_IF_ERROR(check_output(spec.output, spec.model));
+  return d;
+}
+
 Result<Plan> plan_calibration(const JobSpec& spec, const PlannerLimits& limits) {
   // The recipe on its own first: its errors name recipe fields and need no files.
   QCAL_ASSIGN_OR_RETURN(calib::CalibRecipe r, calib_recipe_from_spec(spec));
@@ -238,33 +303,16 @@ Result<Plan> plan_calibration(const JobSpec& spec, const PlannerLimits& limits) 
     qspec.group_size = r.w_group;
     qspec.sym = true;
     QCAL_ASSIGN_OR_RETURN(CheckpointFormat f, parse_checkpoint_format(format));
-    for (const char* proj : kProjNames) {
-      auto shape = proj_shape(c, proj);
-      QuantizedLinear probe;
-      probe.out_features = shape[0];
-      probe.in_features = shape[1];
-      probe.spec = qspec;
-      probe.act_order = r.weight_solver == calib::WeightSolver::kGptq && r.gptq.act_order;
-      Status st = check_writable(probe, f);
-      if (!st.is_ok())
-        return st.with_context("output.format " + std::string(checkpoint_format_name(f)) + ": " +
-                               proj);
-    }
+    QCAL_RETURN_IF_ERROR(check_format_writable(
+        c, qspec, r.weight_solver == calib::WeightSolver::kGptq && r.gptq.act_order, f));
   }
 
-  QCAL_ASSIGN_OR_RETURN(u64 calib_bytes, check_data_file("calib.path", spec.calib.path));
-  u64 eval_seqs = 0, eval_T = 0;
-  if (spec.eval) {
-    QCAL_ASSIGN_OR_RETURN(u64 eval_bytes, check_data_file("eval.path", spec.eval->path));
-    eval_seqs = sequences_bound(*spec.eval, eval_bytes);
-    eval_T = u(spec.eval->seqlen);
-  }
-  QCAL_RETURN_IF_ERROR(check_output(spec.output, spec.model));
+  QCAL_ASSIGN_OR_RETURN(const DataBounds data, check_data_and_output(spec));
 
   // ---- Shapes for the estimates.
   const int64_t L = c.num_hidden_layers;
   const BlockShapes b = block_shapes(c, r.w_group);
-  const u64 N = sequences_bound(spec.calib, calib_bytes);
+  const u64 N = data.calib_seqs;
   const u64 T = u(spec.calib.seqlen);
   const u64 batch = std::max<u64>(1, u(std::min<int64_t>(limits.batch, r.batch)));
   const u64 x_bytes = N * T * b.H * 4;
@@ -347,38 +395,19 @@ Result<Plan> plan_calibration(const JobSpec& spec, const PlannerLimits& limits) 
     m.parts.push_back({"weights", format == "native"
                                       ? model_bytes + std::max(b.params, b.V * b.H) * 4
                                       : 2 * std::max(b.params, b.V * b.H) * 4});
-    if (spec.eval) {
-      const u64 eb = std::min(batch, eval_seqs);
-      m.parts.push_back({"activations", 2 * eb * eval_T * (b.H + b.V) * 4});
-      m.parts.push_back({"batch", batch_arena(b, eb, eval_T)});
-    }
+    if (spec.eval) add_eval_parts(&m, b, std::min(batch, data.eval_seqs), data.eval_T);
     est.push_back(m);
   }
 
-  size_t peak = 0;
-  for (size_t i = 0; i < plan.tasks.size(); ++i) {
-    plan.tasks[i].mem_bytes = est[i].total();
-    if (est[i].total() > est[peak].total()) peak = i;
-  }
-  if (est[peak].total() > limits.worker_memory_bytes) {
-    const TaskDef& t = plan.tasks[peak];
-    return resource_exhausted(t.id + " needs " + format_bytes(est[peak].total()) + " (" +
-                              est[peak].describe() + ") but workers have " +
-                              format_bytes(limits.worker_memory_bytes) + "; " +
-                              fit_hint(t, est[peak], spec));
-  }
-  nlohmann::json estimates = nlohmann::json::object();
-  for (size_t i = 0; i < plan.tasks.size(); ++i) estimates[plan.tasks[i].id] = est[i].to_json();
+  QCAL_ASSIGN_OR_RETURN(const nlohmann::json memory, set_task_memory(&plan, est, limits, spec));
   plan.summary = {{"method", spec.recipe.method},
                   {"recipe", r.to_json()},
                   {"reconstruction", reconstruction_name(r.reconstruction)},
                   {"layers", L},
                   {"format", format},
                   {"calib_sequences", N},
-                  {"tasks", plan.tasks.size()},
-                  {"peak", {{"task", plan.tasks[peak].id}, {"bytes", est[peak].total()}}},
-                  {"worker_memory_bytes", limits.worker_memory_bytes},
-                  {"estimates", estimates}};
+                  {"tasks", plan.tasks.size()}};
+  plan.summary.update(memory);
   if (reconstruct) {
     plan.summary["windows"] = windows;
     plan.summary["window"] = cbq.window;
@@ -426,27 +455,9 @@ Result<Plan> plan_job(const JobSpec& spec, const PlannerLimits& limits) {
   QCAL_RETURN_IF_ERROR(dir.validate_fp_model().with_context("model"));
   const ModelConfig& c = dir.config();
 
-  for (const char* proj : kProjNames) {
-    auto shape = proj_shape(c, proj);
-    QuantizedLinear probe;
-    probe.out_features = shape[0];
-    probe.in_features = shape[1];
-    probe.spec = qspec;
-    probe.act_order = r.method == "gptq" && r.act_order;
-    Status s = check_writable(probe, format);
-    if (!s.is_ok())
-      return s.with_context("output.format " + std::string(checkpoint_format_name(format)) + ": " +
-                            proj);
-  }
+  QCAL_RETURN_IF_ERROR(check_format_writable(c, qspec, r.method == "gptq" && r.act_order, format));
 
-  QCAL_ASSIGN_OR_RETURN(u64 calib_bytes, check_data_file("calib.path", spec.calib.path));
-  u64 eval_seqs = 0, eval_T = 0;
-  if (spec.eval) {
-    QCAL_ASSIGN_OR_RETURN(u64 eval_bytes, check_data_file("eval.path", spec.eval->path));
-    eval_seqs = sequences_bound(*spec.eval, eval_bytes);
-    eval_T = u(spec.eval->seqlen);
-  }
-  QCAL_RETURN_IF_ERROR(check_output(spec.output, spec.model));
+  QCAL_ASSIGN_OR_RETURN(const DataBounds data, check_data_and_output(spec));
 
   // ---- The DAG.
   const int64_t L = c.num_hidden_layers;
@@ -488,7 +499,7 @@ Result<Plan> plan_job(const JobSpec& spec, const PlannerLimits& limits) {
 
   // ---- Memory.
   const BlockShapes b = block_shapes(c, r.group_size);
-  const u64 N = sequences_bound(spec.calib, calib_bytes);
+  const u64 N = data.calib_seqs;
   const u64 T = u(spec.calib.seqlen);
   const u64 batch = std::max<u64>(1, u(limits.batch));
   const u64 x_bytes = N * T * b.H * 4;  // one (N·T, H) fp32 activation tensor
@@ -528,38 +539,18 @@ Result<Plan> plan_job(const JobSpec& spec, const PlannerLimits& limits) {
   {
     MemoryEstimate& m = est[2 + windows];
     m.parts.push_back({"weights", 2 * std::max(b.params, b.V * b.H) * 4});
-    if (spec.eval) {
-      const u64 eb = std::min(batch, eval_seqs);
-      m.parts.push_back({"activations", 2 * eb * eval_T * (b.H + b.V) * 4});
-      m.parts.push_back({"batch", batch_arena(b, eb, eval_T)});
-    }
+    if (spec.eval) add_eval_parts(&m, b, std::min(batch, data.eval_seqs), data.eval_T);
   }
 
-  size_t peak = 0;
-  for (size_t i = 0; i < plan.tasks.size(); ++i) {
-    plan.tasks[i].mem_bytes = est[i].total();
-    if (est[i].total() > est[peak].total()) peak = i;
-  }
-  if (est[peak].total() > limits.worker_memory_bytes) {
-    const TaskDef& t = plan.tasks[peak];
-    return resource_exhausted(t.id + " needs " + format_bytes(est[peak].total()) + " (" +
-                              est[peak].describe() + ") but workers have " +
-                              format_bytes(limits.worker_memory_bytes) + "; " +
-                              fit_hint(t, est[peak], spec));
-  }
-
-  nlohmann::json estimates = nlohmann::json::object();
-  for (size_t i = 0; i < plan.tasks.size(); ++i) estimates[plan.tasks[i].id] = est[i].to_json();
+  QCAL_ASSIGN_OR_RETURN(const nlohmann::json memory, set_task_memory(&plan, est, limits, spec));
   plan.summary = {{"method", r.method},
                   {"mode", r.mode},
                   {"layers", L},
                   {"window", k},
                   {"format", checkpoint_format_name(format)},
                   {"calib_sequences", N},
-                  {"tasks", plan.tasks.size()},
-                  {"peak", {{"task", plan.tasks[peak].id}, {"bytes", est[peak].total()}}},
-                  {"worker_memory_bytes", limits.worker_memory_bytes},
-                  {"estimates", estimates}};
+                  {"tasks", plan.tasks.size()}};
+  plan.summary.update(memory);
   return plan;
 }
 
