@@ -7,6 +7,8 @@
 #include <utility>
 #include <vector>
 
+#include "common/json_util.h"
+
 namespace qcal {
 
 const char* priority_name(Priority p) {
@@ -42,36 +44,9 @@ std::string shown(const json& v) {
 
 // One JSON object being read: every read key is remembered so that the rest
 // can be reported as unknown. Errors name the full key path.
-class Reader {
+class Reader : public JsonFields {
  public:
-  Reader(const json& j, std::string path) : j_(j), path_(std::move(path)) {}
-
-  std::string key_path(const std::string& key) const {
-    return path_.empty() ? key : path_ + "." + key;
-  }
-
-  // Unknown keys first: a typo must be reported as a typo, not as the
-  // missing value the typo hid.
-  Status check_keys(const std::vector<std::string>& known) const {
-    for (auto it = j_.begin(); it != j_.end(); ++it) {
-      bool ok = false;
-      for (const auto& k : known) ok = ok || k == it.key();
-      if (!ok) {
-        std::string list;
-        for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
-        return invalid_input(key_path(it.key()) + ": unknown key (known: " + list + ")");
-      }
-    }
-    return Status::ok();
-  }
-
-  // nullptr when absent (or null, where `null_is_absent`).
-  const json* find(const std::string& key, bool null_is_absent = false) const {
-    auto it = j_.find(key);
-    if (it == j_.end()) return nullptr;
-    if (null_is_absent && it->is_null()) return nullptr;
-    return &*it;
-  }
+  using JsonFields::JsonFields;
 
   Status str(const std::string& key, std::string* out, bool required) const {
     const json* v = find(key);
@@ -125,13 +100,6 @@ class Reader {
     *out = v->get<double>();
     return Status::ok();
   }
-
-  const json& j() const { return j_; }
-  const std::string& path() const { return path_; }
-
- private:
-  const json& j_;
-  std::string path_;
 };
 
 Status require_object(const json& j, const std::string& path) {

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/json_util.h"
 #include "kernels/hadamard.h"
 #include "worker/calib/param.h"
 
@@ -186,32 +187,14 @@ Status validate_fields(const CalibRecipe& r) {
 }
 
 // ---- JSON reading: every key is checked for its type; unknown keys are errors.
-class Reader {
+class Reader : public JsonFields {
  public:
-  Reader(const json& j, std::string path) : j_(j), path_(std::move(path)) {}
-  std::string key(const std::string& k) const { return path_.empty() ? k : path_ + "." + k; }
-
-  Status check_keys(const std::vector<std::string>& known) const {
-    for (auto it = j_.begin(); it != j_.end(); ++it) {
-      bool ok = false;
-      for (const auto& k : known) ok = ok || k == it.key();
-      if (!ok) {
-        std::string list;
-        for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
-        return invalid_input(key(it.key()) + ": unknown key (known: " + list + ")");
-      }
-    }
-    return Status::ok();
-  }
-  const json* find(const std::string& k) const {
-    auto it = j_.find(k);
-    return it == j_.end() ? nullptr : &*it;
-  }
+  using JsonFields::JsonFields;
   Status get(const std::string& k, bool* out) const {
     const json* v = find(k);
     if (!v) return Status::ok();
     if (!v->is_boolean())
-      return invalid_input(key(k) + ": must be a boolean (got " + v->dump() + ")");
+      return invalid_input(key_path(k) + ": must be a boolean (got " + v->dump() + ")");
     *out = v->get<bool>();
     return Status::ok();
   }
@@ -224,19 +207,19 @@ class Reader {
       double d = v->get<double>();
       ok = std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9e15;
     }
-    if (!ok) return invalid_input(key(k) + ": must be an integer (got " + v->dump() + ")");
+    if (!ok) return invalid_input(key_path(k) + ": must be an integer (got " + v->dump() + ")");
     if constexpr (std::is_unsigned_v<I>) {
       if (v->is_number_unsigned()) {
         *out = static_cast<I>(v->get<uint64_t>());
         return Status::ok();
       }
       if (v->get<double>() < 0)
-        return invalid_input(key(k) + ": must be >= 0 (got " + v->dump() + ")");
+        return invalid_input(key_path(k) + ": must be >= 0 (got " + v->dump() + ")");
     }
     double d = v->get<double>();
     if (d < static_cast<double>(std::numeric_limits<I>::min()) ||
         d > static_cast<double>(std::numeric_limits<I>::max())) {
-      return invalid_input(key(k) + ": out of range (got " + v->dump() + ")");
+      return invalid_input(key_path(k) + ": out of range (got " + v->dump() + ")");
     }
     *out = v->is_number_integer() ? v->get<I>() : static_cast<I>(d);
     return Status::ok();
@@ -245,7 +228,7 @@ class Reader {
     const json* v = find(k);
     if (!v) return Status::ok();
     if (!v->is_number())
-      return invalid_input(key(k) + ": must be a number (got " + v->dump() + ")");
+      return invalid_input(key_path(k) + ": must be a number (got " + v->dump() + ")");
     *out = v->get<double>();
     return Status::ok();
   }
@@ -254,11 +237,11 @@ class Reader {
     const json* v = find(k);
     if (!v) return Status::ok();
     if (!v->is_array())
-      return invalid_input(key(k) + ": must be an array of token ids (got " + v->dump() + ")");
+      return invalid_input(key_path(k) + ": must be an array of token ids (got " + v->dump() + ")");
     std::vector<int32_t> ids;
     for (size_t i = 0; i < v->size(); ++i) {
       const json& e = (*v)[i];
-      const std::string at = key(k) + "[" + std::to_string(i) + "]";
+      const std::string at = key_path(k) + "[" + std::to_string(i) + "]";
       if (!e.is_number_integer())
         return invalid_input(at + ": must be an integer (got " + e.dump() + ")");
       constexpr int64_t lo = std::numeric_limits<int32_t>::min(),
@@ -275,14 +258,10 @@ class Reader {
     const json* v = find(k);
     if (!v) return Status::ok();
     if (!v->is_string())
-      return invalid_input(key(k) + ": must be a string (got " + v->dump() + ")");
+      return invalid_input(key_path(k) + ": must be a string (got " + v->dump() + ")");
     *out = v->get<std::string>();
     return Status::ok();
   }
-
- private:
-  const json& j_;
-  std::string path_;
 };
 
 }  // namespace
