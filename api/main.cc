@@ -9,7 +9,9 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <string>
 
@@ -242,36 +244,10 @@ int cmd_quantize(int argc, char** argv) {
   return 0;
 }
 
-// `qcal eval` on a native qcal checkpoint: quantized inference with the integer kernels.
-int cmd_eval_native(const Flags& f, const std::string& model_path, int64_t seqlen, int64_t nsamples,
-                    int64_t batch) {
-  const std::string cmd = "eval";
-  CLI_ASSIGN(cmd, calib::NativeModel nm, calib::read_native(model_path));
-  const ModelConfig& c = nm.config;
-  std::unique_ptr<LlamaModel> fp;
-  if (f.has("fp-model")) {
-    CLI_ASSIGN(cmd, fp, LlamaModel::open(f.str("fp-model")));
-    const ModelConfig& b = fp->config();
-    if (c.vocab_size != b.vocab_size || c.hidden_size != b.hidden_size ||
-        c.num_hidden_layers != b.num_hidden_layers)
-      return cli_fail(cmd, invalid_input("--fp-model " + f.str("fp-model") +
-                                         " has a different architecture than --model"));
-  }
-  CLI_ASSIGN(cmd, TokenSequences data,
-             load_token_sequences(f.str("data"), seqlen, c.vocab_size, nsamples));
-  // With IntactKV every sequence must begin with the prefix (methods.md §6.2).
-  CLI_ASSIGN(cmd, EvalResult r, calib::evaluate_native(nm, data, fp.get(), batch));
-  if (f.flag("json")) {
-    std::cout << r.to_json().dump() << std::endl;
-    return 0;
-  }
-  std::printf("ppl %.4f  nll %.5f  tokens %lld", r.ppl, r.nll, static_cast<long long>(r.tokens));
-  if (r.kl) std::printf("  kl %.5f  top1_agree %.4f  fp_ppl %.4f", *r.kl, *r.top1_agree, *r.fp_ppl);
-  std::printf("\n");
-  return 0;
-}
-
 // ---------------------------------------------------------------- eval
+// On an FP / GPTQ / compressed-tensors checkpoint (worker/engine evaluate), or on a
+// native qcal checkpoint: quantized inference with the integer kernels, and with
+// IntactKV every sequence must begin with the prefix (methods.md §6.2).
 int cmd_eval(int argc, char** argv) {
   const std::string cmd = "eval";
   Flags f({"model", "data", "seqlen", "fp-model", "nsamples", "batch"}, {"json", "quiet"});
@@ -284,21 +260,28 @@ int cmd_eval(int argc, char** argv) {
   CLI_ASSIGN(cmd, int64_t batch, f.integer("batch", 8));
   if (seqlen < 2 || batch <= 0)
     return cli_fail(cmd, invalid_input("--seqlen must be ≥ 2 and --batch > 0"));
-  if (calib::is_native_dir(model_path))
-    return cmd_eval_native(f, model_path, seqlen, nsamples, batch);
-  CLI_ASSIGN(cmd, auto model, LlamaModel::open(model_path));
+  std::optional<calib::NativeModel> native;
+  std::unique_ptr<LlamaModel> model;
+  if (calib::is_native_dir(model_path)) {
+    CLI_ASSIGN(cmd, native, calib::read_native(model_path));
+  } else {
+    CLI_ASSIGN(cmd, model, LlamaModel::open(model_path));
+  }
+  const ModelConfig& c = native ? native->config : model->config();
   std::unique_ptr<LlamaModel> fp;
   if (f.has("fp-model")) {
     CLI_ASSIGN(cmd, fp, LlamaModel::open(f.str("fp-model")));
-    const ModelConfig &a = model->config(), &b = fp->config();
-    if (a.vocab_size != b.vocab_size || a.hidden_size != b.hidden_size ||
-        a.num_hidden_layers != b.num_hidden_layers)
+    const ModelConfig& b = fp->config();
+    if (c.vocab_size != b.vocab_size || c.hidden_size != b.hidden_size ||
+        c.num_hidden_layers != b.num_hidden_layers)
       return cli_fail(cmd, invalid_input("--fp-model " + f.str("fp-model") +
                                          " has a different architecture than --model"));
   }
   CLI_ASSIGN(cmd, TokenSequences data,
-             load_token_sequences(data_path, seqlen, model->config().vocab_size, nsamples));
-  CLI_ASSIGN(cmd, EvalResult r, evaluate(*model, data, fp.get(), batch));
+             load_token_sequences(data_path, seqlen, c.vocab_size, nsamples));
+  CLI_ASSIGN(cmd, EvalResult r,
+             native ? calib::evaluate_native(*native, data, fp.get(), batch)
+                    : evaluate(*model, data, fp.get(), batch));
   if (f.flag("json")) {
     std::cout << r.to_json().dump() << std::endl;
     return 0;

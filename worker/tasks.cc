@@ -1,7 +1,6 @@
 #include "worker/tasks.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <optional>
@@ -9,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/clock.h"
 #include "common/data.h"
 #include "common/fsutil.h"
 #include "common/log.h"
@@ -37,11 +37,6 @@ constexpr int kAgreeCancel = 2;
 
 // Sequences per evaluation batch (evaluate's default).
 constexpr int64_t kEvalBatch = 8;
-
-double now_s() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
 
 void say(const TaskContext& ctx, const std::string& line) {
   if (ctx.log) {
@@ -111,6 +106,21 @@ Status fp_forward(const LlamaModel& m, int64_t l, Tensor& x, int64_t T, int64_t 
   return Status::ok();
 }
 
+// The job's calibration sequences (ctx.spec.calib); says so when there are fewer
+// than asked for.
+Result<TokenSequences> load_calib(const TaskContext& ctx, int64_t vocab) {
+  const DataSpec& d = ctx.spec.calib;
+  QCAL_ASSIGN_OR_RETURN(TokenSequences calib,
+                        load_token_sequences(d.path, d.seqlen, vocab, d.nsamples));
+  if (calib.count() == 0)
+    return invalid_input(d.path + ": calibration data holds no complete sequence");
+  if (d.nsamples > 0 && calib.count() < d.nsamples)
+    say(ctx, d.path + " holds " + std::to_string(calib.count()) + " sequences of " +
+                 std::to_string(d.seqlen) + " tokens; using them all (asked for " +
+                 std::to_string(d.nsamples) + ")");
+  return calib;
+}
+
 // ---------------------------------------------------------------- capture
 
 Result<nlohmann::json> run_capture(const TaskContext& ctx) {
@@ -119,15 +129,7 @@ Result<nlohmann::json> run_capture(const TaskContext& ctx) {
   QCAL_ASSIGN_OR_RETURN(auto model, LlamaModel::open(ctx.spec.model));
   QCAL_RETURN_IF_ERROR(check_quantize_inputs(*model, opts));
   const ModelConfig& c = model->config();
-  const DataSpec& d = ctx.spec.calib;
-  QCAL_ASSIGN_OR_RETURN(TokenSequences calib,
-                        load_token_sequences(d.path, d.seqlen, c.vocab_size, d.nsamples));
-  if (calib.count() == 0)
-    return invalid_input(d.path + ": calibration data holds no complete sequence");
-  if (d.nsamples > 0 && calib.count() < d.nsamples)
-    say(ctx, d.path + " holds " + std::to_string(calib.count()) + " sequences of " +
-                 std::to_string(d.seqlen) + " tokens; using them all (asked for " +
-                 std::to_string(d.nsamples) + ")");
+  QCAL_ASSIGN_OR_RETURN(TokenSequences calib, load_calib(ctx, c.vocab_size));
   const int64_t N = calib.count(), T = calib.seqlen;
   QCAL_ASSIGN_OR_RETURN(Tensor x, model->embed(calib, 0, N));  // (N*T, H)
 
@@ -184,7 +186,7 @@ Result<nlohmann::json> run_calibrate(const TaskContext& ctx) {
     own = RankGroup::single();
     g = own.get();
   }
-  const double t0 = now_s();
+  const double t0 = steady_seconds();
 
   // Every rank checks the same inputs; the root alone reads the store, then
   // tells the others what it found so all leave together on an error.
@@ -314,7 +316,8 @@ Result<nlohmann::json> run_calibrate(const TaskContext& ctx) {
     arts["x"] = xr.to_json();
   }
   say(ctx, "calibrated layers [" + std::to_string(begin) + ", " + std::to_string(end) + ") on " +
-               std::to_string(g->size()) + " rank(s) in " + std::to_string(now_s() - t0) + " s");
+               std::to_string(g->size()) + " rank(s) in " + std::to_string(steady_seconds() - t0) +
+               " s");
   return nlohmann::json{
       {"artifacts", arts}, {"layers", layers}, {"layer_begin", begin}, {"layer_end", end}};
 }
@@ -540,19 +543,6 @@ Result<TreeInput> find_tree(const TaskContext& ctx, const std::string& name) {
 Status verify_tree(const TaskContext& ctx, const TreeInput& t) {
   for (const TaskInput& f : t.files) QCAL_RETURN_IF_ERROR(ctx.store->verify(f.ref));
   return Status::ok();
-}
-
-Result<TokenSequences> load_calib(const TaskContext& ctx, int64_t vocab) {
-  const DataSpec& d = ctx.spec.calib;
-  QCAL_ASSIGN_OR_RETURN(TokenSequences calib,
-                        load_token_sequences(d.path, d.seqlen, vocab, d.nsamples));
-  if (calib.count() == 0)
-    return invalid_input(d.path + ": calibration data holds no complete sequence");
-  if (d.nsamples > 0 && calib.count() < d.nsamples)
-    say(ctx, d.path + " holds " + std::to_string(calib.count()) + " sequences of " +
-                 std::to_string(d.seqlen) + " tokens; using them all (asked for " +
-                 std::to_string(d.nsamples) + ")");
-  return calib;
 }
 
 calib::CalibProgress progress_to(const TaskContext& ctx) {

@@ -6,13 +6,13 @@
 #include "worker/calib/cbq.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <memory>
 #include <numeric>
 #include <string>
 #include <utility>
 
+#include "common/clock.h"
 #include "common/dtype.h"
 #include "common/model_dir.h"
 #include "common/rng.h"
@@ -20,11 +20,6 @@
 
 namespace qcal::calib {
 namespace {
-
-double now_s() {
-  using C = std::chrono::steady_clock;
-  return std::chrono::duration<double>(C::now().time_since_epoch()).count();
-}
 
 double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
 
@@ -551,20 +546,6 @@ bool finite_all_t(const std::vector<T>& v) {
   return true;
 }
 
-BlockClipT<float> clip_to_float(const BlockClipT<double>& d) {
-  BlockClipT<float> f;
-  auto cv = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
-  for (int p = 0; p < kNumProj; ++p) {
-    f.act_max[p] = cv(d.act_max[p]);
-    f.act_min[p] = cv(d.act_min[p]);
-  }
-  f.k_max = cv(d.k_max);
-  f.k_min = cv(d.k_min);
-  f.v_max = cv(d.v_max);
-  f.v_min = cv(d.v_min);
-  return f;
-}
-
 // y = chain of `blocks` applied to x (N·T, H), in batches of `batch` sequences.
 void run_chain(const std::vector<const QBlock<float>*>& blocks, const float* x, float* y, int64_t N,
                int64_t T, int64_t H, int64_t batch) {
@@ -641,7 +622,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
                       int64_t N, int64_t T, const std::vector<BlockWeightsT<float>*>& layers,
                       CbqState* state, std::vector<CbqLayerResult>* finalized,
                       CbqWindowReport* report) {
-  const double t0 = now_s();
+  const double t0 = steady_seconds();
   QCAL_RETURN_IF_ERROR(o.validate(c));
   if (!state) return invalid_input("cbq: no state");
   const int64_t wi = state->next_window;
@@ -836,7 +817,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   };
   std::vector<BlockClipT<float>> clipf(static_cast<size_t>(k));
   auto sync_clip = [&]() {
-    for (int64_t j = 0; j < k; ++j) clipf[j] = clip_to_float(bw[j].prm.clip);
+    for (int64_t j = 0; j < k; ++j) clipf[j] = cast_clip<float>(bw[j].prm.clip);
   };
   auto make_blocks = [&](std::vector<std::unique_ptr<QBlock<float>>>* qbs) {
     qbs->clear();
@@ -1093,7 +1074,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
     if (finalized) finalized->push_back(std::move(bw[j].info));
   }
   *state = std::move(next);
-  rep.seconds = now_s() - t0;
+  rep.seconds = steady_seconds() - t0;
   if (report) *report = rep;
   return Status::ok();
 }
@@ -1103,7 +1084,7 @@ Result<CbqResult> cbq_calibrate(const ModelConfig& c, std::vector<BlockWeightsT<
                                 const CbqOptions& o,
                                 const std::function<void(const CbqWindowReport&)>& on_window,
                                 const CbqState* resume) {
-  const double t0 = now_s();
+  const double t0 = steady_seconds();
   QCAL_RETURN_IF_ERROR(o.validate(c));
   const int64_t L = c.num_hidden_layers;
   if (static_cast<int64_t>(layers.size()) != L)
@@ -1121,7 +1102,7 @@ Result<CbqResult> cbq_calibrate(const ModelConfig& c, std::vector<BlockWeightsT<
     if (on_window) on_window(rep);
     res.windows.push_back(rep);
   }
-  res.seconds = now_s() - t0;
+  res.seconds = steady_seconds() - t0;
   return res;
 }
 

@@ -199,51 +199,53 @@ Status write_fp_model(const FpModel& m, const std::string& dir, bool overwrite) 
 
 // ---------------------------------------------------------------- forward
 
-std::vector<float> fp_model_logits(const FpModel& m, const int32_t* tokens, int64_t B, int64_t T,
-                                   const std::vector<LayerPlan>* plans) {
+// The whole forward of B sequences of T tokens: x the last block's output (N, H), y
+// its normalized form, inv_rms the final norm's 1/rms per row, logits (N, V). With
+// `tapes`, one per block (what a backward needs).
+struct ModelForward {
+  std::vector<float> x, y, inv_rms, logits;
+};
+ModelForward model_forward(const FpModel& m, const int32_t* tokens, int64_t B, int64_t T,
+                           const std::vector<LayerPlan>* plans,
+                           std::vector<std::unique_ptr<BlockTape<float>>>* tapes) {
   check_model(m, plans);
   const ModelConfig& c = m.config;
   const int64_t H = c.hidden_size, V = c.vocab_size, N = B * T;
-  std::vector<float> x(static_cast<size_t>(N * H)), y(x.size());  // (N, H)
-  embed_rows(m, tokens, N, x.data());
+  ModelForward f;
+  f.x.resize(static_cast<size_t>(N * H));
+  f.y.resize(f.x.size());
+  embed_rows(m, tokens, N, f.x.data());
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     PlannedBlock pb(m, l, plans);
-    pb.block.forward(x.data(), y.data(), B, T);
-    std::swap(x, y);
+    if (tapes) tapes->push_back(make_tape<float>());
+    pb.block.forward(f.x.data(), f.y.data(), B, T, tapes ? tapes->back().get() : nullptr);
+    std::swap(f.x, f.y);
   }
-  std::vector<float> inv_rms(static_cast<size_t>(N));
-  rmsnorm_fwd<float>(y.data(), x.data(), m.final_norm.data(), N, H,
-                     static_cast<float>(c.rms_norm_eps), inv_rms.data());
-  std::vector<float> logits(static_cast<size_t>(N * V));  // (N, V)
-  gemm_t(false, true, N, V, H, 1.0f, y.data(), H, m.lm_head.data(), H, 0.0f, logits.data(), V);
-  return logits;
+  f.inv_rms.resize(static_cast<size_t>(N));
+  rmsnorm_fwd<float>(f.y.data(), f.x.data(), m.final_norm.data(), N, H,
+                     static_cast<float>(c.rms_norm_eps), f.inv_rms.data());
+  f.logits.resize(static_cast<size_t>(N * V));
+  gemm_t(false, true, N, V, H, 1.0f, f.y.data(), H, m.lm_head.data(), H, 0.0f, f.logits.data(), V);
+  return f;
+}
+
+std::vector<float> fp_model_logits(const FpModel& m, const int32_t* tokens, int64_t B, int64_t T,
+                                   const std::vector<LayerPlan>* plans) {
+  return model_forward(m, tokens, B, T, plans, nullptr).logits;
 }
 
 // ---------------------------------------------------------------- loss and backward
 
 double fp_model_loss(const FpModel& m, const int32_t* tokens, int64_t B, int64_t T,
                      FpModelGrads* grads, const std::vector<LayerPlan>* plans) {
-  check_model(m, plans);
   const ModelConfig& c = m.config;
   const int64_t H = c.hidden_size, V = c.vocab_size, N = B * T, L = c.num_hidden_layers;
   QCAL_CHECK(B > 0 && T > 1);
 
   // Forward, with a tape per block when a backward follows.
-  std::vector<float> x(static_cast<size_t>(N * H)), y(x.size());  // (N, H)
-  embed_rows(m, tokens, N, x.data());
   std::vector<std::unique_ptr<BlockTape<float>>> tapes;
-  for (int64_t l = 0; l < L; ++l) {
-    PlannedBlock pb(m, l, plans);
-    if (grads) tapes.push_back(make_tape<float>());
-    pb.block.forward(x.data(), y.data(), B, T, grads ? tapes.back().get() : nullptr);
-    std::swap(x, y);
-  }
-  // x: the last block's output (N, H); y: its normalized form.
-  std::vector<float> inv_rms(static_cast<size_t>(N));
-  rmsnorm_fwd<float>(y.data(), x.data(), m.final_norm.data(), N, H,
-                     static_cast<float>(c.rms_norm_eps), inv_rms.data());
-  std::vector<float> logits(static_cast<size_t>(N * V));  // (N, V)
-  gemm_t(false, true, N, V, H, 1.0f, y.data(), H, m.lm_head.data(), H, 0.0f, logits.data(), V);
+  const ModelForward f = model_forward(m, tokens, B, T, plans, grads ? &tapes : nullptr);
+  const std::vector<float>&x = f.x, &y = f.y, &inv_rms = f.inv_rms, &logits = f.logits;
   // Row s·T + t predicts token t + 1 of sequence s; the last row of each is not scored.
   std::vector<int32_t> targets(static_cast<size_t>(N));
   for (int64_t s = 0; s < B; ++s)

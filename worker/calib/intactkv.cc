@@ -7,7 +7,6 @@
 #include "worker/calib/intactkv.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <iterator>
@@ -16,6 +15,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "common/model_dir.h"
 #include "common/rng.h"
@@ -42,6 +42,22 @@ std::string prefix_str(const std::vector<int32_t>& p) {
 }
 
 // The shape fields both models of attach_intactkv must share.
+// Every sequence of `data` begins with `prefix` and has tokens after it.
+Status check_prefix(const std::vector<int32_t>& prefix, const TokenSequences& data) {
+  const int64_t P = static_cast<int64_t>(prefix.size()), T = data.seqlen;
+  if (P >= T)
+    return invalid_input("IntactKV prefix of " + std::to_string(P) +
+                         " tokens leaves nothing of sequences of " + std::to_string(T));
+  for (int64_t s = 0; s < data.count(); ++s) {
+    const int32_t* seq = data.seq(s);
+    if (!std::equal(seq, seq + P, prefix.begin()))
+      return invalid_input("IntactKV needs every sequence to begin with the prefix " +
+                           prefix_str(prefix) + "; sequence " + std::to_string(s) +
+                           " begins with " + ids_str(seq, P));
+  }
+  return Status::ok();
+}
+
 Status check_same_shape(const ModelConfig& a, const ModelConfig& b) {
   auto field = [](const char* name, double x, double y) -> Status {
     if (x == y) return Status::ok();
@@ -130,11 +146,6 @@ double sink_mass(const ModelConfig& c, const LayerWeights& w, const float* xn, i
 }
 
 // ---- "+Cal" (§6.4): the QBlock chains of the quantized and the FP model.
-
-double now_seconds() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
 
 FakeQuantSpec fake_quant_spec(const NativeActQuant& a) {
   FakeQuantSpec s;
@@ -288,12 +299,10 @@ double seq_objective(Chain<T>& qc, const int32_t* rest, int64_t Tn, int64_t H,
 }
 
 Status check_cal_data(const NativeModel& q, const TokenSequences& data) {
-  const int64_t P = static_cast<int64_t>(q.intact_prefix.size()), T = data.seqlen;
+  const int64_t T = data.seqlen;
   const int64_t S = data.count(), V = q.config.vocab_size;
   if (S < 1 || T < 1) return invalid_input("intactkv-cal: the data holds no sequence");
-  if (P >= T)
-    return invalid_input("IntactKV prefix of " + std::to_string(P) +
-                         " tokens leaves nothing of sequences of " + std::to_string(T));
+  QCAL_RETURN_IF_ERROR(check_prefix(q.intact_prefix, data));
   for (int64_t s = 0; s < S; ++s) {
     const int32_t* seq = data.seq(s);
     for (int64_t t = 0; t < T; ++t)
@@ -301,10 +310,6 @@ Status check_cal_data(const NativeModel& q, const TokenSequences& data) {
         return invalid_input("intactkv-cal: sequence " + std::to_string(s) + " token " +
                              std::to_string(t) + " = " + std::to_string(seq[t]) +
                              " is outside the vocabulary [0, " + std::to_string(V) + ")");
-    if (!std::equal(seq, seq + P, q.intact_prefix.begin()))
-      return invalid_input("IntactKV needs every sequence to begin with the prefix " +
-                           prefix_str(q.intact_prefix) + "; sequence " + std::to_string(s) +
-                           " begins with " + ids_str(seq, P));
   }
   return Status::ok();
 }
@@ -366,23 +371,12 @@ Status attach_intactkv(NativeModel& quantized, const NativeModel& fp_transformed
 Result<EvalResult> evaluate_native(const NativeModel& m, const TokenSequences& data,
                                    const LlamaModel* fp, int64_t batch) {
   const ModelConfig& c = m.config;
-  const int64_t V = c.vocab_size, T = data.seqlen, S = data.count();
+  const int64_t V = c.vocab_size, T = data.seqlen;
   const int64_t P = static_cast<int64_t>(m.intact_prefix.size());
   if (fp && fp->config().vocab_size != V)
     return invalid_input("FP model vocab " + std::to_string(fp->config().vocab_size) +
                          " differs from the model's " + std::to_string(V));
-  if (P > 0) {
-    if (P >= T)
-      return invalid_input("IntactKV prefix of " + std::to_string(P) +
-                           " tokens leaves nothing of sequences of " + std::to_string(T));
-    for (int64_t s = 0; s < S; ++s) {
-      const int32_t* seq = data.seq(s);
-      if (!std::equal(seq, seq + P, m.intact_prefix.begin()))
-        return invalid_input("IntactKV needs every sequence to begin with the prefix " +
-                             prefix_str(m.intact_prefix) + "; sequence " + std::to_string(s) +
-                             " begins with " + ids_str(seq, P));
-    }
-  }
+  if (P > 0) QCAL_RETURN_IF_ERROR(check_prefix(m.intact_prefix, data));
   BatchLogits model_fn = [&](int64_t s0, int64_t nb) -> Result<Tensor> {
     Tensor t({nb * T, V});
     if (P == 0) {
@@ -511,7 +505,7 @@ Result<IntactKvCalReport> calibrate_intactkv(
     NativeModel& quantized, const NativeModel& fp_transformed, const TokenSequences& data,
     const IntactKvCalOptions& o,
     const std::function<void(int64_t step, int64_t steps, double loss)>& progress) {
-  const double t0 = now_seconds();
+  const double t0 = steady_seconds();
   const ModelConfig& c = quantized.config;
   const int64_t P = static_cast<int64_t>(quantized.intact_prefix.size());
   const int64_t L = c.num_hidden_layers, H = c.hidden_size, K = c.kv_dim();
@@ -538,7 +532,7 @@ Result<IntactKvCalReport> calibrate_intactkv(
   QCAL_RETURN_IF_ERROR(check_cal_data(quantized, data));
   IntactKvCalReport rep;
   if (o.steps == 0) {
-    rep.seconds = now_seconds() - t0;
+    rep.seconds = steady_seconds() - t0;
     return rep;
   }
   const int64_t T = data.seqlen, Tn = T - P, S = data.count();
@@ -650,7 +644,7 @@ Result<IntactKvCalReport> calibrate_intactkv(
     quantized.intact_k[l] = std::move(cache[2 * l]);
     quantized.intact_v[l] = std::move(cache[2 * l + 1]);
   }
-  rep.seconds = now_seconds() - t0;
+  rep.seconds = steady_seconds() - t0;
   LOG_INFO << "intactkv-cal: " << rep.steps << " steps, loss " << rep.loss_first << " -> "
            << rep.loss_last << " (" << rep.seconds << " s)";
   return rep;

@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <array>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -31,6 +30,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/clock.h"
 #include "common/dtype.h"
 #include "common/fsutil.h"
 #include "common/log.h"
@@ -53,31 +53,8 @@ namespace {
 
 using Vec = std::vector<double>;
 
-double now_s() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
-
 Vec to_d(const std::vector<float>& v) { return Vec(v.begin(), v.end()); }
 std::vector<float> to_f(const Vec& v) { return std::vector<float>(v.begin(), v.end()); }
-
-int64_t proj_out(const ModelConfig& c, int p) {
-  switch (p) {
-    case kQ: return c.q_dim();
-    case kK:
-    case kV: return c.kv_dim();
-    case kO:
-    case kDown: return c.hidden_size;
-    default: return c.intermediate_size;
-  }
-}
-int64_t proj_in(const ModelConfig& c, int p) {
-  switch (p) {
-    case kO: return c.q_dim();
-    case kDown: return c.intermediate_size;
-    default: return c.hidden_size;
-  }
-}
 
 // kProjNames entry ("self_attn.q_proj") or its last component ("q_proj") → Proj; -1 if none.
 int proj_index(const std::string& name) {
@@ -519,21 +496,6 @@ void materialize(const FlatParams& fp, BlockTransformsT<T>* t) {
   for (int i = 0; i < 3; ++i) slot_diag(*t, i).assign(fp.diag[i].begin(), fp.diag[i].end());
 }
 
-BlockClipT<float> clip_to_float(const BlockClipT<double>& c) {
-  BlockClipT<float> f;
-  for (int p = 0; p < kNumProj; ++p) {
-    f.act_max[p] = to_f(c.act_max[p]);
-    f.act_min[p] = to_f(c.act_min[p]);
-    f.w_max[p] = to_f(c.w_max[p]);
-    f.w_min[p] = to_f(c.w_min[p]);
-  }
-  f.k_max = to_f(c.k_max);
-  f.k_min = to_f(c.k_min);
-  f.v_max = to_f(c.v_max);
-  f.v_min = to_f(c.v_min);
-  return f;
-}
-
 // sq-style diagonal (§5.1): c_j = max(w_j^(1−α) / a_j^α, 1e-5), w_j = max |W_ij| over the
 // rows of every linear in `projs`.
 Vec diag_init(const BlockWeightsT<float>& w, std::initializer_list<int> projs, int64_t n,
@@ -631,7 +593,7 @@ Result<Deployed> flatquant_layer(const ModelConfig& c, const CalibRecipe& r, int
     const int64_t j = step % nb, b0 = j * bsz, B = std::min(bsz, N - b0);
     BlockTransformsT<float> tf;
     materialize(fp, &tf);
-    const BlockClipT<float> cf = clip_to_float(fp.clip);
+    const BlockClipT<float> cf = cast_clip<float>(fp.clip);
     QBlock<float> qb(c, &w, &tf, &spec, &cf);
     auto tape = make_tape<float>();
     const int64_t n = B * T * H;
@@ -913,7 +875,7 @@ Result<CbqSetup> cbq_prepare_impl(const FpModel& fp, const TokenSequences& calib
   s.online.resize(static_cast<size_t>(L));
   for (int64_t l = 0; l < L; ++l) {
     if (progress && ts.flat()) progress("flatquant", l, L);
-    const double tl = now_s();
+    const double tl = steady_seconds();
     CalibLayerReport lr;
     lr.layer = l;
     QCAL_ASSIGN_OR_RETURN(Deployed dl, ts.layer(l, &lr));
@@ -924,7 +886,7 @@ Result<CbqSetup> cbq_prepare_impl(const FpModel& fp, const TokenSequences& calib
     nl.v = native_act(dl.q.v);
     ts.model().layers[static_cast<size_t>(l)] = std::move(dl.w);
     if (ts.flat()) {
-      lr.seconds = now_s() - tl;
+      lr.seconds = steady_seconds() - tl;
       LOG_INFO << "flatquant: layer " << l << " loss " << lr.loss_first << " -> " << lr.loss_last
                << " (" << lr.seconds << " s)";
       rep->layers.push_back(lr);
@@ -1809,7 +1771,7 @@ Result<CbqState> load_cbq_state(const std::string& path, std::vector<CbqLayerRes
 
 Result<NativeModel> calibrate(const FpModel& fp, const TokenSequences& calib, const CalibRecipe& r,
                               CalibReport* report, const CalibProgress& progress) {
-  const double t0 = now_s();
+  const double t0 = steady_seconds();
   const ModelConfig& c = fp.config;
   QCAL_RETURN_IF_ERROR(check_recipe(r, c, calib));
   CalibReport local;
@@ -1828,7 +1790,7 @@ Result<NativeModel> calibrate(const FpModel& fp, const TokenSequences& calib, co
     state = CbqState();
     if (r.intactkv && progress) progress("intactkv", 0, 1);
     QCAL_ASSIGN_OR_RETURN(NativeModel nm, cbq_finish(setup, fin, r, &calib, rep, progress));
-    rep->seconds = now_s() - t0;
+    rep->seconds = steady_seconds() - t0;
     return nm;
   }
 
@@ -1853,7 +1815,7 @@ Result<NativeModel> calibrate(const FpModel& fp, const TokenSequences& calib, co
   if (gptq) xq = embed_tokens(m, calib);
   for (int64_t l = 0; l < L; ++l) {
     if (progress) progress(flat ? "flatquant" : "quantize", l, L);
-    const double tl = now_s();
+    const double tl = steady_seconds();
     CalibLayerReport lr;
     lr.layer = l;
     QCAL_ASSIGN_OR_RETURN(Deployed dl, ts.layer(l, &lr));
@@ -1866,7 +1828,7 @@ Result<NativeModel> calibrate(const FpModel& fp, const TokenSequences& calib, co
       nm.layers.push_back(native_layer(dl, nullptr, r));
     }
     if (gptq && l + 1 < L) advance(c, dl, xq, N, T, r.batch);
-    lr.seconds = now_s() - tl;
+    lr.seconds = steady_seconds() - tl;
     if (flat) {
       LOG_INFO << "flatquant: layer " << l << " loss " << lr.loss_first << " -> " << lr.loss_last
                << " (" << lr.seconds << " s)";
@@ -1877,7 +1839,7 @@ Result<NativeModel> calibrate(const FpModel& fp, const TokenSequences& calib, co
     if (progress) progress("intactkv", 0, 1);
     QCAL_RETURN_IF_ERROR(intactkv_stage(nm, std::move(fp_layers), r, &calib, rep, progress));
   }
-  rep->seconds = now_s() - t0;
+  rep->seconds = steady_seconds() - t0;
   return nm;
 }
 
@@ -1885,7 +1847,7 @@ Result<CalibReport> calibrate_to_dir(const std::string& model_dir, const TokenSe
                                      const CalibRecipe& r, const std::string& out_dir,
                                      const std::string& format, bool overwrite,
                                      const CalibProgress& progress) {
-  const double t0 = now_s();
+  const double t0 = steady_seconds();
   QCAL_RETURN_IF_ERROR(r.validate());
   const bool native = format == "native" || format.empty();
   std::optional<CheckpointFormat> ckpt;
@@ -1906,7 +1868,7 @@ Result<CalibReport> calibrate_to_dir(const std::string& model_dir, const TokenSe
     QCAL_ASSIGN_OR_RETURN(FpModel fp, load_fp_model(model_dir));
     QCAL_ASSIGN_OR_RETURN(NativeModel nm, calibrate(fp, calib, r, &report, progress));
     QCAL_RETURN_IF_ERROR(write_native(nm, out_dir, overwrite));
-    report.seconds = now_s() - t0;
+    report.seconds = steady_seconds() - t0;
     return report;
   }
 
@@ -1956,7 +1918,7 @@ Result<CalibReport> calibrate_to_dir(const std::string& model_dir, const TokenSe
     }
     std::filesystem::remove_all(tmp, ec);
     QCAL_RETURN_IF_ERROR(st);
-    report.seconds = now_s() - t0;
+    report.seconds = steady_seconds() - t0;
     return report;
   }
 
@@ -2000,7 +1962,7 @@ Result<CalibReport> calibrate_to_dir(const std::string& model_dir, const TokenSe
     lr.seconds = l.seconds;
     report.layers.push_back(lr);
   }
-  report.seconds = now_s() - t0;
+  report.seconds = steady_seconds() - t0;
   return report;
 }
 

@@ -71,23 +71,6 @@ int64_t dim_of(const ModelConfig& c, OnlineDim d) {
   return 0;
 }
 
-// Input dimension of projection p.
-int64_t proj_in(const ModelConfig& c, int p) {
-  if (p == kO) return c.q_dim();
-  if (p == kDown) return c.intermediate_size;
-  return c.hidden_size;
-}
-int64_t proj_out(const ModelConfig& c, int p) {
-  switch (p) {
-    case kQ: return c.q_dim();
-    case kK:
-    case kV: return c.kv_dim();
-    case kO:
-    case kDown: return c.hidden_size;
-    default: return c.intermediate_size;
-  }
-}
-
 // Side of a square matrix stored as n² floats, or 0 if the size is not a square.
 int64_t square_side(size_t n) {
   int64_t s = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(n))));

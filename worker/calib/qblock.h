@@ -49,6 +49,22 @@ namespace qcal::calib {
 
 // The seven linears in kProjNames order.
 enum Proj { kQ = 0, kK, kV, kO, kGate, kUp, kDown, kNumProj };
+// Output / input features of linear p (HF [out, in]).
+inline int64_t proj_out(const ModelConfig& c, int p) {
+  switch (p) {
+    case kQ: return c.q_dim();
+    case kK:
+    case kV: return c.kv_dim();
+    case kO:
+    case kDown: return c.hidden_size;
+    default: return c.intermediate_size;
+  }
+}
+inline int64_t proj_in(const ModelConfig& c, int p) {
+  if (p == kO) return c.q_dim();
+  if (p == kDown) return c.intermediate_size;
+  return c.hidden_size;
+}
 
 template <typename T>
 struct BlockWeightsT {
@@ -91,6 +107,23 @@ struct BlockClipT {
 // Sizes every learned-clip vector for `q` and `c`, filled with `init` (FlatQuant: 4.0).
 template <typename T>
 BlockClipT<T> init_clip_params(const BlockQuantSpec& q, const ModelConfig& c, T init);
+// The same clip parameters in another precision (the fp64 masters → the float block).
+template <typename T, typename U>
+BlockClipT<T> cast_clip(const BlockClipT<U>& c) {
+  auto cv = [](const std::vector<U>& v) { return std::vector<T>(v.begin(), v.end()); };
+  BlockClipT<T> r;
+  for (int p = 0; p < kNumProj; ++p) {
+    r.act_max[p] = cv(c.act_max[p]);
+    r.act_min[p] = cv(c.act_min[p]);
+    r.w_max[p] = cv(c.w_max[p]);
+    r.w_min[p] = cv(c.w_min[p]);
+  }
+  r.k_max = cv(c.k_max);
+  r.k_min = cv(c.k_min);
+  r.v_max = cv(c.v_max);
+  r.v_min = cv(c.v_min);
+  return r;
+}
 
 template <typename T>
 struct BlockGradsT {

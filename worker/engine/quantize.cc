@@ -1,21 +1,16 @@
 #include "worker/engine/quantize.h"
 
-#include <chrono>
 #include <cmath>
 #include <map>
 #include <memory>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "worker/engine/model.h"
 
 namespace qcal {
 
 namespace {
-
-double now_s() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
 
 // Capture groups of the sequential walk. Projections in one inner list share
 // the same input, so one Hessian serves them all.
@@ -106,7 +101,7 @@ Result<LayerReport> quantize_layer(const LlamaModel& model, int64_t l, Tensor& x
                                    const QuantizeOptions& opts,
                                    std::map<std::string, QuantizedLinear>* out,
                                    const HessianReduce& reduce) {
-  const double t_layer = now_s();
+  const double t_layer = steady_seconds();
   const ModelConfig& c = model.config();
   const int64_t N = x.numel() / (T * c.hidden_size);
   LayerReport lr;
@@ -123,8 +118,7 @@ Result<LayerReport> quantize_layer(const LlamaModel& model, int64_t l, Tensor& x
         int64_t in = proj_shape(c, group[0])[1];
         acc[group[0]] = std::make_unique<HessianAccumulator>(in);
       }
-      LinearInputHook hook = [&](const std::string& proj, const float* xin, int64_t rows,
-                                 int64_t) {
+      LinearInputHook hook = [&](const std::string& proj, const float* xin, int64_t rows, int64_t) {
         auto it = acc.find(proj);
         if (it != acc.end()) it->second->add_batch(xin, rows, rows / T);
       };
@@ -165,7 +159,7 @@ Result<LayerReport> quantize_layer(const LlamaModel& model, int64_t l, Tensor& x
                             ": non-finite activation after quantization");
   }
   x = std::move(y_q);
-  lr.seconds = now_s() - t_layer;
+  lr.seconds = steady_seconds() - t_layer;
   LOG_INFO << "layer " << l << "/" << c.num_hidden_layers << ": rel output error "
            << lr.rel_output_error << " (" << lr.seconds << " s)";
   return lr;
@@ -174,7 +168,7 @@ Result<LayerReport> quantize_layer(const LlamaModel& model, int64_t l, Tensor& x
 Result<QuantizeReport> quantize_model(const std::string& model_dir, const TokenSequences& calib,
                                       const QuantizeOptions& opts, const std::string& out_dir,
                                       const ProgressFn& progress) {
-  const double t_start = now_s();
+  const double t_start = steady_seconds();
   QCAL_ASSIGN_OR_RETURN(auto model, LlamaModel::open(model_dir));
   QCAL_RETURN_IF_ERROR(check_quantize_inputs(*model, opts));
   if (calib.count() == 0) return invalid_input("calibration data holds no complete sequence");
@@ -189,9 +183,9 @@ Result<QuantizeReport> quantize_model(const std::string& model_dir, const TokenS
     report.layers.push_back(std::move(lr));
     if (progress) progress(l + 1, c.num_hidden_layers);
   }
-  QCAL_RETURN_IF_ERROR(write_quantized_checkpoint(model->dir(), qlinears,
-                                                  checkpoint_write_options(opts), out_dir));
-  report.seconds = now_s() - t_start;
+  QCAL_RETURN_IF_ERROR(
+      write_quantized_checkpoint(model->dir(), qlinears, checkpoint_write_options(opts), out_dir));
+  report.seconds = steady_seconds() - t_start;
   return report;
 }
 
