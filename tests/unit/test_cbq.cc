@@ -425,15 +425,8 @@ Fixture& fx() {
   static Fixture* f = [] {
     auto* f = new Fixture;
     SynthOptions o;
-    ModelConfig& c = o.config;
-    c.hidden_size = 64;
-    c.intermediate_size = 192;
-    c.num_hidden_layers = 4;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = 2;
-    c.head_dim = 16;
-    c.vocab_size = 256;
-    c.rms_norm_eps = 1e-5;
+    o.config = qcal::testing::small_config(192, 256, 4);
+    const ModelConfig& c = o.config;
     o.seed = 7;
     o.outliers.norm_channels = 2;
     o.outliers.up_channels = 2;

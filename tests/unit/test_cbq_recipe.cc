@@ -33,6 +33,8 @@
 namespace qcal::calib {
 namespace {
 
+using qcal::testing::mean_kl;
+
 constexpr int64_t kT = 32;
 
 struct Fixture {
@@ -47,15 +49,8 @@ Fixture& fx() {
   static Fixture* f = [] {
     auto* f = new Fixture;
     SynthOptions o;
-    ModelConfig& c = o.config;
-    c.hidden_size = 64;
-    c.intermediate_size = 192;
-    c.num_hidden_layers = 3;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = 2;
-    c.head_dim = 16;
-    c.vocab_size = 256;
-    c.rms_norm_eps = 1e-5;
+    o.config = qcal::testing::small_config(192, 256, 3);
+    const ModelConfig& c = o.config;
     o.seed = 7;
     o.outliers.norm_channels = 2;
     o.outliers.up_channels = 2;
@@ -74,31 +69,6 @@ Fixture& fx() {
     return f;
   }();
   return *f;
-}
-
-// Mean KL(P_ref ‖ P_q) per position, nats (NaN-safe: a NaN gives +inf).
-double mean_kl(const std::vector<float>& q, const std::vector<float>& ref, int64_t V) {
-  if (q.size() != ref.size()) return std::numeric_limits<double>::infinity();
-  const int64_t rows = static_cast<int64_t>(ref.size()) / V;
-  double total = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* a = ref.data() + r * V;
-    const float* b = q.data() + r * V;
-    double ma = *std::max_element(a, a + V), mb = *std::max_element(b, b + V), sa = 0, sb = 0;
-    for (int64_t i = 0; i < V; ++i) {
-      sa += std::exp(a[i] - ma);
-      sb += std::exp(b[i] - mb);
-    }
-    const double la = ma + std::log(sa), lb = mb + std::log(sb);
-    double kl = 0;
-    for (int64_t i = 0; i < V; ++i) {
-      const double lpa = a[i] - la, lpb = b[i] - lb;
-      kl += std::exp(lpa) * (lpa - lpb);
-    }
-    total += kl;
-  }
-  const double m = total / static_cast<double>(rows);
-  return std::isnan(m) ? std::numeric_limits<double>::infinity() : m;
 }
 
 std::string err(const Status& s) { return s.to_string(); }

@@ -16,24 +16,14 @@
 #include "common/rng.h"
 #include "common/safetensors.h"
 #include "kernels/ops.h"
+#include "tests/unit/test_util.h"
 #include "worker/engine/eval.h"
 #include "worker/engine/model.h"
 
 namespace qcal {
 namespace {
 
-ModelConfig tiny_config() {
-  ModelConfig c;
-  c.hidden_size = 64;
-  c.intermediate_size = 128;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  c.vocab_size = 97;
-  c.rms_norm_eps = 1e-5;
-  return c;
-}
+ModelConfig tiny_config() { return qcal::testing::small_config(128, 97); }
 
 // Writes a random FP checkpoint of `c`; weights ~ N(0, 1/in) times `scale`
 // for layer `perturb_layer` (so two seeds-equal models differ only there), and

@@ -42,20 +42,7 @@ using qcal::testing::TempDir;
 constexpr int32_t kBos = 1;
 constexpr int64_t kSeqs = 12, kT = 24;
 
-ModelConfig tiny_config() {
-  ModelConfig c;
-  c.model_type = "llama";
-  c.hidden_size = 64;
-  c.intermediate_size = 96;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  c.vocab_size = 97;
-  c.rms_norm_eps = 1e-5;
-  c.torch_dtype = DType::kF32;
-  return c;
-}
+ModelConfig tiny_config() { return qcal::testing::small_config(96, 97); }
 
 // A forced attention sink on BOS (id 1): BOS's embedding is A·e_j (a massive
 // activation on channel j that no block writes to: rows j of o_proj / down_proj

@@ -17,6 +17,7 @@
 #include "common/rng.h"
 #include "common/safetensors.h"
 #include "kernels/ops.h"
+#include "tests/unit/test_util.h"
 #include "worker/engine/model.h"
 
 namespace qcal {
@@ -48,16 +49,8 @@ struct Tol {
 }
 
 ModelConfig tiny_config(const std::string& type = "llama") {
-  ModelConfig c;
+  ModelConfig c = qcal::testing::small_config(128, 97);
   c.model_type = type;
-  c.hidden_size = 64;
-  c.intermediate_size = 128;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  c.vocab_size = 97;
-  c.rms_norm_eps = 1e-5;
   c.attention_bias = type == "qwen2";
   c.rope_theta = type == "qwen2" ? 1e6 : 1e4;
   return c;
