@@ -15,7 +15,8 @@ inline int cli_fail(const std::string& cmd, const Status& s) {
   switch (s.code()) {
     case Code::kInvalidInput:
     case Code::kNotFound:
-    case Code::kCorrupt: return 2;
+    case Code::kCorrupt:
+    case Code::kPermissionDenied: return 2;
     default: return 1;
   }
 }

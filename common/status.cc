@@ -12,6 +12,8 @@ const char* code_name(Code c) {
     case Code::kCorrupt: return "CORRUPT";
     case Code::kUnavailable: return "UNAVAILABLE";
     case Code::kResourceExhausted: return "RESOURCE_EXHAUSTED";
+    case Code::kPermissionDenied: return "PERMISSION_DENIED";
+    case Code::kConflict: return "CONFLICT";
     case Code::kIoError: return "IO_ERROR";
     case Code::kInternal: return "INTERNAL";
   }

@@ -32,6 +32,10 @@ enum class Code {
   kResourceExhausted,
   kIoError,
   kInternal,
+  // The caller may not do this (a path outside the allowed roots): HTTP 403.
+  kPermissionDenied,
+  // The request conflicts with live state (an output path owned by a live job): HTTP 409.
+  kConflict,
 };
 
 const char* code_name(Code c);
@@ -63,6 +67,8 @@ inline Status io_error(std::string m) { return {Code::kIoError, std::move(m)}; }
 inline Status internal_error(std::string m) { return {Code::kInternal, std::move(m)}; }
 inline Status resource_exhausted(std::string m) { return {Code::kResourceExhausted, std::move(m)}; }
 inline Status unavailable(std::string m) { return {Code::kUnavailable, std::move(m)}; }
+inline Status permission_denied(std::string m) { return {Code::kPermissionDenied, std::move(m)}; }
+inline Status conflict(std::string m) { return {Code::kConflict, std::move(m)}; }
 
 // A value or a non-OK Status. Accessing value() of an error aborts (a bug).
 template <typename T>

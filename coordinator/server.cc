@@ -60,6 +60,8 @@ int http_status_for(Code c) {
     case Code::kNotFound: return 404;
     case Code::kResourceExhausted: return 422;
     case Code::kUnavailable: return 503;
+    case Code::kPermissionDenied: return 403;
+    case Code::kConflict: return 409;
     default: return 500;
   }
 }
