@@ -15,7 +15,7 @@
 #include <set>
 #include <string>
 
-#include "api/calib_cli.h"
+#include "api/spec_flags.h"
 #include "api/cli_util.h"
 #include "api/cmd_service.h"
 #include "api/cmd_train.h"
@@ -27,11 +27,12 @@
 #include "kernels/device.h"
 #include "kernels/gemm.h"
 #include "worker/calib/intactkv.h"
-#include "worker/calib/methods.h"
 #include "worker/calib/native.h"
 #include "worker/engine/eval.h"
 #include "worker/engine/qformats.h"
-#include "worker/engine/quantize.h"
+#include "common/job_spec.h"
+#include "common/plan.h"
+#include "worker/local_runner.h"
 #include "worker/engine/synth.h"
 
 namespace qcal {
@@ -111,135 +112,50 @@ int cmd_synth_data(int argc, char** argv) {
   return 0;
 }
 
-// ---------------------------------------------------------------- quantize (calibration engine)
-// --method smoothquant|quarot|spinquant|flatquant, or rtn/gptq with --a-bits/--kv-bits < 16.
-int cmd_quantize_calib(const Flags& f) {
-  const std::string cmd = "quantize";
-  CLI_ASSIGN(cmd, std::string model, f.required("model"));
-  CLI_ASSIGN(cmd, std::string calib_path, f.required("calib"));
-  CLI_ASSIGN(cmd, std::string out, f.required("out"));
-  CLI_ASSIGN(cmd, calib::CalibRecipe r, recipe_from_flags(f));
-  std::string format = f.str("format", "auto");
-  if (format != "auto" && format != "native" && format != "gptq" && format != "compressed-tensors")
-    return cli_fail(cmd,
-                    invalid_input("--format must be auto, native, gptq or compressed-tensors"));
-  if ((format == "gptq" || format == "compressed-tensors") && !r.folds_completely())
-    return cli_fail(
-        cmd, invalid_input("--format " + format + ": " +
-                           (r.transforms_fold() && r.intactkv
-                                ? std::string("the IntactKV prefix cache needs the native format")
-                                : std::string("this recipe leaves transforms or activation/KV "
-                                              "quantizers to run online")) +
-                           "; use --format native (or auto)"));
-  if (format == "auto") format = r.folds_completely() ? "gptq" : "native";
-  const bool overwrite = f.flag("overwrite");
-  if (path_exists(out) && !overwrite)
-    return cli_fail(cmd, invalid_input(out + ": output exists (pass --overwrite to replace it)"));
-  CLI_ASSIGN(cmd, int64_t nsamples, f.integer("nsamples", 128));
-  CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 2048));
-  if (nsamples <= 0 || seqlen < 2)
-    return cli_fail(cmd, invalid_input("--nsamples must be > 0 and --seqlen ≥ 2"));
-  CLI_ASSIGN(cmd, ModelConfig c, load_model_config(join_path(model, "config.json")));
-  CLI_ASSIGN(cmd, TokenSequences calib,
-             load_token_sequences(calib_path, seqlen, c.vocab_size, nsamples));
-  LOG_INFO << "quantize " << model << ": " << r.to_json().dump() << ", " << calib.count() << " x "
-           << seqlen << " calibration tokens, " << blas_threads() << " threads";
-  auto progress = [](const std::string& stage, int64_t i, int64_t n) {
-    LOG_INFO << stage << " " << (i + 1) << "/" << n;
-  };
-  CLI_ASSIGN(cmd, calib::CalibReport rep,
-             calib::calibrate_to_dir(model, calib, r, out, format, overwrite, progress));
-  nlohmann::json j = rep.to_json();
-  j["out"] = out;
-  j["recipe"] = r.to_json();
-  if (f.has("report")) CLI_TRY(cmd, write_file_atomic(f.str("report"), j.dump(2) + "\n"));
-  if (f.flag("json")) {
-    std::cout << j.dump() << std::endl;
-  } else {
-    std::printf("wrote %s in %.1f s\n", out.c_str(), rep.seconds);
-  }
-  return 0;
-}
-
 // ---------------------------------------------------------------- quantize
+// The job the flags describe (api/spec_flags.h, the same as `qcal submit`'s), planned
+// and run in this process task by task (worker/local_runner.h).
 int cmd_quantize(int argc, char** argv) {
   const std::string cmd = "quantize";
-  std::set<std::string> valued = {"model",     "method",       "w-bits", "group-size", "calib",
-                                  "nsamples",  "seqlen",       "format", "out",        "damp",
-                                  "blocksize", "max-shard-mb", "batch",  "report"};
-  std::set<std::string> bools = {"sym",           "asym",     "act-order",
-                                 "static-groups", "mse-clip", "no-true-sequential",
-                                 "overwrite",     "json",     "quiet"};
-  valued.insert(calib_valued_flags().begin(), calib_valued_flags().end());
-  bools.insert(calib_bool_flags().begin(), calib_bool_flags().end());
+  std::set<std::string> valued = spec_valued_flags(), bools = spec_boolean_flags();
+  valued.insert({"report", "memory-gb"});
+  bools.insert({"json", "quiet", "keep-store"});
   Flags f(valued, bools);
   CLI_TRY(cmd, f.parse(argc, argv, 2));
   if (f.flag("quiet")) set_log_level(LogLevel::kWarn);
-  if (wants_calibration(f)) return cmd_quantize_calib(f);
-  for (const auto& k : calib_valued_flags())
-    if (f.has(k) && k != "a-bits" && k != "kv-bits")
-      return cli_fail(cmd, invalid_input("--" + k +
-                                         " applies to the calibration methods "
-                                         "(--method smoothquant|quarot|spinquant|flatquant) or "
-                                         "quantized activations (--a-bits/--kv-bits < 16)"));
-  CLI_ASSIGN(cmd, std::string model, f.required("model"));
-  CLI_ASSIGN(cmd, std::string calib_path, f.required("calib"));
-  CLI_ASSIGN(cmd, std::string out, f.required("out"));
-  QuantizeOptions o;
-  CLI_ASSIGN(cmd, o.method, parse_weight_method(f.str("method", "gptq")));
-  CLI_ASSIGN(cmd, int64_t bits, f.integer("w-bits", 4));
-  o.spec.bits = static_cast<int>(bits);
-  CLI_ASSIGN(cmd, o.spec.group_size, f.integer("group-size", 128));
-  if (f.flag("sym") && f.flag("asym"))
-    return cli_fail(cmd, invalid_input("--sym and --asym are exclusive"));
-  o.spec.sym = !f.flag("asym");
-  o.spec.mse_clip = f.flag("mse-clip");
-  CLI_TRY(cmd, o.spec.validate());
-  CLI_ASSIGN(cmd, o.gptq.percdamp, f.number("damp", 0.01));
-  CLI_ASSIGN(cmd, o.gptq.blocksize, f.integer("blocksize", 128));
-  if (o.gptq.percdamp <= 0 || o.gptq.blocksize <= 0)
-    return cli_fail(cmd, invalid_input("--damp and --blocksize must be positive"));
-  o.gptq.act_order = f.flag("act-order");
-  o.gptq.static_groups = f.flag("static-groups");
-  o.true_sequential = !f.flag("no-true-sequential");
-  CLI_ASSIGN(cmd, o.write.format, parse_checkpoint_format(f.str("format", "gptq")));
-  CLI_ASSIGN(cmd, int64_t shard_mb, f.integer("max-shard-mb", 2048));
-  if (shard_mb <= 0) return cli_fail(cmd, invalid_input("--max-shard-mb must be positive"));
-  o.write.max_shard_bytes = static_cast<uint64_t>(shard_mb) << 20;
-  o.write.overwrite = f.flag("overwrite");
-  CLI_ASSIGN(cmd, o.batch, f.integer("batch", 8));
-  CLI_ASSIGN(cmd, int64_t nsamples, f.integer("nsamples", 128));
-  CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 2048));
-  if (nsamples <= 0 || seqlen < 2)
-    return cli_fail(cmd, invalid_input("--nsamples must be > 0 and --seqlen ≥ 2"));
-  if (path_exists(out) && !o.write.overwrite)
-    return cli_fail(cmd, invalid_input(out + ": output exists (pass --overwrite to replace it)"));
-
-  CLI_ASSIGN(cmd, ModelConfig c, load_model_config(join_path(model, "config.json")));
-  if (seqlen > c.max_position_embeddings)
-    LOG_WARN << "--seqlen " << seqlen << " exceeds max_position_embeddings "
-             << c.max_position_embeddings;
-  CLI_ASSIGN(cmd, TokenSequences calib,
-             load_token_sequences(calib_path, seqlen, c.vocab_size, nsamples));
-  if (calib.count() < nsamples)
-    LOG_WARN << calib_path << " holds " << calib.count() << " sequences of " << seqlen
-             << " tokens; using them all (asked for " << nsamples << ")";
-  LOG_INFO << "quantize " << model << ": " << (o.method == WeightMethod::kGptq ? "gptq" : "rtn")
-           << " w" << o.spec.bits << " g" << o.spec.group_size << (o.spec.sym ? " sym" : " asym")
-           << ", " << calib.count() << " x " << seqlen << " calibration tokens, " << blas_threads()
-           << " threads";
-  CLI_ASSIGN(cmd, QuantizeReport rep, quantize_model(model, calib, o, out));
-  nlohmann::json j = rep.to_json();
-  j["out"] = out;
-  j["format"] = checkpoint_format_name(o.write.format);
+  CLI_ASSIGN(cmd, nlohmann::json spec_json, job_spec_json_from_flags(f));
+  CLI_ASSIGN(cmd, JobSpec spec, parse_job_spec(spec_json));
+  LocalRunOptions o;
+  if (f.has("memory-gb")) {
+    CLI_ASSIGN(cmd, double gb, f.number("memory-gb", 0));
+    if (!(gb > 0)) return cli_fail(cmd, invalid_input("--memory-gb must be positive"));
+    o.memory_bytes = static_cast<uint64_t>(gb * 1073741824.0);
+  }
+  o.keep_store = f.flag("keep-store");
+  o.log = [](const std::string& line) { LOG_INFO << line; };
+  LOG_INFO << "quantize " << spec.model << ": " << spec.recipe.display_name() << " w"
+           << spec.recipe.w_bits() << " a" << spec.recipe.a_bits() << " kv"
+           << spec.recipe.kv_bits() << ", " << blas_threads() << " threads";
+  CLI_ASSIGN(cmd, LocalRunResult res, run_job_locally(spec, o));
+  nlohmann::json j = res.report();
+  j["out"] = spec.output.path;
+  j["recipe"] = spec.recipe.to_json();
+  j["tasks"] = res.plan.tasks.size();
+  auto a = res.results.find(plan::kAssemble);
+  if (a != res.results.end()) j["format"] = a->second.value("format", "");
+  auto v = res.results.find(plan::kValidate);
+  if (v != res.results.end() && v->second.contains("report")) j["eval"] = v->second["report"];
   if (f.has("report")) CLI_TRY(cmd, write_file_atomic(f.str("report"), j.dump(2) + "\n"));
   if (f.flag("json")) {
     std::cout << j.dump() << std::endl;
   } else {
     double worst = 0;
-    for (const auto& l : rep.layers) worst = std::max(worst, l.rel_output_error);
-    std::printf("wrote %s (%s) in %.1f s; worst layer rel. output error %.3g\n", out.c_str(),
-                checkpoint_format_name(o.write.format), rep.seconds, worst);
+    for (const auto& l : j["layers"])
+      if (l.contains("rel_output_error")) worst = std::max(worst, l["rel_output_error"].get<double>());
+    std::printf("wrote %s (%s, %zu tasks) in %.1f s", spec.output.path.c_str(),
+                j.value("format", "").c_str(), res.plan.tasks.size(), res.seconds);
+    if (worst > 0) std::printf("; worst layer rel. output error %.3g", worst);
+    std::printf("\n");
   }
   return 0;
 }

@@ -1,67 +1,120 @@
 #include "api/spec_flags.h"
 
+#include <limits>
 #include <string>
 #include <utility>
+#include <vector>
 
-#include "api/calib_cli.h"
 #include "common/job_spec.h"
-#include "worker/engine/recipe.h"
+#include "common/method_registry.h"
 
 namespace qcal {
 
 namespace {
 
-// The weight-only spec's flags (the table in spec_flags.h).
-const std::set<std::string>& weight_only_valued_flags() {
-  // clang-format off
-  static const std::set<std::string> kValued = {
-      "model",
-      "method", "w-bits", "group-size", "damp", "mode", "window", "overlap", "seed",
-      "calib", "nsamples", "seqlen",
-      "eval-data", "eval-nsamples", "eval-seqlen",
-      "out", "format",
-      "max-ppl-increase", "max-kl", "priority", "labels"};
-  // clang-format on
-  return kValued;
-}
-
-const std::set<std::string>& weight_only_boolean_flags() {
-  static const std::set<std::string> kBooleans = {
-      "sym", "asym", "act-order", "static-groups", "mse-clip", "no-true-sequential", "overwrite"};
-  return kBooleans;
-}
-
-// Recipe flags that recipe_from_flags reads beyond calib_valued_flags() (the ones
-// `qcal quantize` declares for both of its paths).
-const std::set<std::string>& extra_calib_valued_flags() {
-  static const std::set<std::string> k = {"blocksize", "batch"};
+const std::set<std::string>& job_valued_flags() {
+  static const std::set<std::string> k = {
+      "model", "calib", "nsamples", "seqlen", "eval-data", "eval-nsamples", "eval-seqlen",
+      "out", "format", "max-shard-mb", "max-ppl-increase", "max-kl", "priority", "labels"};
   return k;
+}
+const std::set<std::string>& job_boolean_flags() {
+  static const std::set<std::string> k = {"overwrite"};
+  return k;
+}
+
+std::vector<RecipeFlag> build_recipe_flags() {
+  std::vector<RecipeFlag> out = {
+      {"method", true, "", "transform or weight solver: rtn, gptq, lora-rounding, smoothquant, "
+                           "quarot, spinquant, flatquant"},
+      {"cbq-parallel", false, "", "the same as --mode parallel"},
+      {"window", true, "", "blocks per quantize task (--blocks-per-task); CBQ's is --cbq-window"},
+      {"overlap", true, "", "0 (CBQ's overlap is --cbq-overlap)"}};
+  for (const MethodRow& row : method_registry())
+    for (const OptionSpec& o : row.options) {
+      if (!o.flag.empty())
+        out.push_back({o.flag, o.type != OptType::kBool, o.key, "[" + row.name + "] " + o.help});
+      if (!o.neg_flag.empty())
+        out.push_back({o.neg_flag, false, o.key, "[" + row.name + "] turn off: " + o.help});
+    }
+  return out;
+}
+
+std::string trim(const std::string& s) {
+  size_t b = s.find_first_not_of(" \t"), e = s.find_last_not_of(" \t");
+  return b == std::string::npos ? std::string() : s.substr(b, e - b + 1);
+}
+
+// "1,5,9" → [1, 5, 9]: non-negative decimal ids separated by commas.
+Result<nlohmann::json> parse_ids(const std::string& flag, const std::string& s) {
+  nlohmann::json ids = nlohmann::json::array();
+  auto bad = [&]() {
+    return invalid_input("--" + flag + ": '" + s +
+                         "' is not a comma-separated list of token ids (e.g. 1,5,9)");
+  };
+  size_t i = 0;
+  while (true) {
+    const size_t j = s.find(',', i);
+    const std::string part = s.substr(i, j == std::string::npos ? std::string::npos : j - i);
+    if (part.empty() || part.size() > 10 ||
+        part.find_first_not_of("0123456789") != std::string::npos)
+      return bad();
+    const int64_t v = std::stoll(part);
+    if (v > std::numeric_limits<int32_t>::max()) return bad();
+    ids.push_back(v);
+    if (j == std::string::npos) break;
+    i = j + 1;
+  }
+  return ids;
+}
+
+Status put_integer(const Flags& f, const char* flag, nlohmann::json& j, const char* key) {
+  if (!f.has(flag)) return Status::ok();
+  QCAL_ASSIGN_OR_RETURN(int64_t v, f.integer(flag, 0));
+  j[key] = v;
+  return Status::ok();
+}
+Status put_number(const Flags& f, const char* flag, nlohmann::json& j, const char* key) {
+  if (!f.has(flag)) return Status::ok();
+  QCAL_ASSIGN_OR_RETURN(double v, f.number(flag, 0));
+  j[key] = v;
+  return Status::ok();
+}
+
+// "recipe.epochs: must be in ..." → "--epochs: must be in ..." for a key a flag set.
+Status flag_error(const Status& s, const std::map<std::string, std::string>& key_flag) {
+  std::string m = s.message();
+  const std::string pre = "recipe.";
+  if (m.rfind(pre, 0) == 0) m = m.substr(pre.size());
+  for (const auto& [key, flag] : key_flag)
+    if (m.rfind(key + ":", 0) == 0) return Status(s.code(), "--" + flag + m.substr(key.size()));
+  return Status(s.code(), m);
 }
 
 }  // namespace
 
+const std::vector<RecipeFlag>& recipe_flags() {
+  static const std::vector<RecipeFlag> k = build_recipe_flags();
+  return k;
+}
+
 const std::set<std::string>& spec_valued_flags() {
-  static const std::set<std::string> kValued = [] {
-    std::set<std::string> s = weight_only_valued_flags();
-    s.insert(calib_valued_flags().begin(), calib_valued_flags().end());
-    s.insert(extra_calib_valued_flags().begin(), extra_calib_valued_flags().end());
+  static const std::set<std::string> k = [] {
+    std::set<std::string> s = job_valued_flags();
+    for (const RecipeFlag& r : recipe_flags())
+      if (r.takes_value) s.insert(r.flag);
     return s;
   }();
-  return kValued;
+  return k;
 }
-
 const std::set<std::string>& spec_boolean_flags() {
-  static const std::set<std::string> kBooleans = [] {
-    std::set<std::string> s = weight_only_boolean_flags();
-    s.insert(calib_bool_flags().begin(), calib_bool_flags().end());
+  static const std::set<std::string> k = [] {
+    std::set<std::string> s = job_boolean_flags();
+    for (const RecipeFlag& r : recipe_flags())
+      if (!r.takes_value) s.insert(r.flag);
     return s;
   }();
-  return kBooleans;
-}
-
-static std::string trim(const std::string& s) {
-  size_t b = s.find_first_not_of(" \t"), e = s.find_last_not_of(" \t");
-  return b == std::string::npos ? std::string() : s.substr(b, e - b + 1);
+  return k;
 }
 
 Result<std::map<std::string, std::string>> parse_labels(const std::string& s,
@@ -85,125 +138,82 @@ Result<std::map<std::string, std::string>> parse_labels(const std::string& s,
   return out;
 }
 
-namespace {
-
-// Copies an integer flag into j[key] when given.
-Status put_integer(const Flags& f, const char* flag, nlohmann::json& j, const char* key) {
-  if (!f.has(flag)) return Status::ok();
-  QCAL_ASSIGN_OR_RETURN(int64_t v, f.integer(flag, 0));
-  j[key] = v;
-  return Status::ok();
-}
-
-Status put_number(const Flags& f, const char* flag, nlohmann::json& j, const char* key) {
-  if (!f.has(flag)) return Status::ok();
-  QCAL_ASSIGN_OR_RETURN(double v, f.number(flag, 0));
-  j[key] = v;
-  return Status::ok();
-}
-
-void put_string(const Flags& f, const char* flag, nlohmann::json& j, const char* key) {
-  if (f.has(flag)) j[key] = f.str(flag);
-}
-
-Status check_seed(const Flags& f) {
-  if (!f.has("seed")) return Status::ok();
-  QCAL_ASSIGN_OR_RETURN(int64_t seed, f.integer("seed", 0));
-  if (seed < 0) return invalid_input("flag --seed: must be ≥ 0 (got " + f.str("seed") + ")");
-  return Status::ok();
-}
-
-// The weight-only recipe object (the table in spec_flags.h); empty when no
-// recipe flag is given.
-Result<nlohmann::json> weight_only_recipe(const Flags& f) {
-  // A calibration-only flag has no field in a weight-only recipe: refuse it
-  // rather than drop it. --a-bits / --kv-bits get here only as 16 (unquantized).
-  for (const auto* set : {&spec_valued_flags(), &spec_boolean_flags()}) {
-    for (const auto& k : *set) {
-      if (!f.has(k) || weight_only_valued_flags().count(k) || weight_only_boolean_flags().count(k))
+Result<nlohmann::json> recipe_json_from_flags(const Flags& f) {
+  nlohmann::json r = nlohmann::json::object();
+  // Registry flags.
+  for (const MethodRow& row : method_registry())
+    for (const OptionSpec& o : row.options) {
+      const bool pos = !o.flag.empty() && f.has(o.flag);
+      const bool neg = !o.neg_flag.empty() && f.has(o.neg_flag);
+      if (pos && neg)
+        return invalid_input("--" + o.flag + " and --" + o.neg_flag + " are exclusive");
+      if (neg) {
+        r[o.key] = false;
         continue;
-      if (k == "a-bits" || k == "kv-bits") continue;
-      return invalid_input("--" + k +
-                           " applies to calibration recipes (--method "
-                           "smoothquant|quarot|spinquant|flatquant|lora-rounding, --weight-solver, "
-                           "--a-bits/--kv-bits < 16, --reconstruction, --intactkv, --format "
-                           "native); a weight-only rtn/gptq recipe has no field for it");
+      }
+      if (!pos) continue;
+      switch (o.type) {
+        case OptType::kBool: r[o.key] = true; break;
+        case OptType::kInt: {
+          QCAL_ASSIGN_OR_RETURN(int64_t v, f.integer(o.flag, 0));
+          r[o.key] = v;
+          break;
+        }
+        case OptType::kNum: {
+          QCAL_ASSIGN_OR_RETURN(double v, f.number(o.flag, 0));
+          r[o.key] = v;
+          break;
+        }
+        case OptType::kString: r[o.key] = f.str(o.flag); break;
+        case OptType::kIds: {
+          QCAL_ASSIGN_OR_RETURN(r[o.key], parse_ids(o.flag, f.str(o.flag)));
+          break;
+        }
+      }
     }
+  // Aliases.
+  if (f.has("method")) {
+    const std::string m = f.str("method");
+    const auto solvers = method_names(MethodKind::kWeightSolver);
+    const bool solver = std::find(solvers.begin(), solvers.end(), m) != solvers.end();
+    const char* key = solver ? "weight_solver" : "transform";
+    const char* flag = solver ? "weight-solver" : "transform";
+    if (r.contains(key) && r[key] != m)
+      return invalid_input("--" + std::string(flag) + " " + r[key].get<std::string>() +
+                           " contradicts --method " + m);
+    r[key] = m;
   }
-  nlohmann::json recipe = nlohmann::json::object();
-  put_string(f, "method", recipe, "method");
-  QCAL_RETURN_IF_ERROR(put_integer(f, "w-bits", recipe, "w_bits"));
-  QCAL_RETURN_IF_ERROR(put_integer(f, "group-size", recipe, "group_size"));
-  if (f.flag("sym") && f.flag("asym")) return invalid_input("--sym and --asym are exclusive");
-  if (f.flag("sym")) recipe["sym"] = true;
-  if (f.flag("asym")) recipe["sym"] = false;
-  if (f.flag("act-order")) recipe["act_order"] = true;
-  if (f.flag("static-groups")) recipe["static_groups"] = true;
-  QCAL_RETURN_IF_ERROR(put_number(f, "damp", recipe, "damp"));
-  if (f.flag("mse-clip")) recipe["mse_clip"] = true;
-  if (f.flag("no-true-sequential")) recipe["true_sequential"] = false;
-  put_string(f, "mode", recipe, "mode");
-  QCAL_RETURN_IF_ERROR(put_integer(f, "window", recipe, "window"));
-  QCAL_RETURN_IF_ERROR(put_integer(f, "overlap", recipe, "overlap"));
-  QCAL_RETURN_IF_ERROR(check_seed(f));
-  if (f.has("seed")) {
-    QCAL_ASSIGN_OR_RETURN(int64_t seed, f.integer("seed", 0));
-    recipe["seed"] = static_cast<uint64_t>(seed);
+  if (f.flag("cbq-parallel")) {
+    if (r.contains("mode") && r["mode"] != "parallel")
+      return invalid_input("--cbq-parallel contradicts --mode " + r["mode"].get<std::string>());
+    r["mode"] = "parallel";
   }
-  return recipe;
+  const bool recon = r.contains("reconstruction") && r["reconstruction"] != "none";
+  if (f.has("window")) {
+    if (recon)
+      return invalid_input(
+          "--window is the number of blocks per quantize task; a reconstruction's window is "
+          "--cbq-window");
+    QCAL_ASSIGN_OR_RETURN(int64_t w, f.integer("window", 1));
+    r["blocks_per_task"] = w;
+  }
+  if (f.has("overlap")) {
+    QCAL_ASSIGN_OR_RETURN(int64_t v, f.integer("overlap", 0));
+    if (v != 0)
+      return invalid_input(
+          "--overlap: rtn / gptq quantize disjoint blocks; overlapping windows are CBQ's "
+          "(--reconstruction cbq --cbq-window N --cbq-overlap M)");
+  }
+  // Defaults of the one code path (see spec_flags.h).
+  const bool transform = r.contains("transform") && r["transform"] != "none";
+  if (!r.contains("weight_solver"))
+    r["weight_solver"] = recon ? "lora-rounding" : (transform ? "rtn" : "gptq");
+  auto quantized = [&](const char* k) { return r.contains(k) && r[k] != 16; };
+  const bool weight_only = !transform && !quantized("a_bits") && !quantized("kv_bits") && !recon &&
+                           !(r.contains("intactkv") && r["intactkv"] == true);
+  if (weight_only && !r.contains("w_group")) r["w_group"] = 128;
+  return r;
 }
-
-// The calibration recipe object: `qcal quantize`'s recipe, in CalibRecipe's
-// JSON form (transform and weight_solver resolved, every key present).
-Result<nlohmann::json> calibration_recipe(const Flags& f) {
-  // The weight-only DAG's knobs; CBQ has its own (and they also cut its tasks).
-  if (f.has("window") || f.has("overlap")) {
-    const std::string k = f.has("window") ? "window" : "overlap";
-    return invalid_input(
-        "--" + k + " is the weight-only recipe's " +
-        (k == "window" ? "blocks per calibrate task" : "blocks shared by calibrate tasks") +
-        "; a calibration recipe runs as one calib task, or with --reconstruction "
-        "block|cbq as one task per CBQ window: use --cbq-" +
-        k);
-  }
-  if (f.has("mode"))
-    return invalid_input(
-        "--mode applies to weight-only recipes; for CBQ windows calibrated independently on FP "
-        "inputs use --cbq-parallel");
-  if (f.flag("no-true-sequential"))
-    return invalid_input(
-        "--no-true-sequential applies to weight-only recipes; the calibration engine is always "
-        "true-sequential");
-  if (f.flag("sym") && f.flag("asym")) return invalid_input("--sym and --asym are exclusive");
-  QCAL_RETURN_IF_ERROR(check_seed(f));
-  QCAL_ASSIGN_OR_RETURN(calib::CalibRecipe r, recipe_from_flags(f));
-  return r.to_json();
-}
-
-// Runs a calibration spec through what the coordinator (parse_job_spec) and
-// its planner (calib_recipe_from_spec, calib_output_format) will run on it.
-Status check_calibration_spec(const nlohmann::json& spec) {
-  QCAL_ASSIGN_OR_RETURN(JobSpec js, parse_job_spec(spec));
-  if (!js.recipe.calibration())
-    return internal_error("the recipe flags built a recipe the coordinator reads as weight-only: " +
-                          spec["recipe"].dump());
-  QCAL_ASSIGN_OR_RETURN(calib::CalibRecipe r, calib_recipe_from_spec(js));
-  auto format = calib_output_format(js, r);
-  if (!format.is_ok()) {
-    // "output.format: gptq: ..." → "--format gptq: ..."
-    std::string m = format.status().message();
-    const std::string field = "output.format: ";
-    if (m.rfind(field, 0) == 0) m = m.substr(field.size());
-    if (m.rfind(js.output.format + ": ", 0) == 0)
-      m = "--format " + m;
-    else
-      m = "--format: " + m;
-    return invalid_input(m);
-  }
-  return Status::ok();
-}
-
-}  // namespace
 
 Result<nlohmann::json> job_spec_json_from_flags(const Flags& f) {
   nlohmann::json spec = nlohmann::json::object();
@@ -211,27 +221,17 @@ Result<nlohmann::json> job_spec_json_from_flags(const Flags& f) {
   QCAL_ASSIGN_OR_RETURN(std::string calib_path, f.required("calib"));
   QCAL_ASSIGN_OR_RETURN(std::string out, f.required("out"));
   spec["model"] = model;
-
-  const bool calibration = wants_calibration(f);
-  nlohmann::json recipe;
-  if (calibration) {
-    QCAL_ASSIGN_OR_RETURN(recipe, calibration_recipe(f));
-  } else {
-    QCAL_ASSIGN_OR_RETURN(recipe, weight_only_recipe(f));
-  }
-  if (!recipe.empty()) spec["recipe"] = recipe;
-
+  QCAL_ASSIGN_OR_RETURN(spec["recipe"], recipe_json_from_flags(f));
   nlohmann::json calib = {{"path", calib_path}};
   QCAL_RETURN_IF_ERROR(put_integer(f, "nsamples", calib, "nsamples"));
   QCAL_RETURN_IF_ERROR(put_integer(f, "seqlen", calib, "seqlen"));
   spec["calib"] = calib;
-
   if (f.has("eval-data")) {
     QCAL_ASSIGN_OR_RETURN(std::string eval_path, f.required("eval-data"));
     nlohmann::json eval = {{"path", eval_path}};
     QCAL_RETURN_IF_ERROR(put_integer(f, "eval-nsamples", eval, "nsamples"));
-    // The eval set is cut like the calibration set unless told otherwise: a
-    // --seqlen 256 job should not evaluate at the schema's default of 2048.
+    // The eval set is cut like the calibration set unless told otherwise: a --seqlen
+    // 256 job should not evaluate at the schema's default of 2048.
     QCAL_RETURN_IF_ERROR(
         put_integer(f, f.has("eval-seqlen") ? "eval-seqlen" : "seqlen", eval, "seqlen"));
     spec["eval"] = eval;
@@ -239,17 +239,15 @@ Result<nlohmann::json> job_spec_json_from_flags(const Flags& f) {
     for (const char* flag : {"eval-nsamples", "eval-seqlen"})
       if (f.has(flag)) return invalid_input(std::string("flag --") + flag + " needs --eval-data");
   }
-
   nlohmann::json output = {{"path", out}};
-  put_string(f, "format", output, "format");
+  if (f.has("format")) output["format"] = f.str("format");
   if (f.flag("overwrite")) output["overwrite"] = true;
+  QCAL_RETURN_IF_ERROR(put_integer(f, "max-shard-mb", output, "max_shard_mb"));
   spec["output"] = output;
-
   nlohmann::json gate = nlohmann::json::object();
   QCAL_RETURN_IF_ERROR(put_number(f, "max-ppl-increase", gate, "max_ppl_increase"));
   QCAL_RETURN_IF_ERROR(put_number(f, "max-kl", gate, "max_kl"));
   if (!gate.empty()) spec["gate"] = gate;
-
   if (f.has("priority")) {
     std::string p = f.str("priority");
     if (p != "high" && p != "normal" && p != "low")
@@ -260,7 +258,18 @@ Result<nlohmann::json> job_spec_json_from_flags(const Flags& f) {
     QCAL_ASSIGN_OR_RETURN(auto labels, parse_labels(f.str("labels"), "--labels"));
     spec["labels"] = labels;
   }
-  if (calibration) QCAL_RETURN_IF_ERROR(check_calibration_spec(spec));
+  // What the coordinator (and qcal quantize) will check, with flag names in the errors.
+  auto parsed = parse_job_spec(spec);
+  if (!parsed.is_ok()) {
+    std::map<std::string, std::string> key_flag;
+    for (const RecipeFlag& r : recipe_flags())
+      if (!r.key.empty() && !key_flag.count(r.key)) key_flag[r.key] = r.flag;
+    const std::string m = parsed.status().message();
+    if (m.rfind("recipe.", 0) == 0) return flag_error(parsed.status(), key_flag);
+    if (m.rfind("output.format", 0) == 0)
+      return invalid_input("--format" + m.substr(std::string("output.format").size()));
+    return parsed.status();
+  }
   return spec;
 }
 

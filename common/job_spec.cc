@@ -121,149 +121,6 @@ Status one_of(const std::string& path, const std::string& v,
   return invalid_input(path + ": must be " + list + " (got '" + v + "')");
 }
 
-bool contains(const std::vector<std::string>& v, const std::string& k) {
-  for (const auto& e : v)
-    if (e == k) return true;
-  return false;
-}
-
-const std::vector<std::string>& transform_methods() {
-  static const std::vector<std::string> k = {"smoothquant", "quarot", "spinquant", "flatquant"};
-  return k;
-}
-
-// The calibration key to use instead of a weight-only one.
-std::string calib_hint(const std::string& key) {
-  if (key == "group_size") return "use w_group";
-  if (key == "sym") return "the calibration engine quantizes weights symmetrically";
-  if (key == "act_order") return "use gptq.act_order";
-  if (key == "static_groups") return "use gptq.static_groups";
-  if (key == "damp") return "use gptq.percdamp";
-  if (key == "mse_clip") return "use w_mse_clip";
-  if (key == "true_sequential") return "the calibration engine is always true-sequential";
-  if (key == "mode") return "use cbq_parallel";
-  if (key == "window") return "use cbq_window";
-  if (key == "overlap") return "use cbq_overlap";
-  return "not a calibration recipe key";
-}
-
-// A calibration recipe (see job_spec.h): checks the key set and resolves
-// "method"; the engine checks the values when the job is planned.
-Status parse_calib_recipe(const json& j, const std::string& why, RecipeSpec* r) {
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    if (it.key() == "method" || contains(calib_recipe_keys(), it.key())) continue;
-    return invalid_input("recipe." + it.key() + ": a weight-only recipe key, but this is a " +
-                         "calibration recipe (because of " + why + "); " + calib_hint(it.key()));
-  }
-  json c = j;
-  std::string display;
-  if (const auto it = j.find("method"); it != j.end()) {
-    if (!it->is_string())
-      return invalid_input("recipe.method: must be a string (got " + type_name(*it) + ")");
-    const std::string m = it->get<std::string>();
-    const bool solver = m == "rtn" || m == "gptq";
-    if (!solver && !contains(transform_methods(), m))
-      return invalid_input(
-          "recipe.method: must be rtn, gptq, smoothquant, quarot, spinquant or "
-          "flatquant (got '" +
-          m + "')");
-    const char* key = solver ? "weight_solver" : "transform";
-    if (const auto k = j.find(key); k != j.end() && !(k->is_string() && k->get<std::string>() == m))
-      return invalid_input(std::string("recipe.") + key + ": " + shown(*k) +
-                           " contradicts recipe.method '" + m + "'");
-    c.erase("method");
-    c[key] = m;
-  }
-  if (const auto it = c.find("transform");
-      it != c.end() && it->is_string() && it->get<std::string>() != "none")
-    display = it->get<std::string>();
-  if (display.empty()) {
-    const auto it = c.find("weight_solver");
-    display = it != c.end() && it->is_string() ? it->get<std::string>() : "rtn";
-  }
-  r->method = display;
-  if (const auto it = c.find("w_bits"); it != c.end() && it->is_number_integer())
-    r->w_bits = it->get<int>();
-  if (const auto it = c.find("seed"); it != c.end() && it->is_number_unsigned())
-    r->seed = it->get<uint64_t>();
-  r->calib = std::move(c);
-  return Status::ok();
-}
-
-Status parse_recipe(const json& j, RecipeSpec* r) {
-  QCAL_RETURN_IF_ERROR(require_object(j, "recipe"));
-  Reader rd(j, "recipe");
-  // Which form: a key only the calibration schema has, or a transform as method.
-  std::string why;
-  for (auto it = j.begin(); it != j.end() && why.empty(); ++it) {
-    const std::string& k = it.key();
-    const bool weight_only = contains(weight_only_recipe_keys(), k);
-    if (!weight_only && !contains(calib_recipe_keys(), k)) {
-      std::string list;
-      for (const auto& e : weight_only_recipe_keys()) list += (list.empty() ? "" : ", ") + e;
-      std::string calib;
-      for (const auto& e : calib_recipe_keys())
-        if (!contains(weight_only_recipe_keys(), e)) calib += (calib.empty() ? "" : ", ") + e;
-      return invalid_input("recipe." + k + ": unknown key (known: " + list +
-                           "; calibration recipes: " + calib + ")");
-    }
-    if (!weight_only) why = k;
-  }
-  if (why.empty()) {
-    if (const json* m = rd.find("method");
-        m && m->is_string() && contains(transform_methods(), m->get<std::string>()))
-      why = "method " + m->get<std::string>();
-  }
-  if (!why.empty()) return parse_calib_recipe(j, why, r);
-
-  QCAL_RETURN_IF_ERROR(rd.check_keys(weight_only_recipe_keys()));
-  QCAL_RETURN_IF_ERROR(rd.str("method", &r->method, false));
-  QCAL_RETURN_IF_ERROR(one_of("recipe.method", r->method, {"rtn", "gptq"}));
-
-  int64_t bits = r->w_bits;
-  QCAL_RETURN_IF_ERROR(rd.integer("w_bits", &bits));
-  if (bits != 2 && bits != 3 && bits != 4 && bits != 8) {
-    return invalid_input("recipe.w_bits: must be one of 2, 3, 4, 8 (got " + std::to_string(bits) +
-                         ")");
-  }
-  r->w_bits = static_cast<int>(bits);
-
-  QCAL_RETURN_IF_ERROR(rd.integer("group_size", &r->group_size));
-  if (r->group_size != -1 && r->group_size <= 0) {
-    return invalid_input("recipe.group_size: must be -1 (per channel) or positive (got " +
-                         std::to_string(r->group_size) + ")");
-  }
-  QCAL_RETURN_IF_ERROR(rd.boolean("sym", &r->sym));
-  QCAL_RETURN_IF_ERROR(rd.boolean("act_order", &r->act_order));
-  QCAL_RETURN_IF_ERROR(rd.boolean("static_groups", &r->static_groups));
-  QCAL_RETURN_IF_ERROR(rd.number("damp", &r->damp));
-  if (!(r->damp > 0) || !std::isfinite(r->damp)) {
-    std::ostringstream os;
-    os << "recipe.damp: must be positive (got " << r->damp << ")";
-    return invalid_input(os.str());
-  }
-  QCAL_RETURN_IF_ERROR(rd.boolean("mse_clip", &r->mse_clip));
-  QCAL_RETURN_IF_ERROR(rd.boolean("true_sequential", &r->true_sequential));
-  QCAL_RETURN_IF_ERROR(rd.str("mode", &r->mode, false));
-  QCAL_RETURN_IF_ERROR(one_of("recipe.mode", r->mode, {"sequential", "parallel"}));
-  QCAL_RETURN_IF_ERROR(rd.integer("window", &r->window));
-  if (r->window < 1) {
-    return invalid_input("recipe.window: must be at least 1 (got " + std::to_string(r->window) +
-                         ")");
-  }
-  QCAL_RETURN_IF_ERROR(rd.integer("overlap", &r->overlap));
-  if (r->overlap < 0 || r->overlap >= r->window) {
-    return invalid_input("recipe.overlap: must be in [0, window) = [0, " +
-                         std::to_string(r->window) + ") (got " + std::to_string(r->overlap) + ")");
-  }
-  if (const json* v = rd.find("seed")) {
-    if (!v->is_number_unsigned() && !(v->is_number_integer() && v->get<int64_t>() >= 0)) {
-      return invalid_input("recipe.seed: must be a non-negative integer (got " + shown(*v) + ")");
-    }
-    r->seed = v->get<uint64_t>();
-  }
-  return Status::ok();
-}
 
 Status parse_data(const json& j, const std::string& path, bool is_eval, DataSpec* d) {
   QCAL_RETURN_IF_ERROR(require_object(j, path));
@@ -285,25 +142,20 @@ Status parse_data(const json& j, const std::string& path, bool is_eval, DataSpec
   return Status::ok();
 }
 
-Status parse_output(const json& j, bool calibration, OutputSpec* o) {
+Status parse_output(const json& j, OutputSpec* o) {
   QCAL_RETURN_IF_ERROR(require_object(j, "output"));
   Reader rd(j, "output");
-  QCAL_RETURN_IF_ERROR(rd.check_keys({"path", "format", "overwrite"}));
+  QCAL_RETURN_IF_ERROR(rd.check_keys({"path", "format", "overwrite", "max_shard_mb"}));
   QCAL_RETURN_IF_ERROR(rd.str("path", &o->path, /*required=*/true));
-  if (calibration) o->format = "auto";
   QCAL_RETURN_IF_ERROR(rd.str("format", &o->format, false));
-  if (calibration) {
-    QCAL_RETURN_IF_ERROR(
-        one_of("output.format", o->format, {"auto", "native", "gptq", "compressed-tensors"}));
-  } else if (o->format == "native" || o->format == "auto") {
-    return invalid_input("output.format: " + o->format +
-                         " is for calibration recipes (transform, a_bits, kv_bits, "
-                         "reconstruction, intactkv, ...); a weight-only recipe writes gptq or "
-                         "compressed-tensors");
-  } else {
-    QCAL_RETURN_IF_ERROR(one_of("output.format", o->format, {"gptq", "compressed-tensors"}));
-  }
+  if (o->format == "compressed_tensors" || o->format == "ct") o->format = "compressed-tensors";
+  QCAL_RETURN_IF_ERROR(
+      one_of("output.format", o->format, {"auto", "native", "gptq", "compressed-tensors"}));
   QCAL_RETURN_IF_ERROR(rd.boolean("overwrite", &o->overwrite));
+  QCAL_RETURN_IF_ERROR(rd.integer("max_shard_mb", &o->max_shard_mb));
+  if (o->max_shard_mb < 1 || o->max_shard_mb > (int64_t{1} << 20))
+    return invalid_input("output.max_shard_mb: must be in [1, 1048576] (got " +
+                         std::to_string(o->max_shard_mb) + ")");
   return Status::ok();
 }
 
@@ -348,52 +200,41 @@ json optional_json(const std::optional<double>& v) { return v ? json(*v) : json(
 
 }  // namespace
 
-const std::vector<std::string>& calib_recipe_keys() {
-  // CalibRecipe::to_json's keys (worker/calib/recipe.h); test_job_spec checks the two agree.
-  // clang-format off
-  static const std::vector<std::string> k = {
-      "transform", "weight_solver", "w_bits", "w_group", "w_mse_clip",
-      "a_bits", "a_clip", "kv_bits", "kv_clip", "sq_alpha",
-      "epochs", "cali_bsz", "flat_lr", "lwc", "lac", "add_diag", "diag_alpha",
-      "spin_steps", "spin_lr", "spin_bsz", "embed_mean_sub",
-      "intactkv", "intactkv_prefix", "intactkv_cal", "intactkv_cal_steps", "intactkv_cal_lr",
-      "gptq", "seed", "batch",
-      "reconstruction", "cbq_window", "cbq_overlap", "cbq_parallel", "cbq_epochs", "lora_rank",
-      "cfp"};
-  // clang-format on
-  return k;
-}
-
-const std::vector<std::string>& weight_only_recipe_keys() {
-  static const std::vector<std::string> k = {
-      "method",   "w_bits",          "group_size", "sym",    "act_order", "static_groups", "damp",
-      "mse_clip", "true_sequential", "mode",       "window", "overlap",   "seed"};
-  return k;
+Result<std::string> output_format(const JobSpec& spec) {
+  const Recipe& r = spec.recipe;
+  const std::string& f = spec.output.format;
+  if (f == "auto") return std::string(r.folds_completely() ? "gptq" : "native");
+  if (f == "native") {
+    if (!r.w_sym())
+      return invalid_input(
+          "output.format: native stores symmetric weights; asymmetric (w_sym false) needs gptq "
+          "or compressed-tensors");
+    return f;
+  }
+  if (!r.folds_completely())
+    return invalid_input("output.format: " + f + " holds quantized weights only, but the recipe " +
+                         (r.intactkv() ? std::string("keeps an IntactKV cache")
+                                       : "leaves transforms or quantizers online (" +
+                                             r.display_name() + ", a_bits " +
+                                             std::to_string(r.a_bits()) + ", kv_bits " +
+                                             std::to_string(r.kv_bits()) + ")") +
+                         "; use native or auto");
+  if (f == "compressed-tensors" && r.w_bits() != 4 && r.w_bits() != 8)
+    return invalid_input("output.format: compressed-tensors needs w_bits 4 or 8 (got " +
+                         std::to_string(r.w_bits()) + ")");
+  return f;
 }
 
 json JobSpec::to_json() const {
   json j;
   j["model"] = model;
-  if (recipe.calib) {
-    j["recipe"] = *recipe.calib;
-  } else {
-    j["recipe"] = {{"method", recipe.method},
-                   {"w_bits", recipe.w_bits},
-                   {"group_size", recipe.group_size},
-                   {"sym", recipe.sym},
-                   {"act_order", recipe.act_order},
-                   {"static_groups", recipe.static_groups},
-                   {"damp", recipe.damp},
-                   {"mse_clip", recipe.mse_clip},
-                   {"true_sequential", recipe.true_sequential},
-                   {"mode", recipe.mode},
-                   {"window", recipe.window},
-                   {"overlap", recipe.overlap},
-                   {"seed", recipe.seed}};
-  }
+  j["recipe"] = recipe.to_json();
   j["calib"] = data_json(calib);
   j["eval"] = eval ? data_json(*eval) : json(nullptr);
-  j["output"] = {{"path", output.path}, {"format", output.format}, {"overwrite", output.overwrite}};
+  j["output"] = {{"path", output.path},
+                 {"format", output.format},
+                 {"overwrite", output.overwrite},
+                 {"max_shard_mb", output.max_shard_mb}};
   j["gate"] = {{"max_ppl_increase", optional_json(gate.max_ppl_increase)},
                {"max_kl", optional_json(gate.max_kl)}};
   j["priority"] = priority_name(priority);
@@ -411,7 +252,12 @@ Result<JobSpec> parse_job_spec(const nlohmann::json& j) {
   QCAL_RETURN_IF_ERROR(
       rd.check_keys({"model", "recipe", "calib", "eval", "output", "gate", "priority", "labels"}));
   QCAL_RETURN_IF_ERROR(rd.str("model", &s.model, /*required=*/true));
-  if (const json* v = rd.find("recipe", true)) QCAL_RETURN_IF_ERROR(parse_recipe(*v, &s.recipe));
+  {
+    const json* v = rd.find("recipe", true);
+    QCAL_ASSIGN_OR_RETURN(s.recipe, recipe_from_json(v ? *v : json::object(), "recipe"));
+    Status st = s.recipe.validate();
+    if (!st.is_ok()) return Status(st.code(), "recipe." + st.message());
+  }
 
   const json* calib = rd.find("calib");
   if (!calib) return invalid_input("calib.path: required");
@@ -425,12 +271,8 @@ Result<JobSpec> parse_job_spec(const nlohmann::json& j) {
 
   const json* output = rd.find("output");
   if (!output) return invalid_input("output.path: required");
-  QCAL_RETURN_IF_ERROR(parse_output(*output, s.recipe.calibration(), &s.output));
-  if (!s.recipe.calibration() && s.output.format == "compressed-tensors" && s.recipe.w_bits != 4 &&
-      s.recipe.w_bits != 8) {
-    return invalid_input("output.format: compressed-tensors needs recipe.w_bits 4 or 8 (got " +
-                         std::to_string(s.recipe.w_bits) + ")");
-  }
+  QCAL_RETURN_IF_ERROR(parse_output(*output, &s.output));
+  QCAL_RETURN_IF_ERROR(output_format(s).status());
   if (const json* v = rd.find("gate", true)) QCAL_RETURN_IF_ERROR(parse_gate(*v, &s.gate));
 
   std::string priority = "normal";

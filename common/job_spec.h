@@ -5,38 +5,27 @@
 // JSON form (defaults shown; `model`, `calib.path` and `output.path` are required):
 // {
 //   "model": "/models/llama",
-//   "recipe": {"method": "gptq", "w_bits": 4, "group_size": 128, "sym": true,
-//              "act_order": false, "static_groups": false, "damp": 0.01,
-//              "mse_clip": false, "true_sequential": true,
-//              "mode": "sequential", "window": 1, "overlap": 0, "seed": 0},
+//   "recipe": {"transform": "flatquant", "weight_solver": "gptq", "w_bits": 4,
+//              "a_bits": 4, "kv_bits": 4, ...},            // common/recipe.h
+//              (absent: GPTQ W4 g128)
 //   "calib": {"path": "/data/calib.jsonl", "nsamples": 128, "seqlen": 2048},
 //   "eval":  {"path": "/data/eval.jsonl", "nsamples": 0, "seqlen": 2048},   // optional
-//   "output": {"path": "/out/llama-w4", "format": "gptq", "overwrite": false},
+//   "output": {"path": "/out/llama-w4", "format": "auto", "overwrite": false,
+//              "max_shard_mb": 2048},
 //   "gate": {"max_ppl_increase": 0.05, "max_kl": 0.1},                      // optional
 //   "priority": "normal",                 // high | normal | low
 //   "labels": {"team": "infra"}
 // }
 //
-// The recipe object has two forms (issue #5 part 3: one recipe schema for
-// `qcal quantize` and the REST API):
-//  - weight-only: the keys above, method rtn | gptq (GPTQ / compressed-tensors
-//    output through the block-wise DAG; unchanged, byte-identical outputs);
-//  - calibration: the calibration engine's recipe (worker/calib/recipe.h,
-//    CalibRecipe::to_json's keys: transform, weight_solver, w_bits, w_group,
-//    a_bits, a_clip, kv_bits, kv_clip, ..., intactkv, intactkv_prefix, gptq,
-//    reconstruction, cbq_window, cbq_overlap, cbq_parallel, cbq_epochs,
-//    lora_rank, cfp, seed, batch), plus "method" as the CLI's --method: rtn |
-//    gptq set weight_solver, smoothquant | quarot | spinquant | flatquant set
-//    transform. A recipe is a calibration recipe when it has a key only that
-//    schema has (calib_recipe_keys() minus the weight-only keys) or its method
-//    names a transform. Its defaults are CalibRecipe's (weight_solver rtn,
-//    per-channel weights). Weight-only keys in it are refused with the
-//    calibration key to use ("recipe.group_size: ... use w_group").
-//    output.format then also takes "native" and "auto" (the default: native
-//    unless everything folds into the weights, see worker/engine/recipe.h).
-//    The object is kept as given (method resolved); the engine parses and
-//    validates it (calib::recipe_from_json + validate) when the job is planned:
-//    calib_recipe_from_spec in worker/engine/recipe.h.
+// The recipe object is common/recipe.h's: the one recipe (the method registry's
+// keys, common/method_registry.h), or the earlier weight-only form ({"method":
+// "gptq", "w_bits", "group_size", "sym", "act_order", "static_groups", "damp",
+// "mse_clip", "true_sequential", "mode", "window", "overlap", "seed"}), which is
+// mapped onto it (defaults GPTQ W4 with groups of 128 in that form). It is parsed
+// and validated (values, caps, combinations) here; the checks that need the
+// model's shapes run when the job is planned.
+// output.format: auto (the default: gptq when everything folds into the weights,
+// else native), native, gptq, compressed-tensors (output_format() resolves it).
 #pragma once
 
 #include <cstdint>
@@ -46,36 +35,10 @@
 #include <string>
 #include <vector>
 
+#include "common/recipe.h"
 #include "common/status.h"
 
 namespace qcal {
-
-struct RecipeSpec {
-  std::string method = "gptq";  // rtn | gptq
-  int w_bits = 4;
-  int64_t group_size = 128;  // -1 = per channel
-  bool sym = true;
-  bool act_order = false;
-  bool static_groups = false;
-  double damp = 0.01;
-  bool mse_clip = false;
-  bool true_sequential = true;
-  std::string mode = "sequential";  // sequential | parallel
-  int64_t window = 1;               // blocks per calibration task
-  int64_t overlap = 0;
-  uint64_t seed = 0;
-  // The calibration recipe (see the top of this file), "method" resolved into
-  // transform / weight_solver; nullopt for a weight-only recipe. When set, the
-  // fields above are unused but for `method` (a display name: the transform, else
-  // the weight solver, else "rtn") and w_bits / seed (copied when given).
-  std::optional<nlohmann::json> calib;
-  bool calibration() const { return calib.has_value(); }
-};
-
-// The keys of a calibration recipe object (CalibRecipe::to_json's, without the
-// "method" alias), and the weight-only recipe's keys.
-const std::vector<std::string>& calib_recipe_keys();
-const std::vector<std::string>& weight_only_recipe_keys();
 
 struct DataSpec {
   std::string path;
@@ -85,9 +48,9 @@ struct DataSpec {
 
 struct OutputSpec {
   std::string path;
-  // gptq | compressed-tensors; calibration recipes also native | auto (their default)
-  std::string format = "gptq";
+  std::string format = "auto";  // auto | native | gptq | compressed-tensors
   bool overwrite = false;
+  int64_t max_shard_mb = 2048;  // GPTQ / compressed-tensors: data per safetensors shard
 };
 
 // The validation gate: the job fails (with its report) when a bound is exceeded.
@@ -101,7 +64,7 @@ const char* priority_name(Priority p);
 
 struct JobSpec {
   std::string model;
-  RecipeSpec recipe;
+  Recipe recipe;
   DataSpec calib;
   std::optional<DataSpec> eval;
   OutputSpec output;
@@ -111,6 +74,12 @@ struct JobSpec {
 
   nlohmann::json to_json() const;  // full form, defaults filled in
 };
+
+// What the job writes: output.format with "auto" resolved (gptq when the recipe folds
+// completely, else native). kInvalidInput ("output.format: ...") for gptq /
+// compressed-tensors with a recipe that leaves work online, native with asymmetric
+// weights, compressed-tensors at bits other than 4 and 8.
+Result<std::string> output_format(const JobSpec& spec);
 
 // Parses and validates a job spec. Unknown keys are errors (a typo must not
 // silently fall back to a default). Errors are kInvalidInput naming the field:

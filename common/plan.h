@@ -1,81 +1,92 @@
-// The task DAG of a quantization job: what the coordinator's planner emits
-// and what a worker executes. The planner never touches tensors; the worker
-// never plans. Both sides agree through these names.
+// The task DAG of a quantization job (issue #10: one layer-streaming pipeline
+// for every recipe): what common/pipeline_plan.h emits, what the coordinator
+// stores in Redis, what a worker (or `qcal quantize`, in process) executes.
+// The planner never touches tensors; a worker never plans.
 //
-// Sequential mode (the faithful one: block l calibrates on the outputs of the
-// already-quantized blocks < l):
+// Letters: L layers, N calibration sequences of T tokens, H hidden; P the
+// IntactKV prefix length. Task ids carry a 4-digit layer (or window) number.
 //
-//   capture ──► calibrate-0000 ──► calibrate-0001 ──► … ──► assemble ──► validate
+//   embed ──► capture-0000 ──► capture-0001 ──► … ──► capture-(L−2)
+//     │            │                │
+//     │       flatquant-0000   flatquant-0001  …      (transforms with a block task,
+//     │            │                │                  in parallel, on FP inputs)
+//     ▼            ▼                ▼
+//   quantize-0000 ──► quantize-0001 ──► … ──► quantize-(L−1)   (sequential mode: each on
+//     │                                        the quantized outputs of the one before)
+//     └──────────────────────► assemble ──► validate
 //
-//   capture        params {}                     result {"artifacts": {"x": A}}
-//                  embeds the job's calibration sequences: X₀ (N*T, H) fp32.
-//   calibrate-LLLL params {"layer_begin": l, "layer_end": l+k}
-//                  deps: the previous calibrate (or capture)
-//                  reads X_l from its dep, quantizes layers [l, l+k) exactly as
-//                  `qcal quantize` does (quantize_layer), writes
-//                  result {"artifacts": {"qlinears": A, "x": A}, "layers": [LayerReport…]}
-//   assemble       deps: every calibrate; reads every "qlinears" artifact and
-//                  writes the output checkpoint (atomic publish)
-//                  result {"output": path, "bytes": n}
-//   validate       deps: assemble; evaluates the output against the FP model
-//                  on the job's eval data and applies the gate
-//                  result {"report": EvalResult JSON + gate, "gate_passed": bool}
-//                  (no eval data → report {"skipped": "..."} and gate_passed true)
+//   embed        reads the job's calibration tokens and writes X_0 = the embedding
+//                rows (N·T, H) as artifact "x" (with the recipe's embed_mean_sub), and
+//                with IntactKV the prefix's X^p_0 (P, H) as "prefix".
+//   capture-LLLL (when a method needs FP inputs or activation statistics, or IntactKV
+//                needs the prefix) the FP block l on X_l streamed in micro-batches:
+//                "x" = X_{l+1} (omitted for the last layer), "stats" = per-channel
+//                max |x| of block l's q/k/v, gate/up and down inputs, "prefix" =
+//                X^p_{l+1}. deps: embed or capture-(l−1).
+//   spinquant    (whole model, in memory) learns R1 and every R2: "rotations".
+//                deps: embed.
+//   <transform>-LLLL  a transform whose row has block_task (flatquant): fits block l
+//                on X_l (input) and X_{l+1} (target) read in micro-batches: "params"
+//                (the learned transform of block l, small). deps: the producers of
+//                X_l and X_{l+1} (and of stats_l).
+//   quantize-LLLL  params {"layers": [l0, l1)}: the deployed block (original weights
+//                + the transform) rounded by the weight solver; GPTQ's Hessians from
+//                the block's inputs: the quantized path X^q_l (sequential: the
+//                previous quantize task's "x"; the first one: embed's "x", rotated
+//                when the transform rotates the residual stream) or FP inputs
+//                (parallel mode: capture's); RTN needs no data. Writes
+//                "block.LLLL" per layer (qcal.block v1: codes, scales, the deployed
+//                norms/biases, online transforms, activation/KV quantizers, and with
+//                IntactKV the FP prefix K/V) and "x" = X^q_{l1} in sequential mode.
+//   cbq-window-WWWW  params {"window", "first", "last", "finalize_last"}: one CBQ
+//                window (reconstruction block = windows of 1) on the quantized-path
+//                input (previous window's "x"; parallel mode: capture's FP input),
+//                targets X_{last+1} from capture, the carried parameters of the
+//                previous window ("state"); writes "block.LLLL" for the layers it
+//                finalizes, "state" and "x" (sequential).
+//   intactkv-cal (whole model, in memory) trains the IntactKV cache ("+Cal") of the
+//                assembled blocks: "prefix_kv". deps: every block producer.
+//   assemble     streams every "block.LLLL" (and "rotations" / "prefix_kv") into the
+//                output checkpoint: native, or GPTQ / compressed-tensors when
+//                everything folds; embeddings and lm_head are rotated/folded by rows.
+//                result {"output", "bytes", "format"}.
+//   validate     evaluates the output against the FP model on the job's eval data
+//                (streaming, both checkpoint kinds) and applies the gate:
+//                result {"report": EvalResult JSON + gate, "gate_passed": bool}
+//                (no eval data → {"skipped": ...}, gate_passed true).
 //
-// Parallel mode: capture also runs the FP model and stores every block's FP
-// input X_l; each calibrate then depends on capture only.
+// Parallel mode: every quantize task (and window) reads FP inputs from the capture
+// instead of the previous task, so all of them can run at once.
 //
-// Calibration recipes (spec.recipe.calib set: the calibration engine's schema,
-// worker/calib/recipe.h) get one of two DAGs.
-//
-// Without reconstruction (transforms, activation / KV quantization, IntactKV):
-//
-//   calib ──► validate
-//
-//   calib          params {"format": "native" | "gptq" | "compressed-tensors"}
-//                  loads the calibration sequences and runs calib::calibrate_to_dir
-//                  into output.path (atomic publish)
-//                  result {"output": path, "bytes": n, "format": f, "report": CalibReport}
-//
-// With reconstruction "cbq" or "block" (windows from calib::cbq_plan):
-//
-//   capture ──► cbq-window-0000 ──► cbq-window-0001 ──► … ──► assemble ──► validate
-//
-//   capture        params {"cbq": true}; cbq_prepare + save_cbq_setup
-//                  result {"artifacts": {"setup/<file>": A …}, "sequences": N,
-//                          "seqlen": T, "windows": W}
-//   cbq-window-WWWW params {"window": w, "first": l0, "last": l1, "finalize_last": lf}
-//                  deps: capture and the previous window (window 0: capture only);
-//                  loads the setup and the previous window's state (window 0:
-//                  cbq_initial_state), runs ONE window (cbq_run_window) and saves
-//                  the advanced state with the layers this window finalized
-//                  result {"artifacts": {"state/<file>": A …}, "window": CbqWindowReport
-//                          {"window", "first", "last", "loss_first", "loss_last",
-//                          "loss_hard_init", "loss_hard", "steps", "seconds"},
-//                          "finalized": [layer …]}
-//   assemble       deps: capture and every window; cbq_finish over the finalized
-//                  layers of every window's state, write_native (atomic publish)
-//                  result {"output": path, "bytes": n, "format": "native", "layers": L}
-//   validate       as above; a native output is evaluated by calib::evaluate_native
-//
-// A directory artifact (a setup or a state directory) is listed file by file:
-// key "<name>/<path inside>" → A, every file checksummed; a single-file one is
-// key "<name>" → A. A job interrupted anywhere resumes at the first window
-// without a result: every earlier window's state is on disk and checksummed.
-//
-// An artifact reference A is {"path": relative to the store root,
-// "sha256": hex, "bytes": n}; readers verify the checksum and, on mismatch,
-// ask the store to re-run the producing task (JobStore::rerun_producer).
+// An artifact reference A is {"path": relative to the store root, "sha256": hex,
+// "bytes": n}; a task's result holds {"artifacts": {name: A, ...}, ...}; readers
+// verify the checksum and, on mismatch, ask the store to re-run the producer
+// (JobStore::rerun_producer). Every task is idempotent: a re-run writes under its
+// own attempt number and overwrites nothing another task relies on.
 #pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
 
 namespace qcal::plan {
 
+inline constexpr const char* kEmbed = "embed";
 inline constexpr const char* kCapture = "capture";
-inline constexpr const char* kCalibrate = "calibrate";
+inline constexpr const char* kTransform = "transform";  // ids "<method>-LLLL"
+inline constexpr const char* kLearn = "learn";          // ids "spinquant", "intactkv-cal"
+inline constexpr const char* kQuantize = "quantize";
+inline constexpr const char* kCbqWindow = "cbq-window";
 inline constexpr const char* kAssemble = "assemble";
 inline constexpr const char* kValidate = "validate";
-// Calibration recipes (see above). Task ids: "calib", "cbq-window-%04d".
-inline constexpr const char* kCalib = "calib";
-inline constexpr const char* kCbqWindow = "cbq-window";
+
+// "<prefix>-0003"
+inline std::string numbered(const std::string& prefix, int64_t i) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "-%04lld", static_cast<long long>(i));
+  return prefix + buf;
+}
+// Artifact names.
+inline std::string block_artifact(int64_t layer) { return numbered("block", layer); }
 
 }  // namespace qcal::plan

@@ -52,7 +52,7 @@
 #include "common/job_store.h"
 #include "common/redis.h"
 #include "common/status.h"
-#include "coordinator/planner.h"
+#include "common/planner.h"
 
 namespace qcal {
 

@@ -21,7 +21,7 @@
 #include "common/log.h"
 #include "common/plan.h"
 #include "coordinator/auth.h"
-#include "coordinator/planner.h"
+#include "common/planner.h"
 #include "coordinator/schedules.h"
 
 namespace qcal {
@@ -199,8 +199,9 @@ json job_detail(const JobInfo& j, const std::vector<TaskInfo>& tasks, double now
                   {"mem_bytes", t.def.mem_bytes},
                   {"error", t.error}});
     if (t.state == TaskState::kDone) ++done;
-    if (t.def.type != plan::kCalibrate && t.def.type != plan::kCbqWindow &&
-        t.def.type != plan::kCalib)
+    // The block tasks (quantize, transform, CBQ windows) give the ETA and the reports.
+    if (t.def.type != plan::kQuantize && t.def.type != plan::kCbqWindow &&
+        t.def.type != plan::kTransform)
       continue;
     if (t.state == TaskState::kDone) {
       cal_sum += task_seconds(t, now);

@@ -358,3 +358,169 @@ Result<Activations> ArtifactStore::read_activations(const ArtifactRef& ref) cons
 }
 
 }  // namespace qcal
+
+// ---------------------------------------------------------------- streamed activations
+
+namespace qcal {
+
+struct ArtifactStore::ActivationFileWriter::Impl {
+  std::string rel, path, tmp;
+  int fd = -1;
+  int64_t N = 0, T = 0, H = 0, written = 0;
+  Sha256 sha;
+  uint64_t bytes = 0;
+  const ArtifactStore::FaultHook* hook = nullptr;
+  bool done = false;
+
+  Status write_all(const void* p, size_t n) {
+    const char* c = static_cast<const char*>(p);
+    while (n > 0) {
+      ssize_t w = ::write(fd, c, n);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        const int err = errno;
+        if (err == ENOSPC || err == EDQUOT)
+          return resource_exhausted(tmp + ": write: " + errno_str(err));
+        return io_error(tmp + ": write: " + errno_str(err));
+      }
+      sha.update(c, static_cast<size_t>(w));
+      bytes += static_cast<uint64_t>(w);
+      c += w;
+      n -= static_cast<size_t>(w);
+    }
+    return Status::ok();
+  }
+};
+
+ArtifactStore::ActivationFileWriter::~ActivationFileWriter() {
+  if (impl_ && impl_->fd >= 0) ::close(impl_->fd);
+  if (impl_ && !impl_->done && !impl_->tmp.empty()) ::unlink(impl_->tmp.c_str());
+}
+
+Result<std::unique_ptr<ArtifactStore::ActivationFileWriter>> ArtifactStore::create_activations(
+    const std::string& rel, int64_t N, int64_t T, int64_t H) {
+  QCAL_ASSIGN_OR_RETURN(std::string path, checked_path(rel));
+  if (N < 1 || T < 1 || H < 1)
+    return invalid_input(rel + ": activations need N, T, H >= 1 (got " + std::to_string(N) +
+                         ", " + std::to_string(T) + ", " + std::to_string(H) + ")");
+  QCAL_RETURN_IF_ERROR(make_parent(path));
+  std::unique_ptr<ActivationFileWriter> w(new ActivationFileWriter());
+  w->impl_ = std::make_unique<ActivationFileWriter::Impl>();
+  auto& m = *w->impl_;
+  m.rel = rel;
+  m.path = path;
+  m.N = N;
+  m.T = T;
+  m.H = H;
+  m.hook = &fault_hook_;
+  m.tmp = temp_name(path);
+  m.fd = ::open(m.tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (m.fd < 0) {
+    const int err = errno;
+    m.tmp.clear();
+    return io_error(path + ": create: " + errno_str(err));
+  }
+  // The same header SafetensorsWriter writes for write_activations: metadata, then "x".
+  nlohmann::ordered_json hj = nlohmann::ordered_json::object();
+  nlohmann::ordered_json meta = nlohmann::ordered_json::object();
+  meta["qcal.format"] = kActivationsFormat;
+  meta["qcal.seqlen"] = std::to_string(T);
+  meta["qcal.version"] = std::to_string(kArtifactFormatVersion);
+  hj["__metadata__"] = std::move(meta);
+  const uint64_t data = static_cast<uint64_t>(N) * static_cast<uint64_t>(T) *
+                        static_cast<uint64_t>(H) * sizeof(float);
+  hj["x"] = {{"dtype", "F32"}, {"shape", {N * T, H}}, {"data_offsets", {0, data}}};
+  std::string header = hj.dump();
+  header.append((8 - header.size() % 8) % 8, ' ');
+  unsigned char len[8];
+  uint64_t hl = header.size();
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(hl >> (8 * i));
+  QCAL_RETURN_IF_ERROR(m.write_all(len, 8));
+  QCAL_RETURN_IF_ERROR(m.write_all(header.data(), header.size()));
+  return w;
+}
+
+Status ArtifactStore::ActivationFileWriter::append(const float* x, int64_t n) {
+  auto& m = *impl_;
+  if (m.done || m.fd < 0) return internal_error(m.path + ": append after finish");
+  if (n < 0 || m.written + n > m.N)
+    return internal_error(m.path + ": " + std::to_string(m.written + n) + " sequences for a file of " +
+                          std::to_string(m.N));
+  QCAL_RETURN_IF_ERROR(
+      m.write_all(x, static_cast<size_t>(n * m.T * m.H) * sizeof(float)));
+  m.written += n;
+  return Status::ok();
+}
+
+Result<ArtifactRef> ArtifactStore::ActivationFileWriter::finish() {
+  auto& m = *impl_;
+  if (m.done) return internal_error(m.path + ": finish() twice");
+  if (m.written != m.N)
+    return internal_error(m.path + ": " + std::to_string(m.written) + " of " + std::to_string(m.N) +
+                          " sequences written");
+  if (*m.hook) QCAL_RETURN_IF_ERROR((*m.hook)(m.path));
+  if (::fsync(m.fd) != 0) return io_error(m.tmp + ": fsync: " + errno_str(errno));
+  ::close(m.fd);
+  m.fd = -1;
+  if (::rename(m.tmp.c_str(), m.path.c_str()) != 0)
+    return io_error(m.path + ": rename: " + errno_str(errno));
+  m.done = true;
+  QCAL_RETURN_IF_ERROR(fsync_path(fs::path(m.path).parent_path().string()));
+  return ArtifactRef{m.rel, m.sha.hex_digest(), m.bytes};
+}
+
+ArtifactStore::ActivationFileReader::~ActivationFileReader() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Result<std::unique_ptr<ArtifactStore::ActivationFileReader>> ArtifactStore::open_activations(
+    const ArtifactRef& ref, bool verify_sum) const {
+  if (verify_sum) QCAL_RETURN_IF_ERROR(verify(ref));
+  const std::string path = absolute(ref.path);
+  auto opened = SafetensorsFile::open(path);
+  if (!opened.is_ok()) return corrupt(opened.status().message());
+  const SafetensorsFile& f = **opened;
+  QCAL_RETURN_IF_ERROR(check_format(f, kActivationsFormat));
+  std::unique_ptr<ActivationFileReader> r(new ActivationFileReader());
+  try {
+    r->T_ = std::stoll(f.header().metadata.at("qcal.seqlen"));
+  } catch (const std::exception&) {
+    return corrupt(path + ": missing or bad qcal.seqlen");
+  }
+  const TensorInfo* t = f.find("x");
+  if (!t || t->dtype != DType::kF32 || t->shape.size() != 2 || r->T_ <= 0 ||
+      t->shape[0] % r->T_ != 0)
+    return corrupt(path + ": tensor 'x' missing or not F32 (N*T, H) with T = " +
+                   std::to_string(r->T_));
+  r->N_ = t->shape[0] / r->T_;
+  r->H_ = t->shape[1];
+  r->data_start_ = f.header().data_start + t->begin;
+  r->path_ = path;
+  r->fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (r->fd_ < 0) return corrupt(path + ": open: " + errno_str(errno));
+  return r;
+}
+
+Status ArtifactStore::ActivationFileReader::read(int64_t s0, int64_t n, float* out) const {
+  if (s0 < 0 || n < 0 || s0 + n > N_)
+    return invalid_input(path_ + ": sequences [" + std::to_string(s0) + ", " +
+                         std::to_string(s0 + n) + ") outside [0, " + std::to_string(N_) + ")");
+  const uint64_t seq = static_cast<uint64_t>(T_ * H_) * sizeof(float);
+  char* p = reinterpret_cast<char*>(out);
+  uint64_t left = static_cast<uint64_t>(n) * seq;
+  uint64_t off = data_start_ + static_cast<uint64_t>(s0) * seq;
+  while (left > 0) {
+    ssize_t got = ::pread(fd_, p, left, static_cast<off_t>(off));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return io_error(path_ + ": read: " + errno_str(errno));
+    }
+    if (got == 0) return corrupt(path_ + ": truncated");
+    p += got;
+    off += static_cast<uint64_t>(got);
+    left -= static_cast<uint64_t>(got);
+  }
+  return Status::ok();
+}
+
+}  // namespace qcal

@@ -43,6 +43,7 @@
 
 #include "common/status.h"
 #include "common/tensor.h"
+#include "worker/calib/activations.h"
 #include "worker/engine/quantizer.h"
 
 namespace qcal {
@@ -110,6 +111,20 @@ class ArtifactStore {
   Result<ArtifactRef> write_activations(const std::string& rel, const Tensor& x, int64_t seqlen);
   Result<Activations> read_activations(const ArtifactRef& ref) const;
 
+  // ---- activations, streamed (the same qcal.activations v1 files): a writer for
+  // N sequences of T tokens of width H that takes them in order (memory: none
+  // beyond the caller's buffers; the SHA-256 is computed while writing), and a
+  // reader that verifies the file once (a streaming pass) and then reads any
+  // range of sequences with pread (the page cache, not this process, holds the file).
+  class ActivationFileWriter;
+  class ActivationFileReader;
+  Result<std::unique_ptr<ActivationFileWriter>> create_activations(const std::string& rel,
+                                                                   int64_t N, int64_t T,
+                                                                   int64_t H);
+  // verify = false skips the checksum pass (the caller verified the ref already).
+  Result<std::unique_ptr<ActivationFileReader>> open_activations(const ArtifactRef& ref,
+                                                                 bool verify = true) const;
+
   // Tests: called after an artifact's bytes are in its temporary file and
   // before it is published, with the final path. A non-OK status aborts the
   // write as a crash there would (the temporary file is removed, nothing
@@ -123,6 +138,40 @@ class ArtifactStore {
 
   std::string root_;
   FaultHook fault_hook_;
+};
+
+// Appends sequences to a qcal.activations file; finish() publishes it (fsync,
+// rename, the ref). Destroyed without finish(): the temporary file is removed.
+class ArtifactStore::ActivationFileWriter : public calib::ActivationSink {
+ public:
+  ~ActivationFileWriter() override;
+  Status append(const float* x, int64_t n) override;
+  // All N sequences must have been appended (kInternal otherwise).
+  Result<ArtifactRef> finish();
+
+ private:
+  friend class ArtifactStore;
+  ActivationFileWriter() = default;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+class ArtifactStore::ActivationFileReader : public calib::ActivationSource {
+ public:
+  ~ActivationFileReader() override;
+  int64_t sequences() const override { return N_; }
+  int64_t seqlen() const override { return T_; }
+  int64_t width() const override { return H_; }
+  // pread of the range; thread safe.
+  Status read(int64_t s0, int64_t n, float* out) const override;
+
+ private:
+  friend class ArtifactStore;
+  ActivationFileReader() = default;
+  std::string path_;
+  int fd_ = -1;
+  uint64_t data_start_ = 0;
+  int64_t N_ = 0, T_ = 0, H_ = 0;
 };
 
 }  // namespace qcal

@@ -200,6 +200,17 @@ Status RankGroup::allreduce_sum(float* data, int64_t n) {
 #endif
 }
 
+Status RankGroup::allreduce_sum(double* data, int64_t n) {
+  if (!multi()) return Status::ok();
+#ifdef QCAL_WITH_MPI
+  return mpi_sum_chunked(data, n, MPI_DOUBLE, sizeof(double), "MPI_Allreduce(double)");
+#else
+  (void)data;
+  (void)n;
+  return Status::ok();
+#endif
+}
+
 Status RankGroup::allreduce_sum(int64_t* data, int64_t n) {
   if (!multi()) return Status::ok();
 #ifdef QCAL_WITH_MPI

@@ -23,15 +23,20 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "common/status.h"
 #include "common/tensor.h"
 #include "kernels/nccl_reduce.h"
-#include "worker/engine/quantize.h"
+#include "worker/engine/gptq.h"
 
 namespace qcal {
+
+// Sums a rank-local Hessian accumulator across the ranks of a worker group
+// (all-reduce of raw_sum() and nsamples). nullptr = single rank.
+using HessianReduce = std::function<Status(HessianAccumulator& acc)>;
 
 class RankGroup {
  public:
@@ -67,6 +72,7 @@ class RankGroup {
   Result<int> agree(int bits);
   // In-place sums across ranks.
   Status allreduce_sum(float* data, int64_t n);
+  Status allreduce_sum(double* data, int64_t n);  // MPI only (training gradients, fp64)
   Status allreduce_sum(int64_t* data, int64_t n);
   // quantize_layer's HessianReduce: sums raw_sum() and nsamples() over the
   // ranks. nullptr for a single rank (quantize_layer then skips the step).

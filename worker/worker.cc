@@ -9,6 +9,7 @@
 #include "common/job_spec.h"
 #include "common/log.h"
 #include "common/plan.h"
+#include "worker/pipeline.h"
 #include "worker/tasks.h"
 
 namespace qcal {
@@ -234,7 +235,7 @@ void Worker::Impl::handle(const Claim& claim) {
     return report_fail(v, retryable(v.code()));
   }
 
-  if (group->multi() && ctx.task.type == plan::kCalibrate) {
+  if (group->multi() && runs_on_all_ranks(ctx.task.type)) {
     std::string msg = task_message(ctx, claim.job.spec).dump();
     Status b = group->broadcast(&msg);
     if (!b.is_ok()) {

@@ -16,6 +16,7 @@
 #include "common/dtype.h"
 #include "common/model_dir.h"
 #include "common/rng.h"
+#include "worker/calib/activations.h"
 #include "worker/calib/param.h"
 
 namespace qcal::calib {
@@ -374,11 +375,9 @@ std::vector<double> cfp_act_scales(const std::vector<double>& channel_max, doubl
 // ================================================================ 3. Window loss
 
 template <typename T>
-double window_loss(const T* h_fp, const T* h_q, int64_t rows, int64_t H, T* d_hq, double* mse,
-                   double* kl) {
-  double sum_mse = 0.0, sum_kl = 0.0;
+void window_loss_acc(const T* h_fp, const T* h_q, int64_t rows, int64_t H, T* d_hq,
+                     double grad_scale, double* sum_mse, double* sum_kl) {
   std::vector<double> p(static_cast<size_t>(H)), q(static_cast<size_t>(H));
-  const double inv_rows = rows > 0 ? 1.0 / static_cast<double>(rows) : 0.0;
   for (int64_t t = 0; t < rows; ++t) {
     const T* a = h_fp + t * H;
     const T* b = h_q + t * H;
@@ -404,16 +403,24 @@ double window_loss(const T* h_fp, const T* h_q, int64_t rows, int64_t H, T* d_hq
       q[j] /= zb;
       k += p[j] * (lp - lq);
     }
-    sum_mse += e2 / static_cast<double>(H);
-    sum_kl += k;
+    *sum_mse += e2 / static_cast<double>(H);
+    *sum_kl += k;
     if (d_hq) {
       T* d = d_hq + t * H;
       for (int64_t j = 0; j < H; ++j)
         d[j] = static_cast<T>(
             (2.0 * (static_cast<double>(b[j]) - a[j]) / static_cast<double>(H) + q[j] - p[j]) *
-            inv_rows);
+            grad_scale);
     }
   }
+}
+
+template <typename T>
+double window_loss(const T* h_fp, const T* h_q, int64_t rows, int64_t H, T* d_hq, double* mse,
+                   double* kl) {
+  double sum_mse = 0.0, sum_kl = 0.0;
+  const double inv_rows = rows > 0 ? 1.0 / static_cast<double>(rows) : 0.0;
+  window_loss_acc(h_fp, h_q, rows, H, d_hq, inv_rows, &sum_mse, &sum_kl);
   if (mse) *mse = sum_mse * inv_rows;
   if (kl) *kl = sum_kl * inv_rows;
   return (sum_mse + sum_kl) * inv_rows;
@@ -435,7 +442,9 @@ double window_loss(const T* h_fp, const T* h_q, int64_t rows, int64_t H, T* d_hq
   template std::vector<int8_t> lora_round_codes<T>(                                                \
       const LoraRoundSpec&, const LoraRoundParams<T>&, const T*, int64_t, int64_t);                \
   template int64_t cfp_truncate_weights<T>(T*, int64_t, int64_t, double, double);                  \
-  template double window_loss<T>(const T*, const T*, int64_t, int64_t, T*, double*, double*);
+  template double window_loss<T>(const T*, const T*, int64_t, int64_t, T*, double*, double*);   \
+  template void window_loss_acc<T>(const T*, const T*, int64_t, int64_t, T*, double, double*,     \
+                                   double*);
 QCAL_CBQ_INSTANTIATE(float)
 QCAL_CBQ_INSTANTIATE(double)
 #undef QCAL_CBQ_INSTANTIATE
@@ -546,23 +555,6 @@ bool finite_all_t(const std::vector<T>& v) {
   return true;
 }
 
-// y = chain of `blocks` applied to x (N·T, H), in batches of `batch` sequences.
-void run_chain(const std::vector<const QBlock<float>*>& blocks, const float* x, float* y, int64_t N,
-               int64_t T, int64_t H, int64_t batch) {
-  std::vector<float> a, b;
-  for (int64_t b0 = 0; b0 < N; b0 += batch) {
-    const int64_t nb = std::min(batch, N - b0);
-    const size_t n = static_cast<size_t>(nb * T * H);
-    a.assign(x + b0 * T * H, x + b0 * T * H + n);
-    b.resize(n);
-    for (const QBlock<float>* qb : blocks) {
-      qb->forward(a.data(), b.data(), nb, T);
-      a.swap(b);
-    }
-    std::copy(a.begin(), a.end(), y + b0 * T * H);
-  }
-}
-
 // One linear of one block in the window.
 struct LinearWork {
   int64_t R = 0, C = 0;
@@ -619,34 +611,36 @@ void fold_smoothing(BlockWeightsT<float>& w, const std::vector<double>& s_attn,
 }  // namespace
 
 Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vector<CbqWindow>& plan,
-                      int64_t N, int64_t T, const std::vector<BlockWeightsT<float>*>& layers,
-                      CbqState* state, std::vector<CbqLayerResult>* finalized,
-                      CbqWindowReport* report) {
+                      int64_t wi, const std::vector<BlockWeightsT<float>*>& layers,
+                      const std::vector<CbqBlockParams>& carried, const CbqStreams& io,
+                      std::vector<CbqBlockParams>* carried_out,
+                      std::vector<CbqLayerResult>* finalized, CbqWindowReport* report) {
   const double t0 = steady_seconds();
   QCAL_RETURN_IF_ERROR(o.validate(c));
-  if (!state) return invalid_input("cbq: no state");
-  const int64_t wi = state->next_window;
   if (wi < 0 || wi >= static_cast<int64_t>(plan.size()))
-    return invalid_input("cbq: state.next_window " + std::to_string(wi) + " outside the plan of " +
+    return invalid_input("cbq: window " + std::to_string(wi) + " outside the plan of " +
                          std::to_string(plan.size()) + " windows");
   const CbqWindow win = plan[static_cast<size_t>(wi)];
   const int64_t k = win.last - win.first + 1, nfin = win.finalize_last - win.first + 1;
-  const int64_t H = c.hidden_size, I = c.intermediate_size, rows = N * T;
-  const size_t act_n = static_cast<size_t>(rows * H);
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
   if (static_cast<int64_t>(layers.size()) != k)
     return invalid_input("cbq: window " + std::to_string(wi) + " needs " + std::to_string(k) +
                          " layers, got " + std::to_string(layers.size()));
-  if (N < 1 || T < 1 || state->x_fp.size() != act_n || (!o.parallel && state->x_q.size() != act_n))
-    return invalid_input("cbq: state activations do not have N·T·H elements");
+  if (!io.x_fp || (!o.parallel && !io.x_q))
+    return invalid_input("cbq: window " + std::to_string(wi) + " has no input activations");
+  const int64_t N = io.x_fp->sequences(), T = io.x_fp->seqlen();
+  if (N < 1 || T < 1 || io.x_fp->width() != H ||
+      (!o.parallel && (io.x_q->sequences() != N || io.x_q->seqlen() != T || io.x_q->width() != H)))
+    return invalid_input("cbq: window inputs are not N x T x H activations of the same size");
   const int64_t n_carry = wi > 0 ? std::max<int64_t>(0, plan[wi - 1].last - win.first + 1) : 0;
-  if (static_cast<int64_t>(state->carried.size()) != n_carry)
+  if (static_cast<int64_t>(carried.size()) != n_carry)
     return invalid_input("cbq: window " + std::to_string(wi) + " expects " +
-                         std::to_string(n_carry) + " carried blocks, the state has " +
-                         std::to_string(state->carried.size()));
+                         std::to_string(n_carry) + " carried blocks, got " +
+                         std::to_string(carried.size()));
   for (int64_t j = 0; j < n_carry; ++j)
-    if (state->carried[j].layer != win.first + j)
+    if (carried[j].layer != win.first + j)
       return invalid_input("cbq: carried block " + std::to_string(j) + " is layer " +
-                           std::to_string(state->carried[j].layer) + ", expected " +
+                           std::to_string(carried[j].layer) + ", expected " +
                            std::to_string(win.first + j));
   for (int64_t j = 0; j < k; ++j) {
     const BlockWeightsT<float>* l = layers[j];
@@ -672,22 +666,28 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   const bool learn_clip = o.learn_act_clip && (o.a_bits < 16 || o.kv_bits < 16);
   const bool smooth = o.cfp && o.cfp_acts && o.a_bits < 16;
   const int64_t bsz = std::min(o.bsz, N);
+  const size_t chunk_n = static_cast<size_t>(bsz * T * H);
 
-  // ---- FP pass through the window: targets, the next state's x_fp, CFP statistics.
-  // Only three activation sets are kept: the running one, the FP input of the next
-  // window (after nfin blocks) and the target (after k).
-  std::vector<float> fp_cur, fp_next, target;
-  const float* fp_in = state->x_fp.data();
+  // ---- FP pass through the window, bsz sequences at a time: the targets (kept in a
+  // scratch file or memory), the next window's FP input, CFP's statistics.
+  std::unique_ptr<ActivationBuffer> target;
+  if (io.scratch_dir.empty()) {
+    target = std::make_unique<MemoryActivations>(T, H);
+  } else {
+    QCAL_ASSIGN_OR_RETURN(target, ScratchActivations::create(io.scratch_dir, T, H));
+  }
   std::vector<ChanMax> cmax(static_cast<size_t>(k));
-  for (int64_t j = 0; j < k; ++j) {
-    QBlock<float> qb(c, layers[j], online_of(j), &kNoQuant, &kNoClip);
-    LinearInputHook hook;
-    ChanMax& cm = cmax[j];
-    if (smooth) {
+  {
+    std::vector<std::unique_ptr<QBlock<float>>> fpb;
+    std::vector<LinearInputHook> hooks(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) {
+      fpb.push_back(std::make_unique<QBlock<float>>(c, layers[j], online_of(j), &kNoQuant, &kNoClip));
+      if (!smooth) continue;
+      ChanMax& cm = cmax[j];
       cm.attn.assign(static_cast<size_t>(H), 0.0);
       cm.mlp.assign(static_cast<size_t>(H), 0.0);
       cm.down.assign(static_cast<size_t>(I), 0.0);
-      hook = [&cm](const std::string& proj, const float* x, int64_t nr, int64_t in) {
+      hooks[j] = [&cm](const std::string& proj, const float* x, int64_t nr, int64_t in) {
         std::vector<double>* m = nullptr;
         if (proj == kProjNames[kQ]) m = &cm.attn;
         if (proj == kProjNames[kGate]) m = &cm.mlp;
@@ -698,23 +698,19 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
             (*m)[i] = std::max((*m)[i], std::fabs(static_cast<double>(x[r * in + i])));
       };
     }
-    std::vector<float> out(act_n);
+    std::vector<float> a(chunk_n), b(chunk_n);
     for (int64_t b0 = 0; b0 < N; b0 += bsz) {
       const int64_t nb = std::min(bsz, N - b0);
-      qb.forward(fp_in + b0 * T * H, out.data() + b0 * T * H, nb, T, nullptr, hook);
+      QCAL_RETURN_IF_ERROR(io.x_fp->read(b0, nb, a.data()));
+      for (int64_t j = 0; j < k; ++j) {
+        fpb[j]->forward(a.data(), b.data(), nb, T, nullptr, hooks[j]);
+        if (j + 1 == nfin && io.next_fp) QCAL_RETURN_IF_ERROR(io.next_fp->append(b.data(), nb));
+        a.swap(b);
+      }
+      QCAL_RETURN_IF_ERROR(target->append(a.data(), nb));
     }
-    if (j + 1 == nfin && nfin < k) fp_next = out;
-    if (j + 1 == k) {
-      target = std::move(out);
-      if (nfin == k) fp_next = target;
-      break;
-    }
-    fp_cur = std::move(out);
-    fp_in = fp_cur.data();
   }
-  fp_cur.clear();
-  fp_cur.shrink_to_fit();
-  const std::vector<float>& xin_all = o.parallel ? state->x_fp : state->x_q;
+  const ActivationSource& xin_all = o.parallel ? *io.x_fp : *io.x_q;
 
   // ---- Blocks: CFP, parameters (carried or fresh).
   std::vector<BlockWork> bw(static_cast<size_t>(k));
@@ -745,9 +741,9 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
       fold_smoothing(b.base, b.info.smooth_attn, b.info.smooth_mlp, b.info.smooth_down, H, I);
     }
     b.cur = b.base;
-    const bool carried = j < n_carry;
-    if (carried) {
-      b.prm = state->carried[j];
+    const bool is_carried = j < n_carry;
+    if (is_carried) {
+      b.prm = carried[j];
       const BlockClipT<double> want =
           learn_clip ? init_clip_params<double>(qspec, c, 4.0) : BlockClipT<double>();
       bool same = b.prm.clip.k_max.size() == want.k_max.size() &&
@@ -773,7 +769,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
       const uint64_t seed = o.seed * 0x100000001b3ull + static_cast<uint64_t>(b.layer) * 7919u +
                             static_cast<uint64_t>(p);
       lw.lp = lora_round_init(spec, W.data(), lw.R, lw.C, s0f, o.init, seed);
-      if (!carried) {
+      if (!is_carried) {
         b.prm.rho[p].assign(lw.s0.size(), 0.0);
         b.prm.a1[p].assign(lw.lp.a1.begin(), lw.lp.a1.end());
         b.prm.a2[p].assign(lw.lp.a2.begin(), lw.lp.a2.end());
@@ -825,20 +821,35 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
       qbs->push_back(
           std::make_unique<QBlock<float>>(c, &bw[j].cur, online_of(j), &qspec, &clipf[j]));
   };
-  // E over all N sequences with the current weights.
-  auto full_loss = [&]() {
+  // The quantized chain over every sequence, bsz at a time: E against the targets, and
+  // the outputs after `nout` blocks into `sink` (may be null).
+  std::vector<float> ca(chunk_n), cb(chunk_n), ct(chunk_n);
+  auto run_all = [&](int64_t nout, ActivationSink* sink, double* e) -> Status {
     std::vector<std::unique_ptr<QBlock<float>>> qbs;
     make_blocks(&qbs);
-    std::vector<const QBlock<float>*> chain;
-    for (auto& q : qbs) chain.push_back(q.get());
-    std::vector<float> y(act_n);
-    run_chain(chain, xin_all.data(), y.data(), N, T, H, bsz);
-    return window_loss(target.data(), y.data(), rows, H, static_cast<float*>(nullptr));
+    double sm = 0.0, sk = 0.0;
+    for (int64_t b0 = 0; b0 < N; b0 += bsz) {
+      const int64_t nb = std::min(bsz, N - b0);
+      QCAL_RETURN_IF_ERROR(xin_all.read(b0, nb, ca.data()));
+      for (int64_t j = 0; j < k; ++j) {
+        qbs[j]->forward(ca.data(), cb.data(), nb, T);
+        ca.swap(cb);
+        if (j + 1 == nout && sink) QCAL_RETURN_IF_ERROR(sink->append(ca.data(), nb));
+      }
+      if (e) {
+        QCAL_RETURN_IF_ERROR(target->read(b0, nb, ct.data()));
+        window_loss_acc(ct.data(), ca.data(), nb * T, H, static_cast<float*>(nullptr), 0.0, &sm,
+                        &sk);
+      }
+    }
+    if (e) *e = (sm + sk) * (1.0 / static_cast<double>(N * T));
+    return Status::ok();
   };
   sync();
   sync_clip();
   quantize_weights(true);
-  const double loss_hard_init = full_loss();
+  double loss_hard_init = 0.0;
+  QCAL_RETURN_IF_ERROR(run_all(0, nullptr, &loss_hard_init));
 
   // ---- Optimizers (fresh per window).
   AdamWOptions ao;
@@ -873,6 +884,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   const int64_t nb = (N + bsz - 1) / bsz;
   const int64_t total = static_cast<int64_t>(o.epochs) * nb;
   const int64_t warm = static_cast<int64_t>(std::ceil(o.warmup * static_cast<double>(total)));
+  const int ranks = std::max(1, io.ranks);
   CbqWindowReport rep;
   rep.window = wi;
   rep.first = win.first;
@@ -883,7 +895,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   // first soft loss is no scale (kResidual starts with soft Ŵ = W: E ≈ 0).
   const double e0 = loss_hard_init;
   std::vector<std::vector<float>> acts(static_cast<size_t>(k + 1));
-  std::vector<float> dy, y_aug, d_aug, tmp;
+  std::vector<float> dy, y_aug, d_aug, tgt;
   auto fail = [&](int64_t step, const std::string& what) {
     return internal_error(where + " step " + std::to_string(step) + ": " + what);
   };
@@ -892,58 +904,81 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
       return unavailable("cbq: window " + std::to_string(wi) + " stopped at step " +
                          std::to_string(step) + " of " + std::to_string(total));
     const int64_t b0 = (step % nb) * bsz, B = std::min(bsz, N - b0);
-    const size_t n = static_cast<size_t>(B * T * H);
+    const int64_t r0 = b0 + B * io.rank / ranks, r1 = b0 + B * (io.rank + 1) / ranks;
+    const int64_t micro = io.micro > 0 ? io.micro : B;
+    // One forward/backward of the whole minibatch on one rank: exactly the arithmetic of
+    // the single-process trainer; otherwise micro-batches and ranks sum their parts.
+    const bool single = ranks == 1 && r1 - r0 <= micro;
+    const double grad_scale = 1.0 / static_cast<double>(B * T);
     sync();
     sync_clip();
     quantize_weights(o.hard_ste);
     std::vector<std::unique_ptr<QBlock<float>>> qbs;
     make_blocks(&qbs);
-    std::vector<std::unique_ptr<BlockTape<float>>> tapes;
-    acts[0].assign(xin_all.begin() + b0 * T * H, xin_all.begin() + b0 * T * H + n);
-    for (int64_t j = 0; j < k; ++j) {
-      tapes.push_back(make_tape<float>());
-      acts[j + 1].resize(n);
-      qbs[j]->forward(acts[j].data(), acts[j + 1].data(), B, T, tapes.back().get());
-    }
-    dy.resize(n);
-    double loss = window_loss(target.data() + b0 * T * H, acts[k].data(), B * T, H, dy.data());
-    if (!std::isfinite(loss))
-      return fail(step, std::string("loss is ") + (std::isnan(loss) ? "NaN" : "inf"));
-    double loss_aug = 0.0;
-    if (o.aug_loss) {
-      // FP window (original weights) on the quantized branch's input.
-      std::vector<float> a = acts[0];
-      y_aug.resize(n);
+    std::vector<BlockGradsT<float>> grads(static_cast<size_t>(k));
+    double sm = 0.0, sk = 0.0, am = 0.0, ak = 0.0;
+    for (int64_t m0 = r0; m0 < r1; m0 += micro) {
+      const int64_t mb = std::min(micro, r1 - m0);
+      const size_t n = static_cast<size_t>(mb * T * H);
+      std::vector<std::unique_ptr<BlockTape<float>>> tapes;
+      acts[0].resize(n);
+      QCAL_RETURN_IF_ERROR(xin_all.read(m0, mb, acts[0].data()));
+      tgt.resize(n);
+      QCAL_RETURN_IF_ERROR(target->read(m0, mb, tgt.data()));
       for (int64_t j = 0; j < k; ++j) {
-        QBlock<float> fb(c, layers[j], online_of(j), &kNoQuant, &kNoClip);
-        fb.forward(a.data(), y_aug.data(), B, T);
-        a.swap(y_aug);
+        tapes.push_back(make_tape<float>());
+        acts[j + 1].resize(n);
+        qbs[j]->forward(acts[j].data(), acts[j + 1].data(), mb, T, tapes.back().get());
       }
-      d_aug.resize(n);
-      loss_aug = window_loss(a.data(), acts[k].data(), B * T, H, d_aug.data());
-      if (!std::isfinite(loss_aug)) return fail(step, "aug loss is not finite");
-      for (size_t i = 0; i < n; ++i) dy[i] += d_aug[i];
+      dy.resize(n);
+      window_loss_acc(tgt.data(), acts[k].data(), mb * T, H, dy.data(), grad_scale, &sm, &sk);
+      if (o.aug_loss) {
+        // FP window (original weights) on the quantized branch's input.
+        std::vector<float> a = acts[0];
+        y_aug.resize(n);
+        for (int64_t j = 0; j < k; ++j) {
+          QBlock<float> fb(c, layers[j], online_of(j), &kNoQuant, &kNoClip);
+          fb.forward(a.data(), y_aug.data(), mb, T);
+          a.swap(y_aug);
+        }
+        d_aug.resize(n);
+        window_loss_acc(a.data(), acts[k].data(), mb * T, H, d_aug.data(), grad_scale, &am, &ak);
+        for (size_t i = 0; i < n; ++i) dy[i] += d_aug[i];
+      }
+      if (single) {
+        const double loss = (sm + sk) * grad_scale;
+        if (!std::isfinite(loss))
+          return fail(step, std::string("loss is ") + (std::isnan(loss) ? "NaN" : "inf"));
+        if (o.aug_loss && !std::isfinite((am + ak) * grad_scale))
+          return fail(step, "aug loss is not finite");
+      }
+      if (e0 > 0.0) {
+        const float inv_e0 = static_cast<float>(1.0 / e0);
+        for (float& v : dy) v *= inv_e0;
+        // Backward through the chain; weight gradients accumulate over micro-batches.
+        for (int64_t j = k - 1; j >= 0; --j) {
+          BackwardOptions bo;
+          bo.input = j > 0;
+          bo.transforms = false;
+          bo.clip = learn_clip;
+          bo.weights = true;
+          qbs[j]->backward(*tapes[j], dy.data(), &grads[j], bo);
+          if (j > 0) dy.swap(grads[j].dx);
+          tapes[j].reset();
+        }
+      }
     }
-    if (step == 0) rep.loss_first = loss;
-    rep.loss_last = loss;
+    double sums[2] = {sm, sk};
+    if (!single && io.sum && ranks > 1) QCAL_RETURN_IF_ERROR(io.sum(sums, 2));
+    const double loss = (sm + sk) * grad_scale;  // this rank's part; the report's below
+    const double loss_all = (sums[0] + sums[1]) * grad_scale;
+    if (!std::isfinite(loss_all))
+      return fail(step, std::string("loss is ") + (std::isnan(loss_all) ? "NaN" : "inf"));
+    if (step == 0) rep.loss_first = single ? loss : loss_all;
+    rep.loss_last = single ? loss : loss_all;
     ++rep.steps;
     if (e0 <= 0.0) break;  // exact already: nothing to learn
-    const float inv_e0 = static_cast<float>(1.0 / e0);
-    for (float& v : dy) v *= inv_e0;
 
-    // Backward through the chain; weight gradients chained into (ρ, A1, A2).
-    std::vector<std::vector<double>> gs, gl, ga;
-    std::vector<BlockGradsT<float>> grads(static_cast<size_t>(k));
-    for (int64_t j = k - 1; j >= 0; --j) {
-      BackwardOptions bo;
-      bo.input = j > 0;
-      bo.transforms = false;
-      bo.clip = learn_clip;
-      bo.weights = true;
-      qbs[j]->backward(*tapes[j], dy.data(), &grads[j], bo);
-      if (j > 0) dy.swap(grads[j].dx);
-      tapes[j].reset();
-    }
     const bool reg_on = o.lora_rounding && o.reg_lambda > 0 && step >= warm && n_round > 0;
     // β: beta_start at the first regularized step, beta_end at the last (linear).
     const double rel =
@@ -951,6 +986,8 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
                           static_cast<double>(std::max<int64_t>(1, total - 1 - warm)));
     const double beta = o.beta_start + (o.beta_end - o.beta_start) * std::max(0.0, rel);
     const double reg_w = reg_on ? o.reg_lambda / static_cast<double>(n_round) : 0.0;
+    std::vector<std::vector<double>> gs, gl, ga;
+    std::vector<LoraRoundGrads<float>> regs;  // multi-rank: the regularizer, added after the sum
     for (int64_t j = 0; j < k; ++j) {
       BlockWork& b = bw[j];
       for (int p = 0; p < kNumProj; ++p) {
@@ -962,26 +999,30 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
         } else {
           lora_round_bwd(spec, lw.lp, b.base.w[p].data(), lw.R, lw.C, dW.data(), &lg, o.hard_ste);
         }
-        if (reg_on && !lw.lp.a1.empty()) lora_round_reg(spec, lw.lp, lw.R, lw.C, beta, reg_w, &lg);
+        if (reg_on && !lw.lp.a1.empty()) {
+          if (single) {
+            lora_round_reg(spec, lw.lp, lw.R, lw.C, beta, reg_w, &lg);
+          } else {
+            LoraRoundGrads<float> rg;
+            rg.a1.assign(lw.lp.a1.size(), 0.0f);
+            rg.a2.assign(lw.lp.a2.size(), 0.0f);
+            lora_round_reg(spec, lw.lp, lw.R, lw.C, beta, reg_w, &rg);
+            regs.push_back(std::move(rg));
+          }
+        }
         std::vector<double> drho(lw.s0.size());
         for (size_t i = 0; i < drho.size(); ++i)
           drho[i] = static_cast<double>(lg.scale[i]) * static_cast<double>(lw.lp.scale[i]);
-        if (!finite_all(drho))
-          return fail(step, "gradient of the step sizes of " + std::string(kProjNames[p]) +
-                                " in layer " + std::to_string(b.layer) + " is not finite");
         gs.push_back(std::move(drho));
         if (!lw.lp.a1.empty()) {
           if (lg.a1.empty()) lg.a1.assign(lw.lp.a1.size(), 0.0f);
           if (lg.a2.empty()) lg.a2.assign(lw.lp.a2.size(), 0.0f);
-          if (!finite_all_t(lg.a1) || !finite_all_t(lg.a2))
-            return fail(step, "gradient of the LoRA factors of " + std::string(kProjNames[p]) +
-                                  " in layer " + std::to_string(b.layer) + " is not finite");
           gl.emplace_back(lg.a1.begin(), lg.a1.end());
           gl.emplace_back(lg.a2.begin(), lg.a2.end());
         }
       }
       if (learn_clip) {
-        const BlockClipT<float>& gc = grads[j].clip;
+        const BlockClipT<float>& gcl = grads[j].clip;
         auto tied = [](const std::vector<float>& a, const std::vector<float>& b2) {
           std::vector<double> s(1, 0.0);
           if (!a.empty()) s[0] += a[0];
@@ -989,11 +1030,35 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
           return s;
         };
         for (int p = 0; p < kNumProj; ++p)
-          if (!b.prm.clip.act_max[p].empty()) ga.push_back(tied(gc.act_max[p], gc.act_min[p]));
-        if (!b.prm.clip.k_max.empty()) ga.push_back(tied(gc.k_max, gc.k_min));
-        if (!b.prm.clip.v_max.empty()) ga.push_back(tied(gc.v_max, gc.v_min));
+          if (!b.prm.clip.act_max[p].empty()) ga.push_back(tied(gcl.act_max[p], gcl.act_min[p]));
+        if (!b.prm.clip.k_max.empty()) ga.push_back(tied(gcl.k_max, gcl.k_min));
+        if (!b.prm.clip.v_max.empty()) ga.push_back(tied(gcl.v_max, gcl.v_min));
       }
     }
+    if (!single && io.sum && ranks > 1) {
+      std::vector<double> buf;
+      for (auto* g : {&gs, &gl, &ga})
+        for (const auto& v : *g) buf.insert(buf.end(), v.begin(), v.end());
+      QCAL_RETURN_IF_ERROR(io.sum(buf.data(), static_cast<int64_t>(buf.size())));
+      size_t off = 0;
+      for (auto* g : {&gs, &gl, &ga})
+        for (auto& v : *g) {
+          std::copy(buf.begin() + static_cast<std::ptrdiff_t>(off),
+                    buf.begin() + static_cast<std::ptrdiff_t>(off + v.size()), v.begin());
+          off += v.size();
+        }
+    }
+    if (!regs.empty()) {
+      size_t ri = 0;
+      for (size_t g = 0; g + 1 < gl.size() && ri < regs.size(); g += 2, ++ri) {
+        for (size_t i = 0; i < gl[g].size(); ++i) gl[g][i] += regs[ri].a1[i];
+        for (size_t i = 0; i < gl[g + 1].size(); ++i) gl[g + 1][i] += regs[ri].a2[i];
+      }
+    }
+    for (size_t i = 0; i < gs.size(); ++i)
+      if (!finite_all(gs[i])) return fail(step, "gradient of the step sizes is not finite");
+    for (const auto& g : gl)
+      if (!finite_all(g)) return fail(step, "gradient of the LoRA factors is not finite");
     for (const auto& g : ga)
       if (!finite_all(g))
         return fail(step, "gradient of an activation clip parameter is not finite");
@@ -1012,7 +1077,6 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   sync();
   sync_clip();
   const int half = 1 << (o.w_bits - 1);
-  std::vector<CbqLayerResult> results;
   for (int64_t j = 0; j < k; ++j) {
     BlockWork& b = bw[j];
     for (int p = 0; p < kNumProj; ++p) {
@@ -1051,31 +1115,55 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
     b.info.k_clip = o.kv_bits >= 16 ? 1.0 : learn_clip ? sigmoid(b.prm.clip.k_max[0]) : o.kv_clip;
     b.info.v_clip = o.kv_bits >= 16 ? 1.0 : learn_clip ? sigmoid(b.prm.clip.v_max[0]) : o.kv_clip;
   }
-  rep.loss_hard = full_loss();
+  // The hardened loss, and the next window's quantized-branch input (sequential).
+  QCAL_RETURN_IF_ERROR(run_all(nfin, o.parallel ? nullptr : io.next_q, &rep.loss_hard));
   if (!std::isfinite(rep.loss_hard)) return internal_error(where + ": hardened loss is not finite");
 
-  // ---- Next state: x_q through the finalized blocks, x_fp from the FP pass.
-  CbqState next;
-  next.next_window = wi + 1;
-  next.x_fp = std::move(fp_next);
-  if (!o.parallel) {
-    std::vector<std::unique_ptr<QBlock<float>>> qbs;
-    make_blocks(&qbs);
-    std::vector<const QBlock<float>*> chain;
-    for (int64_t j = 0; j < nfin; ++j) chain.push_back(qbs[j].get());
-    next.x_q.resize(act_n);
-    run_chain(chain, state->x_q.data(), next.x_q.data(), N, T, H, bsz);
-  }
-  for (int64_t j = nfin; j < k; ++j) next.carried.push_back(bw[j].prm);
-
   // ---- Commit.
+  if (carried_out) {
+    carried_out->clear();
+    for (int64_t j = nfin; j < k; ++j) carried_out->push_back(bw[j].prm);
+  }
   for (int64_t j = 0; j < nfin; ++j) {
     *layers[j] = bw[j].cur;
     if (finalized) finalized->push_back(std::move(bw[j].info));
   }
-  *state = std::move(next);
   rep.seconds = steady_seconds() - t0;
   if (report) *report = rep;
+  return Status::ok();
+}
+
+Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vector<CbqWindow>& plan,
+                      int64_t N, int64_t T, const std::vector<BlockWeightsT<float>*>& layers,
+                      CbqState* state, std::vector<CbqLayerResult>* finalized,
+                      CbqWindowReport* report) {
+  if (!state) return invalid_input("cbq: no state");
+  const int64_t H = c.hidden_size;
+  const size_t act_n = static_cast<size_t>(N * T * H);
+  if (N < 1 || T < 1 || state->x_fp.size() != act_n || (!o.parallel && state->x_q.size() != act_n))
+    return invalid_input("cbq: state activations do not have N·T·H elements");
+  MemoryActivations x_fp(std::move(state->x_fp), T, H), x_q(std::move(state->x_q), T, H);
+  MemoryActivations next_fp(T, H), next_q(T, H);
+  CbqStreams io;
+  io.x_fp = &x_fp;
+  io.x_q = o.parallel ? nullptr : &x_q;
+  io.next_fp = &next_fp;
+  io.next_q = o.parallel ? nullptr : &next_q;
+  std::vector<CbqBlockParams> out;
+  std::vector<CbqLayerResult> fin;
+  Status st = cbq_run_window(c, o, plan, state->next_window, layers, state->carried, io, &out, &fin,
+                             report);
+  if (!st.is_ok()) {  // *state unchanged
+    state->x_fp = std::move(x_fp.data());
+    state->x_q = std::move(x_q.data());
+    return st;
+  }
+  state->next_window += 1;
+  state->x_fp = std::move(next_fp.data());
+  state->x_q = std::move(next_q.data());
+  state->carried = std::move(out);
+  if (finalized)
+    for (auto& f : fin) finalized->push_back(std::move(f));
   return Status::ok();
 }
 

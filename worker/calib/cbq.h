@@ -121,6 +121,7 @@
 #include "common/model_config.h"
 #include "common/status.h"
 #include "kernels/grad.h"
+#include "worker/calib/activations.h"
 #include "worker/calib/qblock.h"
 #include "worker/engine/quantizer.h"
 
@@ -222,6 +223,12 @@ std::vector<double> cfp_act_scales(const std::vector<double>& channel_max, doubl
 template <typename T>
 double window_loss(const T* h_fp, const T* h_q, int64_t rows, int64_t H, T* d_hq,
                    double* mse = nullptr, double* kl = nullptr);
+// The same as running sums over any number of calls (rows in order give exactly
+// window_loss's sums): *sum_mse / *sum_kl += the rows' terms; d_hq (may be null) gets
+// each row's ∂ times `grad_scale` (window_loss: 1/rows).
+template <typename T>
+void window_loss_acc(const T* h_fp, const T* h_q, int64_t rows, int64_t H, T* d_hq,
+                     double grad_scale, double* sum_mse, double* sum_kl);
 
 // ================================================================ 4. Windows
 
@@ -347,6 +354,36 @@ struct CbqLayerResult {
   std::vector<double> smooth_attn, smooth_mlp, smooth_down;
   std::array<std::vector<int64_t>, 3> outlier_channels;  // attn, mlp, down
 };
+
+// ---- The window on activation streams (issue #10): no N·T·H array is held; the
+// targets are kept in a scratch file (or memory) while the window trains.
+struct CbqStreams {
+  // FP activations entering the window's first block. The FP pass runs the window's
+  // FP blocks on them: the targets and CFP's statistics. Required.
+  const ActivationSource* x_fp = nullptr;
+  // The quantized branch's input (sequential mode); null in parallel mode (x_fp then).
+  const ActivationSource* x_q = nullptr;
+  // Receive the next window's inputs (either may be null): x_fp through the finalized
+  // FP blocks, x_q through the finalized quantized blocks (sequential only).
+  ActivationSink* next_fp = nullptr;
+  ActivationSink* next_q = nullptr;
+  // The targets go to an unnamed file in this directory, or memory when empty.
+  std::string scratch_dir;
+  // Data parallel: each training minibatch is split over the ranks and `sum` adds their
+  // loss sums and gradients; the FP pass and the full-set losses run on every rank.
+  int rank = 0, ranks = 1;
+  std::function<Status(double*, int64_t)> sum;
+  // Sequences per training forward/backward (gradients accumulate); 0 = the minibatch.
+  int64_t micro = 0;
+};
+// Window `window` of `plan` with the trained parameters `carried` of the blocks it shares
+// with the previous window (in order); on success the parameters of the blocks the next
+// window shares go to `carried_out`, and the finalized layers as in the overload below.
+Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vector<CbqWindow>& plan,
+                      int64_t window, const std::vector<BlockWeightsT<float>*>& layers,
+                      const std::vector<CbqBlockParams>& carried, const CbqStreams& io,
+                      std::vector<CbqBlockParams>* carried_out,
+                      std::vector<CbqLayerResult>* finalized, CbqWindowReport* report);
 
 // Runs window state->next_window of `plan` (built by cbq_plan for the same options).
 // `layers[j]` is the FP weights of block plan[w].first + j (j < window size); on

@@ -8,6 +8,10 @@
 #include "worker/calib/fp_model.h"
 
 #include <algorithm>
+
+#include "kernels/grad.h"
+
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <memory>
@@ -298,6 +302,76 @@ double fp_model_loss(const FpModel& m, const int32_t* tokens, int64_t B, int64_t
   accumulate(&grads->embed, d_embed);
   accumulate(&grads->lm_head, d_head);
   return loss;
+}
+
+
+namespace {
+using Vec = std::vector<double>;
+Vec to_dv(const std::vector<float>& v) { return Vec(v.begin(), v.end()); }
+// A (rows, n) ← A·M (M n×n), in float64, cast back once.
+void right_mul(std::vector<float>& A, int64_t rows, int64_t n, const Vec& M) {
+  Vec a = to_dv(A), out(static_cast<size_t>(rows * n));
+  gemm_t(false, false, rows, n, n, 1.0, a.data(), n, M.data(), n, 0.0, out.data(), n);
+  A.assign(out.begin(), out.end());
+}
+// A (n, cols) ← Mᵀ·A (M n×n), in float64, cast back once.
+void left_mul_t(std::vector<float>& A, int64_t n, int64_t cols, const Vec& M) {
+  Vec a = to_dv(A), out(static_cast<size_t>(n * cols));
+  gemm_t(true, false, n, cols, n, 1.0, M.data(), n, a.data(), cols, 0.0, out.data(), cols);
+  A.assign(out.begin(), out.end());
+}
+void scale_cols(std::vector<float>& W, int64_t n, const Vec& s) {
+  const int64_t rows = static_cast<int64_t>(W.size()) / n;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      float& w = W[static_cast<size_t>(r * n + j)];
+      w = static_cast<float>(static_cast<double>(w) * s[static_cast<size_t>(j)]);
+    }
+}
+bool all_ones(const std::vector<float>& v) {
+  return std::all_of(v.begin(), v.end(), [](float x) { return x == 1.0f; });
+}
+}  // namespace
+
+void fold_norms(FpModel& m, bool embed_mean_sub) {
+  const int64_t H = m.config.hidden_size;
+  for (auto& w : m.layers) {
+    const Vec gi = to_dv(w.input_norm), gp = to_dv(w.post_norm);
+    for (int p : {kQ, kK, kV}) scale_cols(w.w[p], H, gi);
+    for (int p : {kGate, kUp}) scale_cols(w.w[p], H, gp);
+    std::fill(w.input_norm.begin(), w.input_norm.end(), 1.0f);
+    std::fill(w.post_norm.begin(), w.post_norm.end(), 1.0f);
+  }
+  scale_cols(m.lm_head, H, to_dv(m.final_norm));
+  std::fill(m.final_norm.begin(), m.final_norm.end(), 1.0f);
+  if (embed_mean_sub) {
+    const int64_t V = static_cast<int64_t>(m.embed.size()) / H;
+    for (int64_t v = 0; v < V; ++v) {
+      float* e = m.embed.data() + v * H;
+      double mean = 0.0;
+      for (int64_t j = 0; j < H; ++j) mean += e[j];
+      mean /= static_cast<double>(H);
+      for (int64_t j = 0; j < H; ++j) e[j] = static_cast<float>(e[j] - mean);
+    }
+  }
+  // lm_head (a copy when tied) no longer equals the embedding.
+  m.config.tie_word_embeddings = false;
+}
+
+void rotate_residual(FpModel& m, const std::vector<double>& R1) {
+  const ModelConfig& c = m.config;
+  const int64_t H = c.hidden_size;
+  QCAL_CHECK(static_cast<int64_t>(R1.size()) == H * H);
+  QCAL_CHECK(all_ones(m.final_norm));
+  right_mul(m.embed, static_cast<int64_t>(m.embed.size()) / H, H, R1);
+  right_mul(m.lm_head, static_cast<int64_t>(m.lm_head.size()) / H, H, R1);
+  for (auto& w : m.layers) {
+    QCAL_CHECK(all_ones(w.input_norm) && all_ones(w.post_norm));  // fold_norms first
+    for (int p : {kQ, kK, kV, kGate, kUp})
+      right_mul(w.w[p], static_cast<int64_t>(w.w[p].size()) / H, H, R1);
+    for (int p : {kO, kDown}) left_mul_t(w.w[p], H, static_cast<int64_t>(w.w[p].size()) / H, R1);
+  }
+  m.config.tie_word_embeddings = false;
 }
 
 }  // namespace qcal::calib

@@ -51,4 +51,11 @@ struct FpModelGrads {
 double fp_model_loss(const FpModel& m, const int32_t* tokens, int64_t B, int64_t T,
                      FpModelGrads* grads, const std::vector<LayerPlan>* plans = nullptr);
 
+// Whole-model folds (methods.md §0.4, §3; SpinQuant's learning works on the whole
+// model): input/post norm γ into q/k/v and gate/up, final norm into lm_head (γ := 1),
+// optional embedding row-mean subtraction; the residual rotation R1 (H×H, x → x·R1)
+// on the embedding, every linear and lm_head. Norms must be folded first.
+void fold_norms(FpModel& m, bool embed_mean_sub);
+void rotate_residual(FpModel& m, const std::vector<double>& R1);
+
 }  // namespace qcal::calib

@@ -678,4 +678,21 @@ Result<std::vector<double>> attention_sink_share(const LlamaModel& m, const Toke
   return share;
 }
 
+TokenSequences intactkv_cal_data(const TokenSequences& calib, const std::vector<int32_t>& prefix,
+                                 int64_t* replaced) {
+  TokenSequences d = calib;
+  const int64_t P = static_cast<int64_t>(prefix.size());
+  int64_t n = 0;
+  if (P < d.seqlen) {
+    for (int64_t s = 0; s < d.count(); ++s) {
+      int32_t* seq = d.tokens.data() + s * d.seqlen;
+      if (std::equal(prefix.begin(), prefix.end(), seq)) continue;
+      std::copy(prefix.begin(), prefix.end(), seq);
+      ++n;
+    }
+  }
+  if (replaced) *replaced = n;
+  return d;
+}
+
 }  // namespace qcal::calib

@@ -168,6 +168,12 @@ double intactkv_cal_objective(const NativeModel& quantized, const NativeModel& f
                               std::vector<std::vector<double>>* dv,
                               RoundTape<double>* tape = nullptr);
 
+// The calibration data of +Cal: the sequences of `calib` with their first P tokens
+// replaced by `prefix` where they do not begin with it (the IntactKV paper's protocol;
+// P must be shorter than seqlen), and how many were changed.
+TokenSequences intactkv_cal_data(const TokenSequences& calib, const std::vector<int32_t>& prefix,
+                                 int64_t* replaced);
+
 // Attention-sink diagnostic: per layer l (L entries), the mean attention
 // probability that a query puts on position 0, averaged over the n_h heads,
 // the query positions t = 1..T−1 (position 0 trivially attends to itself) and

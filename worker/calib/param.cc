@@ -179,30 +179,6 @@ double orthogonality_error(const std::vector<double>& A, int64_t n) {
   return err;
 }
 
-Result<std::pair<int64_t, int64_t>> decompose_dim(int64_t n) {
-  if (n < 1) return invalid_input("decompose_dim: n must be >= 1, got " + std::to_string(n));
-  if (n % 4 == 2) {
-    return invalid_input("decompose_dim: " + std::to_string(n) +
-                         " is 2 mod 4, not a difference of two squares");
-  }
-  // Exact integer square roots (floating sqrt then corrected).
-  auto isqrt = [](int64_t x) {
-    int64_t r = static_cast<int64_t>(std::sqrt(static_cast<double>(x)));
-    while (r > 0 && r * r > x) --r;
-    while ((r + 1) * (r + 1) <= x) ++r;
-    return r;
-  };
-  int64_t a = isqrt(n);
-  if (a * a < n) ++a;
-  // Terminates: odd n = ((n+1)/2)² − ((n−1)/2)², n = 4k = (k+1)² − (k−1)².
-  while (true) {
-    const int64_t t = a * a - n;
-    const int64_t b = isqrt(t);
-    if (b * b == t) return std::make_pair(a - b, a + b);
-    ++a;
-  }
-}
-
 std::vector<double> cayley(const std::vector<double>& raw, int64_t n) {
   QCAL_CHECK(raw.size() == sq(n));
   const Mat A = skew_from_raw(raw, n);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/rng.h"
+#include "common/recipe.h"
 #include "common/status.h"
 
 namespace qcal::calib {
@@ -19,10 +20,8 @@ std::vector<double> random_orthogonal(int64_t n, Rng& rng);
 // max_ij |A Aᵀ − I| (orthogonality error).
 double orthogonality_error(const std::vector<double>& A, int64_t n);
 
-// FlatQuant's get_decompose_dim: smallest a ≥ ceil(sqrt(n)) with a² − n = b²,
-// returns (a − b, a + b). kInvalidInput for n ≡ 2 (mod 4) or n < 1 (the reference
-// loops forever there).
-Result<std::pair<int64_t, int64_t>> decompose_dim(int64_t n);
+// decompose_dim (FlatQuant's Kronecker split) is common/recipe.h's.
+
 
 // ---- Cayley map (PyTorch orthogonal(..., "cayley", use_trivialization=False)):
 // T = tril(raw), A = T − Tᵀ, U = (I − A/2)⁻¹ (I + A/2).

@@ -1,8 +1,11 @@
-// SpinQuant (methods.md §4): R1 (residual stream, H×H) and R2 (per layer, d×d)
-// learned by Cayley SGD on the Stiefel manifold through the fake-quantized model
-// (identity straight-through estimators, §0.2), next-token cross-entropy on the
-// calibration sequences. R3 (FWHT on Q/K after RoPE) and R4 (Hadamard before
-// down_proj) are fixed Hadamards, as in QuaRot.
+// transform "spinquant" (methods.md §4): R1 (residual stream, H×H) and R2 (per
+// layer, d×d) learned by Cayley SGD on the Stiefel manifold through the
+// fake-quantized model (identity straight-through estimators, §0.2), next-token
+// cross-entropy on the calibration sequences. R3 (FWHT on Q/K after RoPE) and R4
+// (Hadamard before down_proj) are fixed Hadamards, as in QuaRot. The learning
+// needs the whole model's backward: it runs in one process (the "spinquant" task,
+// which the planner refuses for models that do not fit a worker); the blocks are
+// then deployed, each in its own task, like QuaRot's with the learned rotations.
 //
 // Each step rotates a copy of the norm-folded model by the current R1 (what
 // SpinQuant's QuantizeLinear does on the fly in fp64), runs the whole model with
@@ -12,13 +15,15 @@
 // twice (pv on the V output side, pv_it on the o input side; equal because R2 is
 // orthogonal), so ∂R2 = ∂pv + ∂pv_it.
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "common/log.h"
 #include "common/rng.h"
 #include "kernels/grad.h"
 #include "kernels/hadamard.h"
-#include "worker/calib/methods.h"
+#include "worker/calib/fp_model.h"
+#include "worker/calib/methods/rotation.h"
 #include "worker/calib/param.h"
 
 namespace qcal::calib {
@@ -40,11 +45,11 @@ void add_a_bt(std::vector<double>& dR, const std::vector<float>& A, const std::v
   gemm_t(false, true, H, H, cols, 1.0, a.data(), cols, b.data(), cols, 1.0, dR.data(), H);
 }
 
-}  // namespace
 
-Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const CalibRecipe& r,
+// The learning loop (fp64 Stiefel masters R1, R2 in place).
+Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const Recipe& r,
                        std::vector<double>* R1, std::vector<std::vector<double>>* R2,
-                       CalibReport* report) {
+                       nlohmann::json* report, const ProgressFn& progress) {
   const ModelConfig& c = folded.config;
   const int64_t H = c.hidden_size, I = c.intermediate_size, d = c.head_dim;
   const int64_t L = c.num_hidden_layers, V = c.vocab_size;
@@ -55,11 +60,11 @@ Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const
   (void)kh, (void)kd, (void)ki;
 
   // Initialization (§4.1): random Hadamards.
-  *R1 = random_hadamard_matrix(H, r.seed);
+  *R1 = random_hadamard_matrix(H, r.seed());
   R2->assign(static_cast<size_t>(L), {});
   for (int64_t l = 0; l < L; ++l)
     (*R2)[static_cast<size_t>(l)] =
-        random_hadamard_matrix(d, r.seed + 1 + static_cast<uint64_t>(l));
+        random_hadamard_matrix(d, r.seed() + 1 + static_cast<uint64_t>(l));
 
   // Fixed parts: R4 as the down-input Kronecker pair d1/d2 (the block applies it to
   // the activations and, through d1_it/d2_it, to W_down's input side: no pre-fold),
@@ -71,8 +76,8 @@ Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const
 
   // Training quantizers: the recipe's, with SpinQuant's identity STE and fixed clips.
   // With GPTQ as the final weight solver, rotations are trained at W16 (§4.2, §10.4).
-  CalibRecipe tr = r;
-  if (r.weight_solver == WeightSolver::kGptq) tr.w_bits = 16;
+  Recipe tr = r;
+  if (r.weight_solver() == "gptq") tr.with("w_bits", 16);
   BlockQuantSpec qs = block_quant_spec(tr, c, /*training=*/true);
   auto identity_ste = [](FakeQuantSpec& s) {
     s.ste = Ste::kIdentity;
@@ -91,7 +96,7 @@ Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const
     t.d2 = to_float(hr);
     t.d1_it = t.d1;
     t.d2_it = t.d2;
-    if (r.kv_bits < 16) {
+    if (r.kv_bits() < 16) {
       t.pk = to_float(hd);
       t.pk_it = t.pk;
     }
@@ -101,11 +106,11 @@ Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const
     plans[static_cast<size_t>(l)] = {&tf[static_cast<size_t>(l)], &qs,
                                      &clips[static_cast<size_t>(l)]};
 
-  Rng rng(r.seed ^ 0x5e1f5e1full);
-  const int64_t B = std::min<int64_t>(r.spin_bsz, calib.count()), T = calib.seqlen;
+  Rng rng(r.seed() ^ 0x5e1f5e1full);
+  const int64_t B = std::min<int64_t>(r.i("spin_bsz"), calib.count()), T = calib.seqlen;
   std::vector<int32_t> tokens(static_cast<size_t>(B * T));
   int64_t next_seq = 0;
-  for (int64_t step = 0; step < r.spin_steps; ++step) {
+  for (int64_t step = 0; step < r.i("spin_steps"); ++step) {
     for (int64_t b = 0; b < B; ++b) {  // fixed order, cycling (the reference does not shuffle)
       const int32_t* s = calib.seq(next_seq);
       std::copy(s, s + T, tokens.begin() + b * T);
@@ -123,7 +128,8 @@ Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const
     if (!std::isfinite(loss))
       return invalid_input("spinquant: step " + std::to_string(step) + ": loss is " +
                            std::to_string(loss) + " (lower --spin-lr)");
-    if (report) report->spin_loss.push_back(loss);
+    if (report) (*report)["spin_loss"].push_back(loss);
+    if (progress) progress("spinquant", step, r.i("spin_steps"));
 
     // ∂R1 from every rotated weight of the model (W0 = the unrotated base weights).
     std::vector<double> dR1(static_cast<size_t>(H * H), 0.0);
@@ -141,7 +147,7 @@ Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const
         add_a_bt(dR1, w0[p], dw[p], H, cols);
       }
     }
-    const double lr = cosine_lr(r.spin_lr, 0.0, step, r.spin_steps);
+    const double lr = cosine_lr(r.f("spin_lr"), 0.0, step, r.i("spin_steps"));
     stiefel_sgd_step(*R1, dR1, H, lr, rng.below(101) == 0);
     for (int64_t l = 0; l < L; ++l) {
       const auto& gt = g.layers[static_cast<size_t>(l)].t;
@@ -152,10 +158,44 @@ Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const
       }
       stiefel_sgd_step((*R2)[static_cast<size_t>(l)], dR2, d, lr, rng.below(101) == 0);
     }
-    if (step % 10 == 0 || step + 1 == r.spin_steps)
+    if (step % 10 == 0 || step + 1 == r.i("spin_steps"))
       LOG_INFO << "spinquant: step " << step << " loss " << loss << " lr " << lr;
   }
   return Status::ok();
 }
 
+
+class SpinQuant : public TransformMethod {
+ public:
+  Result<Fitted> learn(const WholeModelInputs& in, nlohmann::json* report) const override {
+    const Recipe& r = *in.r;
+    QCAL_ASSIGN_OR_RETURN(FpModel m, load_fp_model(in.model_dir));
+    fold_norms(m, r.b("embed_mean_sub"));
+    std::vector<double> R1;
+    std::vector<std::vector<double>> R2;
+    QCAL_RETURN_IF_ERROR(spinquant_learn(m, *in.calib, r, &R1, &R2, report, in.progress));
+    Fitted f;
+    f.arrays["R1"] = std::move(R1);
+    for (size_t l = 0; l < R2.size(); ++l) f.arrays["R2." + std::to_string(l)] = std::move(R2[l]);
+    return f;
+  }
+  Result<Deployed> deploy(const BlockInputs& in, const Fitted&) const override {
+    const std::string r2 = "R2." + std::to_string(in.layer);
+    if (!in.global || !in.global->has("R1") || !in.global->has(r2))
+      return internal_error("spinquant: layer " + std::to_string(in.layer) +
+                            " has no learned rotations");
+    const std::vector<double>& R1 = in.R1 ? *in.R1 : in.global->at("R1");
+    return deploy_rotated(in, R1, in.global->at(r2), /*heads_online=*/false);
+  }
+  std::vector<double> residual_rotation(const ModelConfig&, const Recipe&,
+                                        const Fitted* global) const override {
+    if (!global || !global->has("R1")) return {};
+    return global->at("R1");
+  }
+  bool folds_final_norm() const override { return true; }
+};
+
+}  // namespace
 }  // namespace qcal::calib
+
+QCAL_REGISTER_TRANSFORM("spinquant", qcal::calib::SpinQuant)

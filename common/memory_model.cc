@@ -1,0 +1,164 @@
+#include "common/memory_model.h"
+
+#include <algorithm>
+#include <limits>
+
+namespace qcal {
+
+namespace {
+constexpr uint64_t kF = 4;  // bytes per fp32
+uint64_t u(int64_t v) { return v > 0 ? static_cast<uint64_t>(v) : 0; }
+// The process itself: code, libraries, BLAS buffers, allocator slack.
+constexpr uint64_t kBaseBytes = 48ull << 20;
+}  // namespace
+
+uint64_t sat_mul(uint64_t a, uint64_t b) {
+  if (a == 0 || b == 0) return 0;
+  if (a > std::numeric_limits<uint64_t>::max() / b) return std::numeric_limits<uint64_t>::max();
+  return a * b;
+}
+uint64_t sat_add(uint64_t a, uint64_t b) {
+  const uint64_t s = a + b;
+  return s < a ? std::numeric_limits<uint64_t>::max() : s;
+}
+
+MemCtx mem_ctx(const ModelConfig& c) {
+  MemCtx m;
+  m.L = u(c.num_hidden_layers);
+  m.H = u(c.hidden_size);
+  m.I = u(c.intermediate_size);
+  m.Q = u(c.q_dim());
+  m.K = u(c.kv_dim());
+  m.V = u(c.vocab_size);
+  m.n_heads = u(c.num_attention_heads);
+  m.n_kv = u(c.num_key_value_heads);
+  m.head_dim = u(c.head_dim);
+  m.linear_params = sat_add(sat_add(sat_mul(2 * m.Q, m.H), sat_mul(2 * m.K, m.H)),
+                            sat_mul(3 * m.I, m.H));
+  m.block_params = m.linear_params + 2 * m.H + (c.attention_bias ? m.Q + 2 * m.K : 0);
+  m.max_in = std::max({m.H, m.Q, m.I});
+  return m;
+}
+
+uint64_t block_forward_bytes(const MemCtx& m, uint64_t tokens) {
+  // h, h̃, q, k, v, attention out, o, gate, up, z per token; one sequence's scores.
+  const uint64_t per_token = 4 * m.H + 3 * m.Q + 3 * m.K + 3 * m.I;
+  return sat_add(sat_mul(sat_mul(tokens, per_token), kF),
+                 sat_mul(sat_mul(m.n_heads, sat_mul(m.T, m.T)), kF));
+}
+
+uint64_t block_train_bytes(const MemCtx& m, uint64_t tokens, bool transformed_weights) {
+  // The tape (qblock.cc BlockTape): x, h, h̃, x1, m, m̃ (H); q (×2), a, ã (Q);
+  // k (×3), v (×2) (K); gate, up, z, z̃ (I); the act-quantized inputs of the seven
+  // linears; and the probabilities (n_h, T, T) per sequence.
+  const uint64_t per_token = 8 * m.H + 5 * m.Q + 6 * m.K + 6 * m.I;
+  const uint64_t seqs = m.T > 0 ? (tokens + m.T - 1) / m.T : 0;
+  uint64_t b = sat_mul(sat_mul(tokens, per_token), kF);
+  b = sat_add(b, sat_mul(sat_mul(seqs, sat_mul(m.n_heads, sat_mul(m.T, m.T))), kF));
+  // The backward's gradients of the same activations (dx of every stage, reused).
+  b = sat_add(b, sat_mul(sat_mul(tokens, 2 * m.H + m.Q + 2 * m.I), kF));
+  // Weights: transformed, LWC-clipped and fake-quantized copies and their gradients.
+  b = sat_add(b, sat_mul(sat_mul(m.linear_params, transformed_weights ? 4 : 2), kF));
+  return b;
+}
+
+void memory_terms_core(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
+  const uint64_t mt = sat_mul(m.micro, m.T);
+  const uint64_t block = sat_mul(m.block_params, kF);
+  parts->push_back({"process", kBaseBytes});
+  if (task == "embed") {
+    parts->push_back({"tokens", sat_mul(sat_mul(m.N, m.T), 4)});
+    parts->push_back({"activations", sat_mul(sat_mul(mt, m.H), kF)});
+    // Embedding rows touched through the mmap (the whole table at most).
+    parts->push_back({"embeddings", sat_mul(std::min(m.V, sat_mul(m.N, m.T)), sat_mul(m.H, 2))});
+  } else if (task == "capture") {
+    parts->push_back({"weights", block});
+    parts->push_back({"activations", sat_mul(sat_mul(2 * mt, m.H), kF)});
+    parts->push_back({"forward", block_forward_bytes(m, mt)});
+  } else if (task == "transform") {
+    parts->push_back({"weights", block});
+    parts->push_back({"activations", sat_mul(sat_mul(sat_mul(4, m.train_micro), m.T),
+                                             sat_mul(m.H, kF))});
+  } else if (task == "quantize") {
+    // The checkpoint's and the deployed weights, the quantized copy (a byte per code).
+    parts->push_back({"weights", sat_add(sat_mul(block, 2), m.linear_params)});
+    parts->push_back({"activations", sat_mul(sat_mul(3 * mt, m.H), kF)});
+    parts->push_back({"forward", block_forward_bytes(m, mt)});
+  } else if (task == "cbq-window") {
+    const uint64_t k = std::max<uint64_t>(1, m.window);
+    // Per block: the FP weights, the CFP base, Ŵ; per linear V0 and the weight gradients.
+    parts->push_back({"weights", sat_mul(k, sat_add(sat_mul(block, 3),
+                                                    sat_mul(m.linear_params, 2 * kF)))});
+    const uint64_t chunk = sat_mul(sat_mul(m.train_micro, m.T), sat_mul(m.H, kF));
+    parts->push_back({"activations", sat_mul(chunk, k + 6)});
+  } else if (task == "assemble") {
+    // One block's result (codes a byte each, norms) and a chunk of embedding / lm_head rows.
+    parts->push_back({"block", sat_add(m.linear_params, sat_mul(m.block_params - m.linear_params + 1, kF))});
+    parts->push_back({"rows", sat_mul(sat_mul(std::min<uint64_t>(m.V, 8192), m.H), kF)});
+  } else if (task == "validate") {
+    // Streaming evaluation: one block of each model, the batch's activations and a
+    // chunk of lm_head rows with its logits.
+    parts->push_back({"weights", sat_mul(block, 2)});
+    const uint64_t et = sat_mul(m.micro, m.T);
+    parts->push_back({"activations", sat_mul(sat_mul(4 * et, m.H), kF)});
+    parts->push_back({"forward", block_forward_bytes(m, et)});
+    const uint64_t chunk = std::min<uint64_t>(m.V, 8192);
+    parts->push_back({"logits", sat_mul(sat_mul(sat_add(et, m.H), chunk), 2 * kF)});
+  }
+}
+
+void memory_terms_rotation(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
+  // R1 (H×H) in fp64 and the fp64 copies of a weight being rotated.
+  if (task == "quantize" || task == "cbq-window" || task == "assemble" || task == "transform")
+    parts->push_back({"rotation", sat_add(sat_mul(sat_mul(m.H, m.H), 8),
+                                          sat_mul(sat_mul(std::max(m.I, m.Q), m.H), 16))});
+}
+
+void memory_terms_spinquant(const MemCtx& m, const std::string& task,
+                            std::vector<MemPart>* parts) {
+  memory_terms_rotation(m, task, parts);
+  if (task != "learn") return;
+  // The whole model in fp32 three times (base, rotated copy, gradients), its tape for a
+  // batch of spin_bsz sequences through every layer, and R1 with its gradient in fp64.
+  const uint64_t model = sat_mul(sat_add(sat_mul(m.L, m.block_params), sat_mul(2 * m.V, m.H)), kF);
+  parts->push_back({"model", sat_mul(model, 3)});
+  parts->push_back({"tape", sat_mul(m.L, block_train_bytes(m, sat_mul(m.train_micro, m.T), false))});
+  parts->push_back({"logits", sat_mul(sat_mul(sat_mul(m.train_micro, m.T), m.V), 2 * kF)});
+  parts->push_back({"rotation", sat_mul(sat_mul(m.H, m.H), 3 * 8)});
+}
+
+void memory_terms_flatquant(const MemCtx& m, const std::string& task,
+                            std::vector<MemPart>* parts) {
+  if (task == "transform")
+    parts->push_back({"training", block_train_bytes(m, sat_mul(m.train_micro, m.T), true)});
+  if (task == "quantize" || task == "cbq-window")
+    parts->push_back({"deploy", sat_mul(m.linear_params, 2 * 8)});  // fp64 reparameterization
+}
+
+void memory_terms_gptq(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
+  if (task != "quantize") return;
+  // One fp32 Hessian per linear of the largest true-sequential group (q/k/v: 3·H², or
+  // down's I²), and the solver's fp32 copy, fp64 factor and fp32 inverse of the largest.
+  const uint64_t groups = std::max({sat_mul(3 * m.H, m.H), sat_mul(m.Q, m.Q), sat_mul(m.I, m.I)});
+  parts->push_back({"hessian", sat_mul(groups, kF)});
+  parts->push_back({"solver", sat_mul(sat_mul(m.max_in, m.max_in), 16)});
+}
+
+void memory_terms_cbq(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
+  if (task != "cbq-window") return;
+  const uint64_t k = std::max<uint64_t>(1, m.window);
+  parts->push_back({"training", sat_mul(k, block_train_bytes(m, sat_mul(m.train_micro, m.T), false))});
+}
+
+void memory_terms_intactkv(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
+  if (task == "learn") {
+    // +Cal: the float weights of the quantized model and of its FP twin, one sequence's
+    // residual streams through every layer and one layer's tape.
+    const uint64_t model = sat_mul(sat_add(sat_mul(m.L, m.block_params), sat_mul(2 * m.V, m.H)), kF);
+    parts->push_back({"model", sat_mul(model, 2)});
+    parts->push_back({"streams", sat_mul(sat_mul(m.L + 1, m.T), sat_mul(m.H, kF))});
+    parts->push_back({"tape", block_train_bytes(m, m.T, false)});
+  }
+}
+
+}  // namespace qcal
