@@ -207,7 +207,7 @@ Result<nlohmann::json> recipe_json_from_flags(const Flags& f) {
   // Defaults of the one code path (see spec_flags.h).
   const bool transform = r.contains("transform") && r["transform"] != "none";
   if (!r.contains("weight_solver"))
-    r["weight_solver"] = recon ? "lora-rounding" : (transform ? "rtn" : "gptq");
+    r["weight_solver"] = transform ? "rtn" : (recon ? "lora-rounding" : "gptq");
   auto quantized = [&](const char* k) { return r.contains(k) && r[k] != 16; };
   const bool weight_only = !transform && !quantized("a_bits") && !quantized("kv_bits") && !recon &&
                            !(r.contains("intactkv") && r["intactkv"] == true);

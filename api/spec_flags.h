@@ -13,7 +13,7 @@
 //                         reconstruction, whose window is --cbq-window
 //   --overlap 0           accepted; other values are CBQ's --cbq-overlap
 // Defaults the flags fill in: without --method / --weight-solver the weight solver
-// is gptq (lora-rounding with a reconstruction, rtn with a transform); a recipe
+// is gptq (rtn with a transform, else lora-rounding with a reconstruction); a recipe
 // with no transform, no quantized activations / KV cache, no reconstruction and no
 // IntactKV (the weight-only case) quantizes weights in groups of 128 unless
 // --group-size says otherwise (the earlier weight-only form's default); every other

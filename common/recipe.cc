@@ -142,6 +142,8 @@ Status Recipe::set(const std::string& key, const json& v) {
       if (d < o->min || d > o->max)
         return invalid_input(key + ": must be in [" + num(o->min) + ", " + num(o->max) +
                              "] (got " + shown(v) + ")");
+      if (key == "w_group" && d == 0)
+        return invalid_input(key + ": must be -1 (per channel) or positive (got 0)");
       val = v.is_number_integer() ? json(v.get<int64_t>()) : json(static_cast<int64_t>(d));
       break;
     }
@@ -317,8 +319,9 @@ Status Recipe::validate_for(const ModelConfig& c, bool allow_partial_groups) con
         {"o_proj (num_attention_heads*head_dim)", Qd},
         {"down_proj (intermediate_size)", I}};
     for (const auto& [name, n] : dims) {
-      if (n % g == 0) continue;
-      // The group sizes that divide every input width: the divisors of their gcd.
+      if (n % g == 0 || g >= n) continue;  // whole groups, or one group per row
+      // The group sizes that divide every input width: the divisors of their gcd (and any
+      // size at least as large as every width: one group per row).
       const int64_t gg = std::gcd(std::gcd(H, Qd), I);
       int64_t below = 0, above = 0;
       for (int64_t d : divisors(gg)) {

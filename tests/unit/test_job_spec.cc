@@ -6,8 +6,7 @@
 #include <string>
 
 #include "common/job_spec.h"
-#include "worker/calib/recipe.h"
-#include "worker/engine/recipe.h"
+#include "common/method_registry.h"
 
 namespace qcal {
 namespace {
@@ -26,7 +25,7 @@ json full() {
     "recipe": {"method": "rtn", "w_bits": 8, "group_size": -1, "sym": false,
                "act_order": true, "static_groups": true, "damp": 0.05,
                "mse_clip": true, "true_sequential": false,
-               "mode": "parallel", "window": 4, "overlap": 1, "seed": 18446744073709551615},
+               "mode": "parallel", "window": 4, "overlap": 0, "seed": 9007199254740992},
     "calib": {"path": "/data/calib.jsonl", "nsamples": 64, "seqlen": 512},
     "eval":  {"path": "/data/eval.jsonl", "nsamples": 0, "seqlen": 1024},
     "output": {"path": "/out/llama-w8", "format": "compressed-tensors", "overwrite": true},
@@ -53,45 +52,54 @@ TEST(JobSpec, MinimalGetsEveryDefault) {
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
   const JobSpec& s = *r;
   EXPECT_EQ(s.model, "/models/llama");
-  EXPECT_EQ(s.recipe.method, "gptq");
-  EXPECT_EQ(s.recipe.w_bits, 4);
-  EXPECT_EQ(s.recipe.group_size, 128);
-  EXPECT_TRUE(s.recipe.sym);
-  EXPECT_EQ(s.recipe.mode, "sequential");
-  EXPECT_EQ(s.recipe.window, 1);
+  // No recipe: the earlier weight-only default, GPTQ W4 g128, in the one recipe.
+  EXPECT_EQ(s.recipe.weight_solver(), "gptq");
+  EXPECT_EQ(s.recipe.transform(), "none");
+  EXPECT_EQ(s.recipe.w_bits(), 4);
+  EXPECT_EQ(s.recipe.w_group(), 128);
+  EXPECT_TRUE(s.recipe.w_sym());
+  EXPECT_FALSE(s.recipe.parallel());
+  EXPECT_EQ(s.recipe.i("blocks_per_task"), 1);
   EXPECT_EQ(s.calib.nsamples, 128);
   EXPECT_EQ(s.calib.seqlen, 2048);
   EXPECT_FALSE(s.eval.has_value());
-  EXPECT_EQ(s.output.format, "gptq");
+  EXPECT_EQ(s.output.format, "auto");
+  EXPECT_EQ(*output_format(s), "gptq");  // everything folds
   EXPECT_FALSE(s.gate.max_kl.has_value());
   EXPECT_EQ(s.priority, Priority::kNormal);
   EXPECT_TRUE(s.labels.empty());
 
   json j = s.to_json();
-  EXPECT_EQ(j["recipe"]["damp"], 0.01);
-  EXPECT_EQ(j["recipe"]["true_sequential"], true);
+  EXPECT_EQ(j["recipe"]["gptq"]["percdamp"], 0.01);
+  EXPECT_EQ(j["recipe"]["gptq"]["true_sequential"], true);
   EXPECT_EQ(j["recipe"]["seed"], 0);
   EXPECT_EQ(j["priority"], "normal");
   EXPECT_TRUE(j["eval"].is_null());
   EXPECT_TRUE(j["gate"]["max_kl"].is_null());
   EXPECT_TRUE(j["labels"].is_object());
   EXPECT_EQ(j["output"]["overwrite"], false);
+  EXPECT_EQ(j["output"]["max_shard_mb"], 2048);
 }
 
 TEST(JobSpec, FullSpecRoundTrips) {
   auto r = parse_job_spec(full());
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
-  EXPECT_EQ(r->recipe.seed, 18446744073709551615ull);
-  EXPECT_EQ(r->recipe.group_size, -1);
+  EXPECT_EQ(r->recipe.seed(), 9007199254740992ull);
+  EXPECT_EQ(r->recipe.w_group(), -1);
+  EXPECT_FALSE(r->recipe.w_sym());
+  EXPECT_TRUE(r->recipe.b("gptq.act_order"));
+  EXPECT_EQ(r->recipe.f("gptq.percdamp"), 0.05);
+  EXPECT_EQ(r->recipe.i("blocks_per_task"), 4);
+  EXPECT_TRUE(r->recipe.parallel());
   ASSERT_TRUE(r->eval.has_value());
   EXPECT_EQ(r->eval->nsamples, 0);
   EXPECT_EQ(r->eval->seqlen, 1024);
   EXPECT_EQ(*r->gate.max_kl, 0.1);
   EXPECT_EQ(r->priority, Priority::kHigh);
   EXPECT_EQ(r->labels.at("run"), "nightly");
+  // The full form (the one recipe, every key) parses back to the same thing.
   json out = r->to_json();
-  EXPECT_EQ(out, full());
-  // The full form parses back to the same thing (what the store keeps).
+  EXPECT_EQ(out["recipe"], r->recipe.to_json());
   auto again = parse_job_spec(out);
   ASSERT_TRUE(again.is_ok()) << again.status().to_string();
   EXPECT_EQ(again->to_json(), out);
@@ -114,7 +122,8 @@ TEST(JobSpec, IntegralFloatsAreIntegers) {
   j["recipe"] = {{"w_bits", 3.0}, {"group_size", 64.0}};
   auto r = parse_job_spec(j);
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
-  EXPECT_EQ(r->recipe.w_bits, 3);
+  EXPECT_EQ(r->recipe.w_bits(), 3);
+  EXPECT_EQ(r->recipe.w_group(), 64);
   j["recipe"]["w_bits"] = 3.5;
   expect_error(j, "recipe.w_bits", "integer");
 }
@@ -125,19 +134,19 @@ TEST(JobSpec, EachInvalidFieldIsNamed) {
     std::string path, also;
   };
   const std::vector<Case> cases = {
-      {{{"recipe", {{"w_bits", 5}}}}, "recipe.w_bits", "must be one of 2, 3, 4, 8 (got 5)"},
+      {{{"recipe", {{"w_bits", 5}}}}, "recipe.w_bits", "2, 3, 4, 8 or 16 (got 5)"},
       {{{"recipe", {{"w_bits", "4"}}}}, "recipe.w_bits", "integer"},
       {{{"recipe", {{"group_size", 0}}}}, "recipe.group_size", "got 0"},
       {{{"recipe", {{"group_size", -2}}}}, "recipe.group_size", ""},
-      {{{"recipe", {{"method", "awq"}}}}, "recipe.method", "rtn or gptq"},
-      {{{"recipe", {{"mode", "fast"}}}}, "recipe.mode", "sequential or parallel"},
+      {{{"recipe", {{"method", "awq"}}}}, "recipe.method", "awq"},
+      {{{"recipe", {{"mode", "fast"}}}}, "recipe.mode", "sequential, parallel"},
       {{{"recipe", {{"window", 0}}}}, "recipe.window", ""},
-      {{{"recipe", {{"window", 2}, {"overlap", 2}}}}, "recipe.overlap", ""},
-      {{{"recipe", {{"overlap", -1}}}}, "recipe.overlap", ""},
-      {{{"recipe", {{"damp", 0}}}}, "recipe.damp", "positive"},
+      {{{"recipe", {{"window", 2}, {"overlap", 1}}}}, "recipe.overlap", "cbq_overlap"},
+      {{{"recipe", {{"damp", -1}}}}, "recipe.damp", ""},
       {{{"recipe", {{"damp", "x"}}}}, "recipe.damp", "number"},
       {{{"recipe", {{"sym", 1}}}}, "recipe.sym", "true or false"},
       {{{"recipe", {{"seed", -1}}}}, "recipe.seed", ""},
+      {{{"recipe", {{"seed", 18446744073709551615ull}}}}, "recipe.seed", "must be in"},
       {{{"recipe", 4}}, "recipe", "object"},
       {{{"calib", {{"path", "/c"}, {"nsamples", 0}}}}, "calib.nsamples", "at least 1"},
       {{{"calib", {{"path", "/c"}, {"seqlen", 1}}}}, "calib.seqlen", "at least 2"},
@@ -147,6 +156,7 @@ TEST(JobSpec, EachInvalidFieldIsNamed) {
       {{{"eval", {{"nsamples", 4}}}}, "eval.path", "required"},
       {{{"output", {{"path", "/o"}, {"format", "awq"}}}}, "output.format", ""},
       {{{"output", {{"path", "/o"}, {"overwrite", "yes"}}}}, "output.overwrite", ""},
+      {{{"output", {{"path", "/o"}, {"max_shard_mb", 0}}}}, "output.max_shard_mb", ""},
       {{{"output", {{"path", "/o"}, {"format", "compressed-tensors"}}},
         {"recipe", {{"w_bits", 3}}}},
        "output.format",
@@ -184,7 +194,7 @@ TEST(JobSpec, UnknownKeysAreRejectedWithTheirPath) {
   expect_error(j, "modle", "unknown key");
   j = minimal();
   j["recipe"] = {{"w_bit", 4}};
-  expect_error(j, "recipe.w_bit", "unknown key");
+  expect_error(j, "recipe.w_bit", "unknown recipe key");
   j = minimal();
   j["calib"]["samples"] = 4;
   expect_error(j, "calib.samples", "unknown key");
@@ -196,7 +206,7 @@ TEST(JobSpec, UnknownKeysAreRejectedWithTheirPath) {
   expect_error(j, "output.fmt", "unknown key");
 }
 
-// ---- Calibration recipes (issue #5 part 3: one recipe schema for the CLI and the API).
+// ---- The one recipe (issue #10): the registry's keys; the earlier weight-only form maps.
 
 json with_recipe(const json& recipe) {
   json j = minimal();
@@ -204,125 +214,112 @@ json with_recipe(const json& recipe) {
   return j;
 }
 
-TEST(JobSpec, CalibrationRecipeIsKeptAndRoundTrips) {
-  const json cbq = {{"weight_solver", "lora-rounding"},
-                    {"w_bits", 2},
-                    {"w_group", 32},
-                    {"reconstruction", "cbq"},
-                    {"cbq_window", 2},
-                    {"cbq_overlap", 1},
+TEST(JobSpec, RecipeRoundTripsThroughTheStoredForm) {
+  const json cbq = {{"weight_solver", "lora-rounding"}, {"w_bits", 2},        {"w_group", 32},
+                    {"reconstruction", "cbq"},          {"cbq_window", 2},    {"cbq_overlap", 1},
                     {"cbq_epochs", 3}};
   auto r = parse_job_spec(with_recipe(cbq));
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
-  ASSERT_TRUE(r->recipe.calibration());
-  EXPECT_EQ(*r->recipe.calib, cbq);
-  EXPECT_EQ(r->recipe.method, "lora-rounding");  // display name
-  EXPECT_EQ(r->recipe.w_bits, 2);
-  EXPECT_EQ(r->output.format, "auto");  // the calibration default
+  EXPECT_EQ(r->recipe.weight_solver(), "lora-rounding");
+  EXPECT_EQ(r->recipe.display_name(), "lora-rounding");
+  EXPECT_EQ(r->recipe.w_bits(), 2);
+  EXPECT_EQ(r->recipe.w_group(), 32);
+  EXPECT_EQ(r->recipe.i("cbq_window"), 2);
+  EXPECT_EQ(r->recipe.i("cbq_epochs"), 3);
+  EXPECT_EQ(*output_format(*r), "gptq");  // a weight-only reconstruction folds
   json j = r->to_json();
-  EXPECT_EQ(j["recipe"], cbq);
+  for (auto it = cbq.begin(); it != cbq.end(); ++it) EXPECT_EQ(j["recipe"][it.key()], it.value());
   auto again = parse_job_spec(j);
   ASSERT_TRUE(again.is_ok()) << again.status().to_string();
   EXPECT_EQ(again->to_json(), j);
-
-  // The engine reads the same object.
-  auto cr = calib_recipe_from_spec(*r);
-  ASSERT_TRUE(cr.is_ok()) << cr.status().to_string();
-  EXPECT_EQ(cr->weight_solver, calib::WeightSolver::kLoraRounding);
-  EXPECT_EQ(cr->reconstruction, calib::Reconstruction::kCbq);
-  EXPECT_EQ(cr->w_bits, 2);
-  EXPECT_EQ(cr->w_group, 32);
-  EXPECT_EQ(cr->cbq_window, 2);
-  EXPECT_EQ(cr->cbq_overlap, 1);
-  EXPECT_EQ(cr->cbq_epochs, 3);
-
-  // Weight-only specs stay weight-only and the engine refuses to read them as calibration.
-  auto w = parse_job_spec(full());
-  ASSERT_TRUE(w.is_ok());
-  EXPECT_FALSE(w->recipe.calibration());
-  EXPECT_EQ(calib_recipe_from_spec(*w).status().code(), Code::kInvalidInput);
 }
 
-TEST(JobSpec, WhatMakesACalibrationRecipe) {
-  struct Case {
-    json recipe;
-    bool calibration;
-  };
-  const std::vector<Case> cases = {
-      {{{"method", "gptq"}, {"w_bits", 4}, {"group_size", 128}}, false},
-      {{{"w_bits", 4}, {"seed", 3}}, false},  // keys both schemas have
-      {{{"method", "quarot"}}, true},         // a transform as method
-      {{{"transform", "smoothquant"}, {"w_bits", 8}, {"a_bits", 8}}, true},
-      {{{"a_bits", 4}}, true},
-      {{{"kv_bits", 4}}, true},
-      {{{"reconstruction", "block"}}, true},
-      {{{"intactkv", true}, {"method", "rtn"}}, true},
-      {{{"w_group", 64}}, true},
-  };
-  for (const auto& c : cases) {
-    SCOPED_TRACE(c.recipe.dump());
-    auto r = parse_job_spec(with_recipe(c.recipe));
-    ASSERT_TRUE(r.is_ok()) << r.status().to_string();
-    EXPECT_EQ(r->recipe.calibration(), c.calibration);
-  }
+TEST(JobSpec, TheWeightOnlyFormMapsOntoTheOneRecipe) {
+  auto r = parse_job_spec(with_recipe({{"method", "gptq"}, {"w_bits", 3}, {"group_size", 64},
+                                       {"sym", false}, {"damp", 0.05}, {"act_order", true},
+                                       {"true_sequential", false}, {"window", 2}}));
+  ASSERT_TRUE(r.is_ok()) << r.status().to_string();
+  EXPECT_EQ(r->recipe.weight_solver(), "gptq");
+  EXPECT_EQ(r->recipe.w_group(), 64);
+  EXPECT_FALSE(r->recipe.w_sym());
+  EXPECT_EQ(r->recipe.f("gptq.percdamp"), 0.05);
+  EXPECT_TRUE(r->recipe.b("gptq.act_order"));
+  EXPECT_FALSE(r->recipe.b("gptq.true_sequential"));
+  EXPECT_EQ(r->recipe.i("blocks_per_task"), 2);
+  // {"w_bits": 4} alone is the weight-only form: GPTQ with groups of 128.
+  r = parse_job_spec(with_recipe({{"w_bits", 4}, {"seed", 3}}));
+  ASSERT_TRUE(r.is_ok());
+  EXPECT_EQ(r->recipe.weight_solver(), "gptq");
+  EXPECT_EQ(r->recipe.w_group(), 128);
+  // A key only the one recipe has: its defaults (rtn, per channel).
+  r = parse_job_spec(with_recipe({{"w_group", 64}}));
+  ASSERT_TRUE(r.is_ok());
+  EXPECT_EQ(r->recipe.weight_solver(), "rtn");
+  r = parse_job_spec(with_recipe({{"a_bits", 8}}));
+  ASSERT_TRUE(r.is_ok());
+  EXPECT_EQ(r->recipe.w_group(), -1);
+  EXPECT_EQ(*output_format(*r), "native");
 }
 
 TEST(JobSpec, MethodIsTheClisAlias) {
   auto r = parse_job_spec(with_recipe({{"method", "flatquant"}, {"a_bits", 4}, {"kv_bits", 4}}));
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
-  EXPECT_EQ((*r->recipe.calib)["transform"], "flatquant");
-  EXPECT_FALSE(r->recipe.calib->contains("method"));
-  EXPECT_EQ(r->recipe.method, "flatquant");
-
+  EXPECT_EQ(r->recipe.transform(), "flatquant");
+  EXPECT_FALSE(r->to_json()["recipe"].contains("method"));
   r = parse_job_spec(with_recipe({{"method", "gptq"}, {"a_bits", 8}}));
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
-  EXPECT_EQ((*r->recipe.calib)["weight_solver"], "gptq");
-  auto cr = calib_recipe_from_spec(*r);
-  ASSERT_TRUE(cr.is_ok()) << cr.status().to_string();
-  EXPECT_EQ(cr->weight_solver, calib::WeightSolver::kGptq);
-  EXPECT_EQ(cr->a_bits, 8);
+  EXPECT_EQ(r->recipe.weight_solver(), "gptq");
+  EXPECT_EQ(r->recipe.a_bits(), 8);
   // Agreeing twice is fine; contradicting is not.
   EXPECT_TRUE(
       parse_job_spec(with_recipe({{"method", "quarot"}, {"transform", "quarot"}, {"a_bits", 4}}))
           .is_ok());
   expect_error(with_recipe({{"method", "gptq"}, {"weight_solver", "rtn"}, {"a_bits", 8}}),
-               "recipe.weight_solver", "contradicts recipe.method 'gptq'");
-  expect_error(with_recipe({{"method", "quarot"}, {"transform", "flatquant"}}), "recipe.transform",
-               "contradicts");
+               "recipe.method", "disagrees with weight_solver");
+  expect_error(with_recipe({{"method", "quarot"}, {"transform", "flatquant"}}), "recipe.method",
+               "disagrees");
   expect_error(with_recipe({{"method", "awq"}, {"a_bits", 8}}), "recipe.method", "flatquant");
   expect_error(with_recipe({{"method", 3}, {"a_bits", 8}}), "recipe.method", "string");
 }
 
-TEST(JobSpec, WeightOnlyKeysInACalibrationRecipeNameTheirCounterpart) {
+TEST(JobSpec, WeightOnlyKeysInTheOneRecipeNameTheirCounterpart) {
   expect_error(with_recipe({{"a_bits", 4}, {"group_size", 128}}), "recipe.group_size",
                "use w_group");
   expect_error(with_recipe({{"reconstruction", "cbq"}, {"window", 2}}), "recipe.window",
-               "use cbq_window");
+               "cbq_window");
   expect_error(with_recipe({{"reconstruction", "cbq"}, {"overlap", 1}}), "recipe.overlap",
-               "because of reconstruction");
+               "cbq_overlap");
   expect_error(with_recipe({{"method", "quarot"}, {"damp", 0.1}}), "recipe.damp", "gptq.percdamp");
-  // Neither schema's key: a typo, listing both.
-  expect_error(with_recipe({{"a_bitz", 4}}), "recipe.a_bitz", "calibration recipes: transform");
+  expect_error(with_recipe({{"a_bitz", 4}}), "recipe.a_bitz", "unknown recipe key");
 }
 
-TEST(JobSpec, OutputFormatsOfTheTwoForms) {
+TEST(JobSpec, OutputFormats) {
   json j = with_recipe({{"a_bits", 8}});
-  for (const char* f : {"auto", "native", "gptq", "compressed-tensors"}) {
+  for (const char* f : {"auto", "native"}) {
     j["output"]["format"] = f;
     auto r = parse_job_spec(j);
     ASSERT_TRUE(r.is_ok()) << f << ": " << r.status().to_string();
     EXPECT_EQ(r->output.format, f);
+    EXPECT_EQ(*output_format(*r), "native");
+  }
+  // Quantized activations stay online: no GPTQ / compressed-tensors.
+  for (const char* f : {"gptq", "compressed-tensors"}) {
+    j["output"]["format"] = f;
+    expect_error(j, "output.format", "online");
   }
   j["output"]["format"] = "awq";
   expect_error(j, "output.format", "auto, native, gptq or compressed-tensors");
+  // Weight-only recipes write any of them; asymmetric ones not native.
   json w = minimal();
   w["output"]["format"] = "native";
-  expect_error(w, "output.format", "calibration recipes");
-  EXPECT_EQ(parse_job_spec(minimal())->output.format, "gptq");  // unchanged default
+  EXPECT_TRUE(parse_job_spec(w).is_ok());
+  w["recipe"] = {{"sym", false}};
+  expect_error(w, "output.format", "symmetric");
+  EXPECT_EQ(parse_job_spec(minimal())->output.format, "auto");
 }
 
-// The engine's checks, named under "recipe." (what POST /v1/jobs answers with 400).
-TEST(JobSpec, NonsenseCalibrationRecipesAreRefusedNamingTheField) {
+// The recipe's own checks, named under "recipe." (what POST /v1/jobs answers with 400).
+TEST(JobSpec, NonsenseRecipesAreRefusedNamingTheField) {
   struct Case {
     json recipe;
     std::string field, also;
@@ -336,44 +333,37 @@ TEST(JobSpec, NonsenseCalibrationRecipesAreRefusedNamingTheField) {
       {{{"weight_solver", "adaround"}, {"a_bits", 8}}, "recipe.weight_solver", "adaround"},
       {{{"w_group", 0}, {"a_bits", 8}}, "recipe.w_group", ""},
       {{{"a_clip", 1.5}, {"a_bits", 8}}, "recipe.a_clip", ""},
+      {{{"epochs", 1000000000}, {"transform", "flatquant"}}, "recipe.epochs", "[0, 100000]"},
       {{{"intactkv_prefix", {1}}}, "recipe.intactkv_prefix", "without intactkv"},
-      {{{"intactkv", true}, {"intactkv_prefix", {-1}}}, "recipe.intactkv_prefix", ""},
+      {{{"intactkv", true}, {"intactkv_prefix", {-1}}}, "recipe.intactkv_prefix[0]", ""},
       {{{"reconstruction", "global"}}, "recipe.reconstruction", "global"},
       {{{"gptq", {{"blocksize", 0}}}, {"a_bits", 8}}, "recipe.gptq.blocksize", ""},
-      {{{"gptq", {{"damp", 0.1}}}, {"a_bits", 8}}, "recipe.gptq.damp", "unknown key"},
-      {{{"w_bits", 16}, {"a_bits", 16}, {"kv_bits", 16}}, "recipe.w_bits", "nothing to quantize"},
+      {{{"gptq", {{"damp", 0.1}}}, {"a_bits", 8}}, "recipe.gptq.damp", "unknown recipe key"},
+      {{{"w_bits", 16}, {"a_bits", 16}, {"kv_bits", 16}},
+       "recipe.w_bits, a_bits, kv_bits",
+       "nothing to quantize"},
+      {{{"weight_solver", "lora-rounding"}, {"a_bits", 8}}, "recipe.weight_solver", "reconstruction"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.recipe.dump());
-    auto s = parse_job_spec(with_recipe(c.recipe));
-    ASSERT_TRUE(s.is_ok()) << s.status().to_string();  // the key set is fine
-    auto r = calib_recipe_from_spec(*s);
-    ASSERT_FALSE(r.is_ok());
-    EXPECT_EQ(r.status().code(), Code::kInvalidInput);
-    EXPECT_EQ(r.status().message().rfind(c.field, 0), 0u) << r.status().message();
-    if (!c.also.empty()) {
-      EXPECT_NE(r.status().message().find(c.also), std::string::npos) << r.status().message();
-    }
+    expect_error(with_recipe(c.recipe), c.field, c.also);
   }
 }
 
-// The job spec's key list is the calibration schema's: every key CalibRecipe writes
-// is accepted, and every key accepted is one it writes.
-TEST(JobSpec, CalibrationKeysAreTheEnginesSchema) {
-  std::set<std::string> engine;
-  const json full_recipe = calib::CalibRecipe{}.to_json();
-  for (auto it = full_recipe.begin(); it != full_recipe.end(); ++it) engine.insert(it.key());
-  const std::set<std::string> ours(calib_recipe_keys().begin(), calib_recipe_keys().end());
-  EXPECT_EQ(ours, engine);
-  // A recipe written by the engine (every default) is a calibration spec that reads back.
+// Every key of the registry is a recipe key the spec accepts, with its default.
+TEST(JobSpec, RecipeKeysAreTheRegistrys) {
+  const json full_recipe = Recipe().to_json();
+  size_t keys = 0;
+  for (const MethodRow& row : method_registry()) keys += row.options.size();
+  size_t seen = 0;
+  for (auto it = full_recipe.begin(); it != full_recipe.end(); ++it)
+    seen += it->is_object() ? it->size() : 1;
+  EXPECT_EQ(seen, keys);
   json r = full_recipe;
   r["a_bits"] = 8;
   auto s = parse_job_spec(with_recipe(r));
   ASSERT_TRUE(s.is_ok()) << s.status().to_string();
-  EXPECT_TRUE(s->recipe.calibration());
-  auto cr = calib_recipe_from_spec(*s);
-  ASSERT_TRUE(cr.is_ok()) << cr.status().to_string();
-  EXPECT_EQ(cr->to_json(), r);
+  EXPECT_EQ(s->recipe.to_json(), r);
 }
 
 TEST(JobSpec, PriorityNames) {
