@@ -529,7 +529,7 @@ Result<json> run_quantize(const TaskContext& ctx) {
         rotated = std::make_unique<calib::RotatedSource>(x, &k.R1);
         x = rotated.get();
       }
-    } else if (x && ((l + 1 < l1) || (write_x && is_root(ctx)))) {
+    } else if (x && (l + 1 < l1 || is_root(ctx))) {
       static const calib::BlockClipT<float> kNoClip;
       calib::QBlock<float> qq(c, &dl.w, &dl.online, &dl.q, &kNoClip);
       calib::Deployed fpd = dl;
@@ -540,7 +540,7 @@ Result<json> run_quantize(const TaskContext& ctx) {
       std::unique_ptr<ArtifactStore::ActivationFileWriter> next_file;
       calib::ActivationSink* sink = nullptr;
       if (l + 1 == l1) {
-        if (is_root(ctx)) {
+        if (is_root(ctx) && write_x) {
           QCAL_ASSIGN_OR_RETURN(next_file, ctx.store->create_activations(
                                                artifact_rel(ctx, "x.safetensors"), x->sequences(),
                                                x->seqlen(), H));
@@ -583,8 +583,8 @@ Result<json> run_quantize(const TaskContext& ctx) {
       }
     }
     rep["layer"] = l;
+    b.report = rep;  // deterministic: the artifact's bytes depend on the inputs only
     rep["seconds"] = steady_seconds() - tl;
-    b.report = rep;
     if (is_root(ctx)) {
       QCAL_ASSIGN_OR_RETURN(ArtifactRef br, write_block(ctx, b, c));
       add_ref(&arts, plan::block_artifact(l), br);

@@ -1,6 +1,6 @@
-// The in-process quantization job end to end through the library: a
-// synthetic model with outliers, RTN vs GPTQ, both formats, and the failure
-// paths (nothing half-written).
+// The in-process quantization job end to end (worker/local_runner.h, the same
+// tasks as the service): a synthetic model with outliers, RTN vs GPTQ, both
+// formats, and the failure paths (nothing half-written).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -8,7 +8,8 @@
 
 #include "common/fsutil.h"
 #include "worker/engine/eval.h"
-#include "worker/engine/quantize.h"
+#include "worker/engine/qformats.h"
+#include "worker/local_runner.h"
 #include "worker/engine/synth.h"
 
 namespace qcal {
@@ -48,12 +49,15 @@ class QuantizePipeline : public ::testing::Test {
   static std::string model() { return *dir_ + "/m"; }
   static std::string out(const std::string& name) { return *dir_ + "/" + name; }
 
-  static QuantizeOptions opts(WeightMethod m, int bits, int64_t group) {
-    QuantizeOptions o;
-    o.method = m;
-    o.spec.bits = bits;
-    o.spec.group_size = group;
-    return o;
+  static Recipe opts(const char* solver, int bits, int64_t group) {
+    Recipe r;
+    r.with("weight_solver", solver).with("w_bits", bits).with("w_group", group);
+    return r;
+  }
+  static Result<nlohmann::json> quantize(const std::string& model, const Recipe& r,
+                                         const std::string& out,
+                                         const std::string& format = "gptq") {
+    return calibrate_to_dir(model, *calib_, r, out, format, false);
   }
   static EvalResult eval(const std::string& dir) {
     auto fp = LlamaModel::open(model());
@@ -73,18 +77,18 @@ TokenSequences* QuantizePipeline::calib_ = nullptr;
 TokenSequences* QuantizePipeline::eval_ = nullptr;
 
 TEST_F(QuantizePipeline, GptqBeatsRtnPerLayerAndInKl) {
-  auto rtn = quantize_model(model(), *calib_, opts(WeightMethod::kRtn, 4, 64), out("rtn"));
+  auto rtn = quantize(model(), opts("rtn", 4, 64), out("rtn"));
   ASSERT_TRUE(rtn.is_ok()) << rtn.status().to_string();
-  auto gptq = quantize_model(model(), *calib_, opts(WeightMethod::kGptq, 4, 64), out("gptq"));
+  auto gptq = quantize(model(), opts("gptq", 4, 64), out("gptq"));
   ASSERT_TRUE(gptq.is_ok()) << gptq.status().to_string();
-  ASSERT_EQ(rtn->layers.size(), 2u);
-  for (size_t l = 0; l < rtn->layers.size(); ++l) {
-    double r = rtn->layers[l].rel_output_error, g = gptq->layers[l].rel_output_error;
-    std::printf("layer %zu: rel output error rtn %.4g gptq %.4g (ratio %.3f)\n", l, r, g, g / r);
-    EXPECT_TRUE(std::isfinite(r) && std::isfinite(g));
-    EXPECT_GT(r, 0.0);
-    EXPECT_LT(g, 0.9 * r) << "GPTQ should clearly beat RTN at layer " << l;
-  }
+  // GPTQ reports each block's output error on the quantized path (the last block's
+  // output feeds nothing, so it has none).
+  ASSERT_EQ((*gptq)["layers"].size(), 2u);
+  const double g = (*gptq)["layers"][0]["rel_output_error"].get<double>();
+  std::printf("layer 0: rel output error gptq %.4g\n", g);
+  EXPECT_TRUE(std::isfinite(g));
+  EXPECT_GT(g, 0.0);
+  EXPECT_LT(g, 0.05);
   EvalResult er = eval(out("rtn")), eg = eval(out("gptq"));
   std::printf("KL rtn %.5f gptq %.5f; ppl fp %.3f rtn %.3f gptq %.3f\n", *er.kl, *eg.kl,
               *er.fp_ppl, er.ppl, eg.ppl);
@@ -93,7 +97,7 @@ TEST_F(QuantizePipeline, GptqBeatsRtnPerLayerAndInKl) {
 }
 
 TEST_F(QuantizePipeline, EightBitRtnIsNearLossless) {
-  auto r = quantize_model(model(), *calib_, opts(WeightMethod::kRtn, 8, -1), out("rtn8"));
+  auto r = quantize(model(), opts("rtn", 8, -1), out("rtn8"));
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
   EvalResult e = eval(out("rtn8"));
   std::printf("8-bit RTN: kl %.3g top1 %.4f ppl %.4f fp %.4f\n", *e.kl, *e.top1_agree, e.ppl,
@@ -104,10 +108,8 @@ TEST_F(QuantizePipeline, EightBitRtnIsNearLossless) {
 }
 
 TEST_F(QuantizePipeline, CompressedTensorsHoldsTheSameWeightsAsGptq) {
-  QuantizeOptions o = opts(WeightMethod::kGptq, 4, 64);
-  ASSERT_TRUE(quantize_model(model(), *calib_, o, out("g2")).is_ok());
-  o.write.format = CheckpointFormat::kCompressedTensors;
-  ASSERT_TRUE(quantize_model(model(), *calib_, o, out("ct2")).is_ok());
+  ASSERT_TRUE(quantize(model(), opts("gptq", 4, 64), out("g2")).is_ok());
+  ASSERT_TRUE(quantize(model(), opts("gptq", 4, 64), out("ct2"), "compressed-tensors").is_ok());
   auto a = ModelDir::open(out("g2"));
   auto b = ModelDir::open(out("ct2"));
   ASSERT_TRUE(a.is_ok() && b.is_ok());
@@ -122,20 +124,20 @@ TEST_F(QuantizePipeline, CompressedTensorsHoldsTheSameWeightsAsGptq) {
 
 TEST_F(QuantizePipeline, RefusalsLeaveNothingBehind) {
   // compressed-tensors cannot hold 3-bit weights: refused before any work.
-  QuantizeOptions o = opts(WeightMethod::kRtn, 3, 64);
-  o.write.format = CheckpointFormat::kCompressedTensors;
-  auto r = quantize_model(model(), *calib_, o, out("bad3"));
+  auto r = quantize(model(), opts("rtn", 3, 64), out("bad3"), "compressed-tensors");
   ASSERT_FALSE(r.is_ok());
   EXPECT_EQ(r.status().code(), Code::kInvalidInput);
   EXPECT_FALSE(path_exists(out("bad3")));
   // Quantizing an already-quantized checkpoint is refused with the reason.
-  ASSERT_TRUE(quantize_model(model(), *calib_, opts(WeightMethod::kRtn, 4, 64), out("q4")).is_ok());
-  auto again = quantize_model(out("q4"), *calib_, opts(WeightMethod::kRtn, 4, 64), out("qq"));
+  ASSERT_TRUE(quantize(model(), opts("rtn", 4, 64), out("q4")).is_ok());
+  auto again = quantize(out("q4"), opts("rtn", 4, 64), out("qq"));
   ASSERT_FALSE(again.is_ok());
   EXPECT_NE(again.status().message().find("already quantized"), std::string::npos);
   EXPECT_FALSE(path_exists(out("qq")));
-  for (const auto& e : fs::directory_iterator(*dir_))
+  for (const auto& e : fs::directory_iterator(*dir_)) {
     EXPECT_EQ(e.path().string().find(".partial."), std::string::npos) << e.path();
+    EXPECT_EQ(e.path().string().find(".qcal-store."), std::string::npos) << e.path();
+  }
 }
 
 }  // namespace
