@@ -1,6 +1,6 @@
 // labels: integration
 // The worker loop against a real redis-server: a job runs to success with
-// output byte-identical to quantize_model; a corrupted artifact sends its
+// output byte-identical to `qcal quantize`'s; a corrupted artifact sends its
 // producer back to work and the job still succeeds byte-identically; a stop
 // request finishes the current task; a cancelled job's task is abandoned
 // unreported; and the qcal-worker binary's --once and SIGTERM paths.
@@ -20,8 +20,8 @@
 #include "common/job_store.h"
 #include "common/plan.h"
 #include "tests/unit/redis_fixture.h"
-#include "worker/engine/quantize.h"
-#include "worker/engine/recipe.h"
+#include "common/planner.h"
+#include "worker/local_runner.h"
 #include "worker/engine/synth.h"
 #include "worker/worker.h"
 
@@ -80,37 +80,21 @@ JobSpec make_spec(const std::string& out) {
   return *s;
 }
 
+// The planned DAG: embed → quantize-0000 → quantize-0001 → assemble → validate.
 std::vector<TaskDef> dag() {
-  std::vector<TaskDef> t;
-  t.push_back({"capture", plan::kCapture, {}, nlohmann::json::object(), 0});
-  t.push_back(
-      {"calibrate-0000", plan::kCalibrate, {"capture"}, {{"layer_begin", 0}, {"layer_end", 1}}, 0});
-  t.push_back({"calibrate-0001",
-               plan::kCalibrate,
-               {"calibrate-0000"},
-               {{"layer_begin", 1}, {"layer_end", 2}},
-               0});
-  t.push_back({"assemble",
-               plan::kAssemble,
-               {"calibrate-0000", "calibrate-0001"},
-               nlohmann::json::object(),
-               0});
-  t.push_back({"validate", plan::kValidate, {"assemble"}, nlohmann::json::object(), 0});
-  return t;
+  auto p = plan_job(make_spec(dir() + "/unused"), {});
+  EXPECT_TRUE(p.is_ok()) << p.status().to_string();
+  return p.is_ok() ? p->tasks : std::vector<TaskDef>{};
 }
 
-// quantize_model with the same recipe, once.
+// `qcal quantize` with the same spec (in process), once.
 std::string reference_output() {
   static std::string out;
   if (!out.empty()) return out;
-  JobSpec spec = make_spec(dir() + "/unused");
-  auto opts = quantize_options_from_spec(spec);
-  EXPECT_TRUE(opts.is_ok());
-  auto calib = load_token_sequences(calib_path(), kSeqlen, 128, kNSamples);
-  EXPECT_TRUE(calib.is_ok());
-  out = dir() + "/reference";
-  auto r = quantize_model(model_dir(), *calib, *opts, out);
+  JobSpec spec = make_spec(dir() + "/reference");
+  auto r = run_job_locally(spec);
   EXPECT_TRUE(r.is_ok()) << r.status().to_string();
+  out = spec.output.path;
   return out;
 }
 
@@ -213,7 +197,7 @@ TEST_F(WorkerTest, JobSucceedsByteIdentical) {
   ASSERT_TRUE(log.is_ok());
   bool claimed = false, done = false;
   for (const auto& l : *log) {
-    claimed = claimed || l.find("claimed calibrate-0001") != std::string::npos;
+    claimed = claimed || l.find("claimed quantize-0001") != std::string::npos;
     done = done || l.find("validate done") != std::string::npos;
   }
   EXPECT_TRUE(claimed && done) << "job log has " << log->size() << " lines";
@@ -222,10 +206,10 @@ TEST_F(WorkerTest, JobSucceedsByteIdentical) {
 TEST_F(WorkerTest, CorruptArtifactRerunsProducer) {
   const std::string job = create_job();
   Worker w(worker_opts("w-once"), redis().options(), artifacts_.get(), group_.get());
-  // One task per call, as `qcal-worker --once` would: capture first.
+  // One task per call, as `qcal-worker --once` would: embed first.
   auto r = w.run_once();
   ASSERT_TRUE(r.is_ok() && *r);
-  TaskInfo cap = task(job, "capture");
+  TaskInfo cap = task(job, "embed");
   ASSERT_EQ(cap.state, TaskState::kDone);
   ArtifactRef x = *ArtifactRef::from_json(cap.result["artifacts"]["x"]);
   {
@@ -237,18 +221,18 @@ TEST_F(WorkerTest, CorruptArtifactRerunsProducer) {
   }
   ASSERT_EQ(artifacts_->verify(x).code(), Code::kCorrupt);
 
-  // calibrate-0000 finds the corruption: capture goes back to the queue.
+  // quantize-0000 finds the corruption: embed goes back to the queue.
   r = w.run_once();
   ASSERT_TRUE(r.is_ok() && *r);
   EXPECT_EQ(w.stats().reruns, 1);
-  EXPECT_NE(task(job, "capture").state, TaskState::kDone);
-  EXPECT_NE(task(job, "calibrate-0000").state, TaskState::kDone);
+  EXPECT_NE(task(job, "embed").state, TaskState::kDone);
+  EXPECT_NE(task(job, "quantize-0000").state, TaskState::kDone);
 
   drive(w, job);
   auto info = store_->get_job(job);
   ASSERT_TRUE(info.is_ok());
   ASSERT_EQ(info->state, JobState::kSucceeded) << info->error;
-  EXPECT_EQ(task(job, "capture").attempts, 2);
+  EXPECT_EQ(task(job, "embed").attempts, 2);
   EXPECT_EQ(w.stats().reruns, 1);
   expect_same_tree(out_, reference_output());
   bool logged = false;
@@ -256,7 +240,7 @@ TEST_F(WorkerTest, CorruptArtifactRerunsProducer) {
   ASSERT_TRUE(log.is_ok());
   for (const auto& l : *log)
     logged = logged || (l.find("corrupt") != std::string::npos &&
-                        l.find("re-running capture") != std::string::npos);
+                        l.find("re-running embed") != std::string::npos);
   EXPECT_TRUE(logged);
 }
 
@@ -273,8 +257,8 @@ TEST_F(WorkerTest, StopRequestFinishesCurrentTask) {
   Status s = w.run();
   EXPECT_TRUE(s.is_ok()) << s.to_string();
   EXPECT_EQ(w.stats().completed, 1);
-  EXPECT_EQ(task(job, "capture").state, TaskState::kDone);
-  EXPECT_EQ(task(job, "calibrate-0000").state, TaskState::kReady);
+  EXPECT_EQ(task(job, "embed").state, TaskState::kDone);
+  EXPECT_EQ(task(job, "quantize-0000").state, TaskState::kReady);
   EXPECT_EQ(job_state(job), JobState::kRunning);
 
   // Another worker picks the job up where it stopped.
@@ -303,7 +287,7 @@ TEST_F(WorkerTest, CancelledJobIsAbandonedUnreported) {
   EXPECT_EQ(w.stats().abandoned, 1);
   EXPECT_EQ(w.stats().completed, 0);
   EXPECT_EQ(job_state(job), JobState::kCancelled);
-  EXPECT_NE(task(job, "capture").state, TaskState::kDone);
+  EXPECT_NE(task(job, "embed").state, TaskState::kDone);
 }
 
 TEST_F(WorkerTest, InvalidJobFailsWithoutRetry) {
@@ -358,9 +342,9 @@ TEST_F(WorkerTest, BinaryOnceAndSigterm) {
   pid_t p = spawn({worker_binary(), "--redis", url, "--store", store, "--worker-id", "bin-1",
                    "--block-ms", "100", "--threads", "1", "--once"});
   EXPECT_EQ(wait_exit(p, 60), 0);
-  EXPECT_EQ(task(job, "capture").state, TaskState::kDone);
-  EXPECT_EQ(task(job, "capture").worker, "bin-1");
-  EXPECT_NE(task(job, "calibrate-0000").state, TaskState::kDone);
+  EXPECT_EQ(task(job, "embed").state, TaskState::kDone);
+  EXPECT_EQ(task(job, "embed").worker, "bin-1");
+  EXPECT_NE(task(job, "quantize-0000").state, TaskState::kDone);
 
   // SIGTERM while running: finish (here: the whole remaining job, or the
   // current task) and exit 0.
