@@ -461,6 +461,10 @@ Result<Recipe> recipe_from_json(const json& j, const std::string& where) {
     }
     items.emplace_back(k, *it);
   }
+  // A key neither form knows is a typo: name it before any mixing of the forms.
+  for (const auto& [k, v] : items)
+    if (k != "method" && k != "cbq_parallel" && !find_option(k) && legacy_hint(k).empty())
+      return invalid_input(pre + k + ": unknown recipe key");
   for (const auto& [k, v] : items) {
     if (k == "method") {
       if (!v.is_string()) return invalid_input(pre + "method: must be a string (got " + shown(v) + ")");

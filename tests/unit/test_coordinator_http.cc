@@ -125,9 +125,9 @@ class CoordinatorHttp : public ::testing::Test {
       if (!c->has_value()) return;
       const Claim& cl = **c;
       json result = {{"artifacts", json::object()}};
-      if (cl.task.def.type == plan::kCalibrate) {
+      if (cl.task.def.type == plan::kQuantize) {
         json layers = json::array();
-        for (int64_t l = cl.task.def.params["layer_begin"]; l < cl.task.def.params["layer_end"];
+        for (int64_t l = cl.task.def.params["layers"][0]; l < cl.task.def.params["layers"][1];
              ++l)
           layers.push_back({{"layer", l}, {"rel_output_error", 0.01 * (l + 1)}, {"seconds", 0.1}});
         result["layers"] = layers;
@@ -169,7 +169,7 @@ TEST_F(CoordinatorHttp, SubmitThenGet) {
   const std::string id = b["id"];
   EXPECT_EQ(b["state"], "queued");
   EXPECT_EQ(b["tasks"],
-            (json{"capture", "calibrate-0000", "calibrate-0001", "assemble", "validate"}));
+            (json{"embed", "quantize-0000", "quantize-0001", "assemble", "validate"}));
   EXPECT_EQ(b["plan"]["layers"], 2);
   EXPECT_EQ(r->get_header_value("Location"), "/v1/jobs/" + id);
 
@@ -183,7 +183,7 @@ TEST_F(CoordinatorHttp, SubmitThenGet) {
   EXPECT_EQ(j["progress"]["tasks_total"], 5);
   EXPECT_EQ(j["progress"]["tasks_done"], 0);
   ASSERT_EQ(j["progress"]["tasks"].size(), 5u);
-  EXPECT_EQ(j["progress"]["tasks"][0]["id"], "capture");
+  EXPECT_EQ(j["progress"]["tasks"][0]["id"], "embed");
   EXPECT_EQ(j["progress"]["tasks"][0]["state"], "ready");
   EXPECT_EQ(j["progress"]["tasks"][1]["state"], "waiting");
   EXPECT_TRUE(j["eta_seconds"].is_null());
@@ -232,15 +232,16 @@ TEST_F(CoordinatorHttp, RejectedRequestsChangeNothingInRedis) {
   json s = spec("out/d");
   s["recipe"]["wbits"] = 4;
   expect_error(client()->Post("/v1/jobs", s.dump(), "application/json"), 400, "INVALID_INPUT",
-               "unknown key");
+               "unknown recipe key");
   // A file the spec names is missing.
   s = spec("out/d");
   s["calib"]["path"] = path("missing.jsonl");
   expect_error(client()->Post("/v1/jobs", s.dump(), "application/json"), 400, "INVALID_INPUT",
                "does not exist");
-  // Does not fit the workers: 422 with the numbers.
+  // Does not fit the workers: 422 with the numbers (attention over sequences of 2^20
+  // tokens).
   s = spec("out/d");
-  s["calib"]["nsamples"] = 1 << 20;
+  s["calib"]["seqlen"] = 1 << 20;
   expect_error(client()->Post("/v1/jobs", s.dump(), "application/json"), 422, "RESOURCE_EXHAUSTED",
                "but workers have 24.0 GiB");
   // Oversized body.
