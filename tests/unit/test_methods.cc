@@ -1,5 +1,5 @@
 // labels: unit
-// The calibration pipelines (worker/calib/methods.h, recipe.h) on a small synthetic
+// The calibration methods through the pipeline (worker/local_runner.h calibrate) on a small synthetic
 // LLaMA with outlier channels (H 64, I 192 = 12·16, 2 layers, 4 heads, 2 KV heads):
 // transform-only equivalence (methods.md §10 item 6, §11.10a), exact folds
 // (§11.10b), the W4A4KV4 quality ordering RTN ≫ QuaRot ≥ FlatQuant, FlatQuant's
@@ -20,11 +20,12 @@
 #include "tests/unit/test_util.h"
 #include "worker/calib/fp_model.h"
 #include "worker/calib/intactkv.h"
-#include "worker/calib/methods.h"
+#include "worker/calib/block.h"
 #include "worker/calib/native.h"
 #include "worker/calib/param.h"
-#include "worker/calib/recipe.h"
+#include "worker/local_runner.h"
 #include "worker/engine/model.h"
+#include "worker/engine/eval.h"
 #include "worker/engine/synth.h"
 
 namespace qcal::calib {
@@ -102,21 +103,16 @@ double ppl(const std::vector<float>& logits, const TokenSequences& s, int64_t V)
   return std::exp(nll / static_cast<double>(n));
 }
 
-CalibRecipe recipe(Transform t, int w, int a, int kv) {
-  CalibRecipe r;
-  r.transform = t;
-  r.w_bits = w;
-  r.a_bits = a;
-  r.kv_bits = kv;
-  r.epochs = 4;
-  r.cali_bsz = 4;
-  r.seed = 1;
+Recipe recipe(const std::string& t, int w, int a, int kv) {
+  Recipe r;
+  r.with("transform", t).with("w_bits", w).with("a_bits", a).with("kv_bits", kv);
+  r.with("epochs", 4).with("cali_bsz", 4).with("seed", 1);
   return r;
 }
 
-NativeModel calibrate_ok(const CalibRecipe& r, CalibReport* rep = nullptr) {
+NativeModel calibrate_ok(const Recipe& r, nlohmann::json* rep = nullptr) {
   const Fixture& f = fx();
-  auto nm = calibrate(f.fp, f.calib, r, rep);
+  auto nm = qcal::calibrate(f.fp, f.calib, r, rep);
   EXPECT_TRUE(nm.is_ok()) << nm.status().to_string();
   if (!nm.is_ok()) return {};
   return std::move(nm).value();
@@ -140,14 +136,14 @@ void quantizers_off(NativeModel& nm) {
 TEST(Methods, TransformOnlyEqualsFp) {
   const Fixture& f = fx();
   const std::vector<float> ref = fp_logits(f.fp, f.eval);
-  for (Transform t :
-       {Transform::kNone, Transform::kSmoothQuant, Transform::kQuaRot, Transform::kFlatQuant}) {
-    CalibReport rep;
+  for (const char* t :
+       {"none", "smoothquant", "quarot", "flatquant"}) {
+    nlohmann::json rep;
     NativeModel nm = calibrate_ok(recipe(t, 16, 16, 16), &rep);
-    ASSERT_EQ(nm.layers.size(), 2u) << transform_name(t);
+    ASSERT_EQ(nm.layers.size(), 2u) << t;
     const double e = rel_err(native_eval(nm, f.eval), ref);
-    EXPECT_LE(e, 1e-4) << transform_name(t);
-    std::printf("transform-only %-11s w16a16kv16: rel err %.2e\n", transform_name(t), e);
+    EXPECT_LE(e, 1e-4) << t;
+    std::printf("transform-only %-11s w16a16kv16: rel err %.2e\n", t, e);
   }
 }
 
@@ -157,25 +153,25 @@ TEST(Methods, TransformOnlyEqualsFp) {
 TEST(Methods, TrainedTransformsWithQuantizersOffEqualFp) {
   const Fixture& f = fx();
   const std::vector<float> ref = fp_logits(f.fp, f.eval);
-  for (Transform t : {Transform::kQuaRot, Transform::kFlatQuant}) {
-    CalibReport rep;
+  for (const char* t : {"quarot", "flatquant"}) {
+    nlohmann::json rep;
     NativeModel nm = calibrate_ok(recipe(t, 16, 4, 4), &rep);
     ASSERT_EQ(nm.layers.size(), 2u);
     const auto& on = nm.layers[1].online;
     EXPECT_FALSE(on.d1.empty() || on.d2.empty() || on.po.empty() || on.pk.empty() ||
                  on.pk_it.empty())
-        << transform_name(t);
-    if (t == Transform::kFlatQuant) {
+        << t;
+    if (t == "flatquant") {
       EXPECT_FALSE(on.a1.empty() || on.a2.empty() || on.u1.empty() || on.u2.empty());
       EXPECT_LT(nm.layers[0].act[kQ].clip, 1.0f);  // LAC clip = sigmoid(β) < 1
     }
     const double quant_err = rel_err(native_eval(nm, f.eval), ref);
     quantizers_off(nm);
     const double e = rel_err(native_eval(nm, f.eval), ref);
-    EXPECT_LE(e, 1e-4) << transform_name(t);
-    EXPECT_GT(quant_err, 100 * e) << transform_name(t);  // the quantizers did act
+    EXPECT_LE(e, 1e-4) << t;
+    EXPECT_GT(quant_err, 100 * e) << t;  // the quantizers did act
     std::printf("transforms of %-9s W16A4KV4, quantizers off: rel err %.2e (on: %.2e)\n",
-                transform_name(t), e, quant_err);
+                t, e, quant_err);
   }
 }
 
@@ -231,29 +227,29 @@ TEST(Methods, W4A4KV4Ordering) {
   const int64_t V = f.fp.config.vocab_size;
   const std::vector<float> ref = fp_logits(f.fp, f.eval);
   std::printf("FP ppl %.3f\n", ppl(ref, f.eval, V));
-  auto kl_of = [&](const CalibRecipe& r, CalibReport* rep) {
+  auto kl_of = [&](const Recipe& r, nlohmann::json* rep) {
     NativeModel nm = calibrate_ok(r, rep);
     if (nm.layers.empty()) return std::numeric_limits<double>::infinity();
     const std::vector<float> q = native_eval(nm, f.eval);
-    std::printf("  %s-%s: ppl %.3f\n", transform_name(r.transform),
-                r.weight_solver == WeightSolver::kGptq ? "gptq" : "rtn", ppl(q, f.eval, V));
+    std::printf("  %s-%s: ppl %.3f\n", r.transform().c_str(),
+                r.weight_solver().c_str(), ppl(q, f.eval, V));
     return mean_kl(q, ref, V);
   };
-  const double kl_rtn = kl_of(recipe(Transform::kNone, 4, 4, 4), nullptr);
-  CalibRecipe sq = recipe(Transform::kSmoothQuant, 4, 4, 4);
+  const double kl_rtn = kl_of(recipe("none", 4, 4, 4), nullptr);
+  Recipe sq = recipe("smoothquant", 4, 4, 4);
   const double kl_sq = kl_of(sq, nullptr);
-  CalibRecipe qr = recipe(Transform::kQuaRot, 4, 4, 4);
-  qr.a_clip = 0.9;
-  qr.kv_clip = 0.95;
+  Recipe qr = recipe("quarot", 4, 4, 4);
+  qr.with("a_clip", 0.9);
+  qr.with("kv_clip", 0.95);
   const double kl_quarot = kl_of(qr, nullptr);
-  qr.weight_solver = WeightSolver::kGptq;
+  qr.with("weight_solver", "gptq");
   const double kl_quarot_gptq = kl_of(qr, nullptr);
-  CalibRecipe fq = recipe(Transform::kFlatQuant, 4, 4, 4);
-  fq.epochs = 30;
-  fq.cali_bsz = 8;  // one full batch per step: first and last step see the same data
-  CalibReport rep;
+  Recipe fq = recipe("flatquant", 4, 4, 4);
+  fq.with("epochs", 30);
+  fq.with("cali_bsz", 8);  // one full batch per step: first and last step see the same data
+  nlohmann::json rep;
   const double kl_flat = kl_of(fq, &rep);
-  fq.weight_solver = WeightSolver::kGptq;
+  fq.with("weight_solver", "gptq");
   const double kl_flat_gptq = kl_of(fq, nullptr);
   std::printf(
       "W4A4KV4 KL to FP: rtn %.4f  smoothquant %.4f  quarot-rtn %.4f  quarot-gptq %.4f  "
@@ -264,24 +260,25 @@ TEST(Methods, W4A4KV4Ordering) {
   EXPECT_LE(kl_flat, kl_quarot);
   EXPECT_LT(kl_quarot_gptq, kl_quarot);
   EXPECT_LT(kl_flat_gptq, kl_quarot);
-  ASSERT_EQ(rep.layers.size(), 2u);
-  for (const auto& l : rep.layers) {
-    std::printf("flatquant layer %lld: loss %.4g -> %.4g\n", static_cast<long long>(l.layer),
-                l.loss_first, l.loss_last);
-    EXPECT_LT(l.loss_last, l.loss_first) << "layer " << l.layer;
-    EXPECT_GT(l.loss_first, 0.0);
+  ASSERT_EQ(rep["transform"].size(), 2u);
+  for (const auto& l : rep["transform"]) {
+    const double first = l["loss_first"].get<double>(), last = l["loss_last"].get<double>();
+    std::printf("flatquant layer %lld: loss %.4g -> %.4g\n", l["layer"].get<long long>(), first,
+                last);
+    EXPECT_LT(last, first) << "layer " << l["layer"];
+    EXPECT_GT(first, 0.0);
   }
 }
 
 TEST(Methods, FlatQuantNamesTheLayerAndStepOfANaN) {
   const Fixture& f = fx();
   const int64_t H = f.fp.config.hidden_size;
-  CalibRecipe r = recipe(Transform::kFlatQuant, 4, 4, 4);
-  r.epochs = 1;
+  Recipe r = recipe("flatquant", 4, 4, 4);
+  r.with("epochs", 1);
   {
     FpModel m = f.fp;  // a NaN in the inputs of layer 0 (one embedding row)
     m.embed[static_cast<size_t>(f.calib.tokens[5]) * H + 3] = std::nanf("");
-    auto res = calibrate(m, f.calib, r, nullptr);
+    auto res = qcal::calibrate(m, f.calib, r, nullptr);
     ASSERT_FALSE(res.is_ok());
     EXPECT_NE(res.status().message().find("flatquant: layer 0 step 0: loss is NaN"),
               std::string::npos)
@@ -290,7 +287,7 @@ TEST(Methods, FlatQuantNamesTheLayerAndStepOfANaN) {
   {
     FpModel m = f.fp;  // a NaN inside layer 1
     m.layers[1].w[kUp][17] = std::nanf("");
-    auto res = calibrate(m, f.calib, r, nullptr);
+    auto res = qcal::calibrate(m, f.calib, r, nullptr);
     ASSERT_FALSE(res.is_ok());
     EXPECT_NE(res.status().message().find("flatquant: layer 1 step 0: loss is NaN"),
               std::string::npos)
@@ -303,11 +300,11 @@ TEST(Methods, FlatQuantNamesTheLayerAndStepOfANaN) {
 TEST(Methods, GroupedGptqNative) {
   const Fixture& f = fx();
   const std::vector<float> ref = fp_logits(f.fp, f.eval);
-  CalibRecipe r = recipe(Transform::kQuaRot, 4, 4, 4);
-  r.weight_solver = WeightSolver::kGptq;
-  r.w_group = 32;
-  r.gptq.act_order = true;
-  r.gptq.static_groups = true;
+  Recipe r = recipe("quarot", 4, 4, 4);
+  r.with("weight_solver", "gptq");
+  r.with("w_group", 32);
+  r.with("gptq.act_order", true);
+  r.with("gptq.static_groups", true);
   NativeModel nm = calibrate_ok(r);
   ASSERT_EQ(nm.layers.size(), 2u);
   EXPECT_EQ(nm.w_group, 32);
@@ -315,7 +312,7 @@ TEST(Methods, GroupedGptqNative) {
   EXPECT_EQ(down.group, 32);
   EXPECT_EQ(down.scales.size(), static_cast<size_t>(64 * (192 / 32)));
   const double kl = mean_kl(native_eval(nm, f.eval), ref, f.fp.config.vocab_size);
-  NativeModel rtn = calibrate_ok(recipe(Transform::kNone, 4, 4, 4));
+  NativeModel rtn = calibrate_ok(recipe("none", 4, 4, 4));
   const double kl_rtn = mean_kl(native_eval(rtn, f.eval), ref, f.fp.config.vocab_size);
   std::printf("quarot-gptq g32 act-order W4A4KV4 KL %.4f (rtn %.4f)\n", kl, kl_rtn);
   EXPECT_LT(5 * kl, kl_rtn);
@@ -326,9 +323,13 @@ TEST(Methods, GroupedGptqNative) {
 TEST(Methods, CalibrateToDirNativeAndFolded) {
   const Fixture& f = fx();
   const std::vector<float> ref = fp_logits(f.fp, f.eval);
-  // Not foldable (A4 online): native checkpoint, identical to the in-memory model.
-  CalibRecipe r = recipe(Transform::kQuaRot, 4, 4, 4);
-  auto rep = calibrate_to_dir(f.model_dir, f.calib, r, f.dir.sub("native"), "gptq", false);
+  // Not foldable (A4 online): native checkpoint, identical to the in-memory model; GPTQ is
+  // refused for it before any work.
+  EXPECT_FALSE(calibrate_to_dir(f.model_dir, f.calib, recipe("quarot", 4, 4, 4), f.dir.sub("nat2"),
+                                "gptq", false)
+                   .is_ok());
+  Recipe r = recipe("quarot", 4, 4, 4);
+  auto rep = calibrate_to_dir(f.model_dir, f.calib, r, f.dir.sub("native"), "auto", false);
   ASSERT_TRUE(rep.is_ok()) << rep.status().to_string();
   ASSERT_TRUE(is_native_dir(f.dir.sub("native")));
   auto back = read_native(f.dir.sub("native"));
@@ -338,7 +339,7 @@ TEST(Methods, CalibrateToDirNativeAndFolded) {
 
   // Weight-only QuaRot folds completely (R1 + per-head V/O): a GPTQ checkpoint that the
   // engine loads, equal to the native model of the same recipe (RTN is deterministic).
-  CalibRecipe w = recipe(Transform::kQuaRot, 4, 16, 16);
+  Recipe w = recipe("quarot", 4, 16, 16);
   ASSERT_TRUE(w.folds_completely());
   auto rep2 = calibrate_to_dir(f.model_dir, f.calib, w, f.dir.sub("gptq"), "gptq", false);
   ASSERT_TRUE(rep2.is_ok()) << rep2.status().to_string();
@@ -400,30 +401,30 @@ NativeModel without_intactkv(NativeModel nm) {
 TEST(Methods, IntactKvWithQuantizersOffReproducesFp) {
   const TokenSequences data = bos_eval();
   const int32_t bos = static_cast<int32_t>(fx().fp.config.bos_token_id);
-  for (Transform t : {Transform::kQuaRot, Transform::kFlatQuant}) {
+  for (const char* t : {"quarot", "flatquant"}) {
     for (int bits : {16, 4}) {
-      CalibRecipe r = recipe(t, 16, bits, bits);
-      r.epochs = 2;
-      r.intactkv = true;
+      Recipe r = recipe(t, 16, bits, bits);
+      r.with("epochs", 2);
+      r.with("intactkv", true);
       NativeModel nm = calibrate_ok(r);
-      ASSERT_EQ(nm.intact_prefix, std::vector<int32_t>{bos}) << transform_name(t);
+      ASSERT_EQ(nm.intact_prefix, std::vector<int32_t>{bos}) << t;
       ASSERT_EQ(nm.intact_k.size(), 2u);
       EXPECT_EQ(nm.recipe["intactkv"], true);
       if (bits < 16) {
-        EXPECT_FALSE(nm.layers[0].online.pk.empty()) << transform_name(t);
+        EXPECT_FALSE(nm.layers[0].online.pk.empty()) << t;
         quantizers_off(nm);
       }
       const EvalResult e = eval_ok(nm, data);
       ASSERT_TRUE(e.kl && e.fp_ppl);
       const double rel = std::fabs(e.ppl - *e.fp_ppl) / *e.fp_ppl;
-      EXPECT_LE(rel, 1e-5) << transform_name(t) << " a/kv " << bits;
+      EXPECT_LE(rel, 1e-5) << t << " a/kv " << bits;
       // |KL|: the evaluator's float sums leave it at about ±1e-8 when the models agree.
-      EXPECT_LE(std::fabs(*e.kl), 1e-6) << transform_name(t) << " a/kv " << bits;
+      EXPECT_LE(std::fabs(*e.kl), 1e-6) << t << " a/kv " << bits;
       EXPECT_GT(e.ppl, 1.0);
       std::printf(
           "intactkv %-9s calibrated w16a%dkv%d, quantizers off: ppl %.6f fp %.6f "
           "(rel %.1e) KL %.2e\n",
-          transform_name(t), bits, bits, e.ppl, *e.fp_ppl, rel, *e.kl);
+          t, bits, bits, e.ppl, *e.fp_ppl, rel, *e.kl);
     }
   }
 }
@@ -432,13 +433,13 @@ TEST(Methods, IntactKvWithQuantizersOffReproducesFp) {
 // W16 model's of the same transforms, and the quantized model itself is unchanged
 // by IntactKV.
 TEST(Methods, IntactKvUsesUnquantizedDeployedWeights) {
-  CalibRecipe r = recipe(Transform::kQuaRot, 4, 4, 4);
-  r.weight_solver = WeightSolver::kGptq;
-  r.intactkv = true;
-  r.intactkv_prefix = {1, 5, 9};
+  Recipe r = recipe("quarot", 4, 4, 4);
+  r.with("weight_solver", "gptq");
+  r.with("intactkv", true);
+  r.with("intactkv_prefix", nlohmann::json::array({1, 5, 9}));
   NativeModel q = calibrate_ok(r);
-  CalibRecipe r16 = r;
-  r16.w_bits = 16;
+  Recipe r16 = r;
+  r16.with("w_bits", 16);
   NativeModel w16 = calibrate_ok(r16);
   ASSERT_EQ(q.intact_prefix, (std::vector<int32_t>{1, 5, 9}));
   ASSERT_EQ(q.intact_k.size(), 2u);
@@ -446,9 +447,9 @@ TEST(Methods, IntactKvUsesUnquantizedDeployedWeights) {
   EXPECT_EQ(q.intact_k, w16.intact_k);
   EXPECT_EQ(q.intact_v, w16.intact_v);
   EXPECT_EQ(q.intact_logits, w16.intact_logits);
-  CalibRecipe plain = r;
-  plain.intactkv = false;
-  plain.intactkv_prefix.clear();
+  Recipe plain = r;
+  plain.with("intactkv", false);
+  plain.with("intactkv_prefix", nlohmann::json::array());
   NativeModel p = calibrate_ok(plain);
   EXPECT_EQ(native_eval(without_intactkv(q), fx().eval), native_eval(p, fx().eval));
 }
@@ -457,191 +458,117 @@ TEST(Methods, IntactKvUsesUnquantizedDeployedWeights) {
 // Reported, not ordered: the synthetic model has no attention sink on BOS.
 TEST(Methods, IntactKvW4A4KV4Report) {
   const TokenSequences data = bos_eval();
-  for (Transform t : {Transform::kNone, Transform::kQuaRot, Transform::kFlatQuant}) {
-    CalibRecipe r = recipe(t, 4, 4, 4);
-    r.intactkv = true;
-    if (t == Transform::kQuaRot) {
-      r.a_clip = 0.9;
-      r.kv_clip = 0.95;
+  for (const char* t : {"none", "quarot", "flatquant"}) {
+    Recipe r = recipe(t, 4, 4, 4);
+    r.with("intactkv", true);
+    if (t == "quarot") {
+      r.with("a_clip", 0.9);
+      r.with("kv_clip", 0.95);
     }
     NativeModel nm = calibrate_ok(r);
-    ASSERT_EQ(nm.intact_k.size(), 2u) << transform_name(t);
+    ASSERT_EQ(nm.intact_k.size(), 2u) << t;
     const EvalResult with = eval_ok(nm, data);
     const EvalResult without = eval_ok(without_intactkv(nm), data);
     ASSERT_TRUE(with.kl && without.kl);
     for (double v : {*with.kl, *without.kl, with.ppl, without.ppl})
-      EXPECT_TRUE(std::isfinite(v)) << transform_name(t);
+      EXPECT_TRUE(std::isfinite(v)) << t;
     EXPECT_GT(*with.kl, 0.0);
     EXPECT_GT(*without.kl, 0.0);
     std::printf("W4A4KV4 %-9s KL to FP: intactkv %.4f  without %.4f  (ppl %.3f / %.3f, fp %.3f)\n",
-                transform_name(t), *with.kl, *without.kl, with.ppl, without.ppl, *with.fp_ppl);
+                t, *with.kl, *without.kl, with.ppl, without.ppl, *with.fp_ppl);
   }
 }
 
-// ---- 4. Recipe validation and JSON.
+// ---- 4. Recipe validation (common/recipe.h; its JSON is test_job_spec's).
 
 TEST(Recipe, ValidationNamesTheField) {
-  auto err = [](CalibRecipe r) { return r.validate().message(); };
-  CalibRecipe ok = recipe(Transform::kFlatQuant, 4, 4, 4);
+  auto err = [](const Recipe& r) { return r.validate().message(); };
+  auto set_err = [](Recipe r, const std::string& k, const nlohmann::json& v) {
+    return r.set(k, v).message();
+  };
+  const Recipe ok = recipe("flatquant", 4, 4, 4);
   EXPECT_TRUE(ok.validate().is_ok());
-  CalibRecipe r = ok;
-  r.w_bits = 5;
+  Recipe r = ok;
+  r.with("w_bits", 5);
   EXPECT_NE(err(r).find("w_bits"), std::string::npos);
+  EXPECT_NE(set_err(ok, "a_bits", 1).find("a_bits"), std::string::npos);
   r = ok;
-  r.a_bits = 1;
-  EXPECT_NE(err(r).find("a_bits"), std::string::npos);
-  r = ok;
-  r.kv_bits = 12;
+  r.with("kv_bits", 12);
   EXPECT_NE(err(r).find("kv_bits"), std::string::npos);
+  EXPECT_NE(set_err(ok, "w_group", 0).find("w_group"), std::string::npos);
+  EXPECT_NE(set_err(ok, "a_clip", 1.5).find("a_clip"), std::string::npos);
+  EXPECT_NE(set_err(ok, "cali_bsz", 0).find("cali_bsz"), std::string::npos);
+  EXPECT_NE(set_err(ok, "flat_lr", -1).find("flat_lr"), std::string::npos);
   r = ok;
-  r.w_group = 0;
-  EXPECT_NE(err(r).find("w_group"), std::string::npos);
-  r = ok;
-  r.a_clip = 1.5;
-  EXPECT_NE(err(r).find("a_clip"), std::string::npos);
-  r = ok;
-  r.cali_bsz = 0;
-  EXPECT_NE(err(r).find("cali_bsz"), std::string::npos);
-  r = ok;
-  r.flat_lr = -1;
-  EXPECT_NE(err(r).find("flat_lr"), std::string::npos);
-  r = ok;
-  r.w_mse_clip = true;
+  r.with("w_mse_clip", true);
   EXPECT_NE(err(r).find("w_mse_clip"), std::string::npos);
-  for (Transform t : {Transform::kNone, Transform::kQuaRot, Transform::kFlatQuant}) {
+  for (const char* t : {"none", "quarot", "flatquant"}) {
     r = recipe(t, 16, 16, 16);
-    EXPECT_NE(err(r).find("nothing"), std::string::npos) << transform_name(t);
+    EXPECT_NE(err(r).find("nothing"), std::string::npos) << t;
   }
-  r = recipe(Transform::kSpinQuant, 4, 16, 16);
-  r.weight_solver = WeightSolver::kGptq;
+  r = recipe("spinquant", 4, 16, 16);
+  r.with("weight_solver", "gptq");
   EXPECT_NE(err(r).find("spinquant"), std::string::npos);
-  r.weight_solver = WeightSolver::kRtn;
+  r.with("weight_solver", "rtn");
   EXPECT_TRUE(r.validate().is_ok());
-  r = recipe(Transform::kQuaRot, 4, 4, 4);
-  r.weight_solver = WeightSolver::kGptq;
-  r.w_group = 32;
-  r.gptq.act_order = true;
+  r = recipe("quarot", 4, 4, 4);
+  r.with("weight_solver", "gptq").with("w_group", 32).with("gptq.act_order", true);
   EXPECT_NE(err(r).find("gptq.act_order"), std::string::npos);
-  r.gptq.static_groups = true;
+  r.with("gptq.static_groups", true);
   EXPECT_TRUE(r.validate().is_ok());
 
   // Model-dependent checks.
   ModelConfig c = fx().fp.config;
-  r = recipe(Transform::kQuaRot, 4, 4, 4);
-  r.w_group = 48;
-  EXPECT_NE(r.validate_for(c).message().find("w_group: 48 does not divide hidden_size 64"),
-            std::string::npos)
+  r = recipe("quarot", 4, 4, 4);
+  r.with("w_group", 48);
+  EXPECT_NE(r.validate_for(c).message().find("w_group: 48 does not divide"), std::string::npos)
       << r.validate_for(c).message();
-  r.w_group = 32;
+  EXPECT_TRUE(r.validate_for(c, /*allow_partial_groups=*/true).is_ok());
+  r.with("w_group", 32);
   EXPECT_TRUE(r.validate_for(c).is_ok());
-  r.w_group = -1;
+  r.with("w_group", -1);
   ModelConfig odd = c;
-  odd.intermediate_size = 88;  // 8·11: no Hadamard of that size
-  EXPECT_NE(r.validate_for(odd).message().find("intermediate_size 88"), std::string::npos);
-  r.a_bits = r.kv_bits = 16;  // folds completely: no R4, so I needs no Hadamard
-  EXPECT_TRUE(r.validate_for(odd).is_ok()) << r.validate_for(odd).message();
-  CalibRecipe fq = recipe(Transform::kFlatQuant, 4, 4, 4);
-  odd.intermediate_size = 90;  // 2 mod 4: no Kronecker pair
-  EXPECT_NE(fq.validate_for(odd).message().find("flatquant"), std::string::npos);
+  odd.intermediate_size = 90;  // 2 mod 4: no Kronecker pair for FlatQuant
+  EXPECT_NE(recipe("flatquant", 4, 4, 4).validate_for(odd).message().find("flatquant"),
+            std::string::npos);
 
   // IntactKV.
-  r = recipe(Transform::kQuaRot, 4, 4, 4);
-  r.intactkv_prefix = {1};
+  r = recipe("quarot", 4, 4, 4);
+  r.with("intactkv_prefix", nlohmann::json::array({1}));
   EXPECT_NE(err(r).find("intactkv_prefix: set without intactkv"), std::string::npos) << err(r);
-  r.intactkv = true;
+  r.with("intactkv", true);
   EXPECT_TRUE(r.validate().is_ok());
-  r.intactkv_prefix = {1, -2};
-  EXPECT_NE(err(r).find("intactkv_prefix: token 1 = -2 is negative"), std::string::npos);
-  r.intactkv_prefix = {1, 256};
+  EXPECT_NE(set_err(r, "intactkv_prefix", nlohmann::json::array({1, -2}))
+                .find("intactkv_prefix[1]: must be a token id"),
+            std::string::npos);
+  r.with("intactkv_prefix", nlohmann::json::array({1, 256}));
   EXPECT_TRUE(r.validate().is_ok());  // the vocabulary is validate_for's
   EXPECT_NE(r.validate_for(c).message().find("intactkv_prefix: token 1 = 256 is outside"),
             std::string::npos)
       << r.validate_for(c).message();
-  r.intactkv_prefix.clear();
+  r.with("intactkv_prefix", nlohmann::json::array());
   EXPECT_TRUE(r.validate_for(c).is_ok());
   EXPECT_EQ(r.intactkv_prefix_for(c), std::vector<int32_t>{static_cast<int32_t>(c.bos_token_id)});
   ModelConfig nobos = c;
   nobos.bos_token_id = -1;
   EXPECT_NE(r.validate_for(nobos).message().find("bos_token_id -1"), std::string::npos);
-  r.intactkv_prefix = {3, 4};
+  r.with("intactkv_prefix", nlohmann::json::array({3, 4}));
   EXPECT_TRUE(r.validate_for(nobos).is_ok());
   EXPECT_EQ(r.intactkv_prefix_for(nobos), (std::vector<int32_t>{3, 4}));
-  // Weight-only QuaRot with IntactKV: the transforms still fold (no R4, so I needs
-  // no Hadamard), but the prefix cache needs the native format.
-  r = recipe(Transform::kQuaRot, 4, 16, 16);
-  r.intactkv = true;
+  // Weight-only QuaRot with IntactKV: the transforms still fold, but the prefix cache
+  // needs the native format.
+  r = recipe("quarot", 4, 16, 16);
+  r.with("intactkv", true);
   EXPECT_TRUE(r.transforms_fold());
   EXPECT_FALSE(r.folds_completely());
-  odd.intermediate_size = 88;
-  EXPECT_TRUE(r.validate_for(odd).is_ok()) << r.validate_for(odd).message();
-  r.weight_solver = WeightSolver::kGptq;  // act-order groups must fit the native format
-  r.w_group = 32;
-  r.gptq.act_order = true;
+  r.with("weight_solver", "gptq").with("w_group", 32).with("gptq.act_order", true);
   EXPECT_NE(err(r).find("gptq.act_order"), std::string::npos);
 
   // What folds.
-  EXPECT_TRUE(recipe(Transform::kNone, 4, 16, 16).folds_completely());
-  EXPECT_TRUE(recipe(Transform::kSmoothQuant, 4, 16, 16).folds_completely());
-  EXPECT_FALSE(recipe(Transform::kQuaRot, 4, 16, 4).folds_completely());
-  EXPECT_FALSE(recipe(Transform::kFlatQuant, 4, 16, 16).folds_completely());
-}
-
-TEST(Recipe, JsonRoundTripAndUnknownKeys) {
-  CalibRecipe r = recipe(Transform::kSpinQuant, 3, 6, 8);
-  r.weight_solver = WeightSolver::kGptq;
-  r.w_group = 64;
-  r.w_mse_clip = true;
-  r.a_clip = 0.9;
-  r.kv_clip = 0.95;
-  r.sq_alpha = 0.8;
-  r.epochs = 7;
-  r.flat_lr = 1e-3;
-  r.lwc = false;
-  r.diag_alpha = 0.4;
-  r.spin_steps = 12;
-  r.embed_mean_sub = true;
-  r.intactkv = true;
-  r.intactkv_prefix = {1, 5, 9};
-  r.gptq.percdamp = 0.1;
-  r.gptq.act_order = true;
-  r.seed = 18446744073709551557ull;
-  r.batch = 3;
-  const nlohmann::json j = r.to_json();
-  auto back = recipe_from_json(j);
-  ASSERT_TRUE(back.is_ok()) << back.status().to_string();
-  EXPECT_EQ(back->to_json(), j);
-  EXPECT_EQ(back->seed, r.seed);
-  EXPECT_EQ(back->transform, Transform::kSpinQuant);
-  EXPECT_EQ(j["transform"], "spinquant");
-  EXPECT_EQ(back->intactkv_prefix, (std::vector<int32_t>{1, 5, 9}));
-  EXPECT_TRUE(back->intactkv);
-
-  auto partial = recipe_from_json({{"transform", "flatquant"}, {"epochs", 3}});
-  ASSERT_TRUE(partial.is_ok());
-  EXPECT_EQ(partial->epochs, 3);
-  EXPECT_EQ(partial->w_bits, 4);  // defaults elsewhere
-
-  auto msg = [](const nlohmann::json& x) { return recipe_from_json(x).status().message(); };
-  EXPECT_NE(msg({{"epoch", 3}}).find("epoch: unknown key"), std::string::npos);
-  EXPECT_NE(msg({{"gptq", {{"damp", 0.1}}}}).find("gptq.damp: unknown key"), std::string::npos);
-  EXPECT_NE(msg({{"w_bits", "4"}}).find("w_bits: must be an integer"), std::string::npos);
-  EXPECT_NE(msg({{"w_bits", 4.5}}).find("w_bits"), std::string::npos);
-  EXPECT_NE(msg({{"lwc", 1}}).find("lwc: must be a boolean"), std::string::npos);
-  EXPECT_NE(msg({{"transform", "gptq"}}).find("transform: unknown 'gptq'"), std::string::npos);
-  EXPECT_NE(msg({{"weight_solver", "awq"}}).find("weight_solver"), std::string::npos);
-  EXPECT_NE(msg({{"seed", -1}}).find("seed"), std::string::npos);
-  EXPECT_NE(msg({{"intactkv", "yes"}}).find("intactkv: must be a boolean"), std::string::npos);
-  EXPECT_NE(msg({{"intactkv_prefix", 1}}).find("intactkv_prefix: must be an array"),
-            std::string::npos);
-  EXPECT_NE(msg({{"intactkv_prefix", {1, 2.5}}}).find("intactkv_prefix[1]: must be an integer"),
-            std::string::npos);
-  EXPECT_NE(msg({{"intactkv_prefix", nlohmann::json::array({4294967296ll})}})
-                .find("intactkv_prefix[0]: out of range"),
-            std::string::npos);
-  EXPECT_FALSE(recipe_from_json(nlohmann::json::array()).is_ok());
-  auto t = parse_transform("quarot");
-  ASSERT_TRUE(t.is_ok());
-  EXPECT_EQ(*t, Transform::kQuaRot);
+  EXPECT_TRUE(recipe("none", 4, 16, 16).folds_completely());
+  EXPECT_TRUE(recipe("smoothquant", 4, 16, 16).folds_completely());
+  EXPECT_FALSE(recipe("quarot", 4, 16, 4).folds_completely());
+  EXPECT_FALSE(recipe("flatquant", 4, 16, 16).folds_completely());
 }
 
 }  // namespace
