@@ -212,7 +212,16 @@ Result<nlohmann::json> recipe_json_from_flags(const Flags& f) {
   const bool weight_only = !transform && !quantized("a_bits") && !quantized("kv_bits") && !recon &&
                            !(r.contains("intactkv") && r["intactkv"] == true);
   if (weight_only && !r.contains("w_group")) r["w_group"] = 128;
-  return r;
+  // Dotted keys as the recipe object writes them: "gptq.percdamp" → {"gptq": {"percdamp"}}.
+  nlohmann::json nested = nlohmann::json::object();
+  for (auto it = r.begin(); it != r.end(); ++it) {
+    const size_t dot = it.key().find('.');
+    if (dot == std::string::npos)
+      nested[it.key()] = it.value();
+    else
+      nested[it.key().substr(0, dot)][it.key().substr(dot + 1)] = it.value();
+  }
+  return nested;
 }
 
 Result<nlohmann::json> job_spec_json_from_flags(const Flags& f) {

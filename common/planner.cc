@@ -55,7 +55,8 @@ Status check_output(const OutputSpec& out, const std::string& model_dir) {
   if (fs::exists(st)) {
     if (!out.overwrite)
       return invalid_input("output.path: " + out.path +
-                           " exists (set output.overwrite to replace it)");
+                           ": output exists (set output.overwrite, or pass --overwrite, to "
+                           "replace it)");
     if (!fs::is_directory(fs::status(p, ec)))
       return invalid_input("output.path: " + out.path + " exists and is not a directory");
   }

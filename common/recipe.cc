@@ -25,7 +25,10 @@ using nlohmann::json;
 
 std::string num(double v) {
   char buf[64];
-  std::snprintf(buf, sizeof buf, "%.10g", v);
+  if (v == std::floor(v) && std::fabs(v) <= 9007199254740992.0)
+    std::snprintf(buf, sizeof buf, "%.0f", v);  // integers in full (caps like 2^53)
+  else
+    std::snprintf(buf, sizeof buf, "%.10g", v);
   return buf;
 }
 
@@ -297,6 +300,26 @@ Status Recipe::validate_fields() const {
         "§4.2); with a_bits = kv_bits = 16 there is nothing to train them on (use quarot, or rtn)");
   if (b("embed_mean_sub") && t != "quarot" && t != "spinquant")
     return invalid_input("embed_mean_sub: only with transform quarot or spinquant");
+  // A method's option given while the method is not in the recipe does nothing: refused
+  // rather than dropped (a typo'd or forgotten --method). The CBQ row's options serve
+  // both reconstructions (block is CBQ's trainer with windows of one).
+  for (const auto& [key, given] : given_) {
+    const MethodRow* row = row_of_option(key);
+    const OptionSpec* opt = find_option(key);
+    // At its default the option changes nothing (the stored form carries every key).
+    if (!given || !row || !opt || v_.at(key) == opt->def) continue;
+    const std::string* active = nullptr;
+    const char* what = "";
+    if (row->kind == MethodKind::kTransform) active = &t, what = "transform";
+    if (row->kind == MethodKind::kWeightSolver) active = &ws, what = "weight_solver";
+    if (row->kind == MethodKind::kReconstruction) {
+      if (recon) continue;
+      active = &reconstruction(), what = "reconstruction";
+    }
+    if (active && *active != row->name)
+      return invalid_input(key + ": an option of " + what + " " + row->name + ", but the recipe's " +
+                           what + " is " + *active);
+  }
   return Status::ok();
 }
 
@@ -420,10 +443,14 @@ Result<Recipe> recipe_from_json(const json& j, const std::string& where) {
         {"damp", "gptq.percdamp"},   {"mse_clip", "w_mse_clip"},
         {"true_sequential", "gptq.true_sequential"}, {"mode", "mode"},
         {"window", "blocks_per_task"}, {"seed", "seed"}};
+    // That form carried the GPTQ keys with method rtn too (ignored there): checked, not kept.
+    const auto m = j.find("method");
+    const bool rtn = m != j.end() && *m == "rtn";
     for (const auto& [from, to] : map) {
       auto it = j.find(from);
       if (it == j.end()) continue;
-      Status s = r.set(to, *it);
+      Recipe scratch;
+      Status s = (rtn && std::string(to).rfind("gptq.", 0) == 0 ? scratch : r).set(to, *it);
       if (!s.is_ok()) {
         // Name the key the user wrote.
         std::string msg = s.message();

@@ -732,6 +732,7 @@ Result<json> run_window(const TaskContext& ctx) {
       QCAL_ASSIGN_OR_RETURN(carried, carried_from_fitted(sf));
     }
   }
+  if (w > 0 && !o.parallel) say(ctx, "resuming from the state of " + prev);
   ScratchDir scratch;
   QCAL_ASSIGN_OR_RETURN(io.scratch_dir, make_scratch(ctx, &scratch));
   io.rank = ctx.group ? ctx.group->rank() : 0;

@@ -13,10 +13,11 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 unset QCAL_SERVER QCAL_TOKEN
 cd "$T"
 
-# Every flag, and the JSON it must produce (relative paths made absolute).
-$QCAL submit --dry-run --model m --calib c.jsonl --out o --method rtn --w-bits 8 --group-size -1 \
+# Every weight-only flag (the earlier spellings included), and the JSON it must
+# produce (relative paths made absolute; dotted recipe keys nested).
+$QCAL submit --dry-run --model m --calib c.jsonl --out o --method gptq --w-bits 8 --group-size -1 \
   --asym --act-order --static-groups --damp 0.05 --mse-clip --no-true-sequential --mode parallel \
-  --window 2 --overlap 1 --seed 9 --nsamples 64 --seqlen 256 --eval-data /abs/e.u32 \
+  --window 2 --overlap 0 --seed 9 --nsamples 64 --seqlen 256 --eval-data /abs/e.u32 \
   --eval-nsamples 16 --format compressed-tensors --overwrite --max-ppl-increase 0.05 \
   --max-kl 0.1 --priority low --labels "team=infra, run = 3,," >"$T/all.json"
 python3 - "$T" "$T/all.json" <<'PY' || fail "flag mapping: $(cat "$T/all.json")"
@@ -24,9 +25,10 @@ import json, sys
 t, got = sys.argv[1], json.load(open(sys.argv[2]))
 want = {
     "model": f"{t}/m",
-    "recipe": {"method": "rtn", "w_bits": 8, "group_size": -1, "sym": False, "act_order": True,
-               "static_groups": True, "damp": 0.05, "mse_clip": True, "true_sequential": False,
-               "mode": "parallel", "window": 2, "overlap": 1, "seed": 9},
+    "recipe": {"weight_solver": "gptq", "w_bits": 8, "w_group": -1, "w_sym": False,
+               "gptq": {"act_order": True, "static_groups": True, "percdamp": 0.05,
+                        "true_sequential": False},
+               "w_mse_clip": True, "mode": "parallel", "blocks_per_task": 2, "seed": 9},
     "calib": {"path": f"{t}/c.jsonl", "nsamples": 64, "seqlen": 256},
     "eval": {"path": "/abs/e.u32", "nsamples": 16, "seqlen": 256},
     "output": {"path": f"{t}/o", "format": "compressed-tensors", "overwrite": True},
@@ -37,18 +39,19 @@ want = {
 assert got == want, json.dumps({"got": got, "want": want}, indent=1)
 PY
 
-# Only what was given: the schema's defaults apply to the rest.
+# Only what was given: the schema's defaults apply to the rest (GPTQ W4 g128 is
+# what the flags fill in for a weight-only recipe).
 $QCAL submit --dry-run --model /m --calib /c --out /o >"$T/min.json"
 [ "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])))' "$T/min.json")" = \
-  "{'calib': {'path': '/c'}, 'model': '/m', 'output': {'path': '/o'}}" ] ||
+  "{'calib': {'path': '/c'}, 'model': '/m', 'output': {'path': '/o'}, 'recipe': {'w_group': 128, 'weight_solver': 'gptq'}}" ] ||
   fail "minimal spec: $(cat "$T/min.json")"
 # --eval-seqlen overrides the calibration seqlen for the eval set.
 $QCAL submit --dry-run --model /m --calib /c --out /o --seqlen 128 --eval-data /e --eval-seqlen 512 |
   python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["eval"] == {"path": "/e", "seqlen": 512}, d' ||
   fail "--eval-seqlen"
 
-# A calibration recipe (the `qcal quantize` recipe flags): the recipe object is
-# CalibRecipe's JSON form, method resolved into transform / weight_solver.
+# A calibration recipe: only the keys given (and the filled-in solver), method
+# resolved into transform / weight_solver.
 $QCAL submit --model m --calib c.jsonl --out o --method flatquant --w-bits 4 --a-bits 4 --kv-bits 4 \
   --reconstruction cbq --cbq-window 2 --intactkv --seqlen 64 --dry-run >"$T/cbq.json"
 python3 - "$T" "$T/cbq.json" <<'PY' || fail "calibration flags: $(cat "$T/cbq.json")"
@@ -56,19 +59,13 @@ import json, sys
 t, got = sys.argv[1], json.load(open(sys.argv[2]))
 assert got["model"] == f"{t}/m" and got["calib"] == {"path": f"{t}/c.jsonl", "seqlen": 64}, got
 assert got["output"] == {"path": f"{t}/o"}, got  # format: auto (native here), the parser's default
-r = got["recipe"]
-want = {"transform": "flatquant", "weight_solver": "rtn", "w_bits": 4, "w_group": -1,
-        "a_bits": 4, "kv_bits": 4, "reconstruction": "cbq", "cbq_window": 2, "cbq_overlap": 1,
-        "cbq_parallel": False, "intactkv": True, "intactkv_prefix": [], "seed": 0, "lwc": True,
-        "gptq": {"percdamp": 0.01, "blocksize": 128, "act_order": False, "static_groups": False}}
-for k, v in want.items():
-    assert r.get(k) == v, (k, r.get(k), v)
-for k in ("method", "window", "overlap", "mode", "group_size", "sym", "true_sequential"):
-    assert k not in r, k
+want = {"transform": "flatquant", "weight_solver": "rtn", "w_bits": 4, "a_bits": 4, "kv_bits": 4,
+        "reconstruction": "cbq", "cbq_window": 2, "intactkv": True}
+assert got["recipe"] == want, got["recipe"]
 PY
 $QCAL submit --model /m --calib /c --out /o --reconstruction block --weight-solver rtn --cbq-overlap 0 \
   --format native --dry-run | python3 -c 'import json,sys; r=json.load(sys.stdin)["recipe"]
-assert (r["transform"], r["weight_solver"], r["reconstruction"], r["cbq_overlap"]) == ("none", "rtn", "block", 0), r' ||
+assert (r["weight_solver"], r["reconstruction"], r["cbq_overlap"]) == ("rtn", "block", 0), r' ||
   fail "--reconstruction block --weight-solver rtn"
 
 expect() {  # expect RC WORDS cmd...
@@ -87,7 +84,7 @@ expect 2 "--labels: 'team' is not of the form key=value" $QCAL submit "${B[@]}" 
 expect 2 "has an empty key" $QCAL submit "${B[@]}" --labels =x --dry-run
 expect 2 "label 'a' given twice" $QCAL submit "${B[@]}" --labels a=1,a=2 --dry-run
 expect 2 "--eval-nsamples needs --eval-data" $QCAL submit "${B[@]}" --eval-nsamples 4 --dry-run
-expect 2 "--seed: must be ≥ 0" $QCAL submit "${B[@]}" --seed -1 --dry-run
+expect 2 "--seed: must be in \[0, 9007199254740992\] (got -1)" $QCAL submit "${B[@]}" --seed -1 --dry-run
 echo '{}' >"$T/s.json"
 expect 2 "--spec and --w-bits are exclusive" $QCAL submit --spec "$T/s.json" --w-bits 4
 echo '{"model":' >"$T/bad.json"
@@ -98,25 +95,27 @@ expect 2 "unknown flag --w-bitz" $QCAL submit "${B[@]}" --w-bitz 4
 expect 2 "--spec and --cbq-window are exclusive" $QCAL submit --spec "$T/s.json" --cbq-window 2
 expect 2 "--spec and --intactkv are exclusive" $QCAL submit --spec "$T/s.json" --intactkv
 expect 2 "--spec and --method are exclusive" $QCAL submit --spec "$T/s.json" --method flatquant
-expect 2 "cbq learns the weights' step sizes and rounding itself and would discard gptq" \
+expect 2 "--reconstruction: cbq learns the weights' step sizes and rounding itself and would discard gptq" \
   $QCAL submit "${B[@]}" --reconstruction cbq --weight-solver gptq --dry-run
 expect 2 "--weight-solver rtn contradicts --method gptq" \
   $QCAL submit "${B[@]}" --method gptq --weight-solver rtn --dry-run
-expect 2 "a_bits: must be 2, 3, 4, 6, 8 or 16 (got 5)" $QCAL submit "${B[@]}" --method quarot --a-bits 5 --dry-run
-expect 2 "--intactkv-prefix needs --intactkv" $QCAL submit "${B[@]}" --intactkv-prefix 1 --dry-run
-expect 2 "--asym: the calibration engine quantizes weights symmetrically" \
+expect 2 "--a-bits: must be 2, 3, 4, 6, 8 or 16 (got 5)" $QCAL submit "${B[@]}" --method quarot --a-bits 5 --dry-run
+expect 2 "--intactkv-prefix: set without intactkv" $QCAL submit "${B[@]}" --intactkv-prefix 1 --dry-run
+expect 2 "--sym: asymmetric weights are written only as GPTQ / compressed-tensors" \
   $QCAL submit "${B[@]}" --method flatquant --a-bits 4 --asym --dry-run
-expect 2 "--window is the weight-only recipe's blocks per calibrate task; .* use --cbq-window" \
+expect 2 "--window is the number of blocks per quantize task; a reconstruction's window is --cbq-window" \
   $QCAL submit "${B[@]}" --reconstruction cbq --window 2 --dry-run
-expect 2 "use --cbq-overlap" $QCAL submit "${B[@]}" --reconstruction cbq --overlap 1 --dry-run
-expect 2 "use --cbq-parallel" $QCAL submit "${B[@]}" --method quarot --a-bits 4 --mode parallel --dry-run
-expect 2 "--format gptq: a reconstruction recipe writes the native format" \
-  $QCAL submit "${B[@]}" --reconstruction cbq --format gptq --dry-run
-expect 2 "--format compressed-tensors: this recipe leaves transforms" \
+expect 2 "--overlap: rtn / gptq quantize disjoint blocks" $QCAL submit "${B[@]}" --reconstruction cbq --overlap 1 --dry-run
+expect 2 "--format: gptq holds quantized weights only" \
+  $QCAL submit "${B[@]}" --reconstruction cbq --a-bits 4 --format gptq --dry-run
+expect 2 "--format: compressed-tensors holds quantized weights only, but the recipe leaves transforms" \
   $QCAL submit "${B[@]}" --method flatquant --a-bits 4 --format compressed-tensors --dry-run
-# A weight-only recipe refuses the calibration-only flags instead of dropping them.
-expect 2 "--alpha applies to calibration recipes" $QCAL submit "${B[@]}" --method gptq --alpha 0.5 --dry-run
-expect 2 "--no-lwc applies to calibration recipes" $QCAL submit "${B[@]}" --no-lwc --dry-run
+# Options of a method the recipe does not run are refused instead of dropped.
+expect 2 "--alpha: an option of transform smoothquant, but the recipe's transform is none" \
+  $QCAL submit "${B[@]}" --method gptq --alpha 0.7 --dry-run
+expect 2 "--no-lwc: an option of transform flatquant" $QCAL submit "${B[@]}" --no-lwc --dry-run
+expect 2 "--act-order: an option of weight_solver gptq, but the recipe's weight_solver is rtn" \
+  $QCAL submit "${B[@]}" --method rtn --act-order --dry-run
 # --help tells the service's blocks per task from CBQ's window.
 help=$($QCAL --help)
 grep -q -- "--window N --overlap N are the$" <<<"$help" || fail "--help: --window"

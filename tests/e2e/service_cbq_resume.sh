@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # labels: integration slow
-# Issue #5 part 4: a CBQ job is a chain of window tasks (capture → cbq-window-0000
+# Issue #5 part 4: a CBQ job is a chain of window tasks (embed → capture-0000..0003 → cbq-window-0000
 # → cbq-window-0001 → cbq-window-0002 → assemble → validate), each resuming from
 # the state the previous window saved. Job A runs uninterrupted. Job B (same
 # recipe) loses its worker to `kill -9` in the middle of window 1; a second
 # worker reclaims window 1 once the lease runs out and starts it again from
-# window 0's state: window 0 (and capture) are not re-run, window 1 is, the
+# window 0's state: window 0 (and the captures) are not re-run, window 1 is, the
 # output is byte-identical to A's and the job status carries per-window losses.
 # Job C (20x the epochs) is cancelled inside window 0, which stops within a few
 # steps instead of finishing the window.
@@ -61,7 +61,7 @@ wait_job "$a" succeeded 300
 ja=$(job_json "$a")
 note "A succeeded in $((SECONDS - t0)) s: $(echo "$ja" | pyj '[(t["id"], round(t["seconds"], 1)) for t in d["progress"]["tasks"]]')"
 echo "$ja" | pyj '[t["id"] for t in d["progress"]["tasks"]]' |
-  grep -q '"capture", "cbq-window-0000", "cbq-window-0001", "cbq-window-0002", "assemble", "validate"' ||
+  grep -q '"embed", "capture-0000", "capture-0001", "capture-0002", "capture-0003", "cbq-window-0000", "cbq-window-0001", "cbq-window-0002", "assemble", "validate"' ||
   fail "unexpected DAG: $(echo "$ja" | pyj '[t["id"] for t in d["progress"]["tasks"]]')"
 kill_worker w0
 # Into window 1 by about a third of its length in A (the poll itself takes a moment).
@@ -93,20 +93,20 @@ wait_job "$b" succeeded 300
 note "B finished $((SECONDS - t1)) s after the restart"
 jb=$(job_json "$b")
 
-# Window 0 and capture ran once, on w1; window 1 ran again on w2.
+# Window 0, embed and the captures ran once, on w1; window 1 ran again on w2.
 echo "$jb" | python3 -c "
 import json, sys
 d = json.load(sys.stdin)
 t = {t['id']: t for t in d['progress']['tasks']}
 assert all(x['state'] == 'done' for x in t.values()), t
-for i in ('capture', 'cbq-window-0000'):
+for i in ('embed', 'capture-0000', 'cbq-window-0000'):
     assert t[i]['attempts'] == 1 and t[i]['worker'] == 'w1', t[i]
 assert abs(t['cbq-window-0000']['seconds'] - $w0_finished) < 1e-6, t['cbq-window-0000']
 w1 = t['cbq-window-0001']
 assert w1['attempts'] >= 2 and w1['worker'] == 'w2', w1
 for i in ('cbq-window-0002', 'assemble', 'validate'):
     assert t[i]['attempts'] == 1 and t[i]['worker'] == 'w2', t[i]
-print('capture, cbq-window-0000: 1 attempt on w1; cbq-window-0001:', w1['attempts'],
+print('embed, captures, cbq-window-0000: 1 attempt on w1; cbq-window-0001:', w1['attempts'],
       'attempts, finished on w2')
 " || fail "task records after the kill: $jb"
 
@@ -117,7 +117,7 @@ import json, sys
 lines = json.load(sys.stdin)['lines']
 def count(s): return sum(s in l for l in lines)
 assert count('claimed cbq-window-0000') == 1, [l for l in lines if 'claimed' in l]
-assert count('claimed capture') == 1, [l for l in lines if 'claimed' in l]
+assert count('claimed embed') == 1, [l for l in lines if 'claimed' in l]
 assert count('claimed cbq-window-0001') >= 2, [l for l in lines if 'claimed' in l]
 assert count('[w2] cbq-window-0001: resuming from the state of cbq-window-0000') == 1, lines
 " || fail "job log of B: $HTTP_BODY"

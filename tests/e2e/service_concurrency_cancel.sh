@@ -11,7 +11,7 @@ start_redis
 start_coordinator
 make_model "$T/m" medium
 R=(--model "$T/m" --calib "$T/m.calib.jsonl" --nsamples 64 --seqlen 128 --method gptq --w-bits 4
-  --group-size 128)
+  --group-size 16)
 start_worker w1
 start_worker w2
 a=$(q submit "${R[@]}" --out "$T/out-a" --labels job=a)

@@ -11,7 +11,7 @@ start_redis
 start_coordinator
 make_model "$T/m" medium
 R=(--model "$T/m" --calib "$T/m.calib.jsonl" --nsamples 64 --seqlen 128 --method gptq --w-bits 4
-  --group-size 128)
+  --group-size 16)
 start_worker w1
 id=$(q submit "${R[@]}" --out "$T/out" --eval-data "$T/m.eval.jsonl" --eval-nsamples 8 \
   --max-ppl-increase 1 --labels scenario=coordinator-restart)
@@ -20,9 +20,9 @@ note "submitted $id"
 q wait "$id" --interval 0.5 --timeout 600 >"$T/wait.out" 2>"$T/wait.err" &
 WPID[waiter]=$!
 
-_calibrating() { [ -n "$(running_calibrate "$id")" ]; }
-wait_until 300 "a calibrate task to run" _calibrating
-running=$(running_calibrate "$id")
+_calibrating() { [ -n "$(running_block "$id")" ]; }
+wait_until 300 "a block task to run" _calibrating
+running=$(running_block "$id")
 stop_coordinator TERM
 note "coordinator stopped (SIGTERM) while $running ran"
 curl -s -o /dev/null "$URL/healthz" && fail "the coordinator still answers after SIGTERM"

@@ -4,9 +4,9 @@
 # before its consumer runs. The consumer's checksum check catches it, the
 # producer is re-run, and the job succeeds with output byte-identical to
 # `qcal quantize`. Two cases:
-#   1. calibrate-0000's artifacts get bytes flipped (sizes unchanged);
-#   2. the capture artifact is truncated and calibrate-0000's flipped, so the
-#      re-run of calibrate-0000 itself finds its input corrupt (a chain).
+#   1. quantize-0000's artifacts get bytes flipped (sizes unchanged);
+#   2. the embed artifact is truncated and quantize-0000's flipped, so the
+#      re-run of quantize-0000 itself finds its input corrupt (a chain).
 # Workers started with --once each run exactly one task, which lets the test
 # step between tasks.
 source "$(dirname "$0")/lib/service.bash" "$@"
@@ -48,13 +48,13 @@ artifacts() {  # artifacts JOB TASK: the files of the task's first attempt
 for case in 1 2; do
   id=$(q submit "${R[@]}" --out "$T/out$case" --eval-data "$T/m.eval.jsonl" --eval-nsamples 8)
   note "case $case: submitted $id"
-  run_one "$id" capture
-  run_one "$id" calibrate-0000
-  files=$(artifacts "$id" calibrate-0000)
-  [ -n "$files" ] || fail "no artifacts under $STORE/jobs/$id/calibrate-0000 (store layout changed?)"
+  run_one "$id" embed
+  run_one "$id" quantize-0000
+  files=$(artifacts "$id" quantize-0000)
+  [ -n "$files" ] || fail "no artifacts under $STORE/jobs/$id/quantize-0000 (store layout changed?)"
   for f in $files; do flip_bytes "$f"; note "flipped 16 bytes in ${f#"$STORE"/}"; done
   if [ $case = 2 ]; then
-    for f in $(artifacts "$id" capture); do
+    for f in $(artifacts "$id" embed); do
       truncate -s $(($(stat -c %s "$f") / 2)) "$f"
       note "truncated ${f#"$STORE"/}"
     done
@@ -68,9 +68,9 @@ for case in 1 2; do
 import json, sys
 d = json.load(sys.stdin)
 t = {t['id']: t for t in d['progress']['tasks']}
-assert t['calibrate-0000']['attempts'] >= 2, t['calibrate-0000']
+assert t['quantize-0000']['attempts'] >= 2, t['quantize-0000']
 if $case == 2:
-    assert t['capture']['attempts'] >= 2, t['capture']
+    assert t['embed']['attempts'] >= 2, t['embed']
 print('attempts:', {k: v['attempts'] for k, v in t.items()})
 " || fail "case $case: the corrupt artifacts were not re-made: $j"
   q logs "$id" | grep -i -E "corrupt|checksum|sha|mismatch" | head -3 ||

@@ -62,8 +62,8 @@ import json, sys
 d = json.load(sys.stdin)
 p = d["progress"]
 assert d["state"] == "succeeded", d["state"]
-assert p["tasks_done"] == p["tasks_total"] == len(p["tasks"]) == 5, p   # capture, 2 x calibrate, assemble, validate
-assert [t["type"] for t in p["tasks"]] == ["capture", "calibrate", "calibrate", "assemble", "validate"], p["tasks"]
+assert p["tasks_done"] == p["tasks_total"] == len(p["tasks"]) == 5, p   # embed, 2 x quantize, assemble, validate
+assert [t["type"] for t in p["tasks"]] == ["embed", "quantize", "quantize", "assemble", "validate"], p["tasks"]
 assert len(d["blocks"]) == 2 and all("rel_output_error" in b for b in d["blocks"]), d["blocks"]
 assert d["labels"] == {"suite": "a", "case": "1"}, d["labels"]
 r = d["report"]

@@ -11,15 +11,15 @@ start_redis
 start_coordinator
 make_model "$T/m" medium
 R=(--model "$T/m" --calib "$T/m.calib.jsonl" --nsamples 64 --seqlen 128 --method gptq --w-bits 4
-  --group-size 128)
+  --group-size 16)
 start_worker w1
 id=$(q submit "${R[@]}" --out "$T/out" --eval-data "$T/m.eval.jsonl" --eval-nsamples 8 \
   --max-ppl-increase 1)
 note "submitted $id"
 
-_calibrating() { [ -n "$(running_calibrate "$id")" ]; }
-wait_until 300 "a calibrate task to run" _calibrating
-running=$(running_calibrate "$id")
+_calibrating() { [ -n "$(running_block "$id")" ]; }
+wait_until 300 "a block task to run" _calibrating
+running=$(running_block "$id")
 stop_redis TERM
 note "redis stopped (SIGTERM) while $running ran"
 [ -s "$T/redis/appendonly.aof" ] || ls "$T/redis/appendonlydir" >/dev/null 2>&1 ||

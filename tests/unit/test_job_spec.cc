@@ -22,7 +22,7 @@ json minimal() {
 json full() {
   return json::parse(R"({
     "model": "/models/llama",
-    "recipe": {"method": "rtn", "w_bits": 8, "group_size": -1, "sym": false,
+    "recipe": {"method": "gptq", "w_bits": 8, "group_size": -1, "sym": false,
                "act_order": true, "static_groups": true, "damp": 0.05,
                "mse_clip": true, "true_sequential": false,
                "mode": "parallel", "window": 4, "overlap": 0, "seed": 9007199254740992},

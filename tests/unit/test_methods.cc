@@ -106,7 +106,8 @@ double ppl(const std::vector<float>& logits, const TokenSequences& s, int64_t V)
 Recipe recipe(const std::string& t, int w, int a, int kv) {
   Recipe r;
   r.with("transform", t).with("w_bits", w).with("a_bits", a).with("kv_bits", kv);
-  r.with("epochs", 4).with("cali_bsz", 4).with("seed", 1);
+  r.with("cali_bsz", 4).with("seed", 1);
+  if (t == "flatquant") r.with("epochs", 4);
   return r;
 }
 

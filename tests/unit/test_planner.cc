@@ -267,7 +267,7 @@ TEST_F(Planner, OutputPathChecks) {
   fs::create_directories(path("existing"));
   s.output.path = path("existing");
   st = plan_err(s);
-  EXPECT_NE(st.message().find("exists (set output.overwrite"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("output exists (set output.overwrite"), std::string::npos) << st.message();
   s.output.overwrite = true;
   EXPECT_TRUE(plan_job(s, {}).is_ok());
 

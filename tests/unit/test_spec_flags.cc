@@ -5,6 +5,7 @@
 // result, and bad combinations are refused naming the flag.
 #include <gtest/gtest.h>
 
+#include <set>
 #include <string>
 #include <vector>
 
@@ -141,20 +142,41 @@ TEST(SpecFlags, EveryRecipeFlag) {
       "--priority", "high", "--labels", "a=1", "--eval-data", "/e", "--max-kl", "0.5",
       "--max-shard-mb", "64"};
   // clang-format on
-  auto r = spec_of(args);
-  ASSERT_TRUE(r.is_ok()) << r.status().message();
+  // The mapping (recipe_json_from_flags does not validate; dotted keys nested).
+  auto rj = recipe_json_from_flags(submit_flags(args));
+  ASSERT_TRUE(rj.is_ok()) << rj.status().message();
   const json want = json::parse(R"({
     "transform": "flatquant", "weight_solver": "rtn", "w_bits": 3, "w_group": 32,
     "a_bits": 8, "a_clip": 0.9, "kv_bits": 6, "kv_clip": 0.95,
     "sq_alpha": 0.7, "epochs": 3, "cali_bsz": 2, "flat_lr": 0.01, "lwc": false, "lac": false,
     "add_diag": false, "diag_alpha": 0.5, "spin_steps": 7, "spin_lr": 0.5, "spin_bsz": 2,
     "intactkv": true, "intactkv_prefix": [1, 5, 9],
-    "gptq.percdamp": 0.05, "gptq.blocksize": 64, "gptq.act_order": true,
-    "gptq.static_groups": true, "seed": 5, "batch": 4, "reconstruction": "block",
+    "gptq": {"percdamp": 0.05, "blocksize": 64, "act_order": true, "static_groups": true},
+    "seed": 5, "batch": 4, "reconstruction": "block",
     "cbq_window": 3, "cbq_overlap": 0, "mode": "parallel", "cbq_epochs": 3, "lora_rank": 4,
     "cfp": false, "w_sym": true})");
-  for (auto it = want.begin(); it != want.end(); ++it)
-    EXPECT_EQ((*r)["recipe"][it.key()], it.value()) << it.key();
+  EXPECT_EQ(*rj, want);
+  // As a job, the options of methods the recipe does not run are refused, naming a flag.
+  auto bad = spec_of(args);
+  ASSERT_FALSE(bad.is_ok());
+  EXPECT_NE(bad.status().message().find(
+                "--act-order: an option of weight_solver gptq, but the recipe's weight_solver is rtn"),
+            std::string::npos)
+      << bad.status().message();
+  // Without them the job is accepted and the coordinator reads back the same recipe.
+  std::vector<std::string> ok;
+  const std::set<std::string> drop = {"--alpha",  "--spin-steps", "--spin-lr",    "--spin-bsz",
+                                      "--damp",   "--blocksize",  "--lora-rank"};
+  for (size_t k = 0; k < args.size(); ++k) {
+    if (drop.count(args[k])) {
+      ++k;
+      continue;
+    }
+    if (args[k] == "--act-order" || args[k] == "--static-groups") continue;
+    ok.push_back(args[k]);
+  }
+  auto r = spec_of(ok);
+  ASSERT_TRUE(r.is_ok()) << r.status().message();
   EXPECT_EQ((*r)["calib"], json({{"path", "/c"}, {"nsamples", 16}, {"seqlen", 64}}));
   EXPECT_EQ((*r)["eval"], json({{"path", "/e"}, {"seqlen", 64}}));
   EXPECT_EQ((*r)["output"],
@@ -162,21 +184,20 @@ TEST(SpecFlags, EveryRecipeFlag) {
   EXPECT_EQ((*r)["priority"], "high");
   EXPECT_EQ((*r)["labels"], json({{"a", "1"}}));
   EXPECT_EQ((*r)["gate"], json({{"max_kl", 0.5}}));
-  // The coordinator reads back the same recipe, the dotted keys nested.
   auto js = parse_job_spec(*r);
   ASSERT_TRUE(js.is_ok()) << js.status().message();
   EXPECT_EQ(js->recipe.ids("intactkv_prefix"), (std::vector<int32_t>{1, 5, 9}));
-  EXPECT_EQ(js->recipe.i("gptq.blocksize"), 64);
+  EXPECT_EQ(js->recipe.i("cbq_epochs"), 3);
   EXPECT_EQ(js->recipe.batch(), 4);
   EXPECT_TRUE(js->recipe.parallel());
 }
 
 TEST(SpecFlags, EarlierWeightOnlySpellings) {
-  const JobSpec s = accepted({"--method", "rtn", "--w-bits", "8", "--group-size", "-1", "--asym",
+  const JobSpec s = accepted({"--method", "gptq", "--w-bits", "8", "--group-size", "-1", "--asym",
                               "--act-order", "--static-groups", "--damp", "0.05", "--mse-clip",
                               "--no-true-sequential", "--mode", "parallel", "--window", "2",
                               "--overlap", "0", "--seed", "9", "--format", "compressed-tensors"});
-  EXPECT_EQ(s.recipe.weight_solver(), "rtn");
+  EXPECT_EQ(s.recipe.weight_solver(), "gptq");
   EXPECT_EQ(s.recipe.w_bits(), 8);
   EXPECT_EQ(s.recipe.w_group(), -1);
   EXPECT_FALSE(s.recipe.w_sym());

@@ -22,7 +22,8 @@
 #   job_state ID                            its state
 #   wait_until TIMEOUT_S WHAT CMD...        polls CMD every 0.2 s
 #   wait_job ID STATE TIMEOUT_S             until the job reaches STATE (any other terminal: fail)
-#   running_calibrate ID                    "task worker" of a running calibrate task, or ""
+#   running_block ID                        "task worker" of a running block task
+#                                           (quantize, transform, cbq-window), or ""
 #   make_model DIR SIZE                     SIZE small (2 layers, hidden 128) | medium (4, 256)
 #   compare_dirs A B                        same file list, every file byte-identical (cmp)
 #   pyj EXPR                                evaluates EXPR with d = JSON read from stdin
@@ -178,12 +179,12 @@ _job_reached() {  # _job_reached ID STATE
 wait_job() { wait_until "$3" "job $1 to be $2" _job_reached "$1" "$2"; }
 
 # "task worker" of the first running calibrate task of job $1, or nothing.
-running_calibrate() {
+running_block() {
   job_json "$1" | python3 -c '
 import json, sys
 d = json.load(sys.stdin)
 for t in d.get("progress", {}).get("tasks", []):
-    if t.get("type") == "calibrate" and t.get("state") == "running":
+    if t.get("type") in ("quantize", "transform", "cbq-window") and t.get("state") == "running":
         print(t["id"], t.get("worker", "")); break'
 }
 
