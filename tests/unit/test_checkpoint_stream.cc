@@ -2,20 +2,27 @@
 // Streaming checkpoint writers (worker/engine/qformats.h, worker/calib/native.h,
 // common/safetensors.h): the files they write are byte-identical to those of
 // the whole-model writers as they were before streaming (golden SHA-256
-// digests recorded from that build), overrides streamed in row chunks equal a
-// whole-tensor write, and failures leave nothing behind.
+// digests recorded from that build), whether fed whole or streamed; overrides
+// streamed in row chunks equal a whole-tensor write; failures leave nothing
+// behind; the streaming writers' peak resident set does not grow with the
+// layer count (measured in a forked child).
 //
 // Every input here is drawn from common/rng.h (the same bits on every
 // machine), never from the quantizer, so the golden digests change only when
-// the writers' output does.
+// the writers' output does: a deliberate format change must update them.
 //
 // Letters: O out_features, I in_features, H hidden, V vocab, L layers, P
 // IntactKV prefix length, K = n_kv·d.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -29,6 +36,7 @@
 #include "tests/unit/test_util.h"
 #include "worker/calib/native.h"
 #include "worker/engine/qformats.h"
+#include "worker/engine/synth.h"
 
 namespace qcal {
 namespace {
@@ -262,6 +270,332 @@ TEST_F(StreamWriters, QuantizedCheckpointBytesEqualThePreStreamingWriter) {
   EXPECT_EQ(failures, 0);
 }
 
+// The declarations of a case and a provider drawing each linear only when
+// asked (the same linears as case_linears); `calls` records the order.
+CheckpointStream case_stream(const ModelConfig& c, const QCase& k,
+                             std::vector<std::string>* calls) {
+  CheckpointStream in;
+  for (auto& [name, q] : case_linears(c, k)) in.linears[name] = linear_decl(q);
+  const QuantSpec spec{k.bits, k.group_size, k.sym};
+  in.provide = [c, spec, k, calls](const std::string& name) -> Result<QuantizedLinear> {
+    if (calls) calls->push_back(name);
+    const std::vector<int64_t> s = module_shape(c, name);
+    return make_linear(s[0], s[1], spec, k.act_order, 7, name);
+  };
+  return in;
+}
+
+// Entries of `dir` other than `keep` (outputs, staging directories, temporaries).
+std::vector<std::string> entries_but(const std::string& dir, const std::string& keep) {
+  std::vector<std::string> v;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().filename() != keep) v.push_back(e.path().filename().string());
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+TEST_F(StreamWriters, StreamedFromAProviderEqualsTheGoldenBytes) {
+  int failures = 0;
+  for (const QCase& k : kQCases) {
+    const std::string out = tmp_.sub(std::string("s_") + k.name);
+    std::vector<std::string> calls;
+    const CheckpointStream in = case_stream(cfg_, k, &calls);
+    WriteOptions o = case_options(k);
+    o.chunk_bytes = 777;  // source tensors copied in odd pieces: same bytes
+    Status st = stream_quantized_checkpoint(*src_, in, o, out);
+    ASSERT_TRUE(st.is_ok()) << k.name << ": " << st.to_string();
+    std::string listing;
+    const std::string got = dir_digest(out, &listing);
+    if (got != k.golden) ++failures;
+    EXPECT_EQ(got, k.golden) << k.name << " files:\n" << listing;
+    // Once per module, in name order (a layer's modules are consecutive in it).
+    std::vector<std::string> want;
+    for (const auto& [name, d] : in.linears) want.push_back(name);
+    EXPECT_EQ(calls, want) << k.name;
+  }
+  EXPECT_EQ(failures, 0);
+
+  // With layers 0..11 the order is the names' string order: 1, 10, 11, 2, ...
+  ModelConfig c12 = source_config(12);
+  write_source(tmp_.sub("fp12"), c12, 12);
+  auto src12 = ModelDir::open(tmp_.sub("fp12"));
+  ASSERT_TRUE(src12.is_ok());
+  std::vector<std::string> calls;
+  ASSERT_TRUE(stream_quantized_checkpoint(**src12, case_stream(c12, kQCases[7], &calls), {},
+                                          tmp_.sub("out12"))
+                  .is_ok());
+  ASSERT_EQ(calls.size(), 12u * 7u);
+  std::vector<int64_t> layer_order;
+  for (const std::string& m : calls) {
+    const int64_t l = std::stoll(m.substr(std::string("model.layers.").size()));
+    if (layer_order.empty() || layer_order.back() != l) layer_order.push_back(l);
+  }
+  EXPECT_EQ(layer_order, (std::vector<int64_t>{0, 1, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9}));
+}
+
+// fp32 rows of a source tensor times a (H, H) matrix: the "rotated" tensor.
+struct Rotated {
+  Tensor src;              // (R, H)
+  std::vector<float> rot;  // (H, H)
+  std::vector<std::pair<int64_t, int64_t>> calls;
+  Status rows(int64_t row0, int64_t rows, float* out) {
+    calls.push_back({row0, rows});
+    const int64_t H = src.dim(1);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < H; ++j) {
+        double a = 0;
+        for (int64_t i = 0; i < H; ++i)
+          a += static_cast<double>(src.data[(row0 + r) * H + i]) * rot[i * H + j];
+        out[r * H + j] = static_cast<float>(a);
+      }
+    return Status::ok();
+  }
+};
+
+TEST_F(StreamWriters, OverridesStreamedInRowChunksEqualTheWholeTensorWrite) {
+  const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
+  const QCase& k = kQCases[0];
+  auto write = [&](const std::string& out, uint64_t chunk, Rotated* embed) {
+    CheckpointStream in = case_stream(cfg_, k, nullptr);
+    TensorOverride e;
+    e.dtype = DType::kBF16;
+    e.shape = {V, H};
+    e.rows = [embed](int64_t r0, int64_t n, float* o) { return embed->rows(r0, n, o); };
+    in.overrides["model.embed_tokens.weight"] = e;
+    TensorOverride norm;  // a folded norm: ones, written as F32
+    norm.dtype = DType::kF32;
+    norm.shape = {H};
+    norm.rows = [](int64_t, int64_t n, float* o) {
+      std::fill(o, o + n, 1.0f);
+      return Status::ok();
+    };
+    in.overrides["model.norm.weight"] = norm;
+    TensorOverride added;  // a tensor the source lacks
+    added.dtype = DType::kF16;
+    added.shape = {3, 4};
+    added.rows = [](int64_t r0, int64_t n, float* o) {
+      for (int64_t i = 0; i < n * 4; ++i) o[i] = static_cast<float>(r0 * 4 + i) / 8.0f;
+      return Status::ok();
+    };
+    in.overrides["qcal.test.added"] = added;
+    in.config_updates = {{"tie_word_embeddings", false}, {"qcal_rotated", true}};
+    WriteOptions o = case_options(k);
+    o.chunk_bytes = chunk;
+    return stream_quantized_checkpoint(*src_, in, o, out);
+  };
+  Rotated embed;
+  auto src_embed = src_->read_f32("model.embed_tokens.weight");
+  ASSERT_TRUE(src_embed.is_ok());
+  embed.src = *src_embed;
+  embed.rot = normal_values(3, "rotation", H * H, 1.0 / std::sqrt(static_cast<double>(H)));
+
+  ASSERT_TRUE(write(tmp_.sub("whole"), uint64_t{1} << 30, &embed).is_ok());
+  ASSERT_EQ(embed.calls.size(), 1u);
+  embed.calls.clear();
+  // 3 rows of H fp32 values per call.
+  ASSERT_TRUE(write(tmp_.sub("chunks"), 3 * H * 4, &embed).is_ok());
+  ASSERT_EQ(embed.calls.size(), static_cast<size_t>((V + 2) / 3));
+  for (size_t i = 0; i < embed.calls.size(); ++i) {
+    EXPECT_EQ(embed.calls[i].first, static_cast<int64_t>(3 * i));
+    EXPECT_EQ(embed.calls[i].second, std::min<int64_t>(3, V - static_cast<int64_t>(3 * i)));
+  }
+  std::string a, b;
+  EXPECT_EQ(dir_digest(tmp_.sub("chunks"), &b), dir_digest(tmp_.sub("whole"), &a)) << a << b;
+
+  // What was written: the rotated rows rounded once to BF16, the rest as declared.
+  auto out = ModelDir::open(tmp_.sub("chunks"));
+  ASSERT_TRUE(out.is_ok()) << out.status().to_string();
+  const TensorInfo* te = (*out)->find("model.embed_tokens.weight");
+  ASSERT_NE(te, nullptr);
+  EXPECT_EQ(te->dtype, DType::kBF16);
+  auto got = (*out)->read_f32("model.embed_tokens.weight");
+  ASSERT_TRUE(got.is_ok());
+  std::vector<float> want(static_cast<size_t>(V * H));
+  ASSERT_TRUE(embed.rows(0, V, want.data()).is_ok());
+  size_t bad = 0;
+  for (size_t i = 0; i < want.size(); ++i)
+    bad += got->data[i] != round_to_dtype(want[i], DType::kBF16) || !std::isfinite(got->data[i]);
+  EXPECT_EQ(bad, 0u) << "of " << want.size() << " rotated embedding values";
+  EXPECT_EQ((*out)->find("model.norm.weight")->dtype, DType::kF32);
+  auto norm = (*out)->read_f32("model.norm.weight");
+  ASSERT_TRUE(norm.is_ok());
+  EXPECT_EQ(norm->data, std::vector<float>(static_cast<size_t>(H), 1.0f));
+  auto added = (*out)->read_f32("qcal.test.added");
+  ASSERT_TRUE(added.is_ok());
+  EXPECT_EQ(added->shape, (std::vector<int64_t>{3, 4}));
+  EXPECT_EQ(added->data[11], 11.0f / 8.0f);
+  // Tensors not overridden are the source's bytes.
+  const SafetensorsFile *fs_out = nullptr, *fs_src = nullptr;
+  const TensorInfo* lo = (*out)->find("lm_head.weight", &fs_out);
+  const TensorInfo* ls = src_->find("lm_head.weight", &fs_src);
+  ASSERT_TRUE(lo && ls);
+  EXPECT_EQ(fs_out->raw(*lo), fs_src->raw(*ls));
+  EXPECT_EQ((*out)->config_json()["tie_word_embeddings"], false);
+  EXPECT_EQ((*out)->config_json()["qcal_rotated"], true);
+  EXPECT_EQ((*out)->config_json()["quantization_config"]["bits"], 2);
+  auto q = read_quantized_linear(**out, "model.layers.1.mlp.up_proj");
+  ASSERT_TRUE(q.is_ok()) << q.status().to_string();
+  const QuantizedLinear want_q = case_linears(cfg_, k).at("model.layers.1.mlp.up_proj");
+  EXPECT_EQ(q->q, want_q.q);
+  EXPECT_EQ(q->scales, want_q.scales);
+}
+
+// Expects `st` to fail with `code` and a message holding every piece.
+void expect_error(const Status& st, Code code, std::initializer_list<std::string> pieces) {
+  EXPECT_EQ(st.code(), code) << st.to_string();
+  for (const std::string& p : pieces)
+    EXPECT_NE(st.message().find(p), std::string::npos) << "'" << p << "' not in: " << st.message();
+}
+
+TEST_F(StreamWriters, FailuresLeaveNoOutputAndNoStagingDirectory) {
+  const QCase& k = kQCases[9];  // sharded: a failure can come after a finished shard
+  const std::string out = tmp_.sub("out");
+  auto check_nothing_left = [&](const char* what) {
+    EXPECT_EQ(entries_but(tmp_.path(), "fp"), std::vector<std::string>{}) << what;
+  };
+  {  // The provider fails midway: its code and message come back, with the module.
+    std::vector<std::string> calls;
+    CheckpointStream in = case_stream(cfg_, k, &calls);
+    auto inner = in.provide;
+    in.provide = [&, inner](const std::string& name) -> Result<QuantizedLinear> {
+      if (calls.size() == 9) {
+        calls.push_back(name);
+        return unavailable("block store briefly gone");
+      }
+      return inner(name);
+    };
+    Status st = stream_quantized_checkpoint(*src_, in, case_options(k), out);
+    ASSERT_EQ(calls.size(), 10u);
+    expect_error(st, Code::kUnavailable, {"module " + calls.back(), "block store briefly gone"});
+    check_nothing_left("provider failure");
+  }
+  {  // A linear that differs from its declaration.
+    CheckpointStream in = case_stream(cfg_, k, nullptr);
+    auto inner = in.provide;
+    in.provide = [inner](const std::string& name) -> Result<QuantizedLinear> {
+      QCAL_ASSIGN_OR_RETURN(QuantizedLinear q, inner(name));
+      if (name == "model.layers.1.self_attn.k_proj") q.act_order = false;
+      return q;
+    };
+    expect_error(stream_quantized_checkpoint(*src_, in, case_options(k), out), Code::kInvalidInput,
+                 {"module model.layers.1.self_attn.k_proj", "differs from its declaration",
+                  "act_order false", "act_order true"});
+    check_nothing_left("declaration mismatch");
+  }
+  {  // A linear failing the contents checks.
+    CheckpointStream in = case_stream(cfg_, k, nullptr);
+    auto inner = in.provide;
+    in.provide = [inner](const std::string& name) -> Result<QuantizedLinear> {
+      QCAL_ASSIGN_OR_RETURN(QuantizedLinear q, inner(name));
+      if (name == "model.layers.1.mlp.gate_proj") q.q[5] = 16;
+      return q;
+    };
+    expect_error(stream_quantized_checkpoint(*src_, in, case_options(k), out), Code::kInvalidInput,
+                 {"module model.layers.1.mlp.gate_proj", "code q[0, 5] = 16"});
+    check_nothing_left("bad contents");
+  }
+  {  // A row source failing, and one producing a non-finite value.
+    for (bool nan : {false, true}) {
+      CheckpointStream in = case_stream(cfg_, k, nullptr);
+      TensorOverride ov;
+      ov.shape = {cfg_.hidden_size};
+      ov.rows = [nan](int64_t r0, int64_t n, float* o) {
+        for (int64_t i = 0; i < n; ++i) o[i] = r0 + i == 7 && nan ? NAN : 1.0f;
+        return nan ? Status::ok() : io_error("rotation file: read failed");
+      };
+      in.overrides["model.layers.1.input_layernorm.weight"] = ov;
+      Status st = stream_quantized_checkpoint(*src_, in, case_options(k), out);
+      if (nan)
+        expect_error(st, Code::kInvalidInput,
+                     {"tensor model.layers.1.input_layernorm.weight", "element 7"});
+      else
+        expect_error(st, Code::kIoError,
+                     {"override of tensor model.layers.1.input_layernorm.weight",
+                      "rotation file: read failed"});
+      check_nothing_left("row source");
+    }
+  }
+
+  // Refused before any linear is asked for or any byte written.
+  struct Case {
+    const char* what;
+    std::function<void(CheckpointStream&, WriteOptions&)> edit;
+    std::vector<std::string> expect;
+  };
+  TensorOverride ones;
+  ones.shape = {cfg_.hidden_size};
+  ones.rows = [](int64_t, int64_t n, float* o) {
+    std::fill(o, o + n, 1.0f);
+    return Status::ok();
+  };
+  const std::vector<Case> cases = {
+      {"mixed specs",
+       [](CheckpointStream& in, WriteOptions&) {
+         in.linears["model.layers.1.mlp.up_proj"].spec.bits = 8;
+       },
+       {"module model.layers.1.mlp.up_proj", "differ from module"}},
+      {"not writable",
+       [](CheckpointStream& in, WriteOptions&) {
+         for (auto& [n, d] : in.linears) d.spec.bits = 3;
+       },
+       {"compressed-tensors pack-quantized is written for 4 or 8 bits only"}},
+      {"declared shape",
+       [](CheckpointStream& in, WriteOptions&) {
+         in.linears["model.layers.0.self_attn.q_proj"].out_features = 32;
+       },
+       {"module model.layers.0.self_attn.q_proj", "source weight has shape [64, 64]"}},
+      {"override of a replaced weight",
+       [&](CheckpointStream& in, WriteOptions&) {
+         in.overrides["model.layers.0.mlp.up_proj.weight"] = ones;
+       },
+       {"model.layers.0.mlp.up_proj.weight", "replaced by its quantized module"}},
+      {"override shape",
+       [&](CheckpointStream& in, WriteOptions&) {
+         TensorOverride o = ones;
+         o.shape = {cfg_.hidden_size + 1};
+         in.overrides["model.norm.weight"] = o;
+       },
+       {"override of tensor model.norm.weight", "shape [65]", "the source tensor has [64]"}},
+      {"override dtype",
+       [&](CheckpointStream& in, WriteOptions&) {
+         TensorOverride o = ones;
+         o.dtype = DType::kI32;
+         in.overrides["model.norm.weight"] = o;
+       },
+       {"model.norm.weight", "dtype I32 is not a float dtype"}},
+      {"override without rows",
+       [&](CheckpointStream& in, WriteOptions&) {
+         TensorOverride o = ones;
+         o.rows = nullptr;
+         in.overrides["model.norm.weight"] = o;
+       },
+       {"model.norm.weight", "no row source"}},
+      {"config update of quantization_config",
+       [](CheckpointStream& in, WriteOptions&) {
+         in.config_updates = {{"quantization_config", nullptr}};
+       },
+       {"quantization_config"}},
+      {"chunk_bytes 0",
+       [](CheckpointStream&, WriteOptions& o) { o.chunk_bytes = 0; },
+       {"chunk_bytes is 0"}},
+      {"no provider",
+       [](CheckpointStream& in, WriteOptions&) { in.provide = nullptr; },
+       {"no provider"}},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::string> calls;
+    CheckpointStream in = case_stream(cfg_, k, &calls);
+    WriteOptions o = case_options(k);
+    c.edit(in, o);
+    Status st = stream_quantized_checkpoint(*src_, in, o, out);
+    EXPECT_EQ(st.code(), Code::kInvalidInput) << c.what << ": " << st.to_string();
+    for (const std::string& p : c.expect)
+      EXPECT_NE(st.message().find(p), std::string::npos) << c.what << ": " << st.message();
+    EXPECT_TRUE(calls.empty()) << c.what << ": the provider was called";
+    check_nothing_left(c.what);
+  }
+}
+
 // ---------------------------------------------------------------- native
 
 using calib::NativeActQuant;
@@ -378,6 +712,357 @@ TEST(StreamNative, NativeBytesEqualThePreStreamingWriter) {
     EXPECT_EQ(got, k.golden) << k.name << " files:\n" << listing;
   }
   EXPECT_EQ(failures, 0);
+}
+
+// A source reading `m`, recording the calls; embed / lm_head go through
+// rows_of (any chunking).
+calib::NativeSource model_source(const NativeModel& m, std::vector<std::string>* calls) {
+  const int64_t H = m.config.hidden_size, V = m.config.vocab_size;
+  calib::NativeSource s;
+  auto logged = [calls](std::string what, RowFn f) -> RowFn {
+    return [calls, what, f](int64_t r0, int64_t n, float* out) {
+      if (calls && (calls->empty() || calls->back() != what)) calls->push_back(what);
+      return f(r0, n, out);
+    };
+  };
+  s.embed = logged("embed", rows_of(m.embed.data(), H));
+  s.layer = [&m, calls](int64_t l) -> Result<NativeLayer> {
+    if (calls) calls->push_back("layer " + std::to_string(l));
+    return m.layers[l];
+  };
+  s.final_norm = logged("final_norm", rows_of(m.final_norm.data(), 1));
+  s.lm_head = logged("lm_head", rows_of(m.lm_head.data(), H));
+  s.intact_kv = [&m, calls](int64_t l, std::vector<float>* k, std::vector<float>* v) {
+    if (calls) calls->push_back("intact " + std::to_string(l));
+    *k = m.intact_k[l];
+    *v = m.intact_v[l];
+    return Status::ok();
+  };
+  s.intact_logits = logged("intact_logits", rows_of(m.intact_logits.data(), V));
+  return s;
+}
+
+TEST(StreamNative, StreamedLayersEqualTheGoldenBytes) {
+  TempDir tmp("qcal_stream_native_");
+  int failures = 0;
+  for (const NCase& k : kNCases) {
+    const std::string out = tmp.sub(k.name);
+    const NativeModel m = native_model(k);
+    std::vector<std::string> calls;
+    // 300 bytes: one row of H = 64 fp32 values per call.
+    Status st =
+        calib::stream_native(calib::native_decl(m), model_source(m, &calls), out, false, 300);
+    ASSERT_TRUE(st.is_ok()) << k.name << ": " << st.to_string();
+    std::string listing;
+    const std::string got = dir_digest(out, &listing);
+    if (got != k.golden) ++failures;
+    EXPECT_EQ(got, k.golden) << k.name << " files:\n" << listing;
+    std::vector<std::string> want = {"embed", "layer 0", "layer 1", "final_norm", "lm_head"};
+    if (k.rich)
+      for (const char* w : {"intact 0", "intact 1", "intact_logits"}) want.push_back(w);
+    EXPECT_EQ(calls, want) << k.name;
+  }
+  EXPECT_EQ(failures, 0);
+}
+
+TEST(StreamNative, FailuresLeaveNoOutputAndNoStagingDirectory) {
+  TempDir tmp("qcal_stream_native_bad_");
+  const NativeModel m = native_model(kNCases[0]);
+  const calib::NativeModelDecl decl = calib::native_decl(m);
+  const std::string out = tmp.sub("out");
+  auto check_nothing_left = [&](const std::string& what) {
+    EXPECT_EQ(entries_but(tmp.path(), ""), std::vector<std::string>{}) << what;
+  };
+  // A layer source returning a changed layer 1 (or failing there).
+  auto with_layer1 = [&](std::function<Result<NativeLayer>(NativeLayer)> edit) {
+    calib::NativeSource s = model_source(m, nullptr);
+    s.layer = [&m, edit](int64_t l) -> Result<NativeLayer> {
+      if (l == 1) return edit(m.layers[1]);
+      return m.layers[l];
+    };
+    return calib::stream_native(decl, s, out, false);
+  };
+  struct Case {
+    const char* what;
+    std::function<Result<NativeLayer>(NativeLayer)> edit;
+    Code code;
+    std::vector<std::string> expect;
+  };
+  const std::vector<Case> cases = {
+      {"source failure",
+       [](NativeLayer) -> Result<NativeLayer> { return unavailable("layer store briefly gone"); },
+       Code::kUnavailable,
+       {"layer 1", "layer store briefly gone"}},
+      {"quantizer differs",
+       [](NativeLayer y) -> Result<NativeLayer> {
+         y.act[calib::kGate].bits = 8;
+         return y;
+       },
+       Code::kInvalidInput,
+       {"layers[1].act.gate_proj", "differs from its declaration"}},
+      {"online transform differs",
+       [](NativeLayer y) -> Result<NativeLayer> {
+         y.online.u1 = square(1, "u1", 64);
+         return y;
+       },
+       Code::kInvalidInput,
+       {"model.layers.1.online.u1", "the layer's is 64×64, declared absent"}},
+      {"bias differs",
+       [](NativeLayer y) -> Result<NativeLayer> {
+         y.bias[1] = std::vector<float>(32, 0.5f);
+         return y;
+       },
+       Code::kInvalidInput,
+       {"model.layers.1.self_attn.k_proj.bias", "the layer has it, not declared"}},
+      {"non-finite norm",
+       [](NativeLayer y) -> Result<NativeLayer> {
+         y.post_norm[3] = INFINITY;
+         return y;
+       },
+       Code::kInvalidInput,
+       {"model.layers.1.post_attention_layernorm.weight", "non-finite value", "element 3"}},
+      {"packed weight of another shape",
+       [](NativeLayer y) -> Result<NativeLayer> {
+         y.qw[calib::kDown].data.pop_back();
+         return y;
+       },
+       Code::kInvalidInput,
+       {"model.layers.1.mlp.down_proj.qweight", "bytes of codes"}},
+  };
+  for (const Case& c : cases) {
+    Status st = with_layer1(c.edit);
+    EXPECT_EQ(st.code(), c.code) << c.what << ": " << st.to_string();
+    for (const std::string& p : c.expect)
+      EXPECT_NE(st.message().find(p), std::string::npos) << c.what << ": " << st.message();
+    check_nothing_left(c.what);
+  }
+  {  // An IntactKV cache of the wrong size (after every layer was written).
+    calib::NativeSource s = model_source(m, nullptr);
+    s.intact_kv = [&m](int64_t l, std::vector<float>* k, std::vector<float>* v) {
+      *k = m.intact_k[l];
+      *v = m.intact_v[l];
+      if (l == 1) v->pop_back();
+      return Status::ok();
+    };
+    expect_error(calib::stream_native(decl, s, out, false), Code::kInvalidInput,
+                 {"model.intactkv.1.v has 63 elements, the config implies 64"});
+    check_nothing_left("intact size");
+  }
+  {  // A failing row source of lm_head: its code, with the tensor.
+    calib::NativeSource s = model_source(m, nullptr);
+    s.lm_head = [](int64_t, int64_t, float*) { return io_error("lm_head: read failed"); };
+    expect_error(calib::stream_native(decl, s, out, false), Code::kIoError,
+                 {"tensor lm_head.weight", "lm_head: read failed"});
+    check_nothing_left("row source failure");
+  }
+  // Refused before any callback: a bad declaration or missing callbacks.
+  struct DeclCase {
+    const char* what;
+    std::function<void(calib::NativeModelDecl&, calib::NativeSource&)> edit;
+    std::vector<std::string> expect;
+  };
+  const std::vector<DeclCase> decl_cases = {
+      {"w_bits",
+       [](calib::NativeModelDecl& d, calib::NativeSource&) { d.w_bits = 5; },
+       {"write_native", "w_bits: 5 is not a supported bit width"}},
+      {"act bits",
+       [](calib::NativeModelDecl& d, calib::NativeSource&) { d.layers[1].act[0].bits = 7; },
+       {"layers[1].act.q_proj.bits"}},
+      {"layer count",
+       [](calib::NativeModelDecl& d, calib::NativeSource&) { d.layers.pop_back(); },
+       {"layers: 1 layers, the config has 2"}},
+      {"online side",
+       [](calib::NativeModelDecl& d, calib::NativeSource&) { d.layers[0].online["a1"] = 7; },
+       {"model.layers.0.online.a1 (7×7)", "do not factor the dimension 64"}},
+      {"online name",
+       [](calib::NativeModelDecl& d, calib::NativeSource&) { d.layers[0].online["zz"] = 4; },
+       {"layers[0].online: unknown transform 'zz'"}},
+      {"pk alone",
+       [](calib::NativeModelDecl& d, calib::NativeSource&) { d.layers[0].online.erase("pk_it"); },
+       {"must both be present or both absent"}},
+      {"prefix id",
+       [](calib::NativeModelDecl& d, calib::NativeSource&) { d.intact_prefix[1] = 97; },
+       {"intactkv.prefix[1]: token id 97 outside [0, 97)"}},
+      {"no layer source",
+       [](calib::NativeModelDecl&, calib::NativeSource& s) { s.layer = nullptr; },
+       {"the source lacks"}},
+      {"no IntactKV source",
+       [](calib::NativeModelDecl&, calib::NativeSource& s) { s.intact_logits = nullptr; },
+       {"IntactKV prefix is declared"}},
+  };
+  for (const DeclCase& c : decl_cases) {
+    calib::NativeModelDecl d = decl;
+    std::vector<std::string> calls;
+    calib::NativeSource s = model_source(m, &calls);
+    c.edit(d, s);
+    Status st = calib::stream_native(d, s, out, false);
+    EXPECT_EQ(st.code(), Code::kInvalidInput) << c.what << ": " << st.to_string();
+    for (const std::string& p : c.expect)
+      EXPECT_NE(st.message().find(p), std::string::npos) << c.what << ": " << st.message();
+    EXPECT_TRUE(calls.empty()) << c.what << ": a source was called";
+    check_nothing_left(c.what);
+  }
+}
+
+// ---------------------------------------------------------------- memory
+
+int64_t status_kib(const char* key) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  const size_t n = std::strlen(key);
+  while (std::getline(in, line))
+    if (line.compare(0, n, key) == 0) return std::atoll(line.c_str() + n + 1);
+  return -1;
+}
+
+// Runs `fn` in a forked child: its peak resident set during `fn` above the
+// resident set before it (VmHWM after /proc/self/clear_refs "5"), KiB;
+// -1 when `fn` fails or the child dies.
+int64_t child_peak_kib(const std::function<Status()>& fn) {
+  int fd[2];
+  if (::pipe(fd) != 0) return -1;
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::close(fd[0]);
+    int64_t v = -1;
+    const int64_t before = status_kib("VmRSS:");
+    {
+      std::ofstream f("/proc/self/clear_refs");
+      f << "5";
+    }
+    if (fn().is_ok()) v = status_kib("VmHWM:") - before;
+    if (::write(fd[1], &v, sizeof v) != sizeof v) ::_exit(1);
+    ::_exit(0);
+  }
+  ::close(fd[1]);
+  int64_t v = -1;
+  if (::read(fd[0], &v, sizeof v) != sizeof v) v = -1;
+  ::close(fd[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? v : -1;
+}
+
+// The memory tests' model: hidden 512, 8 query / 2 KV heads of 64, MLP 1536,
+// vocab 2048; `layers` deep. One layer holds 3.0 M weights.
+ModelConfig memory_config(int64_t layers) {
+  ModelConfig c;
+  c.model_type = "llama";
+  c.hidden_size = 512;
+  c.intermediate_size = 1536;
+  c.num_hidden_layers = layers;
+  c.num_attention_heads = 8;
+  c.num_key_value_heads = 2;
+  c.head_dim = 64;
+  c.vocab_size = 2048;
+  c.torch_dtype = DType::kBF16;
+  return c;
+}
+constexpr int64_t kLayerWeights = 2 * 512 * 512 + 2 * 128 * 512 + 3 * 1536 * 512;
+
+TEST(StreamMemory, PeakResidentSetDoesNotGrowWithTheLayerCount) {
+  if (status_kib("VmHWM:") < 0) GTEST_SKIP() << "no /proc/self/status";
+  TempDir tmp("qcal_stream_mem_");
+  const QuantSpec spec{8, 128, false};
+  std::map<int64_t, std::unique_ptr<ModelDir>> src;
+  for (int64_t L : {2, 8}) {
+    SynthOptions so;
+    so.config = memory_config(L);
+    ASSERT_TRUE(synth_model(so, tmp.sub("fp" + std::to_string(L))).is_ok());
+    auto d = ModelDir::open(tmp.sub("fp" + std::to_string(L)));
+    ASSERT_TRUE(d.is_ok());
+    src[L] = std::move(d).value();
+  }
+  auto decls = [&](int64_t L) {
+    std::map<std::string, LinearDecl> m;
+    for (int64_t l = 0; l < L; ++l)
+      for (const char* p : kProjNames) {
+        const std::vector<int64_t> s = proj_shape(memory_config(L), p);
+        m[layer_prefix(l) + p] = LinearDecl{s[0], s[1], spec, false};
+      }
+    return m;
+  };
+  auto gptq = [&](int64_t L, bool stream) {
+    return child_peak_kib([&, L, stream]() -> Status {
+      const std::string out = tmp.sub("q" + std::to_string(L) + (stream ? "s" : "m"));
+      CheckpointStream in;
+      in.linears = decls(L);
+      in.provide = [](const std::string& name) -> Result<QuantizedLinear> {
+        const std::vector<int64_t> s = module_shape(memory_config(1), name);
+        return make_linear(s[0], s[1], QuantSpec{8, 128, false}, false, 3, name);
+      };
+      if (stream) return stream_quantized_checkpoint(*src[L], in, {}, out);
+      std::map<std::string, QuantizedLinear> all;  // what the map form needs its caller to hold
+      for (const auto& [name, d] : in.linears) all[name] = *in.provide(name);
+      return write_quantized_checkpoint(*src[L], all, {}, out);
+    });
+  };
+  // Native: 8-bit weights (one byte per weight), layers made on demand.
+  const NCase nk = {"mem", 8, 128, false, ""};
+  auto native = [&](int64_t L, bool stream) {
+    return child_peak_kib([&, L, stream]() -> Status {
+      const std::string out = tmp.sub("n" + std::to_string(L) + (stream ? "s" : "m"));
+      NativeModel skeleton;  // config and quantizers only
+      skeleton.config = memory_config(L);
+      skeleton.w_bits = nk.w_bits;
+      skeleton.w_group = nk.w_group;
+      skeleton.layers.resize(static_cast<size_t>(L));
+      const ModelConfig c = skeleton.config;
+      auto layer = [c](int64_t l) -> Result<NativeLayer> {
+        NativeLayer y;
+        y.input_norm.assign(static_cast<size_t>(c.hidden_size), 1.0f);
+        y.post_norm = y.input_norm;
+        for (int p = 0; p < calib::kNumProj; ++p)
+          y.qw[p] = packed(l, kProjNames[p], calib::proj_out(c, p), calib::proj_in(c, p), 8, 128);
+        return y;
+      };
+      const RowFn wave = [c](int64_t r0, int64_t n, float* o) {
+        for (int64_t i = 0; i < n * c.hidden_size; ++i)
+          o[i] = static_cast<float>(std::sin(0.001 * static_cast<double>(r0 * c.hidden_size + i)));
+        return Status::ok();
+      };
+      if (stream) {
+        calib::NativeModelDecl d = calib::native_decl(skeleton);
+        calib::NativeSource s;
+        s.embed = wave;
+        s.layer = layer;
+        s.final_norm = [](int64_t, int64_t n, float* o) {
+          std::fill(o, o + n, 1.0f);
+          return Status::ok();
+        };
+        s.lm_head = wave;
+        return calib::stream_native(d, s, out, false);
+      }
+      NativeModel m = skeleton;
+      const int64_t VH = c.vocab_size * c.hidden_size;
+      m.embed.resize(static_cast<size_t>(VH));
+      QCAL_RETURN_IF_ERROR(wave(0, c.vocab_size, m.embed.data()));
+      m.lm_head = m.embed;
+      m.final_norm.assign(static_cast<size_t>(c.hidden_size), 1.0f);
+      for (int64_t l = 0; l < L; ++l) {
+        QCAL_ASSIGN_OR_RETURN(m.layers[l], layer(l));
+      }
+      return calib::write_native(m, out, false);
+    });
+  };
+  const double layer_mib = kLayerWeights / 1048576.0;  // one byte per weight at 8 bits
+  for (const char* kind : {"gptq", "native"}) {
+    auto run = std::string(kind) == "gptq" ? std::function<int64_t(int64_t, bool)>(gptq)
+                                           : std::function<int64_t(int64_t, bool)>(native);
+    const int64_t s2 = run(2, true), s8 = run(8, true), m2 = run(2, false), m8 = run(8, false);
+    ASSERT_GE(s2, 0) << kind;
+    ASSERT_GE(s8, 0) << kind;
+    ASSERT_GE(m2, 0) << kind;
+    ASSERT_GE(m8, 0) << kind;
+    std::printf(
+        "  %-6s peak above start, MiB: streaming L=2 %.1f, L=8 %.1f; whole-model L=2 %.1f, "
+        "L=8 %.1f (one layer: %.1f)\n",
+        kind, s2 / 1024.0, s8 / 1024.0, m2 / 1024.0, m8 / 1024.0, layer_mib);
+    // The measurement sees growth: the whole-model form holds 6 more layers at L = 8.
+    EXPECT_GT((m8 - m2) / 1024.0, 4.0 * layer_mib) << kind;
+    // The streaming form does not grow with depth (less than half a layer's weights).
+    EXPECT_LT((s8 - s2) / 1024.0, 0.5 * layer_mib) << kind;
+  }
 }
 
 }  // namespace
