@@ -165,7 +165,15 @@ Status check_packed(const PackedWeight& w, int w_bits, int64_t w_group, int64_t 
 // ---- Checks, shared by the writers (before they write) and the reader (after
 // it loads). kInvalidInput naming the tensor / field.
 
-const char* kPairs[][2] = {{"a1", "a2"}, {"u1", "u2"}, {"d1", "d2"}};
+// The Kronecker pairs among the online transforms and the dimension each acts on.
+struct PairSlot {
+  const char* left;
+  const char* right;
+  OnlineDim dim;
+};
+const PairSlot kPairs[] = {{"a1", "a2", OnlineDim::kHidden},
+                           {"u1", "u2", OnlineDim::kHidden},
+                           {"d1", "d2", OnlineDim::kInter}};
 
 // Side of online transform `name` in `y` (0 = absent).
 int64_t side_of(const NativeLayerDecl& y, const char* name) {
@@ -173,8 +181,8 @@ int64_t side_of(const NativeLayerDecl& y, const char* name) {
   return it == y.online.end() ? 0 : it->second;
 }
 
-// A Kronecker pair (L, R) of sides sl, sr (0 = absent) acting on n = n(L)·n(R)
-// (or on a multiple of the one present).
+// The Kronecker pair (a, b) of layer l, either factor possibly absent, acting
+// on n: both present, side(a)·side(b) = n; one present, its side divides n.
 Status check_pair(const NativeLayerDecl& y, int64_t l, const char* a, const char* b, int64_t n) {
   const bool has_l = y.online.count(a), has_r = y.online.count(b);
   const int64_t sl = has_l ? y.online.at(a) : 1, sr = has_r ? y.online.at(b) : 1;
@@ -203,7 +211,7 @@ Status check_side(const NativeLayerDecl& y, int64_t l, const char* name, int64_t
 Status check_decl(const NativeModelDecl& m) {
   const ModelConfig& c = m.config;
   QCAL_RETURN_IF_ERROR(parse_model_config(c.to_json(), "config").status());
-  const int64_t H = c.hidden_size, V = c.vocab_size, L = c.num_hidden_layers;
+  const int64_t V = c.vocab_size, L = c.num_hidden_layers;
   if (m.w_bits != 16 && !supported_bits(m.w_bits))
     return invalid_input("w_bits: " + std::to_string(m.w_bits) + " is not a supported bit width (" +
                          kBitsList + ")");
@@ -229,10 +237,8 @@ Status check_decl(const NativeModelDecl& m) {
       for (const OnlineSlot& s : kOnline) known = known || name == s.name;
       if (!known) return invalid_input(li + ".online: unknown transform '" + name + "'");
     }
-    for (const auto& pair : kPairs) {
-      const int64_t n = pair[0][0] == 'd' ? c.intermediate_size : H;
-      QCAL_RETURN_IF_ERROR(check_pair(y, l, pair[0], pair[1], n));
-    }
+    for (const PairSlot& pair : kPairs)
+      QCAL_RETURN_IF_ERROR(check_pair(y, l, pair.left, pair.right, dim_of(c, pair.dim)));
     if (y.online.count("po")) QCAL_RETURN_IF_ERROR(check_side(y, l, "po", c.num_attention_heads));
     if (y.online.count("pk") != y.online.count("pk_it"))
       return invalid_input("tensors " + online_name(l, "pk") + " and " + online_name(l, "pk_it") +
