@@ -279,14 +279,16 @@ Status check_layer_matches(const NativeLayerDecl& want, int64_t l, const NativeL
       return act_diff(got.act[p], want.act[p], li + ".act." + kProjShort[p]);
   if (!same_act(got.k, want.k)) return act_diff(got.k, want.k, li + ".k");
   if (!same_act(got.v, want.v)) return act_diff(got.v, want.v, li + ".v");
-  auto side = [](int64_t s) {
-    return s == 0 ? std::string("absent") : std::to_string(s) + "×" + std::to_string(s);
+  auto shape = [](const NativeLayerDecl& d, const char* name) {
+    auto it = d.online.find(name);
+    if (it == d.online.end()) return std::string("absent");
+    if (it->second <= 0) return std::string("not a square matrix");
+    return std::to_string(it->second) + "×" + std::to_string(it->second);
   };
   for (const OnlineSlot& s : kOnline)
-    if (side_of(got, s.name) != side_of(want, s.name))
+    if (shape(got, s.name) != shape(want, s.name))
       return invalid_input("tensor " + online_name(l, s.name) + ": the layer's is " +
-                           side(side_of(got, s.name)) + ", declared " +
-                           side(side_of(want, s.name)));
+                           shape(got, s.name) + ", declared " + shape(want, s.name));
   for (int p = 0; p < 3; ++p)
     if (got.bias[p] != want.bias[p])
       return invalid_input(
