@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -315,18 +316,30 @@ Result<Tensor> SafetensorsFile::read_f32(const std::string& name) const {
   return out;
 }
 
-void SafetensorsFile::release(const TensorInfo& t) const {
-  if (t.nbytes() == 0) return;
+void SafetensorsFile::release(const TensorInfo& t) const { release(t, 0, t.nbytes()); }
+
+void SafetensorsFile::release(const TensorInfo& t, uint64_t begin, uint64_t end) const {
+  end = std::min(end, t.nbytes());
+  if (begin >= end) return;
   static const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   // The mapping is read-only and private, so dropped pages are simply re-read
   // from the file if touched again; dropping a page shared with a neighbour is
   // harmless.
-  uint64_t lo = (header_.data_start + t.begin) / page * page;
-  uint64_t hi = std::min<uint64_t>(map_size_, header_.data_start + t.end);
+  uint64_t lo = (header_.data_start + t.begin + begin) / page * page;
+  uint64_t hi = std::min<uint64_t>(map_size_, header_.data_start + t.begin + end);
   ::madvise(const_cast<unsigned char*>(map_) + lo, hi - lo, MADV_DONTNEED);
 }
 
 // ---------------------------------------------------------------- writer
+
+RowFn rows_of(const float* data, int64_t row_numel) {
+  return [data, row_numel](int64_t row0, int64_t rows, float* out) {
+    if (rows > 0 && row_numel > 0)
+      std::memcpy(out, data + row0 * row_numel,
+                  static_cast<size_t>(rows * row_numel) * sizeof(float));
+    return Status::ok();
+  };
+}
 
 struct SafetensorsWriter::Impl {
   enum class State { kDeclaring, kWriting, kFinished, kFailed };
@@ -510,13 +523,76 @@ Status SafetensorsWriter::write_f32(const float* values, size_t n) {
   return Status::ok();
 }
 
+Status SafetensorsWriter::append(std::string_view bytes) {
+  Impl& m = *impl_;
+  QCAL_RETURN_IF_ERROR(m.check_writing("append()"));
+  if (m.next >= m.tensors.size())
+    return m.fail(internal_error(m.path + ": append() of " + std::to_string(bytes.size()) +
+                                 " bytes after every declared tensor was written"));
+  const TensorInfo& t = m.tensors[m.next];
+  const uint64_t left = t.nbytes() - m.written_in_next;
+  if (bytes.size() > left)
+    return m.fail(internal_error(m.path + ": tensor '" + t.name + "' needs " +
+                                 std::to_string(t.nbytes()) + " bytes, " + std::to_string(left) +
+                                 " still missing, got a piece of " + std::to_string(bytes.size())));
+  return m.write_piece(bytes);
+}
+
+Status SafetensorsWriter::write_rows(const RowFn& rows, uint64_t chunk_bytes) {
+  Impl& m = *impl_;
+  QCAL_RETURN_IF_ERROR(m.check_writing("write_rows()"));
+  if (m.next >= m.tensors.size())
+    return m.fail(internal_error(m.path + ": write_rows() called after every declared tensor"));
+  const TensorInfo& t = m.tensors[m.next];
+  if (!is_float_dtype(t.dtype))
+    return m.fail(internal_error(m.path + ": write_rows() for tensor '" + t.name +
+                                 "' of non-float dtype " + dtype_name(t.dtype)));
+  if (m.written_in_next != 0)
+    return m.fail(internal_error(m.path + ": write_rows() for tensor '" + t.name + "' after " +
+                                 std::to_string(m.written_in_next) + " of its bytes"));
+  const int64_t R = t.shape.empty() ? 1 : t.shape[0];
+  int64_t row_numel = 1;
+  for (size_t i = 1; i < t.shape.size(); ++i) row_numel *= t.shape[i];
+  if (R == 0 || row_numel == 0) return m.write_piece({});
+  const size_t es = dtype_size(t.dtype);
+  const int64_t per = std::max<int64_t>(
+      1, static_cast<int64_t>(chunk_bytes / (static_cast<uint64_t>(row_numel) * sizeof(float))));
+  const int64_t chunk_rows = std::min(per, R);
+  std::vector<float> f(static_cast<size_t>(chunk_rows * row_numel));
+  std::vector<char> conv(t.dtype == DType::kF32 ? 0 : f.size() * es);
+  for (int64_t r0 = 0; r0 < R; r0 += chunk_rows) {
+    const int64_t n = std::min(chunk_rows, R - r0);
+    const size_t count = static_cast<size_t>(n * row_numel);
+    // NaN marks values the source leaves unwritten: the finiteness check reports them.
+    std::fill(f.begin(), f.begin() + static_cast<std::ptrdiff_t>(count),
+              std::numeric_limits<float>::quiet_NaN());
+    Status st = rows(r0, n, f.data());
+    if (!st.is_ok()) return m.fail(st);
+    for (size_t i = 0; i < count; ++i)
+      if (!std::isfinite(f[i]))
+        return m.fail(invalid_input(
+            "tensor " + t.name + ": non-finite value " + std::to_string(f[i]) + " at element " +
+            std::to_string(static_cast<uint64_t>(r0 * row_numel) + i) + " (row " +
+            std::to_string(r0 + static_cast<int64_t>(i) / row_numel) + ")"));
+    const char* bytes = reinterpret_cast<const char*>(f.data());
+    if (t.dtype != DType::kF32) {
+      from_f32(t.dtype, f.data(), conv.data(), count);
+      bytes = conv.data();
+    }
+    QCAL_RETURN_IF_ERROR(m.write_piece(std::string_view(bytes, count * es)));
+  }
+  return Status::ok();
+}
+
 Status SafetensorsWriter::finish() {
   Impl& m = *impl_;
   QCAL_RETURN_IF_ERROR(m.check_writing("finish()"));
   if (m.next != m.tensors.size())
     return m.fail(
         internal_error(m.path + ": finish() with " + std::to_string(m.tensors.size() - m.next) +
-                       " declared tensor(s) not written, first '" + m.tensors[m.next].name + "'"));
+                       " declared tensor(s) not written, first '" + m.tensors[m.next].name + "' (" +
+                       std::to_string(m.written_in_next) + " of its " +
+                       std::to_string(m.tensors[m.next].nbytes()) + " bytes)"));
   if (::fsync(m.fd) != 0) return m.fail(io_error(m.tmp + ": fsync: " + errno_str(errno)));
   int rc = ::close(m.fd);
   m.fd = -1;

@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -270,6 +271,206 @@ TEST(Safetensors, WriterRejectsMisuse) {
     EXPECT_NE(s.message().find("'huge' is too large"), std::string::npos) << s.message();
   }
   EXPECT_TRUE(fs::is_empty(dir.path()));
+}
+
+// ---------------------------------------------------------------- streaming pieces
+
+// Writes tensors "a" (F16 (7, 5)), "e" (F32 (0, 3)), "b" (BF16 (11)), "i" (I32
+// (6)) whole, for comparison with the piecewise forms below.
+const std::vector<float> kA = ramp(35, 0.9f), kB = ramp(11, 3.1f);
+const std::string kI = std::string("\x01\x00\x00\x00\xff\xff\xff\xff", 8) + std::string(16, '\x07');
+
+void declare_abi(SafetensorsWriter& w) {
+  w.add("a", DType::kF16, {7, 5});
+  w.add("e", DType::kF32, {0, 3});
+  w.add("b", DType::kBF16, {11});
+  w.add("i", DType::kI32, {6});
+}
+
+std::string write_whole(const std::string& path) {
+  SafetensorsWriter w(path);
+  declare_abi(w);
+  EXPECT_TRUE(w.begin().is_ok());
+  EXPECT_TRUE(w.write_f32(kA.data(), kA.size()).is_ok());
+  EXPECT_TRUE(w.write({}).is_ok());
+  EXPECT_TRUE(w.write_f32(kB.data(), kB.size()).is_ok());
+  EXPECT_TRUE(w.write(kI).is_ok());
+  EXPECT_TRUE(w.finish().is_ok());
+  return slurp(path);
+}
+
+TEST(SafetensorsStream, PiecesAndRowSourcesEqualTheWholeWrite) {
+  TempDir dir;
+  const std::string whole = write_whole(dir.file("whole.safetensors"));
+  ASSERT_FALSE(whole.empty());
+
+  // Every piece size, from single bytes up, reproduces the same file.
+  std::string a_bytes(35 * 2, '\0'), b_bytes(11 * 2, '\0');
+  from_f32(DType::kF16, kA.data(), a_bytes.data(), kA.size());
+  from_f32(DType::kBF16, kB.data(), b_bytes.data(), kB.size());
+  for (size_t piece : {size_t{1}, size_t{3}, size_t{8}, size_t{64}, size_t{1000}}) {
+    const std::string path = dir.file("pieces" + std::to_string(piece) + ".safetensors");
+    SafetensorsWriter w(path);
+    declare_abi(w);
+    ASSERT_TRUE(w.begin().is_ok());
+    const std::vector<const std::string*> order = {&a_bytes, nullptr, &b_bytes, &kI};
+    for (const std::string* t : order) {
+      if (!t) {
+        ASSERT_TRUE(w.append({}).is_ok());  // completes the empty tensor
+        continue;
+      }
+      for (size_t off = 0; off < t->size(); off += piece)
+        ASSERT_TRUE(w.append(std::string_view(*t).substr(off, piece)).is_ok()) << piece;
+    }
+    ASSERT_TRUE(w.finish().is_ok());
+    EXPECT_EQ(slurp(path), whole) << "pieces of " << piece << " bytes";
+  }
+
+  // Row sources: any chunk size (in rows) gives the same bytes; the calls
+  // cover the rows once, in order, each within the chunk bound.
+  for (uint64_t chunk : {uint64_t{1}, uint64_t{20}, uint64_t{40}, uint64_t{1} << 20}) {
+    const std::string path = dir.file("rows" + std::to_string(chunk) + ".safetensors");
+    SafetensorsWriter w(path);
+    declare_abi(w);
+    ASSERT_TRUE(w.begin().is_ok());
+    std::vector<std::pair<int64_t, int64_t>> calls;
+    const RowFn a_rows = [&](int64_t r0, int64_t n, float* out) {
+      calls.push_back({r0, n});
+      return rows_of(kA.data(), 5)(r0, n, out);
+    };
+    ASSERT_TRUE(w.write_rows(a_rows, chunk).is_ok());
+    const int64_t bound = std::max<int64_t>(1, static_cast<int64_t>(chunk / (5 * 4)));
+    int64_t next = 0;
+    for (const auto& [r0, n] : calls) {
+      EXPECT_EQ(r0, next);
+      EXPECT_GE(n, 1);
+      EXPECT_LE(n, bound);
+      next = r0 + n;
+    }
+    EXPECT_EQ(next, 7);
+    ASSERT_TRUE(w.write_rows([](int64_t, int64_t, float*) {
+                   ADD_FAILURE() << "called for an empty tensor";
+                   return Status::ok();
+                 }).is_ok());
+    ASSERT_TRUE(w.write_rows(rows_of(kB.data(), 1), chunk).is_ok());
+    ASSERT_TRUE(w.write(kI).is_ok());
+    ASSERT_TRUE(w.finish().is_ok());
+    EXPECT_EQ(slurp(path), whole) << "row chunks of " << chunk << " bytes";
+  }
+}
+
+TEST(SafetensorsStream, DeclaredBytesMustMatchExactly) {
+  TempDir dir;
+  const std::string path = dir.file("x.safetensors");
+  auto fresh = [&](SafetensorsWriter& w) {
+    declare_abi(w);
+    ASSERT_TRUE(w.begin().is_ok());
+  };
+  {  // A piece larger than what the tensor still lacks (spanning into the next).
+    SafetensorsWriter w(path);
+    fresh(w);
+    ASSERT_TRUE(w.append(std::string(60, '\0')).is_ok());
+    Status s = w.append(std::string(11, '\0'));
+    EXPECT_EQ(s.code(), Code::kInternal);
+    EXPECT_NE(s.message().find("tensor 'a' needs 70 bytes, 10 still missing, got a piece of 11"),
+              std::string::npos)
+        << s.message();
+    EXPECT_EQ(w.append(std::string(10, '\0')).code(), Code::kInternal);  // stays failed
+  }
+  {  // A partly written tensor: finish() names it and its byte counts.
+    SafetensorsWriter w(path);
+    fresh(w);
+    ASSERT_TRUE(w.append(std::string(69, '\0')).is_ok());
+    Status s = w.finish();
+    EXPECT_EQ(s.code(), Code::kInternal);
+    EXPECT_NE(s.message().find("first 'a' (69 of its 70 bytes)"), std::string::npos) << s.message();
+  }
+  {  // write() and write_rows() need a tensor none of which was written yet.
+    SafetensorsWriter w(path);
+    fresh(w);
+    ASSERT_TRUE(w.append(std::string(2, '\0')).is_ok());
+    EXPECT_EQ(w.write_rows(rows_of(kA.data(), 5)).code(), Code::kInternal);
+  }
+  {  // Bytes after every tensor.
+    SafetensorsWriter w(dir.file("one.safetensors"));
+    w.add("x", DType::kI32, {1});
+    ASSERT_TRUE(w.begin().is_ok());
+    ASSERT_TRUE(w.append(std::string(4, '\0')).is_ok());
+    Status s = w.append(std::string(1, '\0'));
+    EXPECT_EQ(s.code(), Code::kInternal);
+    EXPECT_NE(s.message().find("after every declared tensor"), std::string::npos) << s.message();
+  }
+  {  // write_rows() of an integer tensor.
+    SafetensorsWriter w(dir.file("int.safetensors"));
+    w.add("x", DType::kI32, {2});
+    ASSERT_TRUE(w.begin().is_ok());
+    EXPECT_EQ(w.write_rows(rows_of(kA.data(), 1)).code(), Code::kInternal);
+  }
+  EXPECT_TRUE(fs::is_empty(dir.path())) << "a failed writer left a file";
+}
+
+TEST(SafetensorsStream, RowSourceErrorsAndNonFiniteValuesAbortTheFile) {
+  TempDir dir;
+  const std::string path = dir.file("x.safetensors");
+  auto rows_with = [](int64_t bad_row, float bad) {
+    return [bad_row, bad](int64_t r0, int64_t n, float* out) {
+      for (int64_t r = r0; r < r0 + n; ++r)
+        for (int64_t j = 0; j < 5; ++j) out[(r - r0) * 5 + j] = r == bad_row && j == 2 ? bad : 1;
+      return Status::ok();
+    };
+  };
+  for (float bad : {NAN, INFINITY}) {
+    SafetensorsWriter w(path);
+    declare_abi(w);
+    ASSERT_TRUE(w.begin().is_ok());
+    Status s = w.write_rows(rows_with(4, bad), 40);  // two rows per call
+    EXPECT_EQ(s.code(), Code::kInvalidInput);
+    EXPECT_NE(s.message().find("tensor a: non-finite value"), std::string::npos) << s.message();
+    EXPECT_NE(s.message().find("at element 22 (row 4)"), std::string::npos) << s.message();
+  }
+  {  // Values the source leaves unwritten are caught the same way.
+    SafetensorsWriter w(path);
+    declare_abi(w);
+    ASSERT_TRUE(w.begin().is_ok());
+    Status s = w.write_rows([](int64_t, int64_t n, float* out) {
+      for (int64_t i = 0; i + 1 < n * 5; ++i) out[i] = 0.5f;
+      return Status::ok();
+    });
+    EXPECT_EQ(s.code(), Code::kInvalidInput);
+    EXPECT_NE(s.message().find("at element 34 (row 6)"), std::string::npos) << s.message();
+  }
+  {  // The source's own error comes back unchanged, on the call that failed.
+    SafetensorsWriter w(path);
+    declare_abi(w);
+    ASSERT_TRUE(w.begin().is_ok());
+    int calls = 0;
+    Status s = w.write_rows(
+        [&](int64_t r0, int64_t n, float* out) {
+          ++calls;
+          if (r0 >= 4) return unavailable("row store briefly gone");
+          return rows_of(kA.data(), 5)(r0, n, out);
+        },
+        40);
+    EXPECT_EQ(s.code(), Code::kUnavailable);
+    EXPECT_EQ(s.message(), "row store briefly gone");
+    EXPECT_EQ(calls, 3);
+    EXPECT_EQ(w.finish().code(), Code::kUnavailable);  // the first error, again
+  }
+  EXPECT_TRUE(fs::is_empty(dir.path())) << "a failed writer left a file";
+}
+
+TEST(SafetensorsStream, ReleaseOfAByteRangeKeepsTheDataReadable) {
+  TempDir dir;
+  const std::string whole = write_whole(dir.file("w.safetensors"));
+  auto f = SafetensorsFile::open(dir.file("w.safetensors"));
+  ASSERT_TRUE(f.is_ok());
+  const TensorInfo* a = (*f)->find("a");
+  ASSERT_NE(a, nullptr);
+  const std::string before((*f)->raw(*a));
+  (*f)->release(*a, 3, 40);
+  (*f)->release(*a, 60, 1000);  // clamped to the tensor
+  (*f)->release(*a, 50, 10);    // empty: nothing
+  EXPECT_EQ(std::string((*f)->raw(*a)), before);
 }
 
 // ---------------------------------------------------------------- malformed input

@@ -123,22 +123,6 @@ Status check_act(const NativeActQuant& a, const std::string& what) {
   return Status::ok();
 }
 
-// A Kronecker pair (L, R) acting on n = n(L)·n(R) (either may be absent).
-Status check_pair(const std::vector<float>& L, const std::vector<float>& R, int64_t n,
-                  const std::string& nl, const std::string& nr) {
-  const int64_t sl = L.empty() ? 1 : square_side(L.size());
-  const int64_t sr = R.empty() ? 1 : square_side(R.size());
-  if (sl == 0) return invalid_input("tensor " + nl + " is not a square matrix");
-  if (sr == 0) return invalid_input("tensor " + nr + " is not a square matrix");
-  const bool ok = (!L.empty() && !R.empty()) ? sl * sr == n : n % (sl * sr) == 0;
-  if (!ok)
-    return invalid_input("tensors " + nl + " (" + std::to_string(sl) + "×" + std::to_string(sl) +
-                         ") and " + nr + " (" + std::to_string(sr) + "×" + std::to_string(sr) +
-                         ") do not factor the dimension " + std::to_string(n));
-  QCAL_RETURN_IF_ERROR(check_finite(L, nl));
-  return check_finite(R, nr);
-}
-
 Status check_packed(const PackedWeight& w, int w_bits, int64_t w_group, int64_t out, int64_t in,
                     const std::string& name) {
   const int64_t group = w.group > 0 ? w.group : -1;
@@ -178,12 +162,56 @@ Status check_packed(const PackedWeight& w, int w_bits, int64_t w_group, int64_t 
   return Status::ok();
 }
 
-// Everything that must hold for a NativeModel, shared by the writer (before it
-// writes) and the reader (after it loads). kInvalidInput naming the tensor / field.
-Status check_model(const NativeModel& m) {
+// ---- Checks, shared by the writers (before they write) and the reader (after
+// it loads). kInvalidInput naming the tensor / field.
+
+// The Kronecker pairs among the online transforms and the dimension each acts on.
+struct PairSlot {
+  const char* left;
+  const char* right;
+  OnlineDim dim;
+};
+const PairSlot kPairs[] = {{"a1", "a2", OnlineDim::kHidden},
+                           {"u1", "u2", OnlineDim::kHidden},
+                           {"d1", "d2", OnlineDim::kInter}};
+
+// Side of online transform `name` in `y` (0 = absent).
+int64_t side_of(const NativeLayerDecl& y, const char* name) {
+  auto it = y.online.find(name);
+  return it == y.online.end() ? 0 : it->second;
+}
+
+// The Kronecker pair (a, b) of layer l, either factor possibly absent, acting
+// on n: both present, side(a)·side(b) = n; one present, its side divides n.
+Status check_pair(const NativeLayerDecl& y, int64_t l, const char* a, const char* b, int64_t n) {
+  const bool has_l = y.online.count(a), has_r = y.online.count(b);
+  const int64_t sl = has_l ? y.online.at(a) : 1, sr = has_r ? y.online.at(b) : 1;
+  if (sl <= 0) return invalid_input("tensor " + online_name(l, a) + " is not a square matrix");
+  if (sr <= 0) return invalid_input("tensor " + online_name(l, b) + " is not a square matrix");
+  const bool ok = (has_l && has_r) ? sl * sr == n : n % (sl * sr) == 0;
+  if (!ok)
+    return invalid_input("tensors " + online_name(l, a) + " (" + std::to_string(sl) + "×" +
+                         std::to_string(sl) + ") and " + online_name(l, b) + " (" +
+                         std::to_string(sr) + "×" + std::to_string(sr) +
+                         ") do not factor the dimension " + std::to_string(n));
+  return Status::ok();
+}
+
+Status check_side(const NativeLayerDecl& y, int64_t l, const char* name, int64_t want) {
+  const int64_t s = side_of(y, name);
+  if (s != want)
+    return invalid_input("tensor " + online_name(l, name) + " is " + std::to_string(s) + "×" +
+                         std::to_string(s) + ", the config implies " + std::to_string(want) + "×" +
+                         std::to_string(want));
+  return Status::ok();
+}
+
+// Everything the files say besides the tensor values: config, weight format,
+// per-layer quantizers and online transform shapes, IntactKV prefix ids.
+Status check_decl(const NativeModelDecl& m) {
   const ModelConfig& c = m.config;
   QCAL_RETURN_IF_ERROR(parse_model_config(c.to_json(), "config").status());
-  const int64_t H = c.hidden_size, V = c.vocab_size, L = c.num_hidden_layers;
+  const int64_t V = c.vocab_size, L = c.num_hidden_layers;
   if (m.w_bits != 16 && !supported_bits(m.w_bits))
     return invalid_input("w_bits: " + std::to_string(m.w_bits) + " is not a supported bit width (" +
                          kBitsList + ")");
@@ -194,59 +222,122 @@ Status check_model(const NativeModel& m) {
                            " must be -1 (per channel) or positive");
   }
   if (!m.recipe.is_object()) return invalid_input("recipe: must be a JSON object");
-  QCAL_RETURN_IF_ERROR(check_size(m.embed, V * H, kEmbed));
-  QCAL_RETURN_IF_ERROR(check_size(m.final_norm, H, kNorm));
-  QCAL_RETURN_IF_ERROR(check_size(m.lm_head, V * H, kLmHead));
   if (static_cast<int64_t>(m.layers.size()) != L)
     return invalid_input("layers: " + std::to_string(m.layers.size()) + " layers, the config has " +
                          std::to_string(L));
   for (int64_t l = 0; l < L; ++l) {
-    const NativeLayer& y = m.layers[l];
-    const std::string lp = layer_prefix(l);
-    QCAL_RETURN_IF_ERROR(check_size(y.input_norm, H, lp + "input_layernorm.weight"));
-    QCAL_RETURN_IF_ERROR(check_size(y.post_norm, H, lp + "post_attention_layernorm.weight"));
-    for (int p = 0; p < kNumProj; ++p) {
-      const int64_t out = proj_out(c, p), in = proj_in(c, p);
-      if (m.w_bits < 16) {
-        QCAL_RETURN_IF_ERROR(check_packed(y.qw[p], m.w_bits, m.w_group, out, in, proj_name(l, p)));
-      } else {
-        QCAL_RETURN_IF_ERROR(check_size(y.fw[p], out * in, proj_name(l, p) + ".weight"));
-      }
-      const std::string what = "layers[" + std::to_string(l) + "].act." + kProjShort[p];
-      QCAL_RETURN_IF_ERROR(check_act(y.act[p], what));
-    }
-    for (int p = 0; p < 3; ++p)
-      if (!y.bias[p].empty())
-        QCAL_RETURN_IF_ERROR(check_size(y.bias[p], proj_out(c, p), proj_name(l, p) + ".bias"));
+    const NativeLayerDecl& y = m.layers[l];
     const std::string li = "layers[" + std::to_string(l) + "]";
+    for (int p = 0; p < kNumProj; ++p)
+      QCAL_RETURN_IF_ERROR(check_act(y.act[p], li + ".act." + kProjShort[p]));
     QCAL_RETURN_IF_ERROR(check_act(y.k, li + ".k"));
     QCAL_RETURN_IF_ERROR(check_act(y.v, li + ".v"));
-    const BlockTransformsT<float>& t = y.online;
-    QCAL_RETURN_IF_ERROR(check_pair(t.a1, t.a2, H, online_name(l, "a1"), online_name(l, "a2")));
-    QCAL_RETURN_IF_ERROR(check_pair(t.u1, t.u2, H, online_name(l, "u1"), online_name(l, "u2")));
-    QCAL_RETURN_IF_ERROR(
-        check_pair(t.d1, t.d2, c.intermediate_size, online_name(l, "d1"), online_name(l, "d2")));
-    const int64_t nh = c.num_attention_heads, d = c.head_dim;
-    if (!t.po.empty()) QCAL_RETURN_IF_ERROR(check_size(t.po, nh * nh, online_name(l, "po")));
-    if (t.pk.empty() != t.pk_it.empty())
+    for (const auto& [name, side] : y.online) {
+      bool known = false;
+      for (const OnlineSlot& s : kOnline) known = known || name == s.name;
+      if (!known) return invalid_input(li + ".online: unknown transform '" + name + "'");
+    }
+    for (const PairSlot& pair : kPairs)
+      QCAL_RETURN_IF_ERROR(check_pair(y, l, pair.left, pair.right, dim_of(c, pair.dim)));
+    if (y.online.count("po")) QCAL_RETURN_IF_ERROR(check_side(y, l, "po", c.num_attention_heads));
+    if (y.online.count("pk") != y.online.count("pk_it"))
       return invalid_input("tensors " + online_name(l, "pk") + " and " + online_name(l, "pk_it") +
                            " must both be present or both absent");
-    if (!t.pk.empty()) {
-      QCAL_RETURN_IF_ERROR(check_size(t.pk, d * d, online_name(l, "pk")));
-      QCAL_RETURN_IF_ERROR(check_size(t.pk_it, d * d, online_name(l, "pk_it")));
+    if (y.online.count("pk")) {
+      QCAL_RETURN_IF_ERROR(check_side(y, l, "pk", c.head_dim));
+      QCAL_RETURN_IF_ERROR(check_side(y, l, "pk_it", c.head_dim));
     }
   }
+  const int64_t P = static_cast<int64_t>(m.intact_prefix.size());
+  for (int64_t i = 0; i < P; ++i)
+    if (m.intact_prefix[i] < 0 || m.intact_prefix[i] >= V)
+      return invalid_input("intactkv.prefix[" + std::to_string(i) + "]: token id " +
+                           std::to_string(m.intact_prefix[i]) + " outside [0, " +
+                           std::to_string(V) + ")");
+  return Status::ok();
+}
+
+json act_to_json(const NativeActQuant& a) {
+  return {
+      {"bits", a.bits}, {"sym", a.sym}, {"group", a.group}, {"clip", static_cast<double>(a.clip)}};
+}
+
+bool same_act(const NativeActQuant& a, const NativeActQuant& b) {
+  return a.bits == b.bits && a.sym == b.sym && a.group == b.group && a.clip == b.clip;
+}
+
+// Layer l as given against its declaration (quantizers, online shapes, biases).
+Status check_layer_matches(const NativeLayerDecl& want, int64_t l, const NativeLayer& y) {
+  const NativeLayerDecl got = native_layer_decl(y);
+  const std::string li = "layers[" + std::to_string(l) + "]";
+  auto act_diff = [&](const NativeActQuant& g, const NativeActQuant& w, const std::string& what) {
+    return invalid_input(what + ": the layer's quantizer " + act_to_json(g).dump() +
+                         " differs from its declaration " + act_to_json(w).dump());
+  };
+  for (int p = 0; p < kNumProj; ++p)
+    if (!same_act(got.act[p], want.act[p]))
+      return act_diff(got.act[p], want.act[p], li + ".act." + kProjShort[p]);
+  if (!same_act(got.k, want.k)) return act_diff(got.k, want.k, li + ".k");
+  if (!same_act(got.v, want.v)) return act_diff(got.v, want.v, li + ".v");
+  auto shape = [](const NativeLayerDecl& d, const char* name) {
+    auto it = d.online.find(name);
+    if (it == d.online.end()) return std::string("absent");
+    if (it->second <= 0) return std::string("not a square matrix");
+    return std::to_string(it->second) + "×" + std::to_string(it->second);
+  };
+  for (const OnlineSlot& s : kOnline)
+    if (shape(got, s.name) != shape(want, s.name))
+      return invalid_input("tensor " + online_name(l, s.name) + ": the layer's is " +
+                           shape(got, s.name) + ", declared " + shape(want, s.name));
+  for (int p = 0; p < 3; ++p)
+    if (got.bias[p] != want.bias[p])
+      return invalid_input(
+          "tensor " + proj_name(l, p) + ".bias: " +
+          (got.bias[p] ? "the layer has it, not declared" : "declared, the layer has none"));
+  return Status::ok();
+}
+
+// The values of layer l: sizes the config implies, finite floats, code ranges
+// (its declaration is checked apart).
+Status check_layer_tensors(const ModelConfig& c, int w_bits, int64_t w_group, int64_t l,
+                           const NativeLayer& y) {
+  const int64_t H = c.hidden_size;
+  const std::string lp = layer_prefix(l);
+  QCAL_RETURN_IF_ERROR(check_size(y.input_norm, H, lp + "input_layernorm.weight"));
+  QCAL_RETURN_IF_ERROR(check_size(y.post_norm, H, lp + "post_attention_layernorm.weight"));
+  for (int p = 0; p < kNumProj; ++p) {
+    const int64_t out = proj_out(c, p), in = proj_in(c, p);
+    if (w_bits < 16) {
+      QCAL_RETURN_IF_ERROR(check_packed(y.qw[p], w_bits, w_group, out, in, proj_name(l, p)));
+    } else {
+      QCAL_RETURN_IF_ERROR(check_size(y.fw[p], out * in, proj_name(l, p) + ".weight"));
+    }
+  }
+  for (int p = 0; p < 3; ++p)
+    if (!y.bias[p].empty())
+      QCAL_RETURN_IF_ERROR(check_size(y.bias[p], proj_out(c, p), proj_name(l, p) + ".bias"));
+  for (const OnlineSlot& s : kOnline)
+    QCAL_RETURN_IF_ERROR(check_finite(y.online.*s.member, online_name(l, s.name)));
+  return Status::ok();
+}
+
+// Everything that must hold for a whole NativeModel (write_native before it
+// writes, the reader after it loads).
+Status check_model(const NativeModel& m) {
+  QCAL_RETURN_IF_ERROR(check_decl(native_decl(m)));
+  const ModelConfig& c = m.config;
+  const int64_t H = c.hidden_size, V = c.vocab_size, L = c.num_hidden_layers;
+  QCAL_RETURN_IF_ERROR(check_size(m.embed, V * H, kEmbed));
+  QCAL_RETURN_IF_ERROR(check_size(m.final_norm, H, kNorm));
+  QCAL_RETURN_IF_ERROR(check_size(m.lm_head, V * H, kLmHead));
+  for (int64_t l = 0; l < L; ++l)
+    QCAL_RETURN_IF_ERROR(check_layer_tensors(c, m.w_bits, m.w_group, l, m.layers[l]));
   const int64_t P = static_cast<int64_t>(m.intact_prefix.size());
   if (P == 0) {
     if (!m.intact_k.empty() || !m.intact_v.empty() || !m.intact_logits.empty())
       return invalid_input("intactkv: cache tensors without a prefix");
     return Status::ok();
   }
-  for (int64_t i = 0; i < P; ++i)
-    if (m.intact_prefix[i] < 0 || m.intact_prefix[i] >= V)
-      return invalid_input("intactkv.prefix[" + std::to_string(i) + "]: token id " +
-                           std::to_string(m.intact_prefix[i]) + " outside [0, " +
-                           std::to_string(V) + ")");
   if (static_cast<int64_t>(m.intact_k.size()) != L || static_cast<int64_t>(m.intact_v.size()) != L)
     return invalid_input("intactkv: need K and V caches for all " + std::to_string(L) + " layers");
   for (int64_t l = 0; l < L; ++l) {
@@ -258,24 +349,19 @@ Status check_model(const NativeModel& m) {
 
 // ---------------------------------------------------------------- writer
 
-json act_to_json(const NativeActQuant& a) {
-  return {
-      {"bits", a.bits}, {"sym", a.sym}, {"group", a.group}, {"clip", static_cast<double>(a.clip)}};
-}
-
-json quant_json(const NativeModel& m) {
+json quant_json(const NativeModelDecl& m) {
   json j = {{"format", kNativeFormat},
             {"version", kNativeVersion},
             {"recipe", m.recipe},
             {"w_bits", m.w_bits},
             {"w_group", m.w_group}};
   json layers = json::array();
-  for (const NativeLayer& y : m.layers) {
+  for (const NativeLayerDecl& y : m.layers) {
     json act = json::object();
     for (int p = 0; p < kNumProj; ++p) act[kProjShort[p]] = act_to_json(y.act[p]);
     json online = json::array();
     for (const OnlineSlot& s : kOnline)
-      if (!(y.online.*s.member).empty()) online.push_back(s.name);
+      if (y.online.count(s.name)) online.push_back(s.name);
     layers.push_back(
         {{"act", act}, {"k", act_to_json(y.k)}, {"v", act_to_json(y.v)}, {"online", online}});
   }
@@ -284,72 +370,124 @@ json quant_json(const NativeModel& m) {
   return j;
 }
 
-struct OutTensor {
+// One tensor of a layer; `data` is null when only declaring.
+struct LayerTensor {
   std::string name;
   DType dtype;
   std::vector<int64_t> shape;
-  const void* data;
-  size_t bytes;
+  const void* data = nullptr;
+  size_t bytes = 0;
 };
 
-OutTensor f32(std::string name, std::vector<int64_t> shape, const std::vector<float>& v) {
-  return {std::move(name), DType::kF32, std::move(shape), v.data(), v.size() * sizeof(float)};
+// The tensors of layer l in file order (the one definition of that order):
+// shapes from the declaration, data from `y` when given (after
+// check_layer_matches and check_layer_tensors, so the sizes agree).
+std::vector<LayerTensor> layer_tensors(const NativeModelDecl& m, int64_t l, const NativeLayer* y) {
+  const ModelConfig& c = m.config;
+  const int64_t H = c.hidden_size;
+  const NativeLayerDecl& d = m.layers[l];
+  const std::string lp = layer_prefix(l);
+  std::vector<LayerTensor> ts;
+  auto f32 = [&](std::string name, std::vector<int64_t> shape, const std::vector<float>* v) {
+    ts.push_back({std::move(name), DType::kF32, std::move(shape), v ? v->data() : nullptr,
+                  v ? v->size() * sizeof(float) : 0});
+  };
+  f32(lp + "input_layernorm.weight", {H}, y ? &y->input_norm : nullptr);
+  f32(lp + "post_attention_layernorm.weight", {H}, y ? &y->post_norm : nullptr);
+  for (const OnlineSlot& s : kOnline) {
+    const int64_t n = side_of(d, s.name);
+    if (n > 0) f32(online_name(l, s.name), {n, n}, y ? &(y->online.*s.member) : nullptr);
+  }
+  for (int p = 0; p < kNumProj; ++p) {
+    const std::string pn = proj_name(l, p);
+    const int64_t out = proj_out(c, p), in = proj_in(c, p);
+    if (m.w_bits < 16) {
+      const PackedWeight* w = y ? &y->qw[p] : nullptr;
+      ts.push_back({pn + ".qweight",
+                    DType::kU8,
+                    {out, row_bytes(m.w_bits, in)},
+                    w ? w->data.data() : nullptr,
+                    w ? w->data.size() : 0});
+      f32(pn + ".scales", {out, num_groups(m.w_group, in)}, w ? &w->scales : nullptr);
+    } else {
+      f32(pn + ".weight", {out, in}, y ? &y->fw[p] : nullptr);
+    }
+    if (p < 3 && d.bias[p]) f32(pn + ".bias", {out}, y ? &y->bias[p] : nullptr);
+  }
+  return ts;
 }
 
-Status write_staging(const NativeModel& m, const std::string& staging) {
+Status write_staging(const NativeModelDecl& m, const NativeSource& src, uint64_t chunk,
+                     const std::string& staging) {
   const ModelConfig& c = m.config;
-  const int64_t H = c.hidden_size, V = c.vocab_size;
-  std::vector<OutTensor> ts;
-  ts.push_back(f32(kEmbed, {V, H}, m.embed));
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const NativeLayer& y = m.layers[l];
-    const std::string lp = layer_prefix(l);
-    ts.push_back(f32(lp + "input_layernorm.weight", {H}, y.input_norm));
-    ts.push_back(f32(lp + "post_attention_layernorm.weight", {H}, y.post_norm));
-    for (const OnlineSlot& s : kOnline) {
-      const std::vector<float>& v = y.online.*s.member;
-      const int64_t n = square_side(v.size());
-      if (!v.empty()) ts.push_back(f32(online_name(l, s.name), {n, n}, v));
-    }
-    for (int p = 0; p < kNumProj; ++p) {
-      const std::string pn = proj_name(l, p);
-      const int64_t out = proj_out(c, p), in = proj_in(c, p);
-      if (m.w_bits < 16) {
-        const PackedWeight& w = y.qw[p];
-        ts.push_back({pn + ".qweight",
-                      DType::kU8,
-                      {out, row_bytes(w.bits, in)},
-                      w.data.data(),
-                      w.data.size()});
-        ts.push_back(f32(pn + ".scales", {out, num_groups(m.w_group, in)}, w.scales));
-      } else {
-        ts.push_back(f32(pn + ".weight", {out, in}, y.fw[p]));
-      }
-      if (p < 3 && !y.bias[p].empty()) ts.push_back(f32(pn + ".bias", {out}, y.bias[p]));
-    }
-  }
-  ts.push_back(f32(kNorm, {H}, m.final_norm));
-  ts.push_back(f32(kLmHead, {V, H}, m.lm_head));
+  const int64_t H = c.hidden_size, V = c.vocab_size, L = c.num_hidden_layers;
   const int64_t P = static_cast<int64_t>(m.intact_prefix.size());
-  if (P > 0) {
-    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-      ts.push_back(f32(intact_name(l, "k"), {P, c.kv_dim()}, m.intact_k[l]));
-      ts.push_back(f32(intact_name(l, "v"), {P, c.kv_dim()}, m.intact_v[l]));
-    }
-    ts.push_back(f32(kIntactLogits, {P, V}, m.intact_logits));
-  }
-
   SafetensorsWriter w(join_path(staging, kTensorFile));
   w.set_metadata("format", kNativeFormat);
   w.set_metadata("qcal.native_version", std::to_string(kNativeVersion));
-  for (const OutTensor& t : ts) w.add(t.name, t.dtype, t.shape);
+  w.add(kEmbed, DType::kF32, {V, H});
+  for (int64_t l = 0; l < L; ++l)
+    for (const LayerTensor& t : layer_tensors(m, l, nullptr)) w.add(t.name, t.dtype, t.shape);
+  w.add(kNorm, DType::kF32, {H});
+  w.add(kLmHead, DType::kF32, {V, H});
+  if (P > 0) {
+    for (int64_t l = 0; l < L; ++l) {
+      w.add(intact_name(l, "k"), DType::kF32, {P, c.kv_dim()});
+      w.add(intact_name(l, "v"), DType::kF32, {P, c.kv_dim()});
+    }
+    w.add(kIntactLogits, DType::kF32, {P, V});
+  }
   QCAL_RETURN_IF_ERROR(w.begin());
-  for (const OutTensor& t : ts)
-    QCAL_RETURN_IF_ERROR(w.write(std::string_view(static_cast<const char*>(t.data), t.bytes)));
+
+  auto rows = [&](const RowFn& fn, const std::string& name) {
+    return w.write_rows([&](int64_t row0, int64_t n,
+                            float* out) { return fn(row0, n, out).with_context("tensor " + name); },
+                        chunk);
+  };
+  QCAL_RETURN_IF_ERROR(rows(src.embed, kEmbed));
+  for (int64_t l = 0; l < L; ++l) {
+    Result<NativeLayer> y = src.layer(l);
+    if (!y.is_ok()) return y.status().with_context("layer " + std::to_string(l));
+    QCAL_RETURN_IF_ERROR(check_layer_matches(m.layers[l], l, *y));
+    QCAL_RETURN_IF_ERROR(check_layer_tensors(c, m.w_bits, m.w_group, l, *y));
+    for (const LayerTensor& t : layer_tensors(m, l, &*y))
+      QCAL_RETURN_IF_ERROR(w.write(std::string_view(static_cast<const char*>(t.data), t.bytes)));
+  }
+  QCAL_RETURN_IF_ERROR(rows(src.final_norm, kNorm));
+  QCAL_RETURN_IF_ERROR(rows(src.lm_head, kLmHead));
+  if (P > 0) {
+    std::vector<float> k, v;
+    for (int64_t l = 0; l < L; ++l) {
+      QCAL_RETURN_IF_ERROR(
+          src.intact_kv(l, &k, &v).with_context("IntactKV cache of layer " + std::to_string(l)));
+      QCAL_RETURN_IF_ERROR(check_size(k, P * c.kv_dim(), intact_name(l, "k")));
+      QCAL_RETURN_IF_ERROR(check_size(v, P * c.kv_dim(), intact_name(l, "v")));
+      QCAL_RETURN_IF_ERROR(w.write_f32(k.data(), k.size()));
+      QCAL_RETURN_IF_ERROR(w.write_f32(v.data(), v.size()));
+    }
+    QCAL_RETURN_IF_ERROR(rows(src.intact_logits, kIntactLogits));
+  }
   QCAL_RETURN_IF_ERROR(w.finish());
   QCAL_RETURN_IF_ERROR(
       write_file_atomic(join_path(staging, kConfigFile), c.to_json().dump(2) + "\n"));
   return write_file_atomic(join_path(staging, kQuantFile), quant_json(m).dump(2) + "\n");
+}
+
+// Runs `write` into a fresh staging directory `<dir>.partial.<pid>` and
+// publishes it at `dir` (publish_dir: fsync, rename; an existing `dir` is
+// replaced only with `overwrite`). On any error the staging directory is
+// removed and nothing appears at `dir`. The one publishing step of the native
+// writer: a fenced publish replaces this function.
+Status publish_native(const std::string& dir, bool overwrite,
+                      const std::function<Status(const std::string& staging)>& write) {
+  QCAL_ASSIGN_OR_RETURN(std::string staging, make_staging_dir(dir));
+  Status st = write(staging);
+  if (st.is_ok()) st = publish_dir(staging, dir, overwrite);
+  if (!st.is_ok()) {
+    std::error_code ec;
+    fs::remove_all(staging, ec);
+  }
+  return st;
 }
 
 // ---------------------------------------------------------------- reader
@@ -798,19 +936,62 @@ void prefix_attention(float* out, const float* q, const float* k, const float* v
   }
 }
 
-Status write_native(const NativeModel& m, const std::string& dir, bool overwrite) {
-  Status st = check_model(m);
-  if (!st.is_ok()) return st.with_context("write_native " + dir);
+NativeLayerDecl native_layer_decl(const NativeLayer& y) {
+  NativeLayerDecl d;
+  d.act = y.act;
+  d.k = y.k;
+  d.v = y.v;
+  for (const OnlineSlot& s : kOnline) {
+    const std::vector<float>& v = y.online.*s.member;
+    if (!v.empty()) d.online[s.name] = square_side(v.size());  // 0: not square (refused)
+  }
+  for (int p = 0; p < 3; ++p) d.bias[p] = !y.bias[p].empty();
+  return d;
+}
+
+NativeModelDecl native_decl(const NativeModel& m) {
+  NativeModelDecl d;
+  d.config = m.config;
+  d.recipe = m.recipe;
+  d.w_bits = m.w_bits;
+  d.w_group = m.w_group;
+  for (const NativeLayer& y : m.layers) d.layers.push_back(native_layer_decl(y));
+  d.intact_prefix = m.intact_prefix;
+  return d;
+}
+
+Status stream_native(const NativeModelDecl& decl, const NativeSource& src, const std::string& dir,
+                     bool overwrite, uint64_t chunk_bytes) {
+  const std::string what = "write_native " + dir;
+  QCAL_RETURN_IF_ERROR(check_decl(decl).with_context(what));
+  if (!src.embed || !src.layer || !src.final_norm || !src.lm_head)
+    return invalid_input(what + ": the source lacks embed, layer, final_norm or lm_head");
+  if (!decl.intact_prefix.empty() && (!src.intact_kv || !src.intact_logits))
+    return invalid_input(what + ": an IntactKV prefix is declared but the source lacks " +
+                         "intact_kv or intact_logits");
+  if (chunk_bytes == 0) return invalid_input(what + ": chunk_bytes is 0");
   if (!overwrite && path_exists(dir))
     return invalid_input(dir + ": output exists (pass --overwrite to replace it)");
-  QCAL_ASSIGN_OR_RETURN(std::string staging, make_staging_dir(dir));
-  st = write_staging(m, staging);
-  if (st.is_ok()) st = publish_dir(staging, dir, overwrite);
-  if (!st.is_ok()) {
-    std::error_code ec;
-    fs::remove_all(staging, ec);
-  }
-  return st;
+  return publish_native(dir, overwrite, [&](const std::string& staging) {
+    return write_staging(decl, src, chunk_bytes, staging);
+  });
+}
+
+Status write_native(const NativeModel& m, const std::string& dir, bool overwrite) {
+  QCAL_RETURN_IF_ERROR(check_model(m).with_context("write_native " + dir));
+  const ModelConfig& c = m.config;
+  NativeSource src;
+  src.embed = rows_of(m.embed.data(), c.hidden_size);
+  src.layer = [&m](int64_t l) -> Result<NativeLayer> { return m.layers[l]; };
+  src.final_norm = rows_of(m.final_norm.data(), 1);
+  src.lm_head = rows_of(m.lm_head.data(), c.hidden_size);
+  src.intact_kv = [&m](int64_t l, std::vector<float>* k, std::vector<float>* v) {
+    *k = m.intact_k[l];
+    *v = m.intact_v[l];
+    return Status::ok();
+  };
+  src.intact_logits = rows_of(m.intact_logits.data(), c.vocab_size);
+  return stream_native(native_decl(m), src, dir, overwrite);
 }
 
 Result<NativeModel> read_native(const std::string& dir) { return read_native_impl(dir); }

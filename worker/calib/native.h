@@ -11,14 +11,16 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "common/data.h"
 #include "common/model_config.h"
+#include "common/safetensors.h"
 #include "common/status.h"
 #include "kernels/qgemm.h"
 #include "worker/calib/qblock.h"
@@ -30,10 +32,10 @@ inline constexpr int kNativeVersion = 1;
 
 // Dynamic quantizer of an activation, the K or the V cache.
 struct NativeActQuant {
-  int bits = 16;         // 16 = off
-  bool sym = true;       // activations: symmetric per token; K/V: asymmetric
-  int64_t group = -1;    // columns per group (K/V: head_dim); -1 = per token
-  float clip = 1.0f;     // fixed ratio (QuaRot) or sigmoid(β) of a trained LAC
+  int bits = 16;       // 16 = off
+  bool sym = true;     // activations: symmetric per token; K/V: asymmetric
+  int64_t group = -1;  // columns per group (K/V: head_dim); -1 = per token
+  float clip = 1.0f;   // fixed ratio (QuaRot) or sigmoid(β) of a trained LAC
 };
 
 struct NativeLayer {
@@ -56,7 +58,7 @@ struct NativeModel {
   nlohmann::json recipe = nlohmann::json::object();  // what produced it (for inspect)
   int w_bits = 4;
   int64_t w_group = -1;
-  std::vector<float> embed, final_norm, lm_head;     // fp32 (rotations folded)
+  std::vector<float> embed, final_norm, lm_head;  // fp32 (rotations folded)
   std::vector<NativeLayer> layers;
   // IntactKV: FP K/V of the pivot prefix per layer, in the model's (rotated /
   // transformed) cache basis: (P, n_kv·d) each; K after RoPE and P_k. Empty = off.
@@ -65,7 +67,75 @@ struct NativeModel {
   std::vector<float> intact_logits;  // (P, V) FP logits of the prefix
 };
 
+// Writes `m` to `dir` (NATIVE_FORMAT.md): into the staging directory
+// `<dir>.partial.<pid>`, every file fsynced, then renamed into place (an
+// existing `dir` is replaced only with `overwrite`). Same bytes as
+// stream_native(native_decl(m), ...) with sources reading `m`.
+// Errors: kInvalidInput (before anything is written) when `m` fails the
+// checks read_native applies (message names the tensor or field, prefixed
+// "write_native <dir>") or `dir` exists without `overwrite`; kIoError /
+// kResourceExhausted from the filesystem. On error nothing appears at `dir`
+// and no staging directory is left.
 Status write_native(const NativeModel& m, const std::string& dir, bool overwrite);
+
+// ---- Streaming writer: one layer at a time (memory: one layer plus one piece).
+
+// What qcal_quant.json and the tensor list say of one layer, known before its
+// weights exist (from small per-layer metadata).
+struct NativeLayerDecl {
+  std::array<NativeActQuant, kNumProj> act;
+  NativeActQuant k, v;
+  // The online transforms present, by name ("a1" "a2" "u1" "u2" "d1" "d2"
+  // "po" "pk" "pk_it"; see NativeLayer::online), each with its side n (an
+  // n×n matrix). Absent = identity.
+  std::map<std::string, int64_t> online;
+  std::array<bool, 3> bias{};  // q, k, v bias present
+};
+// Everything the files say besides the tensor values.
+struct NativeModelDecl {
+  ModelConfig config;
+  nlohmann::json recipe = nlohmann::json::object();
+  int w_bits = 4;
+  int64_t w_group = -1;
+  std::vector<NativeLayerDecl> layers;  // num_hidden_layers entries
+  std::vector<int32_t> intact_prefix;   // IntactKV pivot tokens; empty = off
+};
+// The declarations `y` / `m` satisfy.
+NativeLayerDecl native_layer_decl(const NativeLayer& y);
+NativeModelDecl native_decl(const NativeModel& m);
+
+// The values, produced on demand, in file order: embed, layers 0..L−1,
+// final_norm, lm_head, then (IntactKV) intact_kv for layers 0..L−1 and
+// intact_logits. Each callback's error aborts the write and is returned with
+// the tensor or layer as context, its code unchanged.
+struct NativeSource {
+  RowFn embed;  // (V, H), fp32 with rotations folded
+  // Layer l, called once for l = 0, 1, …, L−1 in order; it must match
+  // decl.layers[l] (kInvalidInput naming the difference) and pass the
+  // checks read_native applies to a layer (sizes, finite values, code ranges).
+  std::function<Result<NativeLayer>(int64_t l)> layer;
+  RowFn final_norm;  // (H): one value per row
+  RowFn lm_head;     // (V, H)
+  // IntactKV only: layer l's prefix cache, K after RoPE and P_k and V, (P, K)
+  // each; called for l = 0..L−1 in order after every layer.
+  std::function<Status(int64_t l, std::vector<float>* k, std::vector<float>* v)> intact_kv;
+  RowFn intact_logits;  // IntactKV only: (P, V) FP logits of the prefix
+};
+
+// Writes the model `decl` declares with values from `src` to `dir`, staged
+// and published as write_native (same bytes for the same values). Row
+// sources are called with consecutive ranges of at most
+// max(1, chunk_bytes / (row_numel·4)) rows.
+// Errors: kInvalidInput before anything is written for a declaration that
+// fails read_native's checks (prefixed "write_native <dir>"), a missing
+// callback, `dir` existing without `overwrite`; while writing, kInvalidInput
+// for a layer differing from its declaration or failing its checks, a
+// non-finite value (naming tensor and element) or an IntactKV cache of the
+// wrong size; any code from a callback; kIoError from the filesystem. On
+// error nothing appears at `dir` and no staging directory is left.
+Status stream_native(const NativeModelDecl& decl, const NativeSource& src, const std::string& dir,
+                     bool overwrite, uint64_t chunk_bytes = kWriteChunkBytes);
+
 // Validates everything (format, version, shapes, code ranges); kInvalidInput naming
 // the tensor or field.
 Result<NativeModel> read_native(const std::string& dir);
@@ -75,8 +145,7 @@ bool is_native_dir(const std::string& dir);
 // Logits (B·T, V) of B sequences of T tokens with the integer kernels. With IntactKV
 // the prefix cache is prepended: the sequence tokens start at position P, and the
 // caller decides whether token 0 of each sequence is the prefix itself (see eval).
-std::vector<float> native_logits(const NativeModel& m, const int32_t* tokens, int64_t B,
-                                 int64_t T);
+std::vector<float> native_logits(const NativeModel& m, const int32_t* tokens, int64_t B, int64_t T);
 
 // The K/V cache entries a forward pass adds, per layer (L entries of (B·T, n_kv·d),
 // sequence-major): K after RoPE, P_k and the K quantizer, V after the V quantizer,

@@ -133,12 +133,12 @@ std::vector<int32_t> effective_g_idx(const QuantizedLinear& q) {
   return g;
 }
 
-// The tensors replacing `<prefix>.weight`, sorted by suffix. `with_g_idx` only
-// matters for compressed-tensors (GPTQ always stores g_idx).
-std::vector<PackedSpec> packed_specs(const QuantizedLinear& q, CheckpointFormat f,
-                                     bool with_g_idx) {
+// The tensors replacing `<prefix>.weight` of a linear declared as `q`, sorted
+// by suffix. `with_g_idx` only matters for compressed-tensors (GPTQ always
+// stores g_idx).
+std::vector<PackedSpec> packed_specs(const LinearDecl& q, CheckpointFormat f, bool with_g_idx) {
   const int64_t O = q.out_features, I = q.in_features, b = q.spec.bits;
-  const int64_t G = q.num_groups();
+  const int64_t G = expected_groups(I, q.spec.group_size);
   std::vector<PackedSpec> out;
   if (f == CheckpointFormat::kGptq) {
     out.push_back({"g_idx", DType::kI32, {I}});
@@ -619,7 +619,8 @@ Result<QuantizedLinear> read_ct(const ModelDir& dir, const std::string& prefix,
 
 // ---- writing ----
 
-// One tensor of the output: copied from the source or packed from a linear.
+// One tensor of the output: copied from the source, produced by an override,
+// or packed from a linear.
 struct OutTensor {
   std::string name;
   DType dtype = DType::kF32;
@@ -627,7 +628,8 @@ struct OutTensor {
   uint64_t nbytes = 0;
   const SafetensorsFile* file = nullptr;  // source tensor, or
   const TensorInfo* info = nullptr;
-  const QuantizedLinear* q = nullptr;  // packed tensor `suffix` of q
+  const TensorOverride* ov = nullptr;   // rows on demand, or
+  const std::string* module = nullptr;  // packed tensor `suffix` of this module
   std::string suffix;
 };
 
@@ -725,25 +727,235 @@ json ct_quant_config(const QuantSpec& spec, bool act_order, bool lm_head,
   return qc;
 }
 
-// Writes everything into `staging`: shards, index, configs, aux files.
-Status write_staging(const ModelDir& src, const std::vector<OutTensor>& tensors,
-                     const std::vector<size_t>& shard_of, size_t num_shards,
-                     CheckpointFormat format, const json& qc, const std::string& staging) {
-  // Shards, each streamed tensor by tensor in name order.
+// Everything decided before the first byte is written.
+struct WritePlan {
+  std::vector<OutTensor> tensors;  // in name order
+  std::vector<size_t> shard_of;    // shard of each tensor
+  size_t num_shards = 1;
+  json qc;      // quantization_config
+  json config;  // config.json
+};
+
+Status check_contents(const QuantizedLinear& q);  // below check_writable
+
+std::string decl_str(const LinearDecl& d) {
+  return "[" + num(d.out_features) + ", " + num(d.in_features) + "], bits " + num(d.spec.bits) +
+         ", group_size " + num(d.spec.group_size) + ", sym " + (d.spec.sym ? "true" : "false") +
+         ", act_order " + (d.act_order ? "true" : "false");
+}
+
+// Every check that needs no codes, then the layout: tensors, shards, configs.
+Result<WritePlan> plan_checkpoint(const ModelDir& src, const CheckpointStream& in,
+                                  const WriteOptions& opts, const std::string& out_dir) {
+  const CheckpointFormat fmt = opts.format;
+  const auto& linears = in.linears;
+  if (linears.empty()) return invalid_input("write checkpoint: no quantized linears given");
+  if (!in.provide) return invalid_input("write checkpoint: no provider for the quantized linears");
+  if (src.quantization_config())
+    return invalid_input(src.dir() + ": source model is already quantized");
+  if (opts.max_shard_bytes == 0) return invalid_input("write checkpoint: max_shard_bytes is 0");
+  if (opts.chunk_bytes == 0) return invalid_input("write checkpoint: chunk_bytes is 0");
+  if (path_exists(out_dir) && !opts.overwrite)
+    return invalid_input(out_dir + ": output exists (pass --overwrite to replace it)");
+  {
+    std::error_code ec;
+    if (path_exists(out_dir) && fs::equivalent(out_dir, src.dir(), ec))
+      return invalid_input(out_dir + ": output directory is the source model directory");
+  }
+
+  const auto& [first_name, first] = *linears.begin();
+  bool act_order = false;
+  for (const auto& [name, d] : linears) {
+    const QuantSpec& s = d.spec;
+    if (s.bits != first.spec.bits || s.group_size != first.spec.group_size ||
+        s.sym != first.spec.sym)
+      return invalid_input(
+          "module " + name + ": bits " + num(s.bits) + ", group_size " + num(s.group_size) +
+          ", sym " + (s.sym ? "true" : "false") + " differ from module " + first_name + " (bits " +
+          num(first.spec.bits) + ", group_size " + num(first.spec.group_size) + ", sym " +
+          (first.spec.sym ? "true" : "false") + "); a checkpoint has one quantization config");
+    QuantizedLinear probe;
+    probe.out_features = d.out_features;
+    probe.in_features = d.in_features;
+    probe.spec = d.spec;
+    QCAL_RETURN_IF_ERROR(check_writable(probe, fmt).with_context("module " + name));
+    const TensorInfo* w = src.find(name + ".weight");
+    if (!w) return invalid_input("module " + name + ": source has no tensor " + name + ".weight");
+    if (w->shape != std::vector<int64_t>{d.out_features, d.in_features})
+      return invalid_input("module " + name + ": source weight has shape " + shape_str(w->shape) +
+                           ", quantized linear is [" + num(d.out_features) + ", " +
+                           num(d.in_features) + "]");
+    act_order = act_order || d.act_order;
+  }
+  auto replaced = [&](const std::string& name) {
+    return name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0 &&
+           linears.count(name.substr(0, name.size() - 7));
+  };
+  for (const auto& [name, ov] : in.overrides) {
+    const std::string what = "override of tensor " + name;
+    if (replaced(name)) return invalid_input(what + ": it is replaced by its quantized module");
+    if (!is_float_dtype(ov.dtype))
+      return invalid_input(what + ": dtype " + dtype_name(ov.dtype) + " is not a float dtype");
+    if (!ov.rows) return invalid_input(what + ": no row source");
+    for (int64_t d : ov.shape)
+      if (d < 0) return invalid_input(what + ": negative shape " + shape_str(ov.shape));
+    const TensorInfo* t = src.find(name);
+    if (t && t->shape != ov.shape)
+      return invalid_input(what + ": shape " + shape_str(ov.shape) + ", the source tensor has " +
+                           shape_str(t->shape));
+  }
+  if (!in.config_updates.is_object())
+    return invalid_input("write checkpoint: config_updates is not a JSON object");
+  if (in.config_updates.contains("quantization_config"))
+    return invalid_input("write checkpoint: config_updates may not set quantization_config");
+
+  // The output tensors: every source tensor but the replaced weights (each
+  // copied or overridden), the overrides the source lacks, the packed ones.
+  WritePlan plan;
+  std::vector<OutTensor>& tensors = plan.tensors;
+  auto set_override = [](OutTensor& t, const TensorOverride& ov) {
+    t.ov = &ov;
+    t.dtype = ov.dtype;
+    t.shape = ov.shape;
+    t.nbytes = static_cast<uint64_t>(Tensor::count(ov.shape)) * dtype_size(ov.dtype);
+  };
+  for (const std::string& name : src.tensor_names()) {
+    if (replaced(name)) continue;
+    OutTensor t;
+    t.name = name;
+    auto ov = in.overrides.find(name);
+    if (ov != in.overrides.end()) {
+      set_override(t, ov->second);
+    } else {
+      t.info = src.find(name, &t.file);
+      t.dtype = t.info->dtype;
+      t.shape = t.info->shape;
+      t.nbytes = t.info->nbytes();
+    }
+    tensors.push_back(std::move(t));
+  }
+  for (const auto& [name, ov] : in.overrides) {
+    if (src.has(name)) continue;
+    OutTensor t;
+    t.name = name;
+    set_override(t, ov);
+    tensors.push_back(std::move(t));
+  }
+  // compressed-tensors with act-order: every module carries weight_g_idx
+  // (the loader registers it for the whole scheme).
+  for (const auto& [name, d] : linears) {
+    for (PackedSpec& ps : packed_specs(d, fmt, act_order)) {
+      OutTensor t;
+      t.name = name + "." + ps.suffix;
+      t.dtype = ps.dtype;
+      t.nbytes = static_cast<uint64_t>(Tensor::count(ps.shape)) * dtype_size(ps.dtype);
+      t.shape = std::move(ps.shape);
+      t.module = &name;
+      t.suffix = std::move(ps.suffix);
+      tensors.push_back(std::move(t));
+    }
+  }
+  std::sort(tensors.begin(), tensors.end(),
+            [](const OutTensor& a, const OutTensor& b) { return a.name < b.name; });
+  for (size_t i = 1; i < tensors.size(); ++i)
+    if (tensors[i].name == tensors[i - 1].name)
+      return invalid_input(
+          "tensor " + tensors[i].name +
+          " exists in the source and would also be written for a quantized module");
+
+  // Shards: consecutive tensors in name order, closed before exceeding the limit.
+  plan.shard_of.assign(tensors.size(), 0);
+  size_t shard = 0;
+  uint64_t in_shard = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (in_shard > 0 && in_shard + tensors[i].nbytes > opts.max_shard_bytes) {
+      ++shard;
+      in_shard = 0;
+    }
+    plan.shard_of[i] = shard;
+    in_shard += tensors[i].nbytes;
+  }
+  plan.num_shards = tensors.empty() ? 1 : shard + 1;
+
+  // Linears of the architecture that stay unquantized must be excluded in the config.
+  std::vector<std::string> unquantized;
+  for (int64_t l = 0; l < src.config().num_hidden_layers; ++l)
+    for (const char* proj : kProjNames) {
+      const std::string m = layer_prefix(l) + proj;
+      if (src.has(m + ".weight") && !linears.count(m)) unquantized.push_back(m);
+    }
+  const bool lm_head = linears.count("lm_head") > 0;
+  plan.qc = fmt == CheckpointFormat::kGptq
+                ? gptq_quant_config(first.spec, act_order, lm_head, unquantized, opts.extra_config)
+                : ct_quant_config(first.spec, act_order, lm_head, unquantized);
+  plan.config = src.config_json();
+  for (auto it = in.config_updates.begin(); it != in.config_updates.end(); ++it)
+    plan.config[it.key()] = it.value();
+  plan.config["quantization_config"] = plan.qc;
+  return plan;
+}
+
+// The provided linear of `name`, checked against its declaration and contents.
+Result<QuantizedLinear> fetch_linear(const CheckpointStream& in, const std::string& name) {
+  Result<QuantizedLinear> r = in.provide(name);
+  if (!r.is_ok()) return r.status().with_context("module " + name);
+  const LinearDecl got = linear_decl(*r), want = in.linears.at(name);
+  if (!(got == want))
+    return invalid_input("module " + name + ": the provided linear (" + decl_str(got) +
+                         ") differs from its declaration (" + decl_str(want) + ")");
+  QCAL_RETURN_IF_ERROR(check_contents(*r).with_context("module " + name));
+  return r;
+}
+
+// Copies a source tensor in pieces of `chunk` bytes, dropping each piece's
+// pages after use so the resident set stays at one piece.
+Status copy_tensor(SafetensorsWriter& w, const SafetensorsFile& f, const TensorInfo& t,
+                   uint64_t chunk) {
+  const std::string_view raw = f.raw(t);
+  if (raw.empty()) return w.append({});
+  for (uint64_t off = 0; off < raw.size(); off += chunk) {
+    const uint64_t n = std::min<uint64_t>(chunk, raw.size() - off);
+    QCAL_RETURN_IF_ERROR(w.append(raw.substr(off, n)));
+    f.release(t, off, off + n);
+  }
+  return Status::ok();
+}
+
+// Writes everything into `staging`: shards, index, configs, aux files. Each
+// quantized linear is fetched at its first tensor and dropped after its last.
+Status write_staging(const ModelDir& src, const CheckpointStream& in, const WritePlan& plan,
+                     const WriteOptions& opts, const std::string& staging) {
+  const std::vector<OutTensor>& tensors = plan.tensors;
+  const size_t num_shards = plan.num_shards;
+  std::map<std::string, size_t> left;  // module -> its tensors not yet written
+  for (const OutTensor& t : tensors)
+    if (t.module) ++left[*t.module];
+  std::map<std::string, QuantizedLinear> live;  // fetched, not yet fully written
   for (size_t s = 0; s < num_shards; ++s) {
     const std::string file = num_shards == 1 ? "model.safetensors" : shard_name(s, num_shards);
     SafetensorsWriter w(join_path(staging, file));
     for (size_t i = 0; i < tensors.size(); ++i)
-      if (shard_of[i] == s) w.add(tensors[i].name, tensors[i].dtype, tensors[i].shape);
+      if (plan.shard_of[i] == s) w.add(tensors[i].name, tensors[i].dtype, tensors[i].shape);
     QCAL_RETURN_IF_ERROR(w.begin());
     for (size_t i = 0; i < tensors.size(); ++i) {
-      if (shard_of[i] != s) continue;
+      if (plan.shard_of[i] != s) continue;
       const OutTensor& t = tensors[i];
       if (t.info) {
-        QCAL_RETURN_IF_ERROR(w.write(t.file->raw(*t.info)));
-        t.file->release(*t.info);
+        QCAL_RETURN_IF_ERROR(copy_tensor(w, *t.file, *t.info, opts.chunk_bytes));
+      } else if (t.ov) {
+        const RowFn rows = [&](int64_t row0, int64_t n, float* out) {
+          return t.ov->rows(row0, n, out).with_context("override of tensor " + t.name);
+        };
+        QCAL_RETURN_IF_ERROR(w.write_rows(rows, opts.chunk_bytes));
       } else {
-        QCAL_RETURN_IF_ERROR(w.write(pack_tensor(*t.q, t.suffix)));
+        const std::string& name = *t.module;
+        auto it = live.find(name);
+        if (it == live.end()) {
+          QCAL_ASSIGN_OR_RETURN(QuantizedLinear q, fetch_linear(in, name));
+          it = live.emplace(name, std::move(q)).first;
+        }
+        QCAL_RETURN_IF_ERROR(w.write(pack_tensor(it->second, t.suffix)));
+        if (--left[name] == 0) live.erase(it);
       }
     }
     QCAL_RETURN_IF_ERROR(w.finish());
@@ -754,19 +966,18 @@ Status write_staging(const ModelDir& src, const std::vector<OutTensor>& tensors,
     json map = json::object();
     for (size_t i = 0; i < tensors.size(); ++i) {
       total += tensors[i].nbytes;
-      map[tensors[i].name] = shard_name(shard_of[i], num_shards);
+      map[tensors[i].name] = shard_name(plan.shard_of[i], num_shards);
     }
     index["metadata"] = json{{"total_size", total}};
     index["weight_map"] = std::move(map);
     QCAL_RETURN_IF_ERROR(write_file_atomic(join_path(staging, "model.safetensors.index.json"),
                                            index.dump(2) + "\n"));
   }
-  json config = src.config_json();
-  config["quantization_config"] = qc;
-  QCAL_RETURN_IF_ERROR(write_file_atomic(join_path(staging, "config.json"), config.dump(2) + "\n"));
-  if (format == CheckpointFormat::kGptq)
+  QCAL_RETURN_IF_ERROR(
+      write_file_atomic(join_path(staging, "config.json"), plan.config.dump(2) + "\n"));
+  if (opts.format == CheckpointFormat::kGptq)
     QCAL_RETURN_IF_ERROR(
-        write_file_atomic(join_path(staging, "quantize_config.json"), qc.dump(2) + "\n"));
+        write_file_atomic(join_path(staging, "quantize_config.json"), plan.qc.dump(2) + "\n"));
   for (const char* name : kAuxFiles) {
     const std::string from = join_path(src.dir(), name);
     if (!path_exists(from)) continue;
@@ -775,6 +986,23 @@ Status write_staging(const ModelDir& src, const std::vector<OutTensor>& tensors,
     if (ec) return io_error(from + ": copy into " + staging + ": " + ec.message());
   }
   return Status::ok();
+}
+
+// Runs `write` into a fresh staging directory `<out_dir>.partial.<pid>` and
+// publishes it at `out_dir` (publish_dir: fsync, rename; an existing `out_dir`
+// is replaced only with `overwrite`). On any error the staging directory is
+// removed and nothing appears at `out_dir`. The one publishing step of these
+// writers: a fenced publish replaces this function.
+Status publish_checkpoint(const std::string& out_dir, bool overwrite,
+                          const std::function<Status(const std::string& staging)>& write) {
+  QCAL_ASSIGN_OR_RETURN(std::string staging, make_staging_dir(out_dir));
+  Status st = write(staging);
+  if (st.is_ok()) st = publish_dir(staging, out_dir, overwrite);
+  if (!st.is_ok()) {
+    std::error_code ec;
+    fs::remove_all(staging, ec);
+  }
+  return st;
 }
 
 }  // namespace
@@ -936,118 +1164,38 @@ Status check_contents(const QuantizedLinear& q) {
 
 }  // namespace
 
+LinearDecl linear_decl(const QuantizedLinear& q) {
+  LinearDecl d;
+  d.out_features = q.out_features;
+  d.in_features = q.in_features;
+  d.spec = q.spec;
+  d.act_order = q.act_order;
+  return d;
+}
+
+Status stream_quantized_checkpoint(const ModelDir& src, const CheckpointStream& in,
+                                   const WriteOptions& opts, const std::string& out_dir) {
+  QCAL_ASSIGN_OR_RETURN(WritePlan plan, plan_checkpoint(src, in, opts, out_dir));
+  return publish_checkpoint(out_dir, opts.overwrite, [&](const std::string& staging) {
+    return write_staging(src, in, plan, opts, staging);
+  });
+}
+
 Status write_quantized_checkpoint(const ModelDir& src,
                                   const std::map<std::string, QuantizedLinear>& qlinears,
                                   const WriteOptions& opts, const std::string& out_dir) {
-  const CheckpointFormat fmt = opts.format;
-  if (qlinears.empty()) return invalid_input("write checkpoint: no quantized linears given");
-  if (src.quantization_config())
-    return invalid_input(src.dir() + ": source model is already quantized");
-  if (opts.max_shard_bytes == 0) return invalid_input("write checkpoint: max_shard_bytes is 0");
-  if (path_exists(out_dir) && !opts.overwrite)
-    return invalid_input(out_dir + ": output exists (pass --overwrite to replace it)");
-  {
-    std::error_code ec;
-    if (path_exists(out_dir) && fs::equivalent(out_dir, src.dir(), ec))
-      return invalid_input(out_dir + ": output directory is the source model directory");
-  }
-
-  // Validate every module before anything is written.
-  const auto& [first_name, first] = *qlinears.begin();
-  bool act_order = false;
-  for (const auto& [name, q] : qlinears) {
-    const QuantSpec& s = q.spec;
-    if (s.bits != first.spec.bits || s.group_size != first.spec.group_size ||
-        s.sym != first.spec.sym)
-      return invalid_input(
-          "module " + name + ": bits " + num(s.bits) + ", group_size " + num(s.group_size) +
-          ", sym " + (s.sym ? "true" : "false") + " differ from module " + first_name + " (bits " +
-          num(first.spec.bits) + ", group_size " + num(first.spec.group_size) + ", sym " +
-          (first.spec.sym ? "true" : "false") + "); a checkpoint has one quantization config");
-    Status st = check_writable(q, fmt);
-    if (st.is_ok()) st = check_contents(q);
-    if (!st.is_ok()) return st.with_context("module " + name);
-    const TensorInfo* w = src.find(name + ".weight");
-    if (!w) return invalid_input("module " + name + ": source has no tensor " + name + ".weight");
-    if (w->shape != std::vector<int64_t>{q.out_features, q.in_features})
-      return invalid_input("module " + name + ": source weight has shape " + shape_str(w->shape) +
-                           ", quantized linear is [" + num(q.out_features) + ", " +
-                           num(q.in_features) + "]");
-    act_order = act_order || q.act_order;
-  }
-
-  // The output tensors: every source tensor but the replaced weights, plus the packed ones.
-  std::vector<OutTensor> tensors;
-  for (const std::string& name : src.tensor_names()) {
-    if (name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0 &&
-        qlinears.count(name.substr(0, name.size() - 7)))
-      continue;
-    OutTensor t;
-    t.name = name;
-    t.info = src.find(name, &t.file);
-    t.dtype = t.info->dtype;
-    t.shape = t.info->shape;
-    t.nbytes = t.info->nbytes();
-    tensors.push_back(std::move(t));
-  }
-  // compressed-tensors with act-order: every module carries weight_g_idx
-  // (the loader registers it for the whole scheme).
-  for (const auto& [name, q] : qlinears) {
-    for (PackedSpec& ps : packed_specs(q, fmt, act_order)) {
-      OutTensor t;
-      t.name = name + "." + ps.suffix;
-      t.dtype = ps.dtype;
-      t.nbytes = static_cast<uint64_t>(Tensor::count(ps.shape)) * dtype_size(ps.dtype);
-      t.shape = std::move(ps.shape);
-      t.q = &q;
-      t.suffix = std::move(ps.suffix);
-      tensors.push_back(std::move(t));
-    }
-  }
-  std::sort(tensors.begin(), tensors.end(),
-            [](const OutTensor& a, const OutTensor& b) { return a.name < b.name; });
-  for (size_t i = 1; i < tensors.size(); ++i)
-    if (tensors[i].name == tensors[i - 1].name)
-      return invalid_input(
-          "tensor " + tensors[i].name +
-          " exists in the source and would also be written for a quantized module");
-
-  // Shards: consecutive tensors in name order, closed before exceeding the limit.
-  std::vector<size_t> shard_of(tensors.size(), 0);
-  size_t shard = 0;
-  uint64_t in_shard = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    if (in_shard > 0 && in_shard + tensors[i].nbytes > opts.max_shard_bytes) {
-      ++shard;
-      in_shard = 0;
-    }
-    shard_of[i] = shard;
-    in_shard += tensors[i].nbytes;
-  }
-  const size_t num_shards = tensors.empty() ? 1 : shard + 1;
-
-  // Linears of the architecture that stay unquantized must be excluded in the config.
-  std::vector<std::string> unquantized;
-  for (int64_t l = 0; l < src.config().num_hidden_layers; ++l)
-    for (const char* proj : kProjNames) {
-      const std::string m = layer_prefix(l) + proj;
-      if (src.has(m + ".weight") && !qlinears.count(m)) unquantized.push_back(m);
-    }
-  const bool lm_head = qlinears.count("lm_head") > 0;
-  const json qc =
-      fmt == CheckpointFormat::kGptq
-          ? gptq_quant_config(first.spec, act_order, lm_head, unquantized, opts.extra_config)
-          : ct_quant_config(first.spec, act_order, lm_head, unquantized);
-
-  QCAL_ASSIGN_OR_RETURN(std::string staging, make_staging_dir(out_dir));
-  Status st = write_staging(src, tensors, shard_of, num_shards, fmt, qc, staging);
-  if (st.is_ok()) st = publish_dir(staging, out_dir, opts.overwrite);
-  if (!st.is_ok()) {
-    std::error_code ec;
-    fs::remove_all(staging, ec);
-    return st;
-  }
-  return Status::ok();
+  CheckpointStream in;
+  for (const auto& [name, q] : qlinears) in.linears[name] = linear_decl(q);
+  in.provide = [&](const std::string& name) -> Result<QuantizedLinear> {
+    return qlinears.at(name);
+  };
+  QCAL_ASSIGN_OR_RETURN(WritePlan plan, plan_checkpoint(src, in, opts, out_dir));
+  // Every module is validated before anything is written.
+  for (const auto& [name, q] : qlinears)
+    QCAL_RETURN_IF_ERROR(check_contents(q).with_context("module " + name));
+  return publish_checkpoint(out_dir, opts.overwrite, [&](const std::string& staging) {
+    return write_staging(src, in, plan, opts, staging);
+  });
 }
 
 Result<QuantizedLinear> read_quantized_linear(const ModelDir& dir, const std::string& prefix) {

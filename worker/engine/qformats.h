@@ -7,8 +7,14 @@
 //    [O, I*b/32], weight_scale fp16 [O, G], weight_zero_point (asym only)
 //    int32 [O*b/32, G], weight_shape int64 [2], weight_g_idx (act-order).
 // Unquantized tensors (embeddings, norms, biases, lm_head) are copied in their
-// source dtype. Output is sharded above `max_shard_bytes` with an index, and
+// source dtype, or produced by row sources (TensorOverride) where a recipe
+// changed them. Output is sharded above `max_shard_bytes` with an index, and
 // published atomically (staging directory, fsync, rename).
+//
+// Two entry points write the same bytes: stream_quantized_checkpoint() takes
+// each quantized linear from a provider when it is needed (memory: one linear
+// and one piece, whatever the model size), write_quantized_checkpoint() takes
+// them all from a map.
 //
 // Letters: O = out_features, I = in_features, b = bits, G = number of groups
 // (ceil(I / group_size), 1 for group_size -1).
@@ -29,12 +35,14 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "common/model_dir.h"
+#include "common/safetensors.h"
 #include "common/status.h"
 #include "worker/engine/quantizer.h"
 
@@ -60,6 +68,10 @@ struct WriteOptions {
   // compressed-tensors: not recorded (its loaders take the config as a
   // pydantic model; unknown keys are a compatibility risk).
   nlohmann::json extra_config = nlohmann::json::object();
+  // Bytes per piece when copying a source tensor or converting an override's
+  // rows; bounds the writer's buffers and the source pages kept resident.
+  // Does not change the output. 0 is refused (kInvalidInput).
+  uint64_t chunk_bytes = kWriteChunkBytes;
 };
 
 // Checks that a linear of `q`'s shape and spec can be written in `format`;
@@ -71,12 +83,90 @@ struct WriteOptions {
 // caller adds the module name.
 Status check_writable(const QuantizedLinear& q, CheckpointFormat format);
 
+// What the writer must know of a quantized linear before its codes exist, to
+// lay out the files (tensor shapes, shards, index, config): available from
+// small per-block metadata.
+struct LinearDecl {
+  int64_t out_features = 0;  // O
+  int64_t in_features = 0;   // I
+  QuantSpec spec;
+  // g_idx is not i / group_size (sets desc_act; compressed-tensors then gives
+  // every module a weight_g_idx).
+  bool act_order = false;
+  bool operator==(const LinearDecl& o) const {
+    return out_features == o.out_features && in_features == o.in_features &&
+           spec.bits == o.spec.bits && spec.group_size == o.spec.group_size &&
+           spec.sym == o.spec.sym && act_order == o.act_order;
+  }
+};
+// The declaration `q` satisfies.
+LinearDecl linear_decl(const QuantizedLinear& q);
+
+// An unquantized tensor written from rows produced on demand (e.g. a rotated
+// embedding or lm_head, norms folded to ones) instead of copied from the
+// source: `rows` (common/safetensors.h) is called with consecutive row ranges
+// of at most max(1, chunk_bytes / (row_numel·4)) rows while the tensor is
+// written, and its fp32 values are converted to `dtype` as they stream.
+struct TensorOverride {
+  DType dtype = DType::kBF16;  // F32, F16 or BF16
+  // The source tensor's shape when the source has the tensor (anything else is
+  // refused); a tensor the source lacks is added with this shape.
+  std::vector<int64_t> shape;
+  RowFn rows;
+};
+
+// The inputs of a streamed checkpoint.
+struct CheckpointStream {
+  // Module prefix (as in write_quantized_checkpoint) → declaration. Every
+  // check that needs no codes runs on these before anything is written.
+  std::map<std::string, LinearDecl> linears;
+  // Returns the quantized linear of a declared module. Called exactly once per
+  // module, when the writer reaches the module's first tensor: in the order of
+  // the modules' names as strings (model.layers.10.* before model.layers.2.*),
+  // the modules of one layer consecutively, so a provider can keep one block's
+  // results at a time. The result must match its declaration exactly and pass
+  // the contents checks of write_quantized_checkpoint (kInvalidInput naming the
+  // module otherwise). An error aborts the write and is returned with the
+  // module name as context, its code unchanged (e.g. kUnavailable stays
+  // retryable).
+  std::function<Result<QuantizedLinear>(const std::string& module)> provide;
+  // Tensor name → override. Names of replaced weights (`<module>.weight`) are
+  // refused; everything not overridden is copied from the source.
+  std::map<std::string, TensorOverride> overrides;
+  // Top-level keys set in the output config.json (e.g. {"tie_word_embeddings":
+  // false} when a rotation unties lm_head); "quantization_config" is refused.
+  nlohmann::json config_updates = nlohmann::json::object();
+};
+
+// Writes the FP model `src` with the declared linears replaced by their
+// quantized form to `out_dir`, streaming: each linear comes from
+// `in.provide` when it is needed, each override from its row source, every
+// other tensor is copied from the source mmap in pieces of `chunk_bytes`
+// whose pages are released after use. Memory: one quantized linear (and its
+// packed form) plus one piece; pending linears only if another tensor's name
+// sorts between two of a module's packed tensors (never with HF names).
+// Same files, layout and errors as write_quantized_checkpoint below (whose
+// output for the same linears it reproduces byte for byte), plus:
+//  kInvalidInput - before anything is written: a declaration failing
+//                  check_writable or mixing specs, no provider, an override
+//                  of a replaced weight, of a non-float dtype, without rows, or
+//                  of another shape than the source's tensor, config_updates
+//                  not an object or setting quantization_config, chunk_bytes
+//                  0; while writing (nothing is published, no staging
+//                  directory is left): a provided linear that differs from its
+//                  declaration or fails the contents checks, a non-finite (or
+//                  unwritten) override value (message names tensor and element);
+//  any code      - returned by `provide` or a row source, with context.
+Status stream_quantized_checkpoint(const ModelDir& src, const CheckpointStream& in,
+                                   const WriteOptions& opts, const std::string& out_dir);
+
 // Writes the FP model `src` with the given linears replaced by their quantized
 // form to `out_dir`. Keys of `qlinears` are module prefixes without the
 // trailing dot ("model.layers.0.self_attn.q_proj"); every other tensor of
 // `src` is copied unchanged (same dtype and bytes), including `prefix.bias`.
 // Tensors are streamed from the source mmap, so memory stays at the quantized
-// linears plus one tensor. Tensors are sorted by name (deterministic output).
+// linears plus one piece (stream_quantized_checkpoint needs only one linear).
+// Tensors are sorted by name (deterministic output).
 // Also writes config.json (the source's plus `quantization_config`), for GPTQ a
 // duplicate quantize_config.json, and copies generation_config.json and the
 // tokenizer files present in the source directory.
