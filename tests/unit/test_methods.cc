@@ -536,8 +536,11 @@ TEST(Recipe, ValidationNamesTheField) {
   EXPECT_TRUE(r.validate_for(c).is_ok());
   r.w_group = -1;
   ModelConfig odd = c;
-  odd.intermediate_size = 88;  // 8·11: no Hadamard of that size
-  EXPECT_NE(r.validate_for(odd).message().find("intermediate_size 88"), std::string::npos);
+  odd.intermediate_size = 88;  // 8·11 = 44·2: Paley I over GF(43)
+  EXPECT_TRUE(r.validate_for(odd).is_ok()) << r.validate_for(odd).message();
+  odd.intermediate_size = 2 * 4099;  // odd part prime and beyond the fallback's reach
+  EXPECT_NE(r.validate_for(odd).message().find("intermediate_size 8198"), std::string::npos)
+      << r.validate_for(odd).message();
   r.a_bits = r.kv_bits = 16;  // folds completely: no R4, so I needs no Hadamard
   EXPECT_TRUE(r.validate_for(odd).is_ok()) << r.validate_for(odd).message();
   CalibRecipe fq = recipe(Transform::kFlatQuant, 4, 4, 4);

@@ -360,11 +360,12 @@ Status CalibRecipe::validate_for(const ModelConfig& c) const {
       if (transform == Transform::kQuaRot) dims.push_back({"num_attention_heads", nh});
     }
     for (const auto& [name, n] : dims) {
-      if (!hadamard_k(n).is_ok()) {
+      // Every size has a Hadamard or fallback plan (kernels/hadamard.h) except
+      // odd parts too large for the fallback.
+      if (Result<int64_t> k = hadamard_k(n); !k.is_ok()) {
         return invalid_input(std::string("transform: ") + transform_name(transform) +
-                             " needs a Hadamard matrix of " + name + " " + std::to_string(n) +
-                             " (n = K·2^m with K in 1, 12, 20, 28, 36, 40, 52, 60, 108, 140, "
-                             "156, 172)");
+                             " needs an orthogonal transform of " + name + " " + std::to_string(n) +
+                             ": " + k.status().message());
       }
     }
   }
