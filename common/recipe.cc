@@ -9,7 +9,7 @@
 #include <set>
 #include <utility>
 
-#include "common/hadamard_orders.h"
+#include "common/hadamard_plan.h"
 #include "common/method_registry.h"
 
 namespace qcal {
@@ -370,11 +370,12 @@ Status Recipe::validate_for(const ModelConfig& c, bool allow_partial_groups) con
       dims.push_back({"intermediate_size", I});
       if (transform() == "quarot") dims.push_back({"num_attention_heads", c.num_attention_heads});
     }
+    // Every size has a Hadamard or fallback plan except odd parts too large for the
+    // fallback (common/hadamard_plan.h).
     for (const auto& [name, n] : dims)
-      if (!orthogonal_order_available(n))
-        return invalid_input("transform: " + transform() + " needs a Hadamard (or orthogonal) "
-                             "matrix of " + name + " " + std::to_string(n) + ", which " +
-                             orthogonal_orders_description());
+      if (Result<HadamardPlan> p = hadamard_plan(n); !p.is_ok())
+        return invalid_input("transform: " + transform() + " needs an orthogonal transform of " +
+                             name + " " + std::to_string(n) + ": " + p.status().message());
   }
   if (transform() == "flatquant") {
     const std::pair<const char*, int64_t> dims[] = {{"hidden_size", H}, {"intermediate_size", I}};

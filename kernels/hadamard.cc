@@ -1,19 +1,24 @@
-// Walsh–Hadamard transforms (methods.md §3.4). Letters: n = K·2^m the row
-// length, K the non-power-of-two factor, P = 2^m.
+// Walsh–Hadamard transforms and their fallback (kernels/hadamard.h, methods.md
+// §3.4). Letters: n = K·P the row length, P = 2^p the Sylvester part, K the side
+// of the mixing matrix G, o the odd part of n, q = p^k a prime power.
 //
-// The K×K tables are built here, not stored, wherever a classical construction
+// The ±1 tables are built here, not stored, wherever a classical construction
 // exists:
-//   Paley I  (q ≡ 3 mod 4, order q+1): 12 (q=11), 20 (19), 60 (59), 108 (107), 140 (139);
-//   Paley II (q ≡ 1 mod 4, order 2(q+1)): 28 (q=13), 36 (17), 52 (GF(25));
-//   Sylvester doubling: 40 = 2×20;
-//   Williamson array of four symmetric circulants: 156 = 4·39 and 172 = 4·43,
-//   from published first rows (t = 43: M. Hall, Combinatorial Theory, 1983;
-//   t = 39: S. London, PhD thesis, 2013; both as listed in SageMath's
-//   williamson_type_quadruples_smallcases). Only the ±1 patterns are stored.
+//   Paley I  (q ≡ 3 mod 4, order q+1), e.g. 12 (q=11), 20 (19), 44 (43), 60 (59);
+//   Paley II (q ≡ 1 mod 4, order 2(q+1)), e.g. 28 (q=13), 36 (17), 52 (GF(5²)),
+//     76 (37), 148 (73), 924 (461);
+//   Kronecker products, e.g. 40 = 2×20;
+//   Williamson arrays of four symmetric circulants A, B, C, D of order t from
+//   published first rows: t = 23, 29, 43 from M. Hall, Combinatorial Theory
+//   (1983), t = 39 from S. London, PhD thesis (2013); all as listed in SageMath's
+//   williamson_type_quadruples_smallcases. Only the ±1 patterns are
+//   data; the tests check every table is Hadamard.
+// QuaRot's orders (12 … 172) keep the constructions they always had (28 is
+// Paley II over GF(13) although Paley I over GF(27) also exists).
 //
 // The fast transform runs the unnormalized FWHT on every length-P segment
-// (threads over rows), then the hadK mix: an add/subtract loop for small K, one
-// BLAS GEMM per block of rows for K ≥ 28 (several times faster at K = 108, 172).
+// (threads over rows), then the G mix: an add/subtract loop for small ±1
+// tables, one BLAS GEMM per block of rows for K ≥ 28 and for every fallback.
 #include "kernels/hadamard.h"
 
 #include <cblas.h>
@@ -23,54 +28,107 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <memory>
+#include <mutex>
+#include <numbers>
+#include <optional>
 #include <string>
 #include <thread>
 
+#include "common/hadamard_plan.h"
 #include "common/rng.h"
 #include "kernels/gemm.h"
 
 namespace qcal {
 namespace {
 
-constexpr int64_t kOrders[] = {172, 156, 140, 108, 60, 52, 36, 28, 40, 20, 12};
-
-bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
-
-// GF(q) for q = p (prime) or q = p² (elements a + b·t with t² = r, r a
-// non-residue mod p); element index e = a + p·b. Only subtraction and the
-// quadratic character are needed.
+// GF(q), q = p^k: GF(p)[x]/(f) with f monic irreducible of degree k. Element
+// index e = Σ c_i p^i for the residue Σ c_i x^i. f is the first irreducible in
+// the order x^k − 1, x^k − 2, …, x^k − p (= x^k), then with c_1 = 1, … (c_i the
+// base-p digits of the candidate's number), so GF(p²) is GF(p)[√r] with r the
+// smallest non-residue. Only subtraction and the quadratic character are needed.
 class Field {
  public:
-  Field(int p, int degree) : p_(p), q_(degree == 1 ? p : p * p), deg_(degree) {
-    if (degree == 2) {
-      r_ = 2;
-      while (is_square_mod_p(r_)) ++r_;
-    }
+  Field(int64_t p, int k) : p_(static_cast<int>(p)), k_(k) {
+    q_ = 1;
+    for (int i = 0; i < k; ++i) q_ *= p_;
+    f_ = first_irreducible();
     square_.assign(static_cast<size_t>(q_), false);
     for (int e = 1; e < q_; ++e) square_[static_cast<size_t>(mul(e, e))] = true;
   }
   int q() const { return q_; }
   int sub(int x, int y) const {
-    if (deg_ == 1) return ((x - y) % p_ + p_) % p_;
-    const int a = ((x % p_ - y % p_) % p_ + p_) % p_;
-    const int b = ((x / p_ - y / p_) % p_ + p_) % p_;
-    return a + p_ * b;
+    int r = 0;
+    for (int i = 0, w = 1; i < k_; ++i, w *= p_) {
+      const int a = (x / w) % p_, b = (y / w) % p_;
+      r += ((a - b + p_) % p_) * w;
+    }
+    return r;
   }
   // Quadratic character χ: 0 at 0, +1 on nonzero squares, −1 elsewhere.
   int chi(int x) const { return x == 0 ? 0 : (square_[static_cast<size_t>(x)] ? 1 : -1); }
 
  private:
-  bool is_square_mod_p(int v) const {
-    for (int x = 1; x < p_; ++x)
-      if (x * x % p_ == v % p_) return true;
-    return false;
+  using Poly = std::vector<int>;  // coefficients, lowest degree first
+
+  Poly digits(int e) const {
+    Poly c(static_cast<size_t>(k_));
+    for (int i = 0; i < k_; ++i, e /= p_) c[static_cast<size_t>(i)] = e % p_;
+    return c;
+  }
+  // a mod g (g monic), in place; returns a's remainder (degree < deg g).
+  Poly mod(Poly a, const Poly& g) const {
+    const size_t dg = g.size() - 1;
+    for (size_t i = a.size(); i-- > dg;) {
+      const int c = a[i];
+      if (c == 0) continue;
+      for (size_t j = 0; j <= dg; ++j) a[i - dg + j] = ((a[i - dg + j] - c * g[j]) % p_ + p_) % p_;
+    }
+    a.resize(std::min(a.size(), dg));
+    return a;
+  }
+  bool irreducible(const Poly& f) const {
+    // No monic factor of degree 1 … k/2 (brute force; q stays small here).
+    for (int d = 1; 2 * d <= k_; ++d) {
+      int count = 1;
+      for (int i = 0; i < d; ++i) count *= p_;
+      for (int e = 0; e < count; ++e) {
+        Poly g(static_cast<size_t>(d + 1));
+        for (int i = 0, v = e; i < d; ++i, v /= p_) g[static_cast<size_t>(i)] = v % p_;
+        g[static_cast<size_t>(d)] = 1;
+        const Poly r = mod(f, g);
+        if (std::all_of(r.begin(), r.end(), [](int c) { return c == 0; })) return false;
+      }
+    }
+    return true;
+  }
+  Poly first_irreducible() const {
+    for (int idx = 0; idx < q_; ++idx) {
+      Poly f = digits(idx);
+      f[0] = p_ - 1 - idx % p_;  // x^k − 1, x^k − 2, …
+      f.push_back(1);
+      if (irreducible(f)) return f;
+    }
+    QCAL_CHECK_MSG(false, "GF(q): no irreducible polynomial");
+    return {};
   }
   int mul(int x, int y) const {
-    if (deg_ == 1) return x * y % p_;
-    const int a = x % p_, b = x / p_, c = y % p_, d = y / p_;
-    return (a * c + r_ * b * d) % p_ + p_ * ((a * d + b * c) % p_);
+    const Poly a = digits(x), b = digits(y);
+    Poly c(static_cast<size_t>(2 * k_ - 1), 0);
+    for (int i = 0; i < k_; ++i)
+      for (int j = 0; j < k_; ++j)
+        c[static_cast<size_t>(i + j)] = (c[static_cast<size_t>(i + j)] +
+                                         a[static_cast<size_t>(i)] * b[static_cast<size_t>(j)]) %
+                                        p_;
+    const Poly r = mod(c, f_);
+    int e = 0;
+    for (int i = k_; i-- > 0;)
+      e = e * p_ + (static_cast<size_t>(i) < r.size() ? r[static_cast<size_t>(i)] : 0);
+    return e;
   }
-  int p_, q_, deg_, r_ = 0;
+
+  int p_, k_, q_ = 1;
+  Poly f_;
   std::vector<bool> square_;
 };
 
@@ -123,32 +181,46 @@ Table paley2(const Field& f) {
   return h;
 }
 
-Table sylvester_double(const Table& h, int K) {
-  const int K2 = 2 * K;
-  Table d(static_cast<size_t>(K2) * K2);
-  for (int i = 0; i < K2; ++i)
-    for (int j = 0; j < K2; ++j) {
-      const int s = (i >= K && j >= K) ? -1 : 1;
-      d[static_cast<size_t>(i) * K2 + j] =
-          static_cast<int8_t>(s * h[static_cast<size_t>(i % K) * K + (j % K)]);
-    }
-  return d;
+// A ⊗ B: block (i, j) of side nb is A_ij·B. kron(H_2, h) is Sylvester doubling.
+Table kron(const Table& a, int64_t na, const Table& b, int64_t nb) {
+  const int64_t n = na * nb;
+  Table h(static_cast<size_t>(n * n));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      h[static_cast<size_t>(i * n + j)] =
+          static_cast<int8_t>(a[static_cast<size_t>((i / nb) * na + j / nb)] *
+                              b[static_cast<size_t>((i % nb) * nb + j % nb)]);
+  return h;
 }
 
 // First rows ('+' = 1, '-' = −1) of four symmetric circulants A, B, C, D of order
-// t with AAᵀ + BBᵀ + CCᵀ + DDᵀ = 4t·I (Williamson quadruples; published data).
+// t with AAᵀ + BBᵀ + CCᵀ + DDᵀ = 4t·I (Williamson quadruples; published data,
+// sources at the top of this file).
 struct Williamson {
   int t;
   const char* rows[4];
 };
-constexpr Williamson kWilliamson39 = {
-    39,
-    {"+++--+-+-----+--++----++--+-----+-+--++", "+++--++-+---+-+--+----+--+-+---+-++--++",
-     "++++---+--++----+-+--+-+----++--+---+++", "+---++-+-+-----+++-++-+++-----+-+-++---"}};
-constexpr Williamson kWilliamson43 = {
-    43,
-    {"++---++++-+--+--++--------++--+--+-++++---+", "+++-+-++--+-+-++++-+----+-++++-+-+--++-+-++",
-     "++-++++++----+-+--++-++-++--+-+----++++++-+", "+---++--++++-+-+++-++--++-+++-+-++++--++---"}};
+constexpr Williamson kWilliamson[] = {
+    {23,
+     {"++---+---+-++-+---+---+", "+-++-++--++++++--++-++-", "+++---++-+-++-+-++---++",
+      "+++-+++-+------+-+++-++"}},
+    {29,
+     {"+++---++--+-+----+-+--++---++", "+-+---++--+-++++++-+--++---+-",
+      "++++-++-+---++++++---+-++-+++", "++--+--+-+++-++++-+++-+--+--+"}},
+    {39,
+     {"+++--+-+-----+--++----++--+-----+-+--++", "+++--++-+---+-+--+----+--+-+---+-++--++",
+      "++++---+--++----+-+--+-+----++--+---+++", "+---++-+-+-----+++-++-+++-----+-+-++---"}},
+    {43,
+     {"++---++++-+--+--++--------++--+--+-++++---+", "+++-+-++--+-+-++++-+----+-++++-+-+--++-+-++",
+      "++-++++++----+-+--++-++-++--+-+----++++++-+",
+      "+---++--++++-+-+++-++--++-+++-+-++++--++---"}},
+};
+
+const Williamson* williamson_for(int64_t K) {
+  for (const Williamson& w : kWilliamson)
+    if (4 * w.t == K) return &w;
+  return nullptr;
+}
 
 // The Williamson array [[A, B, C, D], [−B, A, −D, C], [−C, D, A, −B], [−D, −C, B, A]].
 Table williamson(const Williamson& w) {
@@ -169,30 +241,90 @@ Table williamson(const Williamson& w) {
   return h;
 }
 
-const std::map<int64_t, Table>& tables() {
-  static const std::map<int64_t, Table> t = [] {
-    std::map<int64_t, Table> m;
-    m[1] = Table{1};
-    m[12] = paley1(Field(11, 1));
-    m[20] = paley1(Field(19, 1));
-    m[60] = paley1(Field(59, 1));
-    m[108] = paley1(Field(107, 1));
-    m[140] = paley1(Field(139, 1));
-    m[28] = paley2(Field(13, 1));
-    m[36] = paley2(Field(17, 1));
-    m[52] = paley2(Field(5, 2));
-    m[40] = sylvester_double(m[20], 20);
-    m[156] = williamson(kWilliamson39);
-    m[172] = williamson(kWilliamson43);
-    return m;
-  }();
-  return t;
+Field field_for(int64_t q) {
+  int64_t p;
+  int k;
+  QCAL_CHECK(prime_power(q, &p, &k));
+  return Field(p, k);
 }
 
-int64_t k_or_die(int64_t n) {
-  Result<int64_t> k = hadamard_k(n);
-  QCAL_CHECK_MSG(k.is_ok(), "hadamard: size has no K·2^m decomposition");
-  return *k;
+// The ±1 tables built so far, by order (never erased, so references handed out stay
+// valid), guarded by one mutex.
+struct Tables {
+  std::mutex mu;
+  std::map<int64_t, Table> by_order;  // GUARDED_BY(mu)
+};
+Tables& tables() {
+  static Tables* t = new Tables;  // never destroyed: used from any thread until exit
+  return *t;
+}
+
+Table build_table_locked(Tables& t, int64_t K) {
+  using C = HadamardConstruction;
+  const std::optional<C> r = hadamard_construction(K);
+  QCAL_CHECK_MSG(r.has_value(), "hadamard_table: no construction for this order");
+  switch (r->kind) {
+    case C::kSylvester: return K == 1 ? Table{1} : Table{1, 1, 1, -1};
+    case C::kPaley1: return paley1(field_for(r->a));
+    case C::kPaley2: return paley2(field_for(r->a));
+    case C::kWilliamson: {
+      const Williamson* w = williamson_for(K);
+      QCAL_CHECK_MSG(w != nullptr, "hadamard_table: kWilliamsonOrders lists a t without rows");
+      return williamson(*w);
+    }
+    case C::kKron:
+      return kron(build_table_locked(t, r->a), r->a, build_table_locked(t, r->b), r->b);
+  }
+  return {};
+}
+
+// G (K×K, row-major) of a plan: hadK, or C_m ⊗ hadK_h for the fallback.
+std::vector<double> mix_matrix(const HadamardPlan& p) {
+  const Table& hk = hadamard_table(p.kh);
+  const int64_t K = p.K, kh = p.kh, m = p.m;
+  std::vector<double> g(static_cast<size_t>(K * K));
+  std::vector<double> cm(static_cast<size_t>(m * m));
+  for (int64_t a = 0; a < m; ++a)
+    for (int64_t b = 0; b < m; ++b) {
+      const double t =
+          2.0 * std::numbers::pi * static_cast<double>((a * b) % m) / static_cast<double>(m);
+      cm[static_cast<size_t>(a * m + b)] = m == 1 ? 1.0 : std::cos(t) + std::sin(t);
+    }
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < K; ++j)
+      g[static_cast<size_t>(i * K + j)] = cm[static_cast<size_t>((i / kh) * m + j / kh)] *
+                                          hk[static_cast<size_t>((i % kh) * kh + j % kh)];
+  return g;
+}
+
+// A plan with its G in fp64 and fp32, built once per size: the transforms run
+// per layer and per batch, G is up to K² = 2048² entries.
+struct Mix {
+  HadamardPlan plan;
+  std::vector<double> g;  // (K, K)
+  std::vector<float> gf;  // (K, K), g rounded
+  // G in the transform's precision: data(static_cast<T*>(nullptr)).
+  const double* data(double*) const { return g.data(); }
+  const float* data(float*) const { return gf.data(); }
+};
+
+std::shared_ptr<const Mix> mix_for(int64_t n) {
+  static std::mutex mu;
+  static auto* mixes = new std::map<int64_t, std::shared_ptr<const Mix>>;  // GUARDED_BY(mu)
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (auto it = mixes->find(n); it != mixes->end()) return it->second;
+  }
+  Result<HadamardPlan> p = hadamard_plan(n);
+  QCAL_CHECK_MSG(p.is_ok(), "hadamard: size has no plan (check hadamard_plan first)");
+  auto mix = std::make_shared<Mix>();
+  mix->plan = *p;
+  mix->g = mix_matrix(mix->plan);
+  mix->gf.assign(mix->g.begin(), mix->g.end());
+  std::lock_guard<std::mutex> lock(mu);
+  if (mixes->size() >= 64) mixes->clear();  // a bound; users hold their shared_ptr
+  mixes->emplace(n, mix);
+  return mix;
 }
 
 // Loops in blocks of 8 through a local array: at -O2 GCC vectorizes only
@@ -242,12 +374,8 @@ void fwht(T* v, int64_t len) {
     for (int64_t i = 0; i < len; i += 2 * h) butterfly(v + i, v + i + h, h);
 }
 
-// out (K, P) = scale · hadK · M for P a multiple of 4 vectors, register-blocked:
-// 2 output rows × 4 vectors of accumulators, hf the table as ±1 in T (multiplying
-// by ±1 is exact, so this equals the add/subtract form). GCC vector extensions
-// give SSE2 code at -O2 without intrinsics.
 // One row: FWHT every length-P row of M (K, P), then unless `fwht_only`
-// M ← hadK·M and scale by 1/√n. `tmp` holds n elements.
+// M ← hadK·M (hk a ±1 table) and scale by 1/√n. `tmp` holds n elements.
 template <typename T>
 void transform_row(T* x, int64_t K, int64_t P, const int8_t* hk, T scale, bool fwht_only, T* tmp) {
   for (int64_t k = 0; k < K; ++k) fwht(x + k * P, P);
@@ -278,16 +406,16 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, double alpha, const double* A, con
               B, static_cast<blasint>(N), 0.0, C, static_cast<blasint>(N));
 }
 
-// The hadK mix of many rows as one BLAS GEMM per block of R rows: gather the
-// (K, P) views side by side into B (K, R·P), C = (hadK/√n)·B, scatter back.
-// For K ≥ kGemmMinK this beats the add/subtract loop several times over.
+// The G mix of many rows as one BLAS GEMM per block of R rows: gather the
+// (K, P) views side by side into B (K, R·P), C = scale·G·B, scatter back.
+// For ±1 tables with K ≥ kGemmMinK this beats the add/subtract loop several
+// times over; the fallback's real G always goes this way.
 constexpr int64_t kGemmMinK = 28;
 
 template <typename T>
-void mix_gemm(T* x, int64_t rows, int64_t K, int64_t P, const int8_t* hk, T scale) {
+void mix_gemm(T* x, int64_t rows, int64_t K, int64_t P, const T* g, T scale) {
   const int64_t n = K * P;
   const int64_t R = std::clamp<int64_t>((int64_t{1} << 18) / n, 1, rows);
-  const std::vector<T> hf(hk, hk + K * K);
   std::vector<T> b(static_cast<size_t>(R * n)), c(b.size());
   for (int64_t r0 = 0; r0 < rows; r0 += R) {
     const int64_t nr = std::min(R, rows - r0), ld = nr * P;
@@ -295,7 +423,7 @@ void mix_gemm(T* x, int64_t rows, int64_t K, int64_t P, const int8_t* hk, T scal
       for (int64_t k = 0; k < K; ++k)
         std::memcpy(b.data() + k * ld + r * P, x + (r0 + r) * n + k * P,
                     static_cast<size_t>(P) * sizeof(T));
-    gemm_nn(K, ld, K, scale, hf.data(), b.data(), c.data());
+    gemm_nn(K, ld, K, scale, g, b.data(), c.data());
     for (int64_t r = 0; r < nr; ++r)
       for (int64_t k = 0; k < K; ++k)
         std::memcpy(x + (r0 + r) * n + k * P, c.data() + k * ld + r * P,
@@ -306,10 +434,12 @@ void mix_gemm(T* x, int64_t rows, int64_t K, int64_t P, const int8_t* hk, T scal
 template <typename T>
 void transform(T* x, int64_t rows, int64_t n) {
   if (rows <= 0 || n <= 0) return;
-  const int64_t K = k_or_die(n), P = n / K;
-  const int8_t* hk = hadamard_table(K).data();
+  const std::shared_ptr<const Mix> mix = mix_for(n);
+  const HadamardPlan& p = mix->plan;
+  const int64_t K = p.K, P = p.P;
+  const int8_t* hk = hadamard_table(p.kh).data();
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(n)));
-  const bool use_gemm = K >= kGemmMinK;
+  const bool use_gemm = !p.hadamard() || K >= kGemmMinK;
   auto run = [&](int64_t r0, int64_t r1) {
     std::vector<T> tmp(static_cast<size_t>(K > 1 && !use_gemm ? n : 0));
     for (int64_t r = r0; r < r1; ++r)
@@ -325,37 +455,38 @@ void transform(T* x, int64_t rows, int64_t n) {
     for (int64_t t = 0; t < nt; ++t) pool.emplace_back(run, rows * t / nt, rows * (t + 1) / nt);
     for (auto& th : pool) th.join();
   }
-  if (use_gemm) mix_gemm(x, rows, K, P, hk, scale);  // BLAS threads itself
-}
-
-// Entry (i, j) of hadK ⊗ H_P (±1).
-inline int kron_entry(const int8_t* hk, int64_t K, int64_t P, int64_t i, int64_t j) {
-  const int64_t ki = i / P, ri = i % P, kj = j / P, rj = j % P;
-  const int s = (std::popcount(static_cast<uint64_t>(ri & rj)) & 1) ? -1 : 1;
-  return s * hk[ki * K + kj];
+  if (use_gemm) mix_gemm(x, rows, K, P, mix->data(static_cast<T*>(nullptr)), scale);
 }
 
 }  // namespace
 
-Result<int64_t> hadamard_k(int64_t n) {
-  if (n <= 0) return invalid_input("hadamard: size must be positive, got " + std::to_string(n));
-  for (int64_t K : kOrders) {
-    if (n % K == 0) {
-      if (is_pow2(n / K)) return K;
-      break;
-    }
-  }
-  if (is_pow2(n)) return int64_t{1};
-  return invalid_input("hadamard: size " + std::to_string(n) +
-                       " is not K·2^m for K in {1, 12, 20, 28, 36, 40, 52, 60, 108, 140, 156, "
-                       "172}");
+const std::vector<int8_t>& hadamard_table(int64_t K) {
+  Tables& t = tables();
+  std::lock_guard<std::mutex> lock(t.mu);
+  auto it = t.by_order.find(K);
+  if (it == t.by_order.end()) it = t.by_order.emplace(K, build_table_locked(t, K)).first;
+  return it->second;
 }
 
-const std::vector<int8_t>& hadamard_table(int64_t K) {
-  const auto& t = tables();
-  auto it = t.find(K);
-  QCAL_CHECK_MSG(it != t.end(), "hadamard_table: unsupported K");
-  return it->second;
+Result<std::vector<int8_t>> paley_hadamard(int kind, int64_t q) {
+  if (kind != 1 && kind != 2)
+    return invalid_input("paley_hadamard: kind must be 1 or 2, got " + std::to_string(kind));
+  if (q > kHadamardMaxK) {
+    return invalid_input("paley_hadamard: q = " + std::to_string(q) + " gives an order above " +
+                         std::to_string(kHadamardMaxK));
+  }
+  if (!paley_q_ok(kind, q)) {
+    return invalid_input("paley_hadamard: Paley " + std::string(kind == 1 ? "I" : "II") +
+                         " needs a prime power q ≡ " + (kind == 1 ? "3" : "1") + " mod 4, got " +
+                         std::to_string(q));
+  }
+  const int64_t order = kind == 1 ? q + 1 : 2 * (q + 1);
+  if (order > kHadamardMaxK) {
+    return invalid_input("paley_hadamard: order " + std::to_string(order) + " exceeds " +
+                         std::to_string(kHadamardMaxK));
+  }
+  const Field f = field_for(q);
+  return kind == 1 ? paley1(f) : paley2(f);
 }
 
 void hadamard_transform(float* x, int64_t rows, int64_t n) { transform(x, rows, n); }
@@ -363,18 +494,19 @@ void hadamard_transform(double* x, int64_t rows, int64_t n) { transform(x, rows,
 
 void hadamard_transform_ref(double* x, int64_t rows, int64_t n) {
   if (rows <= 0 || n <= 0) return;
-  const int64_t K = k_or_die(n), P = n / K;
-  const int8_t* hk = hadamard_table(K).data();
+  const std::shared_ptr<const Mix> mix = mix_for(n);
+  const int64_t K = mix->plan.K, P = mix->plan.P;
+  const std::vector<double>& g = mix->g;
   const double scale = 1.0 / std::sqrt(static_cast<double>(n));
   std::vector<double> y(static_cast<size_t>(n));
   for (int64_t r = 0; r < rows; ++r) {
     double* xr = x + r * n;
-    // y_i = Σ_j x_j (hadK ⊗ H)_ij / √n, the matrix entries generated on the fly.
+    // y_i = Σ_j x_j (G ⊗ H)_ij / √n, the matrix entries generated on the fly.
     for (int64_t i = 0; i < n; ++i) {
       const int64_t ki = i / P, ri = i % P;
       double acc = 0.0;
       for (int64_t kj = 0; kj < K; ++kj) {
-        const double h = hk[ki * K + kj];
+        const double h = g[static_cast<size_t>(ki * K + kj)];
         const double* xs = xr + kj * P;
         for (int64_t rj = 0; rj < P; ++rj) {
           const bool neg = std::popcount(static_cast<uint64_t>(ri & rj)) & 1;
@@ -388,14 +520,18 @@ void hadamard_transform_ref(double* x, int64_t rows, int64_t n) {
 }
 
 std::vector<double> hadamard_matrix(int64_t n) {
-  const int64_t K = k_or_die(n), P = n / K;
-  const int8_t* hk = hadamard_table(K).data();
+  const std::shared_ptr<const Mix> mix = mix_for(n);
+  const int64_t K = mix->plan.K, P = mix->plan.P;
+  const std::vector<double>& g = mix->g;
   const double scale = 1.0 / std::sqrt(static_cast<double>(n));
-  // Hn[j][i] = (hadK ⊗ H)_ij / √n, so that (x·Hn)_i = y_i.
+  // Hn[j][i] = (G ⊗ H)_ij / √n, so that (x·Hn)_i = y_i.
   std::vector<double> h(static_cast<size_t>(n * n));
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < n; ++i)
-      h[static_cast<size_t>(j * n + i)] = kron_entry(hk, K, P, i, j) * scale;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t ki = i / P, ri = i % P, kj = j / P, rj = j % P;
+      const double s = (std::popcount(static_cast<uint64_t>(ri & rj)) & 1) ? -1.0 : 1.0;
+      h[static_cast<size_t>(j * n + i)] = s * g[static_cast<size_t>(ki * K + kj)] * scale;
+    }
   return h;
 }
 
@@ -412,13 +548,15 @@ std::vector<double> random_hadamard_matrix(int64_t n, uint64_t seed) {
 }
 
 void hadamard_kron_factors(int64_t n, std::vector<double>* L, std::vector<double>* R) {
-  const int64_t K = k_or_die(n), P = n / K;
-  const int8_t* hk = hadamard_table(K).data();
+  const std::shared_ptr<const Mix> mix = mix_for(n);
+  const int64_t K = mix->plan.K, P = mix->plan.P;
+  const std::vector<double>& g = mix->g;
   const double sk = 1.0 / std::sqrt(static_cast<double>(K));
   const double sp = 1.0 / std::sqrt(static_cast<double>(P));
   L->assign(static_cast<size_t>(K * K), 0.0);
   for (int64_t a = 0; a < K; ++a)
-    for (int64_t b = 0; b < K; ++b) (*L)[static_cast<size_t>(a * K + b)] = hk[b * K + a] * sk;
+    for (int64_t b = 0; b < K; ++b)
+      (*L)[static_cast<size_t>(a * K + b)] = g[static_cast<size_t>(b * K + a)] * sk;
   R->assign(static_cast<size_t>(P * P), 0.0);
   for (int64_t a = 0; a < P; ++a)
     for (int64_t b = 0; b < P; ++b) {

@@ -162,7 +162,7 @@ TEST(Methods, TrainedTransformsWithQuantizersOffEqualFp) {
     EXPECT_FALSE(on.d1.empty() || on.d2.empty() || on.po.empty() || on.pk.empty() ||
                  on.pk_it.empty())
         << t;
-    if (t == "flatquant") {
+    if (std::string(t) == "flatquant") {
       EXPECT_FALSE(on.a1.empty() || on.a2.empty() || on.u1.empty() || on.u2.empty());
       EXPECT_LT(nm.layers[0].act[kQ].clip, 1.0f);  // LAC clip = sigmoid(β) < 1
     }
@@ -462,7 +462,7 @@ TEST(Methods, IntactKvW4A4KV4Report) {
   for (const char* t : {"none", "quarot", "flatquant"}) {
     Recipe r = recipe(t, 4, 4, 4);
     r.with("intactkv", true);
-    if (t == "quarot") {
+    if (std::string(t) == "quarot") {
       r.with("a_clip", 0.9);
       r.with("kv_clip", 0.95);
     }
@@ -529,6 +529,13 @@ TEST(Recipe, ValidationNamesTheField) {
   EXPECT_TRUE(r.validate_for(c).is_ok());
   r.with("w_group", -1);
   ModelConfig odd = c;
+  odd.intermediate_size = 88;  // 8·11 = 44·2: Paley I over GF(43)
+  EXPECT_TRUE(r.validate_for(odd).is_ok()) << r.validate_for(odd).message();
+  odd.intermediate_size = 2 * 4099;  // odd part prime and beyond the fallback's reach
+  EXPECT_NE(r.validate_for(odd).message().find("intermediate_size 8198"), std::string::npos)
+      << r.validate_for(odd).message();
+  r.with("a_bits", 16).with("kv_bits", 16);  // folds completely: no R4, so I needs no Hadamard
+  EXPECT_TRUE(r.validate_for(odd).is_ok()) << r.validate_for(odd).message();
   odd.intermediate_size = 90;  // 2 mod 4: no Kronecker pair for FlatQuant
   EXPECT_NE(recipe("flatquant", 4, 4, 4).validate_for(odd).message().find("flatquant"),
             std::string::npos);

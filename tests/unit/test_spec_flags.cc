@@ -60,7 +60,9 @@ TEST(SpecFlags, EveryRegistryOptionHasItsFlag) {
         const auto& set = o.type == OptType::kBool ? spec_boolean_flags() : spec_valued_flags();
         EXPECT_EQ(set.count(o.flag), 1u) << o.flag;
       }
-      if (!o.neg_flag.empty()) EXPECT_EQ(spec_boolean_flags().count(o.neg_flag), 1u) << o.neg_flag;
+      if (!o.neg_flag.empty()) {
+        EXPECT_EQ(spec_boolean_flags().count(o.neg_flag), 1u) << o.neg_flag;
+      }
       EXPECT_TRUE(!o.flag.empty() || !o.neg_flag.empty() || o.key == "add_diag") << o.key;
     }
   EXPECT_GT(with_flag, 30u);
