@@ -473,14 +473,30 @@ TEST(TokenAuthFile, ReloadsWhenTheFileChanges) {
   std::ofstream(file) << "alpha\ngamma\n";
   EXPECT_TRUE(auth.check_header("Bearer gamma"));
   EXPECT_FALSE(auth.check_header("Bearer beta"));
-  // A vanished file keeps the last tokens.
+  EXPECT_EQ(auth.identify("Bearer gamma"), auth.identify("bearer  gamma "));
+  ASSERT_TRUE(auth.identify("Bearer gamma").has_value());
+  EXPECT_EQ(auth.identify("Bearer gamma")->size(), 18u);  // "t-" + 16 hex
+  EXPECT_NE(auth.identify("Bearer gamma"), auth.identify("Bearer alpha"));
+  EXPECT_EQ(auth.identify("Bearer beta"), std::nullopt);
+  // Deleting the file revokes every token ...
   fs::remove(file);
   std::this_thread::sleep_for(std::chrono::milliseconds(1100));
-  EXPECT_TRUE(auth.check_header("Bearer gamma"));
+  EXPECT_FALSE(auth.check_header("Bearer gamma"));
+  EXPECT_FALSE(auth.check_header("Bearer alpha"));
+  EXPECT_EQ(auth.size(), 0u);
+  // ... until it holds tokens again.
+  std::ofstream(file) << "delta\n";
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  EXPECT_TRUE(auth.check_header("Bearer delta"));
+  // Emptying it revokes them too.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  std::ofstream(file, std::ios::trunc).flush();
+  EXPECT_FALSE(auth.check_header("Bearer delta"));
 
   TokenAuth off("");
   EXPECT_FALSE(off.enabled());
   EXPECT_TRUE(off.check_header(""));
+  EXPECT_EQ(off.identify(""), "anonymous");
   EXPECT_EQ(TokenAuth(tmpl + "/missing").load().code(), Code::kNotFound);
   fs::remove_all(tmpl);
 }
