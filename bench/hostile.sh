@@ -2,11 +2,17 @@
 # Hostile clients against a private coordinator (issue #11): starts a
 # redis-server (AOF on) and qcal-coordinator on free loopback ports, submits
 # one job (so GET /v1/jobs has something to list), then runs
-# build/bench/hostile_client once per attack: 200 idle connections, 200
-# slowloris heads, 200 slow bodies, the three mixed, 33 idle connections
-# (one more than cpp-httplib's old 32-thread pool), and one 200 MiB chunked
-# body. Each run prints p50/p99/max of /healthz and an authenticated
-# GET /v1/jobs measured meanwhile (docs/PERFORMANCE.md, "Hostile clients").
+# build/bench/hostile_client once per attack: 33 idle connections (one more
+# than cpp-httplib's old 32-thread pool), 200 idle connections, 200 slowloris
+# heads, 200 unauthenticated slow bodies, 200 authenticated slow bodies, the
+# first three mixed, and one 200 MiB chunked body. Each run prints
+# p50/p99/max of /healthz and an authenticated GET /v1/jobs measured
+# meanwhile (docs/PERFORMANCE.md, "Hostile clients").
+#
+# Then, beyond the connection cap: 1000 idle connections against the
+# default --max-connections 512 (probes get fast 503s: reported, not counted
+# as a failure), and against a second coordinator with
+# --max-connections-per-ip 256 while the probes come from 127.0.0.2.
 #
 #   bench/hostile.sh [BUILD_DIR]                (default: build; needs redis-server, python3)
 #   QCAL_COORDINATOR=/path/to/qcal-coordinator bench/hostile.sh build   (another server binary)
@@ -86,6 +92,7 @@ run idle 33
 run idle "$CONNS"
 run slowloris "$CONNS"
 run slowbody "$CONNS"
+run authbody "$CONNS"
 run mix "$CONNS"
 echo
 echo "== chunked body"
@@ -94,4 +101,20 @@ jobs=$(curl -s -m 10 -H "Authorization: Bearer $TOKEN" "$URL/v1/jobs" | python3 
   'import json,sys; print(len(json.load(sys.stdin)["jobs"]))' 2>/dev/null || echo "?")
 echo "jobs stored after the chunked body: $jobs (1 expected)"
 [ "$jobs" = 1 ] || ok=1
+
+if [ "${QCAL_HOSTILE_BEYOND_CAP:-1}" = 1 ]; then
+  echo
+  echo "== 1000 x idle, beyond --max-connections 512 (503s expected)"
+  "$HOSTILE" --port "$PORT" --token "$TOKEN" --mode idle --conns 1000 --seconds "$SECONDS_PER_RUN"
+  PORT2=$(free_port)
+  "$COORD" --host 127.0.0.1 --port "$PORT2" --redis "redis://127.0.0.1:$RP" --tokens "$T/tokens" \
+    --store "$T/store" --max-connections-per-ip 256 >"$T/coordinator2.log" 2>&1 &
+  PIDS+=($!)
+  wait_for curl -sf "http://127.0.0.1:$PORT2/readyz"
+  sleep 1
+  echo
+  echo "== 1000 x idle from 127.0.0.1, --max-connections-per-ip 256, probes from 127.0.0.2"
+  "$HOSTILE" --port "$PORT2" --token "$TOKEN" --mode idle --conns 1000 \
+    --seconds "$SECONDS_PER_RUN" --probe-from 127.0.0.2 || ok=1
+fi
 exit $ok

@@ -6,8 +6,8 @@
 // probes that failed (no answer within --probe-timeout-s, or a non-200).
 //
 //   hostile_client --port P --token T [--host 127.0.0.1] [--conns 200]
-//                  [--mode idle|slowloris|slowbody|mix] [--seconds 10]
-//                  [--trickle-ms 1000] [--probe-timeout-s 5]
+//                  [--mode idle|slowloris|slowbody|authbody|mix] [--seconds 10]
+//                  [--trickle-ms 1000] [--probe-timeout-s 5] [--probe-from ADDR]
 //   hostile_client --port P --token T --mode chunked [--chunked-mb 200]
 //
 // Modes:
@@ -16,10 +16,15 @@
 //              connection every --trickle-ms (never finishing the head)
 //   slowbody   a complete head of an unauthenticated POST /v1/jobs with
 //              Content-Length: 1000000, then one body byte every --trickle-ms
-//   mix        a third of each
+//   authbody   the same with the token (an insider, or a stolen token)
+//   mix        a third each of idle, slowloris and slowbody
 //   chunked    one authenticated POST /v1/jobs with a chunked body of
 //              --chunked-mb MiB sent as fast as the server reads it; reports
 //              how much the server read before it answered or closed
+//
+// --probe-from binds the probes to another local address (e.g. 127.0.0.2:
+// the attack comes from 127.0.0.1), to see a per-address connection cap
+// (--max-connections-per-ip) at work on one machine.
 //
 // Exit status: 0 when every probe answered 200, 1 otherwise (2 on bad usage).
 // The attack connections, the probes and the server share the machine.
@@ -56,12 +61,22 @@ struct Target {
   std::string token;
 };
 
-// A non-blocking TCP socket connecting to the target; -1 on failure.
-int open_socket(const Target& t) {
+// A non-blocking TCP socket connecting to the target (from `from` when not
+// empty); -1 on failure.
+int open_socket(const Target& t, const std::string& from = "") {
   int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return -1;
   int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  if (!from.empty()) {
+    sockaddr_in b{};
+    b.sin_family = AF_INET;
+    if (::inet_pton(AF_INET, from.c_str(), &b.sin_addr) != 1 ||
+        ::bind(fd, reinterpret_cast<sockaddr*>(&b), sizeof b) != 0) {
+      ::close(fd);
+      return -1;
+    }
+  }
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_port = htons(static_cast<uint16_t>(t.port));
@@ -75,9 +90,10 @@ int open_socket(const Target& t) {
 
 // One request on a fresh connection, waiting at most `timeout_ms` in all.
 // Returns the HTTP status (0 when no complete status line came in time).
-int probe(const Target& t, const std::string& path, bool auth, double timeout_ms) {
+int probe(const Target& t, const std::string& path, bool auth, double timeout_ms,
+          const std::string& from) {
   const auto t0 = Clock::now();
-  int fd = open_socket(t);
+  int fd = open_socket(t, from);
   if (fd < 0) return 0;
   std::string req = "GET " + path + " HTTP/1.1\r\nHost: " + t.host + "\r\nConnection: close\r\n";
   if (auth) req += "Authorization: Bearer " + t.token + "\r\n";
@@ -134,7 +150,7 @@ struct Series {
 
 // ------------------------------------------------------------ attackers
 
-enum class Mode { kIdle, kSlowloris, kSlowbody };
+enum class Mode { kIdle, kSlowloris, kSlowbody, kAuthbody };
 
 struct Attacker {
   int fd = -1;
@@ -151,7 +167,9 @@ std::string attack_head(Mode m, const Target& t) {
       return "GET /healthz HTTP/1.1\r\nHost: " + t.host +
              "\r\nX-Slow: " + std::string(1 << 20, 'a');
     case Mode::kSlowbody:
+    case Mode::kAuthbody:
       return "POST /v1/jobs HTTP/1.1\r\nHost: " + t.host +
+             (m == Mode::kAuthbody ? "\r\nAuthorization: Bearer " + t.token : std::string()) +
              "\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n" +
              std::string(1000000, ' ');
   }
@@ -203,9 +221,13 @@ void attack(const Target& t, const std::vector<Mode>& modes, int trickle_ms,
     next_trickle = Clock::now() + std::chrono::milliseconds(trickle_ms);
     for (auto& x : a) {
       if (x.fd < 0 || x.sent >= x.pending.size()) continue;
-      // The first trickle sends the request line whole (a slow client still
-      // gets its first packet out), later ones one byte.
-      const size_t len = x.sent == 0 ? std::min<size_t>(x.pending.find('\n') + 1, 64) : 1;
+      // The first trickle sends the head whole for a slow body, else the
+      // request line (a slow client still gets its first packet out); later
+      // ones one byte.
+      const size_t head = x.mode == Mode::kSlowbody || x.mode == Mode::kAuthbody
+                              ? x.pending.find("\r\n\r\n") + 4
+                              : x.pending.find('\n') + 1;
+      const size_t len = x.sent == 0 ? head : 1;
       ssize_t n = ::send(x.fd, x.pending.data() + x.sent, len, MSG_NOSIGNAL);
       if (n > 0) x.sent += static_cast<size_t>(n);
     }
@@ -262,14 +284,15 @@ int chunked(const Target& t, int mb) {
 
 int main(int argc, char** argv) {
   qcal::Flags f({"host", "port", "token", "conns", "mode", "seconds", "trickle-ms",
-                 "probe-timeout-s", "chunked-mb"},
+                 "probe-timeout-s", "chunked-mb", "probe-from"},
                 {"help"});
   qcal::Status st = f.parse(argc, argv, 1);
   auto usage = [] {
     std::fputs(
         "usage: hostile_client --port P --token T [--host 127.0.0.1] [--conns 200]\n"
-        "         [--mode idle|slowloris|slowbody|mix|chunked] [--seconds 10] [--trickle-ms 1000]\n"
-        "         [--probe-timeout-s 5] [--chunked-mb 200]\n",
+        "         [--mode idle|slowloris|slowbody|authbody|mix|chunked] [--seconds 10]\n"
+        "         [--trickle-ms 1000] [--probe-timeout-s 5] [--probe-from ADDR] [--chunked-mb "
+        "200]\n",
         stderr);
     return 2;
   };
@@ -291,6 +314,7 @@ int main(int argc, char** argv) {
   t.port = static_cast<int>(*port);
   t.token = f.str("token");
   const std::string mode = f.str("mode", "mix");
+  const std::string from = f.str("probe-from");
   if (mode == "chunked") return chunked(t, static_cast<int>(*mb));
 
   std::vector<Mode> modes;
@@ -301,6 +325,8 @@ int main(int argc, char** argv) {
       modes.push_back(Mode::kSlowloris);
     } else if (mode == "slowbody") {
       modes.push_back(Mode::kSlowbody);
+    } else if (mode == "authbody") {
+      modes.push_back(Mode::kAuthbody);
     } else if (mode == "mix") {
       modes.push_back(static_cast<Mode>(i % 3));
     } else {
@@ -321,7 +347,7 @@ int main(int argc, char** argv) {
     for (auto [s, path, auth] :
          {std::tuple{&health, "/healthz", false}, std::tuple{&jobs, "/v1/jobs?limit=10", true}}) {
       const auto p0 = Clock::now();
-      const int code = probe(t, path, auth, timeout_ms);
+      const int code = probe(t, path, auth, timeout_ms, from);
       const double ms = since_ms(p0);
       s->ms.push_back(ms);  // a timed-out probe counts with its full wait
       if (code != 200) {
@@ -340,9 +366,11 @@ int main(int argc, char** argv) {
   std::printf(
       "| probe | requests | failed | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|\n");
   for (auto [name, s] : {std::pair{"GET /healthz", &health}, std::pair{"GET /v1/jobs", &jobs}}) {
+    const std::string why = !s->failed    ? ""
+                            : s->last_bad ? " (HTTP " + std::to_string(s->last_bad) + ")"
+                                          : " (timed out)";
     std::printf("| %s | %zu | %d%s | %.1f | %.1f | %.1f |\n", name, s->ms.size(), s->failed,
-                s->failed ? (s->last_bad ? " (non-200)" : " (timed out)") : "", s->pct(0.5),
-                s->pct(0.99), s->pct(1.0));
+                why.c_str(), s->pct(0.5), s->pct(0.99), s->pct(1.0));
   }
   return health.failed + jobs.failed == 0 ? 0 : 1;
 }
