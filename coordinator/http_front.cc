@@ -282,6 +282,14 @@ HttpRequest RequestReader::take() {
 
 namespace {
 class Connection;
+
+HttpResponse overloaded() {
+  HttpResponse r =
+      json_error(503, "OVERLOADED", "the server has too many open connections; retry shortly");
+  r.headers.push_back({"Retry-After", "1"});
+  r.close = true;
+  return r;
+}
 constexpr int kMaxRejecting = 64;         // 503 answers lingering at once
 constexpr double kLingerS = 1.0;          // drain after a closing answer
 constexpr size_t kLingerBytes = 1 << 20;  // ... at most this much
@@ -347,14 +355,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   ~Connection() { f_->closed(this, peer_, reject_); }
 
   void start() {
-    if (reject_) {
-      HttpResponse r =
-          json_error(503, "OVERLOADED", "the server has too many open connections; retry shortly");
-      r.headers.push_back({"Retry-After", "1"});
-      r.close = true;
-      respond(std::move(r));
-      return;
-    }
+    if (reject_) return respond(overloaded());
     arm(f_->opts.header_timeout_s);
     read();
   }
@@ -595,7 +596,7 @@ void HttpFront::Impl::admit(tcp::socket s) {
   boost::system::error_code ec;
   const auto ep = s.remote_endpoint(ec);
   const std::string peer = ec ? std::string("?") : ep.address().to_string();
-  bool reject = false;
+  bool reject = false, flood = false;
   {
     std::lock_guard<std::mutex> lock(mu);
     ++counters.accepted_total;
@@ -606,16 +607,31 @@ void HttpFront::Impl::admit(tcp::socket s) {
     if (over) {
       ++counters.rejected_total;
       if (rejecting >= kMaxRejecting) {
-        s.close(ec);  // a flood: no answer at all
-        return;
+        flood = true;
+        ++counters.responses[503];  // written below, without a Connection
+      } else {
+        ++rejecting;
+        reject = true;
       }
-      ++rejecting;
-      reject = true;
     } else {
       ++open;
       ++per_ip[peer];
       counters.open_connections = open;
     }
+  }
+  if (flood) {
+    // Too many 503s lingering already: answer without waiting. Write the 503
+    // if the socket takes it, discard what the request sent so far (so the
+    // close sends FIN, not a reset that could eat the answer), close.
+    static const std::string kBusy = serialize(overloaded(), true, false);
+    s.non_blocking(true, ec);
+    s.write_some(net::buffer(kBusy), ec);
+    char sink[4096];
+    for (int i = 0; i < 16; ++i)
+      if (s.read_some(net::buffer(sink), ec) == 0 || ec) break;
+    s.shutdown(tcp::socket::shutdown_both, ec);
+    s.close(ec);
+    return;
   }
   s.set_option(tcp::no_delay(true), ec);
   auto c = std::make_shared<Connection>(this, std::move(s), peer, reject);

@@ -463,6 +463,28 @@ TEST_F(Front, ConnectionCapAnswers503AtOnce) {
   EXPECT_EQ(status_of(sixth.read_responses(1, 5000)), 200) << sixth.received();
 }
 
+TEST_F(Front, AFloodBeyondTheCapStillGets503s) {
+  HttpFrontOptions o = fast_options();
+  o.header_timeout_s = 30;
+  o.max_connections = 1;
+  start(o);
+  Sock held(port_);
+  for (int i = 0; i < 100 && front_->stats().open_connections < 1; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  // 150 at once: more than the 64 503s that may linger; the rest are
+  // answered without lingering.
+  std::vector<std::unique_ptr<Sock>> flood;
+  for (int i = 0; i < 150; ++i) {
+    flood.push_back(std::make_unique<Sock>(port_));
+    flood.back()->send("GET /a HTTP/1.1\r\n\r\n");
+  }
+  int got503 = 0;
+  for (auto& s : flood) got503 += status_of(s->read_responses(1, 3000)) == 503;
+  EXPECT_GE(got503, 140) << "of 150";
+  EXPECT_EQ(front_->stats().rejected_total, 150);
+  EXPECT_EQ(front_->stats().open_connections, 1);
+}
+
 TEST_F(Front, PerAddressCap) {
   HttpFrontOptions o = fast_options();
   o.header_timeout_s = 30;
