@@ -612,6 +612,18 @@ Result<std::vector<const TaskDef*>> dag_order(const std::vector<TaskDef>& tasks)
 
 }  // namespace
 
+bool is_job_id(std::string_view id) {
+  // "j-" digits "-" 8 hex digits, as new_job_id writes it
+  if (id.size() < 12 || id.size() > 40 || id.substr(0, 2) != "j-") return false;
+  const size_t dash = id.find('-', 2);
+  if (dash == std::string_view::npos || dash == 2 || id.size() - dash - 1 != 8) return false;
+  for (size_t i = 2; i < dash; ++i)
+    if (id[i] < '0' || id[i] > '9') return false;
+  for (size_t i = dash + 1; i < id.size(); ++i)
+    if (!((id[i] >= '0' && id[i] <= '9') || (id[i] >= 'a' && id[i] <= 'f'))) return false;
+  return true;
+}
+
 JobStore::JobStore(RedisClient& redis, JobStoreOptions opts)
     : redis_(redis), opts_(std::move(opts)) {}
 

@@ -52,6 +52,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/job_spec.h"
@@ -66,6 +67,9 @@ const char* job_state_name(JobState s);
 const char* task_state_name(TaskState s);
 std::optional<JobState> parse_job_state(const std::string& s);
 bool is_terminal(JobState s);
+// Whether `id` has the form create_job gives ("j-<unix ms>-<8 hex digits>").
+// The coordinator checks ids from URLs with it before building a Redis key.
+bool is_job_id(std::string_view id);
 
 // One node of a job's DAG, as planned by the coordinator.
 struct TaskDef {

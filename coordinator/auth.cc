@@ -61,19 +61,31 @@ Status TokenAuth::load() {
   digests_ = std::move(d);
   mtime_ = mtime;
   size_ = size;
+  loaded_ = true;
+  revoked_ = false;
   last_check_ = std::chrono::steady_clock::now();
   return Status::ok();
+}
+
+void TokenAuth::revoke_locked(const std::string& why) {
+  if (!revoked_)
+    LOG_ERROR << why << ": every token is revoked; the API refuses all requests until " << path_
+              << " holds tokens again";
+  revoked_ = true;
+  digests_.clear();
+  mtime_ = {};
+  size_ = -1;  // whatever appears next is read
 }
 
 void TokenAuth::maybe_reload() {
   std::lock_guard<std::mutex> lock(mu_);
   const auto now = std::chrono::steady_clock::now();
-  if (size_ >= 0 && now - last_check_ < std::chrono::seconds(1)) return;
+  if (loaded_ && now - last_check_ < std::chrono::seconds(1)) return;
+  loaded_ = true;
   last_check_ = now;
   struct stat st {};
   if (::stat(path_.c_str(), &st) != 0) {
-    LOG_WARN << "token file " << path_ << ": " << std::strerror(errno)
-             << "; keeping the previous tokens";
+    revoke_locked("token file " + path_ + ": " + std::strerror(errno));
     return;
   }
   if (st.st_mtim.tv_sec == mtime_.tv_sec && st.st_mtim.tv_nsec == mtime_.tv_nsec &&
@@ -84,19 +96,25 @@ void TokenAuth::maybe_reload() {
   int64_t size = 0;
   Status s = read_file(&d, &mtime, &size);
   if (!s.is_ok()) {
-    LOG_WARN << s.message() << "; keeping the previous tokens";
+    revoke_locked(s.message());
+    return;
+  }
+  if (d.empty()) {
+    revoke_locked("token file " + path_ + " holds no tokens");
+    mtime_ = mtime;  // an empty file stays revoked until it changes
+    size_ = size;
     return;
   }
   LOG_INFO << "token file " << path_ << " reloaded: " << d.size() << " token(s)";
+  revoked_ = false;
   digests_ = std::move(d);
   mtime_ = mtime;
   size_ = size;
 }
 
-bool TokenAuth::check_token(const std::string& token) {
-  if (!enabled()) return true;
+bool TokenAuth::match(const std::string& token, Digest* digest) {
   maybe_reload();
-  Digest d;
+  Digest& d = *digest;
   SHA256(reinterpret_cast<const unsigned char*>(token.data()), token.size(), d.data());
   std::lock_guard<std::mutex> lock(mu_);
   int match = 0;
@@ -104,15 +122,34 @@ bool TokenAuth::check_token(const std::string& token) {
   return match != 0;
 }
 
-bool TokenAuth::check_header(const std::string& authorization) {
+bool TokenAuth::check_token(const std::string& token) {
   if (!enabled()) return true;
+  Digest d;
+  return match(token, &d);
+}
+
+std::optional<std::string> TokenAuth::identify(const std::string& authorization) {
+  if (!enabled()) return std::string("anonymous");
   const std::string h = trim(authorization);
   static const char kScheme[] = "bearer ";
-  if (h.size() <= sizeof(kScheme) - 1) return false;
+  if (h.size() <= sizeof(kScheme) - 1) return std::nullopt;
   for (size_t i = 0; i + 1 < sizeof(kScheme); ++i) {
-    if (std::tolower(static_cast<unsigned char>(h[i])) != kScheme[i]) return false;
+    if (std::tolower(static_cast<unsigned char>(h[i])) != kScheme[i]) return std::nullopt;
   }
-  return check_token(trim(h.substr(sizeof(kScheme) - 1)));
+  const std::string token = trim(h.substr(sizeof(kScheme) - 1));
+  Digest d;
+  if (!match(token, &d)) return std::nullopt;
+  static const char* kHex = "0123456789abcdef";
+  std::string id = "t-";
+  for (int b = 0; b < 8; ++b) {
+    id += kHex[d[b] >> 4];
+    id += kHex[d[b] & 15];
+  }
+  return id;
+}
+
+bool TokenAuth::check_header(const std::string& authorization) {
+  return identify(authorization).has_value();
 }
 
 size_t TokenAuth::size() const {

@@ -4,8 +4,10 @@
 #include <cctype>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <map>
+#include <random>
 
 #include "common/log.h"
 
@@ -164,6 +166,36 @@ std::optional<std::time_t> CronExpr::next_after(std::time_t t) const {
   return std::nullopt;
 }
 
+int64_t CronExpr::min_interval_s() const {
+  std::vector<int> fire;  // minutes of the day, ascending
+  for (int h = 0; h < 24; ++h)
+    for (int m = 0; m < 60; ++m)
+      if (hours[h] && minutes[m]) fire.push_back(h * 60 + m);
+  if (fire.empty()) return 0;
+  constexpr int64_t kDay = 24 * 60;
+  int64_t best = INT64_MAX;  // minutes
+  for (size_t i = 1; i < fire.size(); ++i) best = std::min<int64_t>(best, fire[i] - fire[i - 1]);
+  // Across midnight: the last firing of a matching day to the first of the
+  // next matching day, D days later.
+  const int64_t wrap = kDay - fire.back() + fire.front();
+  if (wrap < best) {
+    int64_t min_days = INT64_MAX;
+    int64_t last = -1;
+    chr::sys_days day{chr::year{2000} / 1 / 1};
+    for (int64_t i = 0; i < 28 * 366 + 31; ++i, day += chr::days{1}) {
+      const chr::year_month_day ymd{day};
+      if (!matches_day(static_cast<int>(ymd.year()), static_cast<unsigned>(ymd.month()),
+                       static_cast<unsigned>(ymd.day())))
+        continue;
+      if (last >= 0) min_days = std::min(min_days, i - last);
+      last = i;
+      if (min_days == 1) break;
+    }
+    if (min_days != INT64_MAX) best = std::min(best, (min_days - 1) * kDay + wrap);
+  }
+  return best == INT64_MAX ? 0 : best * 60;
+}
+
 Result<CronExpr> parse_cron(const std::string& text) {
   std::string expanded = text;
   if (!text.empty() && text[0] == '@') {
@@ -211,6 +243,27 @@ Result<CronExpr> parse_cron(const std::string& text) {
 }
 
 // ============================================================= schedules
+
+std::string new_schedule_id() {
+  static thread_local std::mt19937_64 rng{std::random_device{}()};
+  const auto ms =
+      chr::duration_cast<chr::milliseconds>(chr::system_clock::now().time_since_epoch()).count();
+  char hex[8];
+  std::snprintf(hex, sizeof hex, "%06x", static_cast<unsigned>(rng() & 0xffffff));
+  return "s-" + std::to_string(ms) + "-" + hex;
+}
+
+bool is_schedule_id(std::string_view id) {
+  // "s-" digits "-" 6 hex digits
+  if (id.size() < 10 || id.size() > 30 || id.substr(0, 2) != "s-") return false;
+  const size_t dash = id.find('-', 2);
+  if (dash == std::string_view::npos || dash == 2 || id.size() - dash - 1 != 6) return false;
+  for (size_t i = 2; i < dash; ++i)
+    if (id[i] < '0' || id[i] > '9') return false;
+  for (size_t i = dash + 1; i < id.size(); ++i)
+    if (!((id[i] >= '0' && id[i] <= '9') || (id[i] >= 'a' && id[i] <= 'f'))) return false;
+  return true;
+}
 
 nlohmann::json ScheduleThresholds::to_json() const {
   nlohmann::json j = nlohmann::json::object();

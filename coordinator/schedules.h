@@ -47,6 +47,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/job_store.h"
@@ -73,6 +74,11 @@ struct CronExpr {
   // The first minute strictly after `t` (UTC) that matches, or nullopt when
   // none does within 28 years (a full cycle of weekdays and leap years).
   std::optional<std::time_t> next_after(std::time_t t) const;
+  // The shortest time between two consecutive firings, in seconds: 60 for
+  // "* * * * *", 600 for "*/10 * * * *", 86400 for "@daily", 60 for
+  // "0,59 0,23 * * *" (23:59 then 00:00). Exact over the 28-year cycle; at
+  // most one pass over its days.
+  int64_t min_interval_s() const;
 };
 
 // Errors are kInvalidInput naming the field and token:
@@ -82,6 +88,12 @@ Result<CronExpr> parse_cron(const std::string& text);
 // ------------------------------------------------------------- schedules
 
 inline constexpr int64_t kMaxScheduleRuns = 500;
+
+// A new schedule id: "s-<unix ms>-<6 hex digits>".
+std::string new_schedule_id();
+// Whether `id` has the form new_schedule_id() gives (checked before any
+// Redis key is built from it).
+bool is_schedule_id(std::string_view id);
 
 struct ScheduleThresholds {
   // A run regresses when ppl > baseline_ppl · (1 + max_ppl_regression)

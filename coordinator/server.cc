@@ -1,6 +1,5 @@
 #include "coordinator/server.h"
 
-#include <httplib.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -11,7 +10,7 @@
 #include <cmath>
 #include <map>
 #include <mutex>
-#include <random>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -20,8 +19,10 @@
 #include "common/json_util.h"
 #include "common/log.h"
 #include "common/plan.h"
-#include "coordinator/auth.h"
 #include "common/planner.h"
+#include "coordinator/auth.h"
+#include "coordinator/http_front.h"
+#include "coordinator/quota.h"
 #include "coordinator/schedules.h"
 
 namespace qcal {
@@ -70,29 +71,32 @@ Reply error_reply(const Status& s) {
   return error_reply(http_status_for(s.code()), code_name(s.code()), s.message());
 }
 
-void send(httplib::Response& res, const Reply& r) {
-  res.status = r.status;
-  for (const auto& [k, v] : r.headers) res.set_header(k, v);
+// A Reply as the HTTP front writes it. Invalid UTF-8 in a body (a label or
+// an error message quoting the request) is replaced, never a throw.
+HttpResponse to_http(const Reply& r) {
+  HttpResponse h;
+  h.status = r.status;
+  h.headers = r.headers;
   if (!r.text.empty()) {
-    res.set_content(r.text, r.content_type.c_str());
+    h.body = r.text;
+    h.content_type = r.content_type;
   } else {
-    res.set_content(r.body.dump(), "application/json");
+    h.body = r.body.dump(-1, ' ', false, json::error_handler_t::replace);
   }
+  return h;
 }
 
-using Handler = std::function<Result<Reply>(const httplib::Request&)>;
-
-// Wraps a handler: a non-OK Result goes through the adapter; exceptions too.
-httplib::Server::Handler wrap(Handler h) {
-  return [h = std::move(h)](const httplib::Request& req, httplib::Response& res) {
-    try {
-      Result<Reply> r = h(req);
-      send(res, r.is_ok() ? r.value() : error_reply(r.status()));
-    } catch (const std::exception& e) {
-      send(res, error_reply(500, "INTERNAL", std::string("internal error: ") + e.what()));
-    }
-  };
-}
+// What a handler sees: the transport-neutral request plus what routing and
+// authentication found.
+struct ApiRequest {
+  const HttpRequest& http;
+  std::vector<std::string> ids;  // path parameters, already checked ({job}, {schedule})
+  // Who is asking: TokenAuth::identify ("anonymous" with auth off); "" on an
+  // open route without a valid token.
+  std::string owner;
+  bool authenticated = false;
+  const std::string& id() const { return ids.at(0); }
+};
 
 // ------------------------------------------------------------ request parsing
 
@@ -101,7 +105,7 @@ httplib::Server::Handler wrap(Handler h) {
 // of '[' could otherwise exhaust a request thread's stack.
 constexpr int kMaxJsonDepth = 32;
 
-Result<json> parse_body(const httplib::Request& req) {
+Result<json> parse_body(const HttpRequest& req) {
   if (req.body.empty()) return invalid_input("request body is empty (expected a JSON object)");
   if (size_t at = json_nesting_exceeds(req.body, kMaxJsonDepth); at != std::string::npos)
     return invalid_input("malformed JSON (byte " + std::to_string(at) + "): nested deeper than " +
@@ -117,10 +121,11 @@ Result<json> parse_body(const httplib::Request& req) {
   }
 }
 
-Result<int64_t> int_param(const httplib::Request& req, const std::string& name, int64_t def,
-                          int64_t lo, int64_t hi) {
-  if (!req.has_param(name)) return def;
-  const std::string v = req.get_param_value(name);
+Result<int64_t> int_param(const HttpRequest& req, const std::string& name, int64_t def, int64_t lo,
+                          int64_t hi) {
+  const auto p = req.param(name);
+  if (!p) return def;
+  const std::string& v = *p;
   try {
     size_t used = 0;
     int64_t x = std::stoll(v, &used);
@@ -128,34 +133,32 @@ Result<int64_t> int_param(const httplib::Request& req, const std::string& name, 
   } catch (...) {
   }
   return invalid_input(name + ": must be an integer in [" + std::to_string(lo) + ", " +
-                       std::to_string(hi) + "] (got '" + v + "')");
+                       std::to_string(hi) + "] (got '" + v.substr(0, 64) + "')");
 }
 
-// Every value of query parameter `name`, read from the raw target: httplib's
-// parsed params split "label=team=a" at each '=', losing the "team=" part.
-std::vector<std::string> raw_params(const httplib::Request& req, const std::string& name) {
-  std::vector<std::string> out;
-  const size_t q = req.target.find('?');
-  if (q == std::string::npos) return out;
-  const std::string query = req.target.substr(q + 1);
-  size_t start = 0;
-  while (start <= query.size()) {
-    size_t end = query.find('&', start);
-    if (end == std::string::npos) end = query.size();
-    const std::string item = query.substr(start, end - start);
-    if (item.compare(0, name.size() + 1, name + "=") == 0)
-      out.push_back(httplib::detail::decode_url(item.substr(name.size() + 1), true));
-    start = end + 1;
+// Labels are shown in every listing: bounded in count and size.
+constexpr size_t kMaxLabels = 32;
+constexpr size_t kMaxLabelKeyBytes = 64;
+constexpr size_t kMaxLabelValueBytes = 256;
+
+// A string from the request, shortened for an error message.
+std::string clip_quote(const std::string& s) {
+  return "'" + (s.size() <= 64 ? s : s.substr(0, 64) + "...") + "'";
+}
+
+Status check_labels(const std::map<std::string, std::string>& labels, const std::string& where) {
+  if (labels.size() > kMaxLabels)
+    return invalid_input(where + ": " + std::to_string(labels.size()) + " labels; at most " +
+                         std::to_string(kMaxLabels));
+  for (const auto& [k, v] : labels) {
+    if (k.size() > kMaxLabelKeyBytes)
+      return invalid_input(where + "." + clip_quote(k) + ": key is " + std::to_string(k.size()) +
+                           " bytes; at most " + std::to_string(kMaxLabelKeyBytes));
+    if (v.size() > kMaxLabelValueBytes)
+      return invalid_input(where + "." + k + ": value is " + std::to_string(v.size()) +
+                           " bytes; at most " + std::to_string(kMaxLabelValueBytes));
   }
-  return out;
-}
-
-std::string random_hex(int n) {
-  static thread_local std::mt19937_64 rng{std::random_device{}()};
-  static const char* kHex = "0123456789abcdef";
-  std::string s;
-  for (int i = 0; i < n; ++i) s += kHex[rng() & 15];
-  return s;
+  return Status::ok();
 }
 
 // ------------------------------------------------------------ JSON views
@@ -325,15 +328,16 @@ struct CoordinatorServer::Impl {
         pool(capped(opts.redis, opts.request_redis_timeout_s)),
         ready_pool(capped(opts.redis, 0.5)) {
     limits.worker_memory_bytes = opts.worker_memory_bytes;
+    add_routes();
   }
 
   const CoordinatorOptions opts;
   PlannerLimits limits;
   TokenAuth auth;
-  RedisPool pool;        // request threads
-  RedisPool ready_pool;  // /readyz and /metrics: fail fast when Redis is gone
-  httplib::Server http;
-  std::thread http_thread, bg_thread;
+  RedisPool pool;                    // request threads
+  RedisPool ready_pool;              // /readyz and /metrics: fail fast when Redis is gone
+  std::unique_ptr<HttpFront> front;  // set by start()
+  std::thread bg_thread;
   boost::asio::io_context io;
   std::unique_ptr<boost::asio::steady_timer> tick_timer, log_timer;  // used on bg_thread only
   std::atomic<bool> store_ready{false};  // JobStore::init done against this Redis
@@ -343,10 +347,28 @@ struct CoordinatorServer::Impl {
   bool started = false;  // guarded by stop_mu
   bool stopped = false;  // guarded by stop_mu
 
-  std::mutex metrics_mu;
-  std::map<int, uint64_t> http_requests;  // by status code; guarded by metrics_mu
-
   bool tick_failing = false;  // bg_thread only
+
+  // ---- routing (immutable after construction)
+  using Fn = Result<Reply> (Impl::*)(const ApiRequest&);
+  struct Route {
+    std::string method;
+    std::vector<std::string> segments;  // "{job}" / "{schedule}": a checked id
+    Fn fn;
+    bool open = false;  // no token needed
+  };
+  std::vector<Route> routes;
+  struct Match {
+    const Route* route = nullptr;
+    std::vector<std::string> ids;
+    std::optional<Reply> error;  // no route, or a malformed id (404)
+  };
+  void add_routes();
+  Match route_of(const HttpRequest& req) const;
+  // The HTTP front's two callbacks (see HttpHandlers).
+  std::optional<HttpResponse> on_head(const HttpRequest& req);
+  HttpResponse on_request(const HttpRequest& req);
+  HttpFrontOptions front_options() const;
 
   JobStoreOptions store_opts() const {
     JobStoreOptions o;
@@ -362,29 +384,29 @@ struct CoordinatorServer::Impl {
     return Status::ok();
   }
 
-  void routes();
   void background();
   void schedule_tick();
   void schedule_log();
 
   // Handlers.
-  Result<Reply> post_job(const httplib::Request& req);
-  Result<Reply> list_jobs(const httplib::Request& req);
-  Result<Reply> get_job(const httplib::Request& req);
-  Result<Reply> cancel_job(const httplib::Request& req);
-  Result<Reply> get_report(const httplib::Request& req);
-  Result<Reply> get_logs(const httplib::Request& req);
-  Result<Reply> post_schedule(const httplib::Request& req);
-  Result<Reply> list_schedules(const httplib::Request& req);
-  Result<Reply> get_schedule(const httplib::Request& req);
-  Result<Reply> delete_schedule(const httplib::Request& req);
-  Result<Reply> readyz(const httplib::Request& req);
-  Result<Reply> metrics(const httplib::Request& req);
+  Result<Reply> post_job(const ApiRequest& req);
+  Result<Reply> list_jobs(const ApiRequest& req);
+  Result<Reply> get_job(const ApiRequest& req);
+  Result<Reply> cancel_job(const ApiRequest& req);
+  Result<Reply> get_report(const ApiRequest& req);
+  Result<Reply> get_logs(const ApiRequest& req);
+  Result<Reply> post_schedule(const ApiRequest& req);
+  Result<Reply> list_schedules(const ApiRequest& req);
+  Result<Reply> get_schedule(const ApiRequest& req);
+  Result<Reply> delete_schedule(const ApiRequest& req);
+  Result<Reply> readyz(const ApiRequest& req);
+  Result<Reply> metrics(const ApiRequest& req);
 };
 
-Result<Reply> CoordinatorServer::Impl::post_job(const httplib::Request& req) {
-  QCAL_ASSIGN_OR_RETURN(json body, parse_body(req));
+Result<Reply> CoordinatorServer::Impl::post_job(const ApiRequest& req) {
+  QCAL_ASSIGN_OR_RETURN(json body, parse_body(req.http));
   QCAL_ASSIGN_OR_RETURN(JobSpec spec, parse_job_spec(body));
+  QCAL_RETURN_IF_ERROR(check_labels(spec.labels, "labels"));
   auto plan = plan_job(spec, limits);
   if (!plan.is_ok()) {
     // A file the spec names is missing: the request is wrong, not the URL.
@@ -394,7 +416,27 @@ Result<Reply> CoordinatorServer::Impl::post_job(const httplib::Request& req) {
   auto lease = pool.get();
   QCAL_RETURN_IF_ERROR(ensure_store(*lease));
   JobStore store(*lease, store_opts());
-  QCAL_ASSIGN_OR_RETURN(std::string id, store.create_job(spec, plan->tasks));
+  // Per-token quota: reserve a slot first, so concurrent submits (through any
+  // coordinator) cannot pass the limit together.
+  QuotaReservation slot;
+  if (opts.max_jobs_per_token > 0) {
+    QCAL_ASSIGN_OR_RETURN(
+        slot, reserve_job_slot(*lease, opts.prefix, req.owner, opts.max_jobs_per_token));
+    if (!slot.granted)
+      return error_reply(429, "TOO_MANY_JOBS",
+                         "this token has " + std::to_string(slot.live) +
+                             " live jobs (queued, running or validating); the limit is " +
+                             std::to_string(opts.max_jobs_per_token) +
+                             " per token: wait for one to finish or cancel one");
+  }
+  auto created = store.create_job(spec, plan->tasks);
+  if (!slot.reservation.empty()) {
+    Status s = created.is_ok()
+                   ? commit_job_slot(*lease, opts.prefix, req.owner, slot.reservation, *created)
+                   : release_job_slot(*lease, opts.prefix, req.owner, slot.reservation);
+    if (!s.is_ok()) LOG_WARN << "quota of " << req.owner << ": " << s.to_string();
+  }
+  QCAL_ASSIGN_OR_RETURN(std::string id, std::move(created));
   json tasks = json::array();
   for (const auto& t : plan->tasks) tasks.push_back(t.id);
   Reply r;
@@ -404,22 +446,22 @@ Result<Reply> CoordinatorServer::Impl::post_job(const httplib::Request& req) {
   return r;
 }
 
-Result<Reply> CoordinatorServer::Impl::list_jobs(const httplib::Request& req) {
+Result<Reply> CoordinatorServer::Impl::list_jobs(const ApiRequest& req) {
   std::optional<JobState> state;
-  if (req.has_param("state")) {
-    state = parse_job_state(req.get_param_value("state"));
+  if (auto s = req.http.param("state")) {
+    state = parse_job_state(*s);
     if (!state)
-      return invalid_input("state: unknown job state '" + req.get_param_value("state") +
-                           "' (queued, running, validating, succeeded, failed, cancelled)");
+      return invalid_input("state: unknown job state " + clip_quote(*s) +
+                           " (queued, running, validating, succeeded, failed, cancelled)");
   }
   std::map<std::string, std::string> labels;
-  for (const std::string& kv : raw_params(req, "label")) {
+  for (const std::string& kv : req.http.params("label")) {
     size_t eq = kv.find('=');
     if (eq == std::string::npos || eq == 0)
-      return invalid_input("label: expected key=value (got '" + kv + "')");
+      return invalid_input("label: expected key=value (got " + clip_quote(kv) + ")");
     labels[kv.substr(0, eq)] = kv.substr(eq + 1);
   }
-  QCAL_ASSIGN_OR_RETURN(int64_t limit, int_param(req, "limit", 100, 1, 1000));
+  QCAL_ASSIGN_OR_RETURN(int64_t limit, int_param(req.http, "limit", 100, 1, 1000));
   auto lease = pool.get();
   JobStore store(*lease, store_opts());
   QCAL_ASSIGN_OR_RETURN(auto jobs, store.list_jobs(state, labels, limit));
@@ -430,8 +472,8 @@ Result<Reply> CoordinatorServer::Impl::list_jobs(const httplib::Request& req) {
   return r;
 }
 
-Result<Reply> CoordinatorServer::Impl::get_job(const httplib::Request& req) {
-  const std::string id = req.matches[1];
+Result<Reply> CoordinatorServer::Impl::get_job(const ApiRequest& req) {
+  const std::string& id = req.id();
   auto lease = pool.get();
   JobStore store(*lease, store_opts());
   QCAL_ASSIGN_OR_RETURN(JobInfo job, store.get_job(id));
@@ -441,8 +483,8 @@ Result<Reply> CoordinatorServer::Impl::get_job(const httplib::Request& req) {
   return r;
 }
 
-Result<Reply> CoordinatorServer::Impl::cancel_job(const httplib::Request& req) {
-  const std::string id = req.matches[1];
+Result<Reply> CoordinatorServer::Impl::cancel_job(const ApiRequest& req) {
+  const std::string& id = req.id();
   auto lease = pool.get();
   JobStore store(*lease, store_opts());
   QCAL_ASSIGN_OR_RETURN(JobInfo job, store.get_job(id));
@@ -465,8 +507,8 @@ Result<Reply> CoordinatorServer::Impl::cancel_job(const httplib::Request& req) {
   return r;
 }
 
-Result<Reply> CoordinatorServer::Impl::get_report(const httplib::Request& req) {
-  const std::string id = req.matches[1];
+Result<Reply> CoordinatorServer::Impl::get_report(const ApiRequest& req) {
+  const std::string& id = req.id();
   auto lease = pool.get();
   JobStore store(*lease, store_opts());
   QCAL_ASSIGN_OR_RETURN(JobInfo job, store.get_job(id));
@@ -477,9 +519,9 @@ Result<Reply> CoordinatorServer::Impl::get_report(const httplib::Request& req) {
   return r;
 }
 
-Result<Reply> CoordinatorServer::Impl::get_logs(const httplib::Request& req) {
-  const std::string id = req.matches[1];
-  QCAL_ASSIGN_OR_RETURN(int64_t from, int_param(req, "from", 0, 0, INT64_MAX));
+Result<Reply> CoordinatorServer::Impl::get_logs(const ApiRequest& req) {
+  const std::string& id = req.id();
+  QCAL_ASSIGN_OR_RETURN(int64_t from, int_param(req.http, "from", 0, 0, INT64_MAX));
   auto lease = pool.get();
   JobStore store(*lease, store_opts());
   QCAL_ASSIGN_OR_RETURN(JobInfo job, store.get_job(id));
@@ -492,14 +534,19 @@ Result<Reply> CoordinatorServer::Impl::get_logs(const httplib::Request& req) {
   return r;
 }
 
-Result<Reply> CoordinatorServer::Impl::post_schedule(const httplib::Request& req) {
-  QCAL_ASSIGN_OR_RETURN(json body, parse_body(req));
+Result<Reply> CoordinatorServer::Impl::post_schedule(const ApiRequest& req) {
+  QCAL_ASSIGN_OR_RETURN(json body, parse_body(req.http));
   QCAL_ASSIGN_OR_RETURN(ScheduleRequest sr, parse_schedule_request(body));
   const std::time_t now = static_cast<std::time_t>(now_s());
   auto next = sr.cron.next_after(now);
   if (!next) return invalid_input("cron: '" + sr.cron.text + "' never fires");
+  if (const int64_t every = sr.cron.min_interval_s(); every < opts.min_schedule_interval_s)
+    return invalid_input("cron: '" + sr.cron.text + "' can fire " + std::to_string(every) +
+                         " s apart; runs must be at least " +
+                         std::to_string(opts.min_schedule_interval_s) +
+                         " s apart (--min-schedule-interval-s)");
   Schedule s;
-  s.id = "s-" + std::to_string(static_cast<int64_t>(now_s() * 1000)) + "-" + random_hex(6);
+  s.id = new_schedule_id();
   s.cron = sr.cron.text;
   s.job_template = sr.job_template;
   s.thresholds = sr.thresholds;
@@ -508,6 +555,7 @@ Result<Reply> CoordinatorServer::Impl::post_schedule(const httplib::Request& req
   // Validate the template as its first run will see it.
   auto spec = parse_job_spec(instantiate_template(sr.job_template, s.id, *next));
   if (!spec.is_ok()) return spec.status().with_context("template");
+  QCAL_RETURN_IF_ERROR(check_labels(spec->labels, "template.labels"));
   auto plan = plan_job(*spec, limits);
   if (!plan.is_ok())
     return Status(
@@ -527,7 +575,7 @@ Result<Reply> CoordinatorServer::Impl::post_schedule(const httplib::Request& req
   return r;
 }
 
-Result<Reply> CoordinatorServer::Impl::list_schedules(const httplib::Request&) {
+Result<Reply> CoordinatorServer::Impl::list_schedules(const ApiRequest&) {
   auto lease = pool.get();
   ScheduleStore store(*lease, opts.prefix);
   QCAL_ASSIGN_OR_RETURN(auto all, store.list());
@@ -538,19 +586,19 @@ Result<Reply> CoordinatorServer::Impl::list_schedules(const httplib::Request&) {
   return r;
 }
 
-Result<Reply> CoordinatorServer::Impl::get_schedule(const httplib::Request& req) {
+Result<Reply> CoordinatorServer::Impl::get_schedule(const ApiRequest& req) {
   auto lease = pool.get();
   ScheduleStore store(*lease, opts.prefix);
-  QCAL_ASSIGN_OR_RETURN(Schedule s, store.get(req.matches[1]));
+  QCAL_ASSIGN_OR_RETURN(Schedule s, store.get(req.id()));
   Reply r;
   r.body = s.to_json();
   return r;
 }
 
-Result<Reply> CoordinatorServer::Impl::delete_schedule(const httplib::Request& req) {
+Result<Reply> CoordinatorServer::Impl::delete_schedule(const ApiRequest& req) {
   auto lease = pool.get();
   ScheduleStore store(*lease, opts.prefix);
-  QCAL_ASSIGN_OR_RETURN(Schedule s, store.get(req.matches[1]));
+  QCAL_ASSIGN_OR_RETURN(Schedule s, store.get(req.id()));
   QCAL_RETURN_IF_ERROR(store.remove(s.id));
   Reply r;
   r.body = s.to_json();
@@ -558,25 +606,30 @@ Result<Reply> CoordinatorServer::Impl::delete_schedule(const httplib::Request& r
   return r;
 }
 
-Result<Reply> CoordinatorServer::Impl::readyz(const httplib::Request&) {
+// Without a valid token only the verdict: where Redis and the store live is
+// for operators.
+Result<Reply> CoordinatorServer::Impl::readyz(const ApiRequest& req) {
   auto lease = ready_pool.get();
   auto pong = (*lease).command({"PING"});
   const std::string where = opts.redis.host + ":" + std::to_string(opts.redis.port);
   if (!pong.is_ok())
-    return unavailable("redis " + where + " unreachable: " + pong.status().message());
+    return unavailable(req.authenticated
+                           ? "redis " + where + " unreachable: " + pong.status().message()
+                           : std::string("redis unreachable"));
+  Reply r;
+  r.body = {{"status", "ready"}};
+  if (!req.authenticated) return r;
   struct stat st {};
   const bool store_ok =
       !opts.store_root.empty() && ::stat(opts.store_root.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-  Reply r;
-  r.body = {{"status", "ready"},
-            {"redis", where},
-            {"store", opts.store_root},
-            {"store_exists", store_ok},
-            {"auth", auth.enabled()}};
+  r.body.update({{"redis", where},
+                 {"store", opts.store_root},
+                 {"store_exists", store_ok},
+                 {"auth", auth.enabled()}});
   return r;
 }
 
-Result<Reply> CoordinatorServer::Impl::metrics(const httplib::Request&) {
+Result<Reply> CoordinatorServer::Impl::metrics(const ApiRequest&) {
   std::string m;
   auto gauge = [&m](const std::string& name, const std::string& help, const std::string& type) {
     m += "# HELP " + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
@@ -630,100 +683,145 @@ Result<Reply> CoordinatorServer::Impl::metrics(const httplib::Request&) {
       m += "qcal_schedule_regressions_total " + std::to_string(*reg) + "\n";
     }
   }
-  gauge("qcal_http_requests_total", "HTTP requests served by this process, by status.", "counter");
-  {
-    std::lock_guard<std::mutex> lock(metrics_mu);
-    for (const auto& [code, n] : http_requests)
-      m += "qcal_http_requests_total{code=\"" + prom_escape(std::to_string(code)) + "\"} " +
-           std::to_string(n) + "\n";
-  }
+  const HttpFrontStats hs = front ? front->stats() : HttpFrontStats{};
+  gauge("qcal_http_requests_total", "HTTP responses written by this process, by status.",
+        "counter");
+  for (const auto& [code, n] : hs.responses)
+    m += "qcal_http_requests_total{code=\"" + prom_escape(std::to_string(code)) + "\"} " +
+         std::to_string(n) + "\n";
+  gauge("qcal_http_connections", "Client connections open now.", "gauge");
+  m += "qcal_http_connections " + std::to_string(hs.open_connections) + "\n";
+  gauge("qcal_http_connections_rejected_total",
+        "Connections answered 503 over --max-connections / --max-connections-per-ip.", "counter");
+  m += "qcal_http_connections_rejected_total " + std::to_string(hs.rejected_total) + "\n";
+  gauge("qcal_http_timeouts_total", "Connections closed by the head, body or write deadline.",
+        "counter");
+  m += "qcal_http_timeouts_total " + std::to_string(hs.timeouts_total) + "\n";
   Reply r;
   r.text = m;
   r.content_type = "text/plain; version=0.0.4";
   return r;
 }
 
-void CoordinatorServer::Impl::routes() {
-  auto bind = [this](Result<Reply> (Impl::*fn)(const httplib::Request&)) {
-    return wrap([this, fn](const httplib::Request& req) { return (this->*fn)(req); });
-  };
-  const std::string job = R"(/v1/jobs/([^/]+))";
-  const std::string sched = R"(/v1/schedules/([^/]+))";
-  http.Post("/v1/jobs", bind(&Impl::post_job));
-  http.Get("/v1/jobs", bind(&Impl::list_jobs));
-  http.Get(job, bind(&Impl::get_job));
-  http.Delete(job, bind(&Impl::cancel_job));
-  http.Get(job + "/report", bind(&Impl::get_report));
-  http.Get(job + "/logs", bind(&Impl::get_logs));
-  http.Post("/v1/schedules", bind(&Impl::post_schedule));
-  http.Get("/v1/schedules", bind(&Impl::list_schedules));
-  http.Get(sched, bind(&Impl::get_schedule));
-  http.Delete(sched, bind(&Impl::delete_schedule));
-  http.Get("/healthz", wrap([](const httplib::Request&) -> Result<Reply> {
-             Reply r;
-             r.body = {{"status", "ok"}};
-             return r;
-           }));
-  http.Get("/readyz", bind(&Impl::readyz));
-  http.Get("/metrics", bind(&Impl::metrics));
+// ------------------------------------------------------------ routing
 
-  http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (req.path == "/healthz" || req.path == "/readyz" || req.path == "/metrics")
-      return httplib::Server::HandlerResponse::Unhandled;
-    if (auth.check_header(req.get_header_value("Authorization")))
-      return httplib::Server::HandlerResponse::Unhandled;
-    Reply r = error_reply(401, "UNAUTHENTICATED",
-                          req.has_header("Authorization") ? "invalid bearer token"
-                                                          : "missing bearer token "
-                                                            "(Authorization: Bearer <token>)");
-    r.headers.push_back({"WWW-Authenticate", "Bearer"});
-    send(res, r);
-    return httplib::Server::HandlerResponse::Handled;
-  });
-  // Responses httplib produces itself (unknown route, oversized body, bad
-  // request line) get the same JSON error body; handler errors pass through.
-  http.set_error_handler(httplib::Server::HandlerWithResponse([this](const httplib::Request& req,
-                                                                     httplib::Response& res) {
-    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+void CoordinatorServer::Impl::add_routes() {
+  auto add = [this](const char* method, const char* path, Fn fn, bool open = false) {
+    Route r{method, {}, fn, open};
+    std::string p = path;
+    for (size_t s = 1; s <= p.size();) {
+      size_t e = p.find('/', s);
+      if (e == std::string::npos) e = p.size();
+      r.segments.push_back(p.substr(s, e - s));
+      s = e + 1;
+    }
+    routes.push_back(std::move(r));
+  };
+  add("POST", "/v1/jobs", &Impl::post_job);
+  add("GET", "/v1/jobs", &Impl::list_jobs);
+  add("GET", "/v1/jobs/{job}", &Impl::get_job);
+  add("DELETE", "/v1/jobs/{job}", &Impl::cancel_job);
+  add("GET", "/v1/jobs/{job}/report", &Impl::get_report);
+  add("GET", "/v1/jobs/{job}/logs", &Impl::get_logs);
+  add("POST", "/v1/schedules", &Impl::post_schedule);
+  add("GET", "/v1/schedules", &Impl::list_schedules);
+  add("GET", "/v1/schedules/{schedule}", &Impl::get_schedule);
+  add("DELETE", "/v1/schedules/{schedule}", &Impl::delete_schedule);
+  add("GET", "/readyz", &Impl::readyz, true);
+  add("GET", "/metrics", &Impl::metrics, true);
+  // GET /healthz is answered in on_head, without the worker pool.
+}
+
+CoordinatorServer::Impl::Match CoordinatorServer::Impl::route_of(const HttpRequest& req) const {
+  std::vector<std::string> segs;
+  for (size_t s = 1; s <= req.path.size();) {
+    size_t e = req.path.find('/', s);
+    if (e == std::string::npos) e = req.path.size();
+    segs.push_back(req.path.substr(s, e - s));
+    s = e + 1;
+  }
+  Match m;
+  for (const Route& r : routes) {
+    if (r.method != req.method || r.segments.size() != segs.size()) continue;
+    std::vector<std::string> ids;
+    std::optional<Reply> bad;
+    bool same = true;
+    for (size_t i = 0; i < segs.size() && same; ++i) {
+      const std::string& want = r.segments[i];
+      if (want == "{job}" || want == "{schedule}") {
+        // An id the store never issues names nothing: 404 before any Redis
+        // key is built from it (".../j-1:tasks" would name another key).
+        const bool job = want == "{job}";
+        if (!bad && !(job ? is_job_id(segs[i]) : is_schedule_id(segs[i])))
+          bad = error_reply(404, "NOT_FOUND",
+                            std::string(job ? "job " : "schedule ") + clip_quote(segs[i]) +
+                                " not found (not a " + (job ? "job" : "schedule") + " id)");
+        ids.push_back(segs[i]);
+      } else {
+        same = want == segs[i];
+      }
+    }
+    if (!same) continue;
+    m.route = &r;
+    m.ids = std::move(ids);
+    m.error = std::move(bad);
+    return m;
+  }
+  m.error =
+      error_reply(404, "NOT_FOUND", "no route for " + req.method + " " + req.path.substr(0, 256));
+  return m;
+}
+
+std::optional<HttpResponse> CoordinatorServer::Impl::on_head(const HttpRequest& req) {
+  if (req.method == "GET" && req.path == "/healthz") {
     Reply r;
-    if (res.status == 404) {
-      r = error_reply(404, "NOT_FOUND", "no route for " + req.method + " " + req.path);
-    } else if (res.status == 413) {
-      r = error_reply(
-          413, "PAYLOAD_TOO_LARGE",
-          "request body exceeds the limit of " + std::to_string(opts.max_body_bytes) + " bytes");
-    } else if (res.status == 400) {
-      r = error_reply(400, "BAD_REQUEST", "malformed HTTP request");
-    } else {
-      r = error_reply(res.status, "HTTP_" + std::to_string(res.status),
-                      "HTTP error " + std::to_string(res.status));
-    }
-    send(res, r);
-    return httplib::Server::HandlerResponse::Handled;
-  }));
-  http.set_exception_handler(
-      [](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
-        std::string what = "unknown exception";
-        try {
-          std::rethrow_exception(ep);
-        } catch (const std::exception& e) {
-          what = e.what();
-        } catch (...) {
-        }
-        send(res, error_reply(500, "INTERNAL", "internal error: " + what));
-      });
-  http.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
-    {
-      std::lock_guard<std::mutex> lock(metrics_mu);
-      ++http_requests[res.status];
-    }
-    LOG_DEBUG << req.method << " " << req.path << " " << res.status;
-  });
-  http.set_payload_max_length(opts.max_body_bytes);
-  // Headers and body go out in separate writes: without TCP_NODELAY every
-  // response waits ~40 ms for the peer's delayed ACK (Nagle).
-  http.set_tcp_nodelay(true);
-  http.new_task_queue = [n = std::max(1, opts.http_threads)] { return new httplib::ThreadPool(n); };
+    r.body = {{"status", "ok"}};
+    return to_http(r);
+  }
+  const Match m = route_of(req);
+  // Authentication before routing: without a token, /v1 reveals nothing.
+  if (!(m.route && m.route->open) && !auth.identify(req.header("Authorization"))) {
+    Reply r = error_reply(401, "UNAUTHENTICATED",
+                          req.has_header("Authorization")
+                              ? "invalid bearer token"
+                              : "missing bearer token (Authorization: Bearer <token>)");
+    r.headers.push_back({"WWW-Authenticate", "Bearer"});
+    return to_http(r);
+  }
+  if (m.error) return to_http(*m.error);
+  return std::nullopt;
+}
+
+HttpResponse CoordinatorServer::Impl::on_request(const HttpRequest& req) {
+  // on_head again: handle() comes here directly, and the token file may have
+  // changed while the body was read.
+  if (auto early = on_head(req)) return *early;
+  const Match m = route_of(req);
+  const auto who = auth.identify(req.header("Authorization"));
+  ApiRequest a{req, m.ids, who.value_or(""), who.has_value()};
+  try {
+    Result<Reply> r = (this->*(m.route->fn))(a);
+    const HttpResponse h = to_http(r.is_ok() ? r.value() : error_reply(r.status()));
+    LOG_DEBUG << req.method << " " << req.path << " " << h.status;
+    return h;
+  } catch (const std::exception& e) {
+    return to_http(error_reply(500, "INTERNAL", std::string("internal error: ") + e.what()));
+  }
+}
+
+HttpFrontOptions CoordinatorServer::Impl::front_options() const {
+  HttpFrontOptions f;
+  f.host = opts.host;
+  f.port = opts.port;
+  f.max_connections = opts.max_connections;
+  f.max_connections_per_ip = opts.max_connections_per_ip;
+  f.header_timeout_s = opts.header_timeout_s;
+  f.body_timeout_s = opts.body_timeout_s;
+  f.write_timeout_s = opts.write_timeout_s;
+  f.worker_threads = opts.http_threads;
+  f.limits.max_header_bytes = opts.max_header_bytes;
+  f.limits.max_body_bytes = opts.max_body_bytes;
+  return f;
 }
 
 // ------------------------------------------------------------ background
@@ -804,15 +902,11 @@ Status CoordinatorServer::start() {
     LOG_WARN << "auth: no token file configured (--tokens): the API is open to anyone who can "
                 "reach it";
   }
-  d.routes();
-  if (d.opts.port == 0) {
-    d.bound_port = d.http.bind_to_any_port(d.opts.host);
-    if (d.bound_port <= 0) return unavailable("cannot bind " + d.opts.host + " (any port)");
-  } else {
-    if (!d.http.bind_to_port(d.opts.host, d.opts.port))
-      return unavailable("cannot bind " + d.opts.host + ":" + std::to_string(d.opts.port));
-    d.bound_port = d.opts.port;
-  }
+  d.front = std::make_unique<HttpFront>(
+      d.front_options(), HttpHandlers{[&d](const HttpRequest& r) { return d.on_head(r); },
+                                      [&d](const HttpRequest& r) { return d.on_request(r); }});
+  QCAL_RETURN_IF_ERROR(d.front->start());
+  d.bound_port = d.front->port();
   {
     auto lease = d.pool.get();
     Status s = d.ensure_store(*lease);
@@ -822,14 +916,21 @@ Status CoordinatorServer::start() {
     std::lock_guard<std::mutex> lock(d.stop_mu);
     d.started = true;
   }
-  d.http_thread = std::thread([&d] { d.http.listen_after_bind(); });
   d.bg_thread = std::thread([&d] { d.background(); });
-  for (int i = 0; i < 500 && !d.http.is_running(); ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
   LOG_INFO << "coordinator listening on " << d.opts.host << ":" << d.bound_port << " (redis "
            << d.opts.redis.host << ":" << d.opts.redis.port << ", prefix " << d.opts.prefix
            << ", store " << (d.opts.store_root.empty() ? "-" : d.opts.store_root)
            << ", worker memory " << format_bytes(d.opts.worker_memory_bytes) << ")";
+  LOG_INFO << "http: at most " << d.front->max_connections() << " connections"
+           << (d.opts.max_connections_per_ip > 0
+                   ? " (" + std::to_string(d.opts.max_connections_per_ip) + " per address)"
+                   : std::string())
+           << ", head within " << d.opts.header_timeout_s << " s, body within "
+           << d.opts.body_timeout_s << " s, bodies up to " << format_bytes(d.opts.max_body_bytes)
+           << ", " << d.opts.http_threads << " handler threads"
+           << (d.opts.max_jobs_per_token > 0
+                   ? ", " + std::to_string(d.opts.max_jobs_per_token) + " live jobs per token"
+                   : std::string());
   return Status::ok();
 }
 
@@ -840,15 +941,17 @@ void CoordinatorServer::stop() {
   std::lock_guard<std::mutex> lock(d.stop_mu);
   if (!d.started || d.stopped) return;
   d.stopped = true;
-  d.http.stop();
+  if (d.front) d.front->stop();
   d.io.stop();
 }
 
 void CoordinatorServer::wait() {
   Impl& d = *impl_;
-  if (d.http_thread.joinable()) d.http_thread.join();
+  if (d.front) d.front->wait();
   if (d.bg_thread.joinable()) d.bg_thread.join();
 }
+
+HttpResponse CoordinatorServer::handle(const HttpRequest& req) { return impl_->on_request(req); }
 
 Result<TickReport> CoordinatorServer::tick(int64_t now) {
   auto lease = impl_->pool.get();

@@ -2,40 +2,49 @@
 //
 // Routes (all JSON; every /v1 route needs `Authorization: Bearer <token>`
 // when a token file is configured):
-//   POST   /v1/jobs                 job spec → parse_job_spec → plan_job →
-//                                   JobStore::create_job → 202 {"id", "state", "tasks", "plan"}
+//   POST   /v1/jobs                 job spec → parse_job_spec → labels check →
+//                                   plan_job → quota → JobStore::create_job →
+//                                   202 {"id", "state", "tasks", "plan"}
 //   GET    /v1/jobs?state=&label=k=v&limit=   newest first
 //   GET    /v1/jobs/{id}            state, progress (per task), blocks, ETA
 //   DELETE /v1/jobs/{id}            cancel → 200 with the job; 409 when terminal
 //   GET    /v1/jobs/{id}/report     404 until validated
 //   GET    /v1/jobs/{id}/logs?from=
 //   POST   /v1/schedules, GET /v1/schedules, GET|DELETE /v1/schedules/{id}
-//   GET    /healthz   process up (no Redis)        — no token
-//   GET    /readyz    Redis reachable → 200 else 503 — no token
+//   GET    /healthz   process up (no Redis, answered on the I/O thread) — no token
+//   GET    /readyz    Redis reachable → 200 else 503 — no token; the Redis
+//                     address and store path only with a valid token
 //   GET    /metrics   Prometheus text               — no token
+// An {id} that is not of the form the store issues (is_job_id,
+// is_schedule_id) is 404 without touching Redis.
 //
 // Errors: one adapter turns every failure into
 //   {"error": {"code": "INVALID_INPUT", "message": "..."}}
 // with the HTTP status from the Status code: kInvalidInput 400, kNotFound 404,
-// kResourceExhausted 422, kUnavailable 503, everything else 500; plus the
-// HTTP-only cases 401 UNAUTHENTICATED, 409 CONFLICT, 413 PAYLOAD_TOO_LARGE,
-// 404 for an unknown route, 400 for malformed JSON (naming the position).
-// A rejected request writes nothing to Redis: requests are validated and
-// planned completely before the one store call that commits them.
+// kPermissionDenied 403, kConflict 409, kResourceExhausted 422, kUnavailable
+// 503, everything else 500; plus the HTTP-only cases 401 UNAUTHENTICATED,
+// 409 CONFLICT (cancel a finished job), 429 TOO_MANY_JOBS (the per-token
+// quota), 404 for an unknown route, 400 for malformed JSON (naming the
+// position), and the HTTP front's own (coordinator/http_front.h): 400
+// BAD_REQUEST, 408 REQUEST_TIMEOUT, 413 PAYLOAD_TOO_LARGE, 431
+// HEADERS_TOO_LARGE, 503 OVERLOADED. A rejected request writes nothing to
+// Redis: requests are validated and planned completely before the store
+// calls that commit them.
 //
-// State lives only in Redis (jobs, tasks, schedules), so a restarted
-// coordinator carries on. In-process only: the HTTP request counters of
-// qcal_http_requests_total (per process, reset on restart, as Prometheus
-// counters may be).
+// State lives only in Redis (jobs, tasks, schedules, quota sets), so a
+// restarted coordinator carries on. In-process only: the HTTP counters of
+// /metrics (per process, reset on restart, as Prometheus counters may be).
 //
-// Threads: cpp-httplib's pool serves requests; each request borrows a
-// RedisClient from a small pool (a RedisClient is single-threaded). One
-// background thread runs a Boost.Asio io_context with two timers: the
-// scheduler tick (scheduler_tick every `tick_interval_s`) and a periodic
-// status log line.
+// Threads: the HTTP front (one I/O thread for every connection) parses
+// requests and answers authentication failures, unknown routes, malformed
+// ids and /healthz itself; the other requests run on `http_threads` handler
+// threads, each borrowing a RedisClient from a small pool (a RedisClient is
+// single-threaded). One background thread runs a Boost.Asio io_context with
+// two timers: the scheduler tick (scheduler_tick every `tick_interval_s`) and
+// a periodic status log line.
 //
-// Thread safety: start/stop/wait may be called from any thread; stop() is
-// idempotent and safe from a signal-waiting thread.
+// Thread safety: start/stop/wait/handle may be called from any thread; stop()
+// is idempotent and safe from a signal-waiting thread.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +53,7 @@
 
 #include "common/redis.h"
 #include "common/status.h"
+#include "coordinator/http_front.h"
 #include "coordinator/schedules.h"
 
 namespace qcal {
@@ -56,8 +66,21 @@ struct CoordinatorOptions {
   std::string token_file;                      // empty = authentication off (warned at start)
   std::string store_root;                      // artifact store, reported by /readyz
   uint64_t worker_memory_bytes = 24ull << 30;  // PlannerLimits::worker_memory_bytes
-  uint64_t max_body_bytes = 1ull << 20;        // larger request bodies → 413
-  int http_threads = 32;  // each keep-alive connection holds one while open
+  // ---- the HTTP front (coordinator/http_front.h)
+  uint64_t max_body_bytes = 1ull << 20;  // larger bodies → 413, while reading (chunked too)
+  size_t max_header_bytes = 16 << 10;    // request line + headers; larger → 431
+  int max_connections = 512;             // open at once; more → 503 at once
+  int max_connections_per_ip = 0;        // from one client address; 0 = no cap
+  double header_timeout_s = 10;          // request head (and keep-alive idle) → 408
+  double body_timeout_s = 30;            // body, from the end of the head → 408
+  double write_timeout_s = 30;           // writing a response; then the connection is dropped
+  int http_threads = 16;                 // handler threads (Redis calls run here)
+  // ---- request policy
+  // Live (queued, running, validating) jobs one token may have; more → 429.
+  // 0 = no quota. With auth off, every client shares one quota.
+  int64_t max_jobs_per_token = 0;
+  // A schedule whose cron can fire more often than this is refused (400).
+  int64_t min_schedule_interval_s = 300;
   // A request waits at most this long for Redis to come back before 503
   // (caps RedisOptions::reconnect_timeout_s for request clients).
   double request_redis_timeout_s = 2.0;
@@ -73,8 +96,8 @@ class CoordinatorServer {
   CoordinatorServer(const CoordinatorServer&) = delete;
   CoordinatorServer& operator=(const CoordinatorServer&) = delete;
 
-  // Loads the token file, binds the port, and starts the HTTP and background
-  // threads; returns once requests are being accepted. Redis need not be up
+  // Loads the token file, binds the port, and starts the HTTP front and the
+  // background thread; returns once connections are being accepted. Redis need not be up
   // (requests answer 503 and /readyz fails until it is). Errors: the token
   // file cannot be read, the port cannot be bound.
   Status start();
@@ -84,6 +107,11 @@ class CoordinatorServer {
   void stop();
   // Blocks until stop() has completed.
   void wait();
+
+  // The whole API for one request, without a socket: authentication,
+  // routing, id checks and the handler (what the HTTP front calls; tests use
+  // it directly). Needs no start(); Redis is reached as in a request.
+  HttpResponse handle(const HttpRequest& req);
 
   // Runs one scheduler tick at wall time `now` (unix seconds; tests pass a
   // time past a schedule's next_run_at), as the background thread does.

@@ -8,8 +8,8 @@ PKGS=(
   libopenblas-dev            # sgemm + LAPACK (Cholesky) for the CPU engine
   nlohmann-json3-dev         # JSON
   libhiredis-dev redis-server  # queue + job state
-  libboost-dev               # Asio (header-only)
-  libcpp-httplib-dev         # REST server/client
+  libboost-dev               # Asio and Beast (header-only): the coordinator's HTTP server
+  libcpp-httplib-dev         # REST client (the CLI); the server is on Boost.Beast
   libssl-dev                 # cpp-httplib's pkg-config requires it
   libopenmpi-dev openmpi-bin # multi-rank workers
   libgtest-dev libgmock-dev libbenchmark-dev

@@ -1,8 +1,11 @@
 // labels: integration
 // The coordinator over HTTP, in process, against a real redis-server: job
 // submission and views, rejected requests that must leave Redis untouched,
-// cancel, listing filters, metrics, readiness across a Redis outage, and
-// schedules (CRUD, firing by a tick, regression marking).
+// cancel, listing filters, metrics, readiness across a Redis outage (and what
+// it shows without a token), schedules (CRUD, firing by a tick, regression
+// marking, the minimum interval), malformed ids, label caps, the per-token
+// job quota and token revocation. The API without sockets
+// (CoordinatorServer::handle) where Redis must not be touched.
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <unistd.h>
@@ -249,6 +252,17 @@ TEST_F(CoordinatorHttp, RejectedRequestsChangeNothingInRedis) {
   s["labels"] = {{"pad", std::string(kMaxBody + 1000, 'x')}};
   expect_error(client()->Post("/v1/jobs", s.dump(), "application/json"), 413, "PAYLOAD_TOO_LARGE",
                "limit");
+  // Labels: at most 32, keys up to 64 bytes, values up to 256 bytes.
+  std::map<std::string, std::string> many;
+  for (int i = 0; i < 33; ++i) many["k" + std::to_string(i)] = "v";
+  expect_error(client()->Post("/v1/jobs", spec("out/d", many).dump(), "application/json"), 400,
+               "INVALID_INPUT", "labels: 33 labels; at most 32");
+  expect_error(client()->Post("/v1/jobs", spec("out/d", {{std::string(65, 'k'), "v"}}).dump(),
+                              "application/json"),
+               400, "INVALID_INPUT", "key is 65 bytes; at most 64");
+  expect_error(client()->Post("/v1/jobs", spec("out/d", {{"team", std::string(257, 'v')}}).dump(),
+                              "application/json"),
+               400, "INVALID_INPUT", "labels.team: value is 257 bytes; at most 256");
   // Missing and wrong tokens.
   auto r = client("")->Post("/v1/jobs", spec("out/d").dump(), "application/json");
   expect_error(r, 401, "UNAUTHENTICATED", "missing bearer token");
@@ -272,6 +286,23 @@ TEST_F(CoordinatorHttp, RejectedRequestsChangeNothingInRedis) {
   sched = {{"cron", "0 25 * * *"}, {"template", spec("out/{time}")}};
   expect_error(client()->Post("/v1/schedules", sched.dump(), "application/json"), 400,
                "INVALID_INPUT", "cron: hour field");
+  // More often than --min-schedule-interval-s (300 s): refused with the numbers.
+  sched = {{"cron", "*/2 * * * *"}, {"template", spec("out/{time}")}};
+  expect_error(client()->Post("/v1/schedules", sched.dump(), "application/json"), 400,
+               "INVALID_INPUT", "can fire 120 s apart; runs must be at least 300 s apart");
+  sched = {{"cron", "0,59 0,23 * * *"}, {"template", spec("out/{time}")}};
+  expect_error(client()->Post("/v1/schedules", sched.dump(), "application/json"), 400,
+               "INVALID_INPUT", "can fire 60 s apart");
+  sched = {{"cron", "0 2 * * *"}, {"template", spec("out/{time}", {{"t", std::string(300, 'x')}})}};
+  expect_error(client()->Post("/v1/schedules", sched.dump(), "application/json"), 400,
+               "INVALID_INPUT", "template.labels.t: value is 300 bytes");
+  // Ids the store never issues: 404, and no Redis key is built from them.
+  const std::string job_id = body(client()->Get("/v1/jobs"))["jobs"][0]["id"];
+  expect_error(client()->Get("/v1/jobs/" + job_id + ":tasks"), 404, "NOT_FOUND", "not a job id");
+  expect_error(client()->Get("/v1/jobs/" + job_id + ":log/report"), 404, "NOT_FOUND",
+               "not a job id");
+  expect_error(client()->Delete("/v1/jobs/*"), 404, "NOT_FOUND", "not a job id");
+  expect_error(client()->Get("/v1/schedules/..%2Fjob"), 404, "NOT_FOUND", "not a schedule id");
 
   EXPECT_EQ(snapshot(), before);
 }
@@ -336,14 +367,26 @@ TEST_F(CoordinatorHttp, MetricsAndHealth) {
 }
 
 TEST_F(CoordinatorHttp, ReadyzFollowsRedis) {
+  // Without a token: the verdict only, nothing about where things live.
   auto r = client("")->Get("/readyz");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200) << r->body;
+  EXPECT_EQ(body(r), (json{{"status", "ready"}})) << r->body;
+  EXPECT_EQ(client("wrong")->Get("/readyz")->body, r->body);
+  // With one: the details.
+  r = client()->Get("/readyz");
   ASSERT_TRUE(r);
   EXPECT_EQ(r->status, 200) << r->body;
   EXPECT_EQ(body(r)["store"], path("store"));
   EXPECT_EQ(body(r)["store_exists"], true);
+  EXPECT_EQ(body(r)["redis"], "127.0.0.1:" + std::to_string(redis_->port()));
 
   redis_->stop();
-  expect_error(client("")->Get("/readyz"), 503, "UNAVAILABLE", "unreachable");
+  expect_error(client("")->Get("/readyz"), 503, "UNAVAILABLE", "redis unreachable");
+  EXPECT_EQ(client("")->Get("/readyz")->body.find(std::to_string(redis_->port())),
+            std::string::npos);
+  expect_error(client()->Get("/readyz"), 503, "UNAVAILABLE",
+               "127.0.0.1:" + std::to_string(redis_->port()));
   EXPECT_EQ(client("")->Get("/healthz")->status, 200);  // the process is still up
   // A request that needs Redis answers 503, not a hang or a 500.
   expect_error(client()->Get("/v1/jobs"), 503, "UNAVAILABLE", "");
@@ -454,6 +497,91 @@ TEST_F(CoordinatorHttp, TwoCoordinatorsFireASlotOnce) {
   EXPECT_EQ(body(jobs)["jobs"].size(), 1u);
 }
 
+TEST_F(CoordinatorHttp, PerTokenQuotaOfLiveJobs) {
+  CoordinatorOptions o;
+  o.port = 0;
+  o.redis = redis_->options(2.0);
+  o.token_file = path("tokens");
+  o.tick_interval_s = 0;
+  o.status_log_interval_s = 0;
+  o.max_jobs_per_token = 2;
+  CoordinatorServer quota(o);
+  ASSERT_TRUE(quota.start().is_ok());
+  auto post = [&](const std::string& token, const std::string& out) {
+    httplib::Client c("127.0.0.1", quota.port());
+    c.set_bearer_token_auth(token);
+    return c.Post("/v1/jobs", spec(out).dump(), "application/json");
+  };
+  auto a = post(kToken, "out/q1");
+  ASSERT_TRUE(a);
+  ASSERT_EQ(a->status, 202) << a->body;
+  ASSERT_EQ(post(kToken, "out/q2")->status, 202);
+  const auto before = snapshot();
+  expect_error(post(kToken, "out/q3"), 429, "TOO_MANY_JOBS",
+               "this token has 2 live jobs (queued, running or validating); the limit is 2");
+  EXPECT_EQ(snapshot(), before);
+  // Another token has its own quota.
+  EXPECT_EQ(post("other-token", "out/q4")->status, 202);
+  // A finished (here: cancelled) job frees its slot.
+  httplib::Client c("127.0.0.1", quota.port());
+  c.set_bearer_token_auth(kToken);
+  ASSERT_EQ(c.Delete("/v1/jobs/" + body(a)["id"].get<std::string>())->status, 200);
+  EXPECT_EQ(post(kToken, "out/q5")->status, 202);
+  expect_error(post(kToken, "out/q6"), 429, "TOO_MANY_JOBS", "limit is 2");
+  // Concurrent submits never pass the limit together.
+  c.Delete("/v1/jobs/" +
+           body(client()->Get("/v1/jobs?limit=1"))["jobs"][0]["id"].get<std::string>());
+  std::atomic<int> accepted{0};
+  std::vector<std::thread> ts;
+  for (int i = 0; i < 6; ++i)
+    ts.emplace_back([&, i] {
+      auto r = post(kToken, "out/qc" + std::to_string(i));
+      if (r && r->status == 202) ++accepted;
+    });
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(accepted.load(), 1);
+}
+
+// The API without sockets, with Redis unreachable: whatever must not touch
+// Redis answers as usual; whatever must, answers 503.
+TEST(CoordinatorApi, MalformedIdsAre404WithoutTouchingRedis) {
+  CoordinatorOptions o;
+  o.redis.host = "127.0.0.1";
+  o.redis.port = 1;  // nothing listens there
+  o.request_redis_timeout_s = 0.2;
+  CoordinatorServer api(o);
+  auto call = [&api](const std::string& method, const std::string& target) {
+    HttpRequest r;
+    r.method = method;
+    r.target = target;
+    r.path = target.substr(0, target.find('?'));
+    if (target.find('?') != std::string::npos) r.query = target.substr(target.find('?') + 1);
+    return api.handle(r);
+  };
+  for (const char* t :
+       {"/v1/jobs/j-1700000000000-0123abcd:tasks", "/v1/jobs/j-1700000000000-0123abcd:log",
+        "/v1/jobs/nope", "/v1/jobs/j-1-0123abcX", "/v1/jobs/J-1700000000000-0123abcd",
+        "/v1/jobs/j--0123abcd", "/v1/jobs/%2e%2e", "/v1/jobs/j-1700000000000-0123abcd0"}) {
+    HttpResponse h = call("GET", t);
+    EXPECT_EQ(h.status, 404) << t << " " << h.body;
+    EXPECT_NE(h.body.find("not a job id"), std::string::npos) << t << " " << h.body;
+    EXPECT_EQ(call("DELETE", t).status, 404) << t;
+    EXPECT_EQ(call("GET", std::string(t) + "/report").status, 404) << t;
+  }
+  EXPECT_EQ(call("GET", "/v1/schedules/s-1-abc").status, 404);
+  EXPECT_EQ(call("DELETE", "/v1/schedules/job").status, 404);
+  EXPECT_EQ(call("GET", "/v1/jobs/").status, 404);
+  EXPECT_EQ(call("PATCH", "/v1/jobs").status, 404);
+  EXPECT_EQ(call("GET", "/healthz").status, 200);
+  // Well-formed ids do reach Redis.
+  EXPECT_EQ(call("GET", "/v1/jobs/j-1700000000000-0123abcd").status, 503);
+  EXPECT_EQ(call("GET", "/v1/schedules/s-1700000000000-0a1b2c").status, 503);
+  // /readyz without a token (auth is off here, so everyone has one): details.
+  HttpResponse ready = call("GET", "/readyz");
+  EXPECT_EQ(ready.status, 503);
+  EXPECT_NE(ready.body.find("127.0.0.1:1"), std::string::npos) << ready.body;
+}
+
 TEST(TokenAuthFile, ReloadsWhenTheFileChanges) {
   std::string tmpl = (fs::temp_directory_path() / "qcal_auth_XXXXXX").string();
   ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
@@ -474,14 +602,30 @@ TEST(TokenAuthFile, ReloadsWhenTheFileChanges) {
   std::ofstream(file) << "alpha\ngamma\n";
   EXPECT_TRUE(auth.check_header("Bearer gamma"));
   EXPECT_FALSE(auth.check_header("Bearer beta"));
-  // A vanished file keeps the last tokens.
+  EXPECT_EQ(auth.identify("Bearer gamma"), auth.identify("bearer  gamma "));
+  ASSERT_TRUE(auth.identify("Bearer gamma").has_value());
+  EXPECT_EQ(auth.identify("Bearer gamma")->size(), 18u);  // "t-" + 16 hex
+  EXPECT_NE(auth.identify("Bearer gamma"), auth.identify("Bearer alpha"));
+  EXPECT_EQ(auth.identify("Bearer beta"), std::nullopt);
+  // Deleting the file revokes every token ...
   fs::remove(file);
   std::this_thread::sleep_for(std::chrono::milliseconds(1100));
-  EXPECT_TRUE(auth.check_header("Bearer gamma"));
+  EXPECT_FALSE(auth.check_header("Bearer gamma"));
+  EXPECT_FALSE(auth.check_header("Bearer alpha"));
+  EXPECT_EQ(auth.size(), 0u);
+  // ... until it holds tokens again.
+  std::ofstream(file) << "delta\n";
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  EXPECT_TRUE(auth.check_header("Bearer delta"));
+  // Emptying it revokes them too.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  std::ofstream(file, std::ios::trunc).flush();
+  EXPECT_FALSE(auth.check_header("Bearer delta"));
 
   TokenAuth off("");
   EXPECT_FALSE(off.enabled());
   EXPECT_TRUE(off.check_header(""));
+  EXPECT_EQ(off.identify(""), "anonymous");
   EXPECT_EQ(TokenAuth(tmpl + "/missing").load().code(), Code::kNotFound);
   fs::remove_all(tmpl);
 }

@@ -1,7 +1,10 @@
-// Cron parsing and next_after (UTC), plus the pure parts of schedules: the
-// request parser, template instantiation and the regression rule.
+// Cron parsing, next_after and min_interval_s (UTC), plus the pure parts of
+// schedules: ids, the request parser, template instantiation and the
+// regression rule.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <ctime>
 
 #include "coordinator/schedules.h"
@@ -150,6 +153,56 @@ TEST(Cron, DayOfWeek) {
   EXPECT_NEXT("0 0 13 * 5", utc(2024, 3, 13, 1), utc(2024, 3, 15));
   // Day-of-week restricted with a '*' day-of-month: both must match.
   EXPECT_NEXT("0 0 */2 * 1", utc(2024, 3, 10), utc(2024, 3, 11));
+}
+
+TEST(CronInterval, MinimumIntervalBetweenFirings) {
+  auto every = [](const std::string& cron) {
+    auto c = parse_cron(cron);
+    EXPECT_TRUE(c.is_ok()) << cron;
+    return c.is_ok() ? c->min_interval_s() : -1;
+  };
+  EXPECT_EQ(every("* * * * *"), 60);
+  EXPECT_EQ(every("*/10 * * * *"), 600);
+  EXPECT_EQ(every("*/7 * * * *"), 240);  // 56 → 0 across the hour: 4 minutes
+  EXPECT_EQ(every("0 * * * *"), 3600);
+  EXPECT_EQ(every("@daily"), 86400);
+  EXPECT_EQ(every("@weekly"), 7 * 86400);
+  EXPECT_EQ(every("0 2 * * 1-5"), 86400);
+  EXPECT_EQ(every("0 2 * * 1,3"), 2 * 86400);
+  EXPECT_EQ(every("0,59 0,23 * * *"), 60);       // 23:59 then 00:00 the next day
+  EXPECT_EQ(every("0,59 0,23 * * 1"), 59 * 60);  // never on two days in a row
+  EXPECT_EQ(every("0 0 1 * *"), 28 * 86400);     // February
+  EXPECT_EQ(every("0 0 29 2 *"), 1461 * 86400);  // leap days, 4 years apart
+}
+
+// Against the reference: walk next_after over consecutive firings.
+TEST(CronInterval, MatchesAWalkOfFirings) {
+  for (const char* text :
+       {"*/7 * * * *", "5,55 */3 * * *", "0,59 0,23 * * 1", "0 12 * * 6,0", "30 1 1,15 * *",
+        "0 0 * * 1-5", "10,20 4 13 * 5", "*/45 22-23,0-1 * * *"}) {
+    auto c = parse_cron(text);
+    ASSERT_TRUE(c.is_ok()) << text;
+    int64_t walk = INT64_MAX;
+    std::time_t t = utc(2024, 1, 1);
+    for (int i = 0; i < 3000; ++i) {
+      auto n = c->next_after(t);
+      ASSERT_TRUE(n.has_value()) << text;
+      if (i > 0) walk = std::min<int64_t>(walk, *n - t);
+      t = *n;
+    }
+    EXPECT_EQ(c->min_interval_s(), walk) << text;
+  }
+}
+
+TEST(ScheduleIds, NewIdsHaveTheCheckedForm) {
+  for (int i = 0; i < 100; ++i) {
+    const std::string id = new_schedule_id();
+    EXPECT_TRUE(is_schedule_id(id)) << id;
+  }
+  for (const char* bad : {"", "s-", "s-1-abc", "s-1-abcdeg", "s-x-abcdef", "S-1-abcdef",
+                          "s-1-ABCDEF", "s-1-abcdef:runs", "s--abcdef", "j-1-abcdef"})
+    EXPECT_FALSE(is_schedule_id(bad)) << bad;
+  EXPECT_TRUE(is_schedule_id("s-1700000000000-0a1b2c"));
 }
 
 TEST(ScheduleRequest, ParsesAndRejects) {

@@ -104,6 +104,7 @@ TEST_F(JobStoreTest, ChainWalksToSucceededInOrder) {
   ASSERT_TRUE(id.is_ok()) << id.status().to_string();
   EXPECT_EQ(id->rfind("j-", 0), 0u);
   EXPECT_EQ(id->size(), 2 + 13 + 1 + 8u) << *id;
+  EXPECT_TRUE(is_job_id(*id)) << *id;
 
   JobInfo j = job(*id);
   EXPECT_EQ(j.state, JobState::kQueued);
@@ -629,6 +630,16 @@ TEST_F(JobStoreTest, LostGroupIsRecreated) {
   auto r = store().claim_task("w", 1000, 0);
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
   EXPECT_FALSE(r->has_value());
+}
+
+// The form the coordinator checks URL ids against before building keys.
+TEST(JobIds, OnlyTheIssuedFormPasses) {
+  EXPECT_TRUE(is_job_id("j-1706659200000-3f9a1c2b"));
+  for (const char* bad : {"", "j-", "j-1706659200000-3f9a1c2", "j-1706659200000-3f9a1c2b0",
+                          "j-1706659200000-3F9A1C2B", "j-1706659200000-3f9a1c2b:tasks",
+                          "j--3f9a1c2b", "j-17x6659200000-3f9a1c2b", "x-1706659200000-3f9a1c2b",
+                          "j-1706659200000_3f9a1c2b", "../j-1706659200000-3f9a1c2b"})
+    EXPECT_FALSE(is_job_id(bad)) << bad;
 }
 
 }  // namespace
