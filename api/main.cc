@@ -167,15 +167,20 @@ int cmd_quantize(int argc, char** argv) {
   std::set<std::string> valued = {"model",     "method",       "w-bits", "group-size", "calib",
                                   "nsamples",  "seqlen",       "format", "out",        "damp",
                                   "blocksize", "max-shard-mb", "batch",  "report"};
-  std::set<std::string> bools = {"sym",           "asym",     "act-order",
-                                 "static-groups", "mse-clip", "no-true-sequential",
-                                 "overwrite",     "json",     "quiet"};
+  std::set<std::string> bools = {"sym",      "asym",        "act-order",          "static-groups",
+                                 "mse-clip", "narrow-grid", "no-true-sequential", "overwrite",
+                                 "json",     "quiet"};
   valued.insert(calib_valued_flags().begin(), calib_valued_flags().end());
   bools.insert(calib_bool_flags().begin(), calib_bool_flags().end());
   Flags f(valued, bools);
   CLI_TRY(cmd, f.parse(argc, argv, 2));
   if (f.flag("quiet")) set_log_level(LogLevel::kWarn);
-  if (wants_calibration(f)) return cmd_quantize_calib(f);
+  if (wants_calibration(f)) {
+    if (f.flag("narrow-grid"))
+      return cli_fail(cmd, invalid_input("--narrow-grid applies to weight-only --method rtn|gptq "
+                                         "(the calibration engine chooses its own grid)"));
+    return cmd_quantize_calib(f);
+  }
   for (const auto& k : calib_valued_flags())
     if (f.has(k) && k != "a-bits" && k != "kv-bits")
       return cli_fail(cmd, invalid_input("--" + k +
@@ -193,6 +198,9 @@ int cmd_quantize(int argc, char** argv) {
   if (f.flag("sym") && f.flag("asym"))
     return cli_fail(cmd, invalid_input("--sym and --asym are exclusive"));
   o.spec.sym = !f.flag("asym");
+  if (f.flag("narrow-grid") && !o.spec.sym)
+    return cli_fail(cmd, invalid_input("--narrow-grid is a symmetric grid; drop --asym"));
+  o.spec.narrow = f.flag("narrow-grid");
   o.spec.mse_clip = f.flag("mse-clip");
   CLI_TRY(cmd, o.spec.validate());
   CLI_ASSIGN(cmd, o.gptq.percdamp, f.number("damp", 0.01));
@@ -225,8 +233,9 @@ int cmd_quantize(int argc, char** argv) {
     LOG_WARN << calib_path << " holds " << calib.count() << " sequences of " << seqlen
              << " tokens; using them all (asked for " << nsamples << ")";
   LOG_INFO << "quantize " << model << ": " << (o.method == WeightMethod::kGptq ? "gptq" : "rtn")
-           << " w" << o.spec.bits << " g" << o.spec.group_size << (o.spec.sym ? " sym" : " asym")
-           << ", " << calib.count() << " x " << seqlen << " calibration tokens, " << blas_threads()
+           << " w" << o.spec.bits << " g" << o.spec.group_size
+           << (o.spec.sym ? (o.spec.narrow ? " sym (narrow grid)" : " sym") : " asym") << ", "
+           << calib.count() << " x " << seqlen << " calibration tokens, " << blas_threads()
            << " threads";
   CLI_ASSIGN(cmd, QuantizeReport rep, quantize_model(model, calib, o, out));
   nlohmann::json j = rep.to_json();
@@ -335,7 +344,7 @@ void usage() {
       "  qcal synth-data --out FILE.jsonl (--vocab N | --model DIR) [--tokens 65536 --seed 1]\n"
       "  qcal quantize   --model DIR --calib FILE --out DIR [--method gptq|rtn --w-bits 4 "
       "--group-size 128\n"
-      "                  --sym|--asym --nsamples 128 --seqlen 2048 --format "
+      "                  --sym|--asym --narrow-grid --nsamples 128 --seqlen 2048 --format "
       "gptq|compressed-tensors\n"
       "                  --damp 0.01 --act-order --static-groups --blocksize 128 --mse-clip\n"
       "                  --max-shard-mb 2048 --overwrite --report FILE --json]\n"
