@@ -13,7 +13,10 @@ held-out tokens and mean KL(FP ‖ quantized) per token):
 - *qcal act-order + static*: `--act-order --static-groups`, the column order and
   group parameters llm-compressor uses by default (actorder "static": columns by
   descending diag(H), groups fixed on the original columns before the solve);
-- *qcal, old grid*: `--narrow-grid`, the symmetric scale absmax/(2^(b−1)−1) qcal used
+- *qcal act-order + static + mse-clip*: the same with qcal's MSE clip search of
+  every group's range (`--mse-clip`; llm-compressor's default observer is plain
+  min-max);
+- *qcal old grid*: `--narrow-grid`, the symmetric scale absmax/(2^(b−1)−1) qcal used
   before issue #14 (what moved);
 - *llm-compressor*: `GPTQModifier` (llmcompressor 0.14.0.1, compressed-tensors
   0.19.0, its default actorder "static"), through tools/interop/llmc_quantize.py
@@ -53,12 +56,12 @@ GRAMMAR = (os.path.join(FIX, "grammar-data", "calib.u32"), os.path.join(FIX, "gr
 def row_specs(babyllama):
     rows = []
     for fx in ("grammar-tiny", "grammar-tiny-outlier"):
-        for bits, gs in ((4, 128), (4, -1), (3, 128)):
+        for bits, gs in ((4, 128), (4, -1)):
             rows.append((fx, os.path.join(FIX, fx), GRAMMAR, bits, gs))
     if babyllama:
         data = (os.path.join(babyllama, "samples_64x256.u32"),
                 os.path.join(babyllama, "samples_32x256.u32"), 256, 64)
-        for bits, gs in ((4, -1), (4, 32), (3, 32)):
+        for bits, gs in ((4, -1), (4, 32)):
             rows.append(("babyllama-tok361", babyllama, data, bits, gs))
     return rows
 
@@ -66,13 +69,16 @@ def row_specs(babyllama):
 CONTENDERS = [
     ("qcal", []),
     ("qcal act-order + static", ["--act-order", "--static-groups"]),
-    ("qcal, old grid", ["--narrow-grid"]),
+    ("qcal act-order + static + mse-clip", ["--act-order", "--static-groups", "--mse-clip"]),
+    ("qcal old grid", ["--narrow-grid"]),
     ("llm-compressor", None),
 ]
 
 
 def run_measured(cmd, env=None):
-    """Runs cmd; returns (rc, stdout, stderr, wall seconds, peak RSS in MiB)."""
+    """Runs cmd; returns (rc, stdout, stderr, wall seconds, peak RSS in MiB, CPU seconds).
+    CPU seconds (user + system of the process and its threads) are the stable
+    measure on a shared machine, where wall time depends on the other load."""
     t0 = time.time()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
@@ -82,7 +88,7 @@ def run_measured(cmd, env=None):
         out.seek(0)
         err.seek(0)
         return (p.returncode, out.read().decode(), err.read().decode(), wall,
-                ru.ru_maxrss / 1024.0)
+                ru.ru_maxrss / 1024.0, ru.ru_utime + ru.ru_stime)
 
 
 def last_line(text):
@@ -106,10 +112,17 @@ def main():
     ap.add_argument("--babyllama", default=default_babyllama())
     ap.add_argument("--rows", default="all", help="all, or model names to keep (comma-separated)")
     ap.add_argument("--contenders", default=",".join(c[0] for c in CONTENDERS))
+    # No W3 rows: qcal writes compressed-tensors for 4 and 8 bits only, and llm-compressor's
+    # 3-bit pack-quantized (dense cross-word packing) is not read by qcal eval, the common
+    # evaluator here.
+    ap.add_argument("--bits", default="4", help="weight bit widths of the rows to run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "RESULTS.md"))
     ap.add_argument("--no-write", action="store_true", help="print the table, do not splice it")
     ap.add_argument("--json-out", default=os.path.join(tempfile.gettempdir(), "qcal_llmc.json"))
+    ap.add_argument("--merge", default=None,
+                    help="a --json-out of an earlier run: its results are kept where this run "
+                         "has none for the same model, setting and contender")
     a = ap.parse_args()
     qcal = os.path.abspath(a.qcal)
     venv = a.venv or os.path.join(os.path.dirname(os.path.dirname(qcal)), "llmc-venv")
@@ -123,6 +136,8 @@ def main():
         for name, model, (calib, evald, seqlen, nsamples), bits, gs in row_specs(a.babyllama):
             if a.rows != "all" and name not in a.rows.split(","):
                 continue
+            if str(bits) not in a.bits.split(","):
+                continue
             setting = f"W{bits} " + (f"g{gs}" if gs > 0 else "per channel")
             fp = None
             for who, flags in CONTENDERS:
@@ -135,22 +150,30 @@ def main():
                     cmd = [qcal, "quantize", "--model", model, "--calib", calib, "--out", out,
                            "--method", "gptq", "--w-bits", str(bits), "--group-size", str(gs),
                            "--seqlen", str(seqlen), "--nsamples", str(nsamples), "--damp",
-                           "0.01", "--blocksize", "128", "--format", "compressed-tensors",
-                           "--quiet"] + flags
-                    rc, so, err, wall, rss = run_measured(cmd, env)
+                           "0.01", "--blocksize", "128", "--format",
+                           # qcal writes compressed-tensors for 4 and 8 bits only (formats.md)
+                           "compressed-tensors" if bits in (4, 8) else "gptq",
+                           "--quiet", "--report", out + ".report.json"] + flags
+                    rc, so, err, wall, rss, cpu = run_measured(cmd, env)
+                    if rc == 0:
+                        # Layer 0's q/k/v see the same Hessian (the FP embeddings) under
+                        # every qcal contender: their GPTQ losses compare grids directly.
+                        rep = json.load(open(out + ".report.json"))
+                        l0 = rep["layers"][0]["proj_losses"]
+                        r["l0_qkv_loss"] = sum(l0[f"self_attn.{p}_proj"] for p in "qkv")
                 else:
                     cmd = [py, os.path.join(HERE, "llmc_quantize.py"), "--model", model, "--calib",
                            calib, "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--bits",
                            str(bits), "--group-size", str(gs), "--damp", "0.01", "--block-size",
                            "128", "--threads", str(a.threads), "--out", out]
-                    rc, so, err, wall, rss = run_measured(cmd, env)
+                    rc, so, err, wall, rss, cpu = run_measured(cmd, env)
                     if rc == 0:
                         r.update(json.loads(last_line(so)))
-                r.update(seconds=round(wall, 2), peak_rss_mb=round(rss, 1))
+                r.update(seconds=round(wall, 2), cpu_seconds=round(cpu, 2), peak_rss_mb=round(rss, 1))
                 if rc != 0:
                     r["error"] = last_line(err)
                 else:
-                    rc, so, err, _, _ = run_measured(
+                    rc, so, err, _, _, _ = run_measured(
                         [qcal, "eval", "--model", out, "--data", evald, "--seqlen", str(seqlen),
                          "--fp-model", model, "--json"], env)
                     if rc != 0:
@@ -163,10 +186,21 @@ def main():
                 results.append(r)
                 print(f"{name:22s} {setting:14s} {who:24s} " +
                       (f"ppl {r['ppl']:.4f} kl {r['kl']:.6f} {r['seconds']:.1f} s "
-                       f"{r['peak_rss_mb']:.0f} MiB" if "ppl" in r else "ERROR " + r["error"]),
+                       f"({r['cpu_seconds']:.1f} s CPU) {r['peak_rss_mb']:.0f} MiB"
+                       + (f" l0 qkv loss {r['l0_qkv_loss']:.4g}" if "l0_qkv_loss" in r else "")
+                       if "ppl" in r else "ERROR " + r["error"]),
                       flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if a.merge:
+        have = {(r["model"], r["setting"], r["who"]) for r in results}
+        old = [r for r in json.load(open(a.merge))
+               if (r["model"], r["setting"], r["who"]) not in have]
+        results = old + results
+        order = [(n, f"W{b} " + (f"g{g}" if g > 0 else "per channel"))
+                 for n, _, _, b, g in row_specs(a.babyllama)]
+        results.sort(key=lambda r: order.index((r["model"], r["setting"]))
+                     if (r["model"], r["setting"]) in order else len(order))
     with open(a.json_out, "w") as f:
         json.dump(results, f, indent=1)
     lines = table_lines(results, a)
@@ -188,21 +222,28 @@ def table_lines(results, a):
         "`samples_64x256.u32`), symmetric int weights, damping 0.01, block size 128, "
         f"{a.threads} threads; every output scored by the same `qcal eval --fp-model` on the "
         "held-out tokens (grammar: `eval.u32`, 64 × 128; babyllama: `samples_32x256.u32`). "
-        "KL = mean KL(FP ‖ quantized) per token, nats (lower is better). Seconds = wall time of "
-        "the quantize process (llm-compressor in parentheses: its `oneshot()` call alone, "
-        "without Python and torch start-up); RSS = its peak resident set. "
+        "KL = mean KL(FP ‖ quantized) per token, nats (lower is better). Time = CPU seconds "
+        "(user + system) of the whole quantize process, wall seconds in parentheses "
+        "(llm-compressor: also its `oneshot()` call alone, without Python and torch start-up); "
+        "the machine was shared with other builds, so wall time is inflated and CPU time is "
+        "the comparable measure. RSS = the process's peak resident set, MiB. *L0 qkv* = "
+        "GPTQ loss ½tr(ΔW H ΔWᵀ) summed over layer 0's q/k/v (they see the same Hessian, "
+        "from the FP embeddings, in every qcal run), new grid / old grid. "
         f"Versions: {vs or 'llm-compressor not run'}.",
         "",
         "Contenders: **qcal** = `qcal quantize --method gptq` with its defaults; **act+static** "
         "= `--act-order --static-groups` (llm-compressor's default order: columns by "
-        "descending diag(H), group parameters fixed on the original columns); **old grid** = "
+        "descending diag(H), group parameters fixed on the original columns); **act+static+mse** "
+        "= the same with `--mse-clip` (each group's range by qcal's MSE clip search); "
+        "**old grid** = "
         "`--narrow-grid` (scale absmax/(2^(b−1)−1), qcal's symmetric grid before issue #14); "
         "**llmc** = llm-compressor `GPTQModifier` with its defaults (actorder static, "
         "memoryless min-max observer, fp32 scales).",
         "",
-        "| model | setting | FP ppl | qcal ppl | KL | act+static ppl | KL | old grid ppl | KL "
-        "| llmc ppl | KL | qcal s / RSS MiB | llmc s / RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | setting | FP ppl | qcal ppl | KL | act+static ppl | KL | act+static+mse ppl "
+        "| KL | old grid ppl | KL | llmc ppl | KL | L0 qkv new/old | qcal time / RSS "
+        "| llmc time / RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = []
     for r in results:
@@ -213,7 +254,8 @@ def table_lines(results, a):
         by = {r["who"]: r for r in results if (r["model"], r["setting"]) == k}
         fp = next((r["fp_ppl"] for r in by.values() if r.get("fp_ppl")), None)
         cells = [k[0], k[1], f"{fp:.4f}" if fp else ""]
-        for who in ("qcal", "qcal act-order + static", "qcal, old grid", "llm-compressor"):
+        for who in ("qcal", "qcal act-order + static", "qcal act-order + static + mse-clip",
+                    "qcal old grid", "llm-compressor"):
             r = by.get(who)
             if r is None:
                 cells += ["", ""]
@@ -222,10 +264,14 @@ def table_lines(results, a):
             else:
                 cells += [f"error: {r['error'][:60]}", ""]
         q = by.get("qcal", {})
+        o = by.get("qcal old grid", {})
         l = by.get("llm-compressor", {})
-        cells.append(f"{q['seconds']:.1f} / {q['peak_rss_mb']:.0f}" if "ppl" in q else "")
-        cells.append(f"{l['seconds']:.1f} ({l.get('calib_seconds', 0):.1f}) / "
-                     f"{l['peak_rss_mb']:.0f}" if "ppl" in l else "")
+        cells.append(f"{q['l0_qkv_loss'] / o['l0_qkv_loss']:.3f}"
+                     if "l0_qkv_loss" in q and "l0_qkv_loss" in o else "")
+        cells.append(f"{q['cpu_seconds']:.1f} ({q['seconds']:.0f}) / {q['peak_rss_mb']:.0f}"
+                     if "ppl" in q else "")
+        cells.append(f"{l['cpu_seconds']:.1f} ({l['seconds']:.0f}; oneshot {l.get('calib_seconds', 0):.0f})"
+                     f" / {l['peak_rss_mb']:.0f}" if "ppl" in l else "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -46,6 +46,14 @@ def main():
         [{"input_ids": toks[i], "attention_mask": torch.ones(a.seqlen, dtype=torch.int64)}
          for i in range(n)], batch_size=1, shuffle=False)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    # oneshot() wants a processor when given data; the token windows are never
+    # tokenized, so a word-level tokenizer over the ids stands in for the model's.
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                  unk_token="t0", pad_token="t0")
     weights = {"num_bits": a.bits, "type": "int", "symmetric": True,
                "strategy": "group" if a.group_size > 0 else "channel"}
     if a.group_size > 0:
@@ -56,8 +64,8 @@ def main():
         actorder=None if a.actorder == "none" else a.actorder)
     t_load = time.time() - t0
     t1 = time.time()
-    oneshot(model=model, dataset=loader, recipe=recipe, num_calibration_samples=n,
-            max_seq_length=a.seqlen)
+    oneshot(model=model, processor=tok, dataset=loader, recipe=recipe,
+            num_calibration_samples=n, max_seq_length=a.seqlen)
     t_calib = time.time() - t1
     t2 = time.time()
     model.save_pretrained(a.out, save_compressed=True)

@@ -13,7 +13,8 @@
 //    the signed grid [−2^(b−1), 2^(b−1) − 1] of QuaRot/FlatQuant/SpinQuant shifted
 //    by 2^(b−1); ±absmax land on codes 1 and 2^b − 1, code 0 is used only by
 //    GPTQ's error feedback (2^b − 1 levels). It is the grid of the calibration
-//    engine's fake quantizers (kernels/grad.h);
+//    engine's fake quantizers (kernels/grad.h), and the calibration engine
+//    deploys its weights on it (worker/calib/methods.cc weight_spec);
 //  Both write directly as GPTQ with z = 2^(b−1) or as compressed-tensors signed
 //  codes q − 2^(b−1) with no symmetric zero-point tensor: the checkpoint stores the
 //  scale, so loaders need not know which grid produced it.
