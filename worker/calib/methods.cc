@@ -245,6 +245,11 @@ QuantSpec weight_spec(const CalibRecipe& r) {
   s.bits = r.w_bits;
   s.group_size = r.w_group;
   s.sym = true;
+  // The calibration engine's fake quantizers (kernels/grad.h) train on the narrow
+  // grid absmax/(2^(b−1) − 1), and deploy() folds FlatQuant's diagonal assuming an
+  // odd-symmetric grid: deploy on the same grid (issue #14 moved only the
+  // weight-only default to the full grid).
+  s.narrow = true;
   s.mse_clip = r.w_mse_clip;
   return s;
 }
