@@ -251,7 +251,7 @@ void usage() {
       "  qcal synth-data --out FILE.jsonl (--vocab N | --model DIR) [--tokens 65536 --seed 1]\n"
       "  qcal quantize   --model DIR --calib FILE --out DIR [--method gptq|rtn --w-bits 4 "
       "--group-size 128\n"
-      "                  --sym|--asym --nsamples 128 --seqlen 2048 --format "
+      "                  --sym|--asym --w-grid auto|full|narrow --nsamples 128 --seqlen 2048 --format "
       "gptq|compressed-tensors\n"
       "                  --damp 0.01 --act-order --static-groups --blocksize 128 --mse-clip\n"
       "                  --max-shard-mb 2048 --overwrite --report FILE --json]\n"

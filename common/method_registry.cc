@@ -95,6 +95,11 @@ std::vector<MethodRow> build() {
                   "compressed-tensors formats only)",
                   "asym"),
          opt_bool("w_mse_clip", "mse-clip", false, "MSE search of each weight row/group's range"),
+         opt_str("w_grid", "w-grid", "auto", {"auto", "full", "narrow"},
+                 "symmetric weight grid: full = scale 2·absmax/(2^b−1), all 2^b codes "
+                 "(AutoGPTQ, GPTQModel, llm-compressor); narrow = absmax/(2^(b−1)−1) "
+                 "(QuaRot/FlatQuant, what the fake quantizers train on); auto = full for "
+                 "weight-only rtn/gptq without a transform, narrow otherwise"),
          opt_int("a_bits", "a-bits", 16, 2, 16,
                  "activation bits (inputs of every linear but lm_head): 2, 3, 4, 6, 8 or 16"),
          opt_num("a_clip", "a-clip", 1.0, 1e-6, 1.0, "fixed activation clip ratio"),

@@ -228,6 +228,12 @@ std::string Recipe::display_name() const {
   return weight_solver();
 }
 
+bool Recipe::narrow_grid() const {
+  const std::string& g = s("w_grid");
+  if (g != "auto") return g == "narrow";
+  return !(transform() == "none" && !reconstructs() && a_bits() == 16 && kv_bits() == 16);
+}
+
 Status Recipe::validate_fields() const {
   if (!w_bits_ok(w_bits()))
     return invalid_input("w_bits: must be 2, 3, 4, 8 or 16 (got " + std::to_string(w_bits()) +
@@ -246,6 +252,11 @@ Status Recipe::validate_fields() const {
   if (t == "flatquant" && b("lwc") && b("w_mse_clip") && w_bits() < 16)
     return invalid_input(
         "w_mse_clip: flatquant with lwc learns the weight clipping itself; turn one of them off");
+  if (s("w_grid") == "full" && (t == "flatquant" || recon))
+    return invalid_input("w_grid: full is for rtn/gptq weights; " +
+                         std::string(recon ? "a reconstruction learns its step sizes"
+                                           : "flatquant folds its diagonals") +
+                         " on the narrow grid (use auto or narrow)");
   if (!w_sym()) {
     if (!folds_completely() || recon || ws == "lora-rounding")
       return invalid_input(

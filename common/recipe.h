@@ -71,6 +71,11 @@ class Recipe {
   int64_t batch() const { return i("batch"); }
   bool reconstructs() const { return reconstruction() != "none"; }
   bool gptq() const { return weight_solver() == "gptq" && w_bits() < 16; }
+  // The symmetric weight grid (key w_grid): true = narrow, absmax/(2^(b−1)−1); false =
+  // full, 2·absmax/(2^b−1) (worker/engine/quantizer.h). auto is full exactly for the
+  // weight-only case the ecosystem's tools cover: no transform, no reconstruction,
+  // activations and K/V unquantized.
+  bool narrow_grid() const;
 
   // True iff every transform folds into the weights offline (weight-only, not
   // FlatQuant): no online Hadamard / Kronecker factor is needed.

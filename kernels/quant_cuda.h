@@ -15,14 +15,15 @@ namespace qcal {
 // host_out (R, C) = RTN fake quantization of host_in (R, C), both row-major fp32
 // host memory (they may alias). Groups of `group_size` consecutive columns per
 // row (−1 = the whole row; the last group may be partial); `bits` ∈ {2,3,4,8};
-// symmetric or asymmetric exactly as QuantSpec{bits, group_size, sym} without
-// the MSE clip search: fp16-rounded scales clamped ≥ 1e-5, half-to-even rounding.
+// symmetric (full or `narrow` grid) or asymmetric exactly as
+// QuantSpec{bits, group_size, sym, narrow} without the MSE clip search:
+// fp16-rounded scales clamped ≥ 1e-5, half-to-even rounding.
 // Copies to the device, runs, copies back (synchronous).
 // Errors: kInvalidInput (bad bits/group_size/shape), kUnavailable (built without
 // CUDA, or no GPU: retry elsewhere), kResourceExhausted (device allocation),
 // kInternal (a CUDA failure after allocation). R == 0 or C == 0 is a no-op.
 // Thread safety: safe to call concurrently (each call owns its device buffers).
 Status fake_quantize_rows_cuda(const float* host_in, float* host_out, int64_t rows, int64_t cols,
-                               int bits, int64_t group_size, bool sym);
+                               int bits, int64_t group_size, bool sym, bool narrow);
 
 }  // namespace qcal

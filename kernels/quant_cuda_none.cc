@@ -6,7 +6,7 @@
 
 namespace qcal {
 
-Status fake_quantize_rows_cuda(const float*, float*, int64_t, int64_t, int, int64_t, bool) {
+Status fake_quantize_rows_cuda(const float*, float*, int64_t, int64_t, int, int64_t, bool, bool) {
   return unavailable("fake_quantize_rows_cuda: built without CUDA");
 }
 

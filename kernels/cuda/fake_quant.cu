@@ -54,7 +54,7 @@ __device__ void block_min_max(float* lo, float* hi) {
 
 // x (R, C) in place. Grid-stride over the R·G (row, group) items.
 __global__ void fake_quant_rows_kernel(float* x, int64_t rows, int64_t cols, int64_t gs,
-                                       int64_t groups, int bits, bool sym) {
+                                       int64_t groups, int bits, bool sym, bool narrow) {
   const int maxq = (1 << bits) - 1;
   for (int64_t item = blockIdx.x; item < rows * groups; item += gridDim.x) {
     const int64_t r = item / groups;
@@ -75,7 +75,9 @@ __global__ void fake_quant_rows_kernel(float* x, int64_t rows, int64_t cols, int
     int zero;
     if (sym) {
       const int half = 1 << (bits - 1);
-      scale = finish_scale(__fdiv_rn(fmaxf(-lo, hi), static_cast<float>(half - 1)));
+      const float absmax = fmaxf(-lo, hi);
+      scale = finish_scale(narrow ? __fdiv_rn(absmax, static_cast<float>(half - 1))
+                                  : __fdiv_rn(__fmul_rn(2.0f, absmax), static_cast<float>(maxq)));
       zero = half;
     } else {
       if (lo == 0.0f && hi == 0.0f) {
@@ -113,7 +115,7 @@ Status cuda_error(const char* what, cudaError_t e) {
 }  // namespace
 
 Status fake_quantize_rows_cuda(const float* host_in, float* host_out, int64_t rows, int64_t cols,
-                               int bits, int64_t group_size, bool sym) {
+                               int bits, int64_t group_size, bool sym, bool narrow) {
   if (bits != 2 && bits != 3 && bits != 4 && bits != 8) {
     return invalid_input("fake_quantize_rows_cuda: bits must be 2, 3, 4 or 8, got " +
                          std::to_string(bits));
@@ -146,7 +148,7 @@ Status fake_quantize_rows_cuda(const float* host_in, float* host_out, int64_t ro
 
   const int64_t items = rows * groups;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(items, int64_t{1} << 20));
-  fake_quant_rows_kernel<<<grid, kThreads>>>(buf.ptr, rows, cols, gs, groups, bits, sym);
+  fake_quant_rows_kernel<<<grid, kThreads>>>(buf.ptr, rows, cols, gs, groups, bits, sym, narrow);
   e = cudaGetLastError();
   if (e != cudaSuccess) return cuda_error("kernel launch", e);
   e = cudaMemcpy(host_out, buf.ptr, bytes, cudaMemcpyDeviceToHost);

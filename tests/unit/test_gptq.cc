@@ -313,6 +313,82 @@ INSTANTIATE_TEST_SUITE_P(SymGroupBits, GptqVsRtn,
                          ::testing::Combine(::testing::Bool(), ::testing::Values(128, -1),
                                             ::testing::Values(4, 3)));
 
+// Issue #14, the textbook measurement: on the same Hessian, GPTQ with the full
+// symmetric grid (2·absmax/(2^b − 1), all 2^b codes) against the narrow one
+// (absmax/(2^(b−1) − 1)). The step shrinks by (2^b − 2)/(2^b − 1) (14/15 at 4 bits),
+// so the error of the unclipped weights by about its square (0.87).
+TEST(Gptq, FullGridBeatsNarrowOnTheSameHessian) {
+  const Layer& L = layer();
+  for (int bits : {4, 3}) {
+    for (int64_t gs : {int64_t{128}, int64_t{-1}}) {
+      for (int variant = 0; variant < 2; ++variant) {
+        QuantSpec full;
+        full.bits = bits;
+        full.group_size = gs;
+        QuantSpec narrow = full;
+        narrow.narrow = true;
+        GptqOptions opts;
+        opts.act_order = variant == 1;
+        opts.static_groups = variant == 1;
+        auto rf = gptq_quantize(L.W, L.H, full, opts);
+        auto rn = gptq_quantize(L.W, L.H, narrow, opts);
+        ASSERT_TRUE(rf.is_ok() && rn.is_ok());
+        expect_all_finite(*rf);
+        expect_all_finite(*rn);
+        const double ef = layer_error(L.X, L.W, rf->qlinear.dequantize());
+        const double en = layer_error(L.X, L.W, rn->qlinear.dequantize());
+        std::printf("w%d g%lld%s: GPTQ layer error full / narrow grid %.4g / %.4g = %.3f\n", bits,
+                    static_cast<long long>(gs), opts.act_order ? " act_order+static" : "", ef, en,
+                    ef / en);
+        EXPECT_LE(ef, 0.95 * en) << "bits " << bits << " gs " << gs << " variant " << variant;
+        // Both grids use zero 2^(b−1); only the scales differ, by about 14/15 (7/15 at 3 bits).
+        for (int32_t z : rf->qlinear.zeros) ASSERT_EQ(z, 1 << (bits - 1));
+      }
+    }
+  }
+}
+
+// The MSE clip search inside GPTQ: static groups and per-channel parameters are the
+// searched ones of the original columns; per-group parameters the searched ones of
+// the error-updated columns (checked against the fp64 reference in
+// MatchesFp64Reference). The search trades range for resolution, so on a layer with
+// outliers it must not be worse than GPTQ on the plain range by more than noise.
+TEST(Gptq, MseClipSearchesTheGroupParameters) {
+  const Layer& L = layer();
+  for (int64_t gs : {int64_t{64}, int64_t{-1}}) {
+    QuantSpec plain;
+    plain.group_size = gs;
+    QuantSpec mse = plain;
+    mse.mse_clip = true;
+    GptqOptions opts;
+    opts.static_groups = true;
+    auto rm = gptq_quantize(L.W, L.H, mse, opts);
+    auto rp = gptq_quantize(L.W, L.H, plain, opts);
+    ASSERT_TRUE(rm.is_ok() && rp.is_ok());
+    const int64_t O = L.W.dim(0), I = L.W.dim(1);
+    const int64_t g = gs == -1 ? I : gs;
+    int64_t shrunk = 0;
+    for (int64_t o = 0; o < O; ++o) {
+      for (int64_t c0 = 0; c0 < I; c0 += g) {
+        const QParam want = find_qparam(L.W.ptr() + o * I + c0, g, mse);
+        const QParam pl = find_qparam(L.W.ptr() + o * I + c0, g, plain);
+        ASSERT_EQ(rm->qlinear.scales[(c0 / g) * O + o], want.scale);
+        ASSERT_EQ(rm->qlinear.zeros[(c0 / g) * O + o], want.zero);
+        shrunk += want.scale < pl.scale;
+      }
+    }
+    EXPECT_GT(shrunk, 0) << "the search never clipped: the test layer has no outliers?";
+    const double em = layer_error(L.X, L.W, rm->qlinear.dequantize());
+    const double ep = layer_error(L.X, L.W, rp->qlinear.dequantize());
+    std::printf(
+        "g%lld static: GPTQ layer error with / without MSE clip %.4g / %.4g = %.3f "
+        "(%lld of %lld ranges shrunk)\n",
+        static_cast<long long>(gs), em, ep, em / ep, static_cast<long long>(shrunk),
+        static_cast<long long>(O * ((I + g - 1) / g)));
+    EXPECT_LE(em, 1.05 * ep);
+  }
+}
+
 TEST(Gptq, ActOrderAndStaticGroupsBeatRtn) {
   const Layer& L = layer();
   for (int64_t gs : {64, 128}) {
@@ -378,11 +454,14 @@ TEST(Gptq, MatchesFp64Reference) {
   const Tensor W = random_weight(22, 24, 96);
   const Tensor H = hessian_of(X);
   int64_t total = 0, differ = 0;
-  for (bool sym : {true, false}) {
+  // Grids: symmetric full, symmetric narrow, asymmetric, symmetric full + MSE clip.
+  for (int grid = 0; grid < 4; ++grid) {
     for (int64_t gs : {24, 32, -1}) {
       for (int variant = 0; variant < 3; ++variant) {
         QuantSpec spec;
-        spec.sym = sym;
+        spec.sym = grid != 2;
+        spec.narrow = grid == 1;
+        spec.mse_clip = grid == 3;
         spec.group_size = gs;
         GptqOptions opts;
         opts.blocksize = 16;

@@ -59,8 +59,11 @@ QParam ref_clip_params(const std::vector<float>& x, const QuantSpec& spec) {
     const float l = p * lo, h = p * hi;
     QParam c;
     if (spec.sym) {
+      // AutoGPTQ: scale = 2·xmax/maxq, zero (maxq+1)/2; QuaRot (narrow): xmax/(maxq/2).
       const int half = 1 << (spec.bits - 1);
-      c.scale = fin(std::max(-l, h) / static_cast<float>(half - 1));
+      const float xmax = std::max(-l, h);
+      c.scale = fin(spec.narrow ? xmax / static_cast<float>(half - 1)
+                                : 2.0f * xmax / static_cast<float>(maxq));
       c.zero = half;
     } else {
       c.scale = fin((h - l) / static_cast<float>(maxq));
@@ -95,17 +98,35 @@ TEST(QuantSpec, Validate) {
 }
 
 TEST(Quantizer, RoundsHalfToEven) {
-  // Scale 1 exactly: absmax 7 on the symmetric 4-bit grid (zero 8).
-  const std::vector<float> x = {7.0f, 0.5f, 1.5f, 2.5f, 3.5f, -0.5f, -1.5f, -2.5f, -3.5f};
+  // Scale 1 exactly: absmax 7.5 on the full symmetric 4-bit grid (2·7.5/15, zero 8).
+  // +7.5 rounds to 8 and clips to code 15 (7); −7.5 rounds to −8, code 0.
+  const std::vector<float> x = {7.5f, 0.5f, 1.5f, 2.5f, 3.5f, -0.5f, -1.5f, -2.5f, -3.5f, -7.5f};
   QuantSpec spec;
   spec.sym = true;
   const QParam p = find_qparam(x.data(), static_cast<int64_t>(x.size()), spec);
   ASSERT_EQ(p.scale, 1.0f);
   ASSERT_EQ(p.zero, 8);
-  const std::vector<int32_t> want = {15, 8, 10, 10, 12, 8, 6, 6, 4};
+  const std::vector<int32_t> want = {15, 8, 10, 10, 12, 8, 6, 6, 4, 0};
   for (size_t k = 0; k < x.size(); ++k) {
     EXPECT_EQ(quantize_code(x[k], p, 15), want[k]) << "x = " << x[k];
   }
+  // The narrow grid puts absmax 7 on scale 1 (7/7): ±7 → codes 15 and 1.
+  QuantSpec narrow = spec;
+  narrow.narrow = true;
+  const std::vector<float> y = {7.0f, -7.0f, 2.5f};
+  const QParam pn = find_qparam(y.data(), 3, narrow);
+  ASSERT_EQ(pn.scale, 1.0f);
+  ASSERT_EQ(pn.zero, 8);
+  EXPECT_EQ(quantize_code(7.0f, pn, 15), 15);
+  EXPECT_EQ(quantize_code(-7.0f, pn, 15), 1);
+  EXPECT_EQ(quantize_code(2.5f, pn, 15), 10);
+  // Asymmetric specs ignore `narrow`.
+  QuantSpec asym_n;
+  asym_n.sym = false;
+  asym_n.narrow = true;
+  QuantSpec asym_f = asym_n;
+  asym_f.narrow = false;
+  EXPECT_EQ(find_qparam(y.data(), 3, asym_n).scale, find_qparam(y.data(), 3, asym_f).scale);
   // Asymmetric zero: −xmin/scale = 7.5 rounds to 8; 6.5 rounds to 6.
   EXPECT_EQ(quantize_code(0.5f, QParam{1.0f, 3}, 15), 3);
   EXPECT_EQ(quantize_code(-4.5f, QParam{1.0f, 3}, 15), 0);  // −4 + 3 → clamped
@@ -119,17 +140,26 @@ TEST(Quantizer, RoundsHalfToEven) {
   EXPECT_EQ(quantize_code(std::numeric_limits<float>::quiet_NaN(), p, 15), 0);
 }
 
-class GridTest : public ::testing::TestWithParam<std::tuple<int, bool>> {};
+enum class Grid { kFull, kNarrow, kAsym };
+const char* grid_name(Grid g) {
+  return g == Grid::kFull ? "sym" : g == Grid::kNarrow ? "sym narrow" : "asym";
+}
+
+class GridTest : public ::testing::TestWithParam<std::tuple<int, Grid>> {};
 
 TEST_P(GridTest, CodesZerosAndErrors) {
-  const auto [bits, sym] = GetParam();
+  const auto [bits, grid] = GetParam();
+  const bool sym = grid != Grid::kAsym;
   QuantSpec spec;
   spec.bits = bits;
   spec.sym = sym;
+  spec.narrow = grid == Grid::kNarrow;
   spec.group_size = -1;
   const int maxq = spec.maxq();
-  Rng rng(1000 + bits * 2 + sym);
+  const int half = 1 << (bits - 1);
+  Rng rng(1000 + bits * 3 + static_cast<int>(grid));
   double worst_budget = 0.0;
+  std::vector<int64_t> code_count(static_cast<size_t>(maxq + 1), 0);
   for (int row = 0; row < 200; ++row) {
     // Rows of very different magnitudes, some one-signed.
     const double sigma = std::pow(10.0, -4.0 + 6.0 * rng.uniform());
@@ -146,7 +176,13 @@ TEST_P(GridTest, CodesZerosAndErrors) {
     ASSERT_GE(p.zero, 0);
     ASSERT_LE(p.zero, maxq);
     if (sym) {
-      ASSERT_EQ(p.zero, 1 << (bits - 1));
+      ASSERT_EQ(p.zero, half);
+      // The scale is the exact one rounded to fp16 (or clamped to 1e-5).
+      float absmax = 0.0f;
+      for (float v : x) absmax = std::max(absmax, std::fabs(v));
+      const float exact = grid == Grid::kNarrow ? absmax / static_cast<float>(half - 1)
+                                                : 2.0f * absmax / static_cast<float>(maxq);
+      ASSERT_EQ(p.scale, round_to_dtype(std::max(exact, 1e-5f), DType::kF16));
     }
     // 0 is on the grid and round-trips exactly.
     EXPECT_EQ(dequantize_code(quantize_code(0.0f, p, maxq), p), 0.0f);
@@ -158,22 +194,40 @@ TEST_P(GridTest, CodesZerosAndErrors) {
       const int32_t q = quantize_code(v, p, maxq);
       ASSERT_GE(q, 0);
       ASSERT_LE(q, maxq);
+      ++code_count[static_cast<size_t>(q)];
       const double err = std::fabs(static_cast<double>(dequantize_code(q, p)) - v);
       // Inside the grid: half a step (plus fp32 rounding of x/scale). Outside it
-      // (the range end, after the scale was rounded down to fp16): the fp16 step.
+      // (the range end: the full grid's positive end by design, or any end after
+      // the scale was rounded to fp16): half a step (the end's offset, or the
+      // asymmetric zero's rounding) plus the fp16 rounding of the scale, relative
+      // error 2^-11 (2^-25 / scale for subnormal scales, spacing 2^-24), times the
+      // steps from the zero to the end: |x| / scale (symmetric), up to maxq
+      // (asymmetric, where the zero is computed from the rounded scale).
       const bool inside = v >= grid_lo && v <= grid_hi;
+      const double f16_rel = std::max(0x1p-11, 0x1p-25 / p.scale);
+      const double span = sym ? std::fabs(v) : maxq * static_cast<double>(p.scale);
       const double budget = inside ? 0.5 * p.scale * (1 + 1e-6) + 1e-7 * std::fabs(v)
-                                   : 0.5 * p.scale + std::fabs(v) * 0x1p-11 * 1.01;
+                                   : 0.5 * p.scale + span * f16_rel * 1.01;
       ASSERT_LE(err, budget) << "x " << v << " scale " << p.scale << " zero " << p.zero;
       worst_budget = std::max(worst_budget, err / budget);
     }
   }
-  std::printf("bits %d %s: max error used %.5f of the budget\n", bits, sym ? "sym" : "asym",
+  std::printf("bits %d %s: max error used %.5f of the budget\n", bits, grid_name(grid),
               worst_budget);
+  // The full grid uses every code, both ends included; RTN on the narrow grid never
+  // reaches code 0 (−absmax is code 1).
+  EXPECT_GT(code_count[static_cast<size_t>(maxq)], 0);
+  if (grid == Grid::kNarrow) {
+    EXPECT_EQ(code_count[0], 0);
+  } else {
+    EXPECT_GT(code_count[0], 0);
+  }
 }
 
-INSTANTIATE_TEST_SUITE_P(BitsAndSymmetry, GridTest,
-                         ::testing::Combine(::testing::Values(2, 3, 4, 8), ::testing::Bool()));
+INSTANTIATE_TEST_SUITE_P(BitsAndGrid, GridTest,
+                         ::testing::Combine(::testing::Values(2, 3, 4, 8),
+                                            ::testing::Values(Grid::kFull, Grid::kNarrow,
+                                                              Grid::kAsym)));
 
 TEST(Quantizer, AllZeroRows) {
   const std::vector<float> z(32, 0.0f);
@@ -221,7 +275,7 @@ TEST(Quantizer, ScalesAreFp16AndClamped) {
     std::vector<float> x = {0.123456f, -0.0654321f, 0.01f};
     p = find_qparam(x.data(), 3, spec);
     EXPECT_TRUE(is_f16(p.scale));
-    const float exact = sym ? 0.123456f / 7.0f : (0.123456f + 0.0654321f) / 15.0f;
+    const float exact = sym ? 2.0f * 0.123456f / 15.0f : (0.123456f + 0.0654321f) / 15.0f;
     EXPECT_NEAR(p.scale, exact, exact * 0x1p-11);
   }
 }
@@ -229,10 +283,12 @@ TEST(Quantizer, ScalesAreFp16AndClamped) {
 TEST(Quantizer, MseClipMatchesReferenceAndNeverWorse) {
   Rng rng(7);
   for (int bits : {2, 3, 4, 8}) {
-    for (bool sym : {true, false}) {
+    for (Grid grid : {Grid::kFull, Grid::kNarrow, Grid::kAsym}) {
+      const bool sym = grid != Grid::kAsym;
       QuantSpec plain;
       plain.bits = bits;
       plain.sym = sym;
+      plain.narrow = grid == Grid::kNarrow;
       QuantSpec mse = plain;
       mse.mse_clip = true;
       int improved = 0;
@@ -245,10 +301,11 @@ TEST(Quantizer, MseClipMatchesReferenceAndNeverWorse) {
         const QParam pm = find_qparam(x.data(), 128, mse);
         const double ep = norm24(x.data(), 128, pp, plain.maxq());
         const double em = norm24(x.data(), 128, pm, plain.maxq());
-        ASSERT_LE(em, ep) << "bits " << bits << " sym " << sym;
+        ASSERT_LE(em, ep) << "bits " << bits << " " << grid_name(grid);
         if (em < ep) ++improved;
         const QParam pr = ref_clip_params(x, mse);
-        ASSERT_EQ(pm.scale, pr.scale) << "bits " << bits << " sym " << sym << " row " << row;
+        ASSERT_EQ(pm.scale, pr.scale)
+            << "bits " << bits << " " << grid_name(grid) << " row " << row;
         ASSERT_EQ(pm.zero, pr.zero);
         EXPECT_TRUE(is_f16(pm.scale));
       }

@@ -46,6 +46,7 @@ QuantSpec weight_spec(const Recipe& r) {
   s.group_size = r.w_group();
   s.sym = r.w_sym();
   s.mse_clip = r.b("w_mse_clip");
+  s.narrow = r.narrow_grid();
   return s;
 }
 

@@ -34,7 +34,9 @@ QParam params_from_range(float lo, float hi, const QuantSpec& spec) {
   if (spec.sym) {
     const int half = 1 << (spec.bits - 1);
     const float absmax = std::max(-lo, hi);
-    p.scale = finish_scale(absmax / static_cast<float>(half - 1));
+    // Full grid: 2·absmax / (2^b − 1) (the doubling is exact in fp32).
+    p.scale = finish_scale(spec.narrow ? absmax / static_cast<float>(half - 1)
+                                       : 2.0f * absmax / static_cast<float>(spec.maxq()));
     p.zero = half;
   } else {
     const int maxq = spec.maxq();

@@ -2,10 +2,22 @@
 //
 // One convention everywhere in the engine: unsigned codes q ∈ [0, 2^b − 1],
 // ŵ = scale · (q − zero).
-//  - symmetric: zero = 2^(b−1) and scale = absmax / (2^(b−1) − 1), which is
-//    the signed grid [−2^(b−1), 2^(b−1) − 1] of QuaRot/FlatQuant shifted by
-//    2^(b−1) (so it writes directly as GPTQ with z = 8 or compressed-tensors
-//    signed codes q − 8, with no symmetric zero-point tensor);
+//  - symmetric (default grid, "full"): zero = 2^(b−1) and
+//    scale = 2·absmax / (2^b − 1), so all 2^b codes are used: the grid of
+//    AutoGPTQ / GPTQModel (quantizer.py, zero (maxq+1)/2) and of
+//    compressed-tensors / llm-compressor (calculate_qparams: absmax / (15/2)).
+//    ŵ ∈ [−2^(b−1)·scale, (2^(b−1) − 1)·scale]: the largest negative weight is
+//    inside the grid, the largest positive one is clipped to (2^b − 2)/(2^b − 1)
+//    of absmax (0.933 at 4 bits);
+//  - symmetric, narrow grid (QuantSpec::narrow): scale = absmax / (2^(b−1) − 1),
+//    the signed grid [−2^(b−1), 2^(b−1) − 1] of QuaRot/FlatQuant/SpinQuant shifted
+//    by 2^(b−1); ±absmax land on codes 1 and 2^b − 1, code 0 is used only by
+//    GPTQ's error feedback (2^b − 1 levels). It is the grid of the calibration
+//    engine's fake quantizers (kernels/grad.h), and the calibration engine
+//    deploys its weights on it (worker/calib/methods.cc weight_spec);
+//  Both write directly as GPTQ with z = 2^(b−1) or as compressed-tensors signed
+//  codes q − 2^(b−1) with no symmetric zero-point tensor: the checkpoint stores the
+//  scale, so loaders need not know which grid produced it.
 //  - asymmetric: xmin = min(row min, 0), xmax = max(row max, 0) (both 0 → −1, +1),
 //    scale = (xmax − xmin) / (2^b − 1), zero = round(−xmin / scale) ∈ [0, 2^b − 1].
 // Scales are clamped ≥ 1e-5 and then rounded to fp16, the dtype they are
@@ -32,9 +44,16 @@ struct QuantSpec {
   int bits = 4;              // 2, 3, 4 or 8
   int64_t group_size = 128;  // input columns per group; -1 = one group per row (per channel)
   bool sym = true;
+  // Symmetric only (ignored when !sym): scale = absmax / (2^(b−1) − 1) instead of
+  // 2·absmax / (2^b − 1) (see the file comment). For recipes whose transforms or
+  // clips were trained against that grid (the calibration engine's fake
+  // quantizers) and to reproduce the QuaRot/FlatQuant papers' weight quantizer.
+  bool narrow = false;
   // MSE clip search (§0.1): shrink the range by p = 1 − i/100, i = 0..79, and keep
   // the first candidate with a strictly smaller Σ|ŵ − w|^2.4 (i = 0 is the plain
   // range, so the result is never worse than without the search in that norm).
+  // Every caller of find_qparam gets it: RTN, and GPTQ's per-channel, static and
+  // per-group parameters (a group's range searched on its error-updated columns).
   bool mse_clip = false;
 
   int maxq() const { return (1 << bits) - 1; }
