@@ -56,7 +56,8 @@
 //   assemble       deps: capture and every window; cbq_finish over the finalized
 //                  layers of every window's state, write_native (atomic publish)
 //                  result {"output": path, "bytes": n, "format": "native", "layers": L}
-//   validate       as above; a native output is evaluated by calib::evaluate_native
+//   validate       as above; every output format is evaluated by evaluate_stream
+//                  (a native one read a layer at a time, worker/calib/native_eval.h)
 //
 // A directory artifact (a setup or a state directory) is listed file by file:
 // key "<name>/<path inside>" → A, every file checksummed; a single-file one is
