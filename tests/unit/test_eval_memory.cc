@@ -9,9 +9,11 @@
 // Each measurement runs in a fresh process, this binary re-executed with
 // QCAL_EVAL_MEMORY_CHILD set (test EvalMemoryChild.Measure), so no earlier heap
 // hides an allocation. The child fixes malloc's mmap threshold (freed buffers
-// leave the resident set, as live ones are counted), warms up the BLAS and the
-// thread pool, reads VmRSS, resets VmHWM (/proc/self/clear_refs "5"), evaluates,
-// and reports VmHWM − VmRSS before.
+// leave the resident set, as live ones are counted), warms up the BLAS, the
+// thread pool and the code paths (one tiny evaluation), reads VmRSS, resets VmHWM
+// (/proc/self/clear_refs "5"), evaluates, and reports VmHWM − VmRSS before.
+// Measured here: within 0.5% of the estimate, 6 vs 2 layers within 0.5%
+// (docs/PERFORMANCE.md).
 #include <gtest/gtest.h>
 #include <malloc.h>
 #include <sys/wait.h>

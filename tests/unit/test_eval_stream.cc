@@ -467,14 +467,13 @@ TEST(EvalMemoryEstimate, DoesNotGrowWithDepthAndFitsA70BModel) {
   c.num_key_value_heads = 8;
   c.head_dim = 128;
   c.vocab_size = 128256;
+  c.num_hidden_layers = 80;
   c.torch_dtype = DType::kBF16;
   EvalShape s;
   s.config = c;
   s.weights = EvalWeights::kPacked;
   s.sequences = 40;
   s.seqlen = 2048;
-  c.num_hidden_layers = 80;
-  s.config = c;
   const EvalMemory m80 = estimate_eval_memory(s);
   s.config.num_hidden_layers = 2;
   const EvalMemory m2 = estimate_eval_memory(s);
