@@ -99,12 +99,15 @@ class LlamaEvalModel final : public EvalModel {
 // target's logit, a running argmax (first of equal maxima) and the online KL sum
 // Σ exp(z_fp − m_fp)·(z_fp − z) rescaled with the FP running max. Positions
 // 0..P−1 of the model take its stored prefix logits.
-// The result equals evaluate_logits' on the materialized logits up to float
-// summation order; a model against itself gives KL 0 and top-1 agreement 1
-// exactly. Deterministic: rows are scored independently (split across threads)
-// and summed in order, so the bits do not depend on the thread count (beyond
-// the BLAS's own). A NaN or inf anywhere in the logits makes ppl (or kl) NaN,
-// never a finite number.
+// The scoring is in double from the fp32 logits: on the same logits it equals an
+// fp64 log-softmax scoring to ~1e-15, and evaluate_logits (fp32 log-softmax) to
+// ~1e-8 relative on ppl; tiles of other shapes change the GEMM's rounding of the
+// logits by ulps (tests/unit/test_eval_stream.cc). A model against itself gives
+// KL 0 and top-1 agreement 1 exactly. Deterministic: rows are scored
+// independently (split across threads) and summed in order, so the scorer adds
+// no dependence on the thread count (measured: QCAL_THREADS 1 and 2 give the
+// same bits; OpenBLAS with 3 threads rounds differently). A NaN or inf anywhere
+// in the logits makes ppl (or kl) NaN, never a finite number.
 // Memory: estimate_eval_memory (common/eval_memory.h): the two batches'
 // residual streams plus the larger of one layer of each model and the lm_head
 // chunks with their logit tiles.
