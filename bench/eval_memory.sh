@@ -31,7 +31,7 @@ with open(w + "/eval_bos.u32", "wb") as out:
     for i in range(0, len(toks) - 511, 512):
         out.write(struct.pack("<512I", 1, *toks[i + 1:i + 512]))
 EOF
-printf '%-5s %-9s %8s %8s %12s %10s %10s\n' qcal model wall_s user_s peak_rss_MB ppl kl
+printf '%-5s %-9s %8s %8s %12s %10s %10s\n' qcal model wall_s user_s peak_rss_MiB ppl kl
 for model in q_gptq q_native q_intact; do
   data=$W/eval.jsonl
   [ $model = q_intact ] && data=$W/eval_bos.u32
