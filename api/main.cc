@@ -28,6 +28,7 @@
 #include "kernels/gemm.h"
 #include "worker/calib/intactkv.h"
 #include "worker/calib/native.h"
+#include "worker/calib/native_eval.h"
 #include "worker/engine/eval.h"
 #include "worker/engine/qformats.h"
 #include "common/job_spec.h"
@@ -161,32 +162,30 @@ int cmd_quantize(int argc, char** argv) {
 }
 
 // ---------------------------------------------------------------- eval
-// On an FP / GPTQ / compressed-tensors checkpoint (worker/engine evaluate), or on a
-// native qcal checkpoint: quantized inference with the integer kernels, and with
-// IntactKV every sequence must begin with the prefix (methods.md §6.2).
+// Any checkpoint (FP, GPTQ, compressed-tensors, or native: quantized inference with
+// the integer kernels; with IntactKV every sequence must begin with the prefix,
+// methods.md §6.2), streamed a layer and an lm_head chunk at a time
+// (worker/calib/native_eval.h).
 int cmd_eval(int argc, char** argv) {
   const std::string cmd = "eval";
-  Flags f({"model", "data", "seqlen", "fp-model", "nsamples", "batch"}, {"json", "quiet"});
+  Flags f({"model", "data", "seqlen", "fp-model", "nsamples", "batch", "head-rows"},
+          {"json", "quiet"});
   CLI_TRY(cmd, f.parse(argc, argv, 2));
   if (f.flag("quiet") || f.flag("json")) set_log_level(LogLevel::kWarn);
   CLI_ASSIGN(cmd, std::string model_path, f.required("model"));
   CLI_ASSIGN(cmd, std::string data_path, f.required("data"));
   CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 2048));
   CLI_ASSIGN(cmd, int64_t nsamples, f.integer("nsamples", 0));
-  CLI_ASSIGN(cmd, int64_t batch, f.integer("batch", 8));
-  if (seqlen < 2 || batch <= 0)
-    return cli_fail(cmd, invalid_input("--seqlen must be ≥ 2 and --batch > 0"));
-  std::optional<calib::NativeModel> native;
-  std::unique_ptr<LlamaModel> model;
-  if (calib::is_native_dir(model_path)) {
-    CLI_ASSIGN(cmd, native, calib::read_native(model_path));
-  } else {
-    CLI_ASSIGN(cmd, model, LlamaModel::open(model_path));
-  }
-  const ModelConfig& c = native ? native->config : model->config();
-  std::unique_ptr<LlamaModel> fp;
+  EvalOptions eo;
+  CLI_ASSIGN(cmd, eo.batch, f.integer("batch", eo.batch));
+  CLI_ASSIGN(cmd, eo.head_rows, f.integer("head-rows", eo.head_rows));
+  if (seqlen < 2 || eo.batch <= 0 || eo.head_rows <= 0)
+    return cli_fail(cmd, invalid_input("--seqlen must be ≥ 2, --batch and --head-rows > 0"));
+  CLI_ASSIGN(cmd, std::unique_ptr<EvalModel> model, calib::open_eval_model(model_path));
+  const ModelConfig& c = model->config();
+  std::unique_ptr<EvalModel> fp;
   if (f.has("fp-model")) {
-    CLI_ASSIGN(cmd, fp, LlamaModel::open(f.str("fp-model")));
+    CLI_ASSIGN(cmd, fp, calib::open_eval_model(f.str("fp-model")));
     const ModelConfig& b = fp->config();
     if (c.vocab_size != b.vocab_size || c.hidden_size != b.hidden_size ||
         c.num_hidden_layers != b.num_hidden_layers)
@@ -195,9 +194,7 @@ int cmd_eval(int argc, char** argv) {
   }
   CLI_ASSIGN(cmd, TokenSequences data,
              load_token_sequences(data_path, seqlen, c.vocab_size, nsamples));
-  CLI_ASSIGN(cmd, EvalResult r,
-             native ? calib::evaluate_native(*native, data, fp.get(), batch)
-                    : evaluate(*model, data, fp.get(), batch));
+  CLI_ASSIGN(cmd, EvalResult r, evaluate_stream(*model, fp.get(), data, eo));
   if (f.flag("json")) {
     std::cout << r.to_json().dump() << std::endl;
     return 0;
@@ -276,7 +273,7 @@ void usage() {
       "(docs/NATIVE_FORMAT.md)\n"
       "                  unless everything folds into the weights.\n"
       "  qcal eval       --model DIR --data FILE [--seqlen 2048 --fp-model DIR --nsamples N "
-      "--json]\n"
+      "--batch 8 --head-rows 8192 --json]\n"
       "                  (DIR may be a native qcal checkpoint: runs the quantized integer "
       "kernels)\n"
       "  qcal inspect    DIR [--json]\n"

@@ -9,7 +9,6 @@ namespace {
 constexpr uint64_t kF = 4;  // bytes per fp32
 uint64_t u(int64_t v) { return v > 0 ? static_cast<uint64_t>(v) : 0; }
 // The process itself: code, libraries, BLAS buffers, allocator slack.
-constexpr uint64_t kBaseBytes = 48ull << 20;
 }  // namespace
 
 uint64_t sat_mul(uint64_t a, uint64_t b) {
@@ -65,7 +64,7 @@ uint64_t block_train_bytes(const MemCtx& m, uint64_t tokens, bool transformed_we
 void memory_terms_core(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
   const uint64_t mt = sat_mul(m.micro, m.T);
   const uint64_t block = sat_mul(m.block_params, kF);
-  parts->push_back({"process", kBaseBytes});
+  parts->push_back({"process", kProcessBaseBytes});
   if (task == "embed") {
     parts->push_back({"tokens", sat_mul(sat_mul(m.N, m.T), 4)});
     parts->push_back({"activations", sat_mul(sat_mul(mt, m.H), kF)});
@@ -95,15 +94,6 @@ void memory_terms_core(const MemCtx& m, const std::string& task, std::vector<Mem
     // One block's result (codes a byte each, norms) and a chunk of embedding / lm_head rows.
     parts->push_back({"block", sat_add(m.linear_params, sat_mul(m.block_params - m.linear_params + 1, kF))});
     parts->push_back({"rows", sat_mul(sat_mul(std::min<uint64_t>(m.V, 8192), m.H), kF)});
-  } else if (task == "validate") {
-    // Streaming evaluation: one block of each model, the batch's activations and a
-    // chunk of lm_head rows with its logits.
-    parts->push_back({"weights", sat_mul(block, 2)});
-    const uint64_t et = sat_mul(m.micro, m.T);
-    parts->push_back({"activations", sat_mul(sat_mul(4 * et, m.H), kF)});
-    parts->push_back({"forward", block_forward_bytes(m, et)});
-    const uint64_t chunk = std::min<uint64_t>(m.V, 8192);
-    parts->push_back({"logits", sat_mul(sat_mul(sat_add(et, m.H), chunk), 2 * kF)});
   }
 }
 

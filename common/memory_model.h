@@ -21,6 +21,9 @@
 
 namespace qcal {
 
+// What any task process holds before its own data (code, libraries, allocator).
+inline constexpr uint64_t kProcessBaseBytes = 48ull << 20;
+
 // a·b and a + b, saturating at UINT64_MAX.
 uint64_t sat_mul(uint64_t a, uint64_t b);
 uint64_t sat_add(uint64_t a, uint64_t b);

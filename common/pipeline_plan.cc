@@ -1,5 +1,7 @@
 #include "common/pipeline_plan.h"
 
+#include "common/eval_memory.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <map>
@@ -122,9 +124,12 @@ std::string fit_hint(const TaskDef& t, const MemoryEstimate& m) {
     return "it learns over the whole model in one process (" + t.id +
            "); use a recipe without it for a model this size, or workers with more memory";
   if (largest == "tokens" || largest == "embeddings") return "lower calib.nsamples or calib.seqlen";
+  if (t.type == plan::kValidate)
+    return largest == "vocab" ? "lower the evaluator's lm_head rows per chunk, or eval.seqlen"
+                              : "lower eval.seqlen";
   if (largest == "activations" || largest == "training" || largest == "forward" ||
       largest == "logits")
-    return t.type == plan::kValidate ? "lower eval.seqlen" : "lower calib.seqlen or recipe.batch";
+    return "lower calib.seqlen or recipe.batch";
   if (t.type == plan::kCbqWindow) return "lower recipe.cbq_window";
   return "this model needs workers with more memory";
 }
@@ -342,9 +347,23 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
     } else if (t.type == plan::kLearn) {
       mc.train_micro = 1;
     }
-    if (t.type == plan::kValidate && !in.has_eval) {
+    if (t.type == plan::kValidate) {
+      // The streaming evaluator's own estimate (common/eval_memory.h).
       MemoryEstimate e;
-      e.parts.push_back({"process", 48ull << 20});
+      e.parts.push_back({"process", kProcessBaseBytes});
+      if (in.has_eval) {
+        EvalShape es;
+        es.config = c;
+        es.weights = in.format == "native" ? EvalWeights::kNative : EvalWeights::kPacked;
+        es.w_bits = r.w_bits();
+        es.w_group = r.w_group();
+        es.a_bits = r.a_bits();
+        es.sequences = static_cast<int64_t>(std::max<u64>(in.eval_seqs, 1));
+        es.seqlen = static_cast<int64_t>(std::max<u64>(in.eval_T, 2));
+        es.prefix = static_cast<int64_t>(m.prefix);
+        es.options.batch = static_cast<int64_t>(std::max<u64>(in.eval_batch, 1));
+        for (const auto& part : estimate_eval_memory(es).parts()) e.parts.push_back(part);
+      }
       est[i] = e;
     } else {
       est[i] = estimate(rows, mc, t.type);

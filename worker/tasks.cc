@@ -12,6 +12,7 @@
 #include "common/plan.h"
 #include "worker/calib/intactkv.h"
 #include "worker/calib/native.h"
+#include "worker/calib/native_eval.h"
 #include "worker/engine/eval.h"
 #include "worker/engine/model.h"
 #include "worker/pipeline.h"
@@ -72,19 +73,15 @@ Result<nlohmann::json> run_validate(const TaskContext& ctx) {
     if (data.count() == 0) return invalid_input(d.path + ": eval data holds no complete sequence");
     return data;
   };
-  EvalResult r;
-  if (calib::is_native_dir(out)) {
-    // A native qcal checkpoint: quantized inference with the integer kernels.
-    QCAL_ASSIGN_OR_RETURN(calib::NativeModel nm, calib::read_native(out));
-    QCAL_RETURN_IF_ERROR(same_arch(nm.config));
-    QCAL_ASSIGN_OR_RETURN(TokenSequences data, load_eval());
-    QCAL_ASSIGN_OR_RETURN(r, calib::evaluate_native(nm, data, fp.get(), kEvalBatch));
-  } else {
-    QCAL_ASSIGN_OR_RETURN(auto q, LlamaModel::open(out));
-    QCAL_RETURN_IF_ERROR(same_arch(q->config()));
-    QCAL_ASSIGN_OR_RETURN(TokenSequences data, load_eval());
-    QCAL_ASSIGN_OR_RETURN(r, evaluate(*q, data, fp.get()));
-  }
+  // Any output format (native: the integer kernels; GPTQ / compressed-tensors:
+  // dequantized on load), streamed a layer and an lm_head chunk at a time.
+  QCAL_ASSIGN_OR_RETURN(std::unique_ptr<EvalModel> q, calib::open_eval_model(out));
+  QCAL_RETURN_IF_ERROR(same_arch(q->config()));
+  QCAL_ASSIGN_OR_RETURN(TokenSequences data, load_eval());
+  const LlamaEvalModel fp_eval(*fp);
+  EvalOptions eo;
+  eo.batch = kEvalBatch;
+  QCAL_ASSIGN_OR_RETURN(const EvalResult r, evaluate_stream(*q, &fp_eval, data, eo));
 
   nlohmann::json report = r.to_json();
   nlohmann::json gate = nlohmann::json::object();

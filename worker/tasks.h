@@ -14,7 +14,8 @@
 //                  output; not written by the last window, which nobody reads)
 //   assemble       every dep's "qlinears" → write_quantized_checkpoint(
 //                  model->dir(), all, checkpoint_write_options(opts), output.path)
-//   validate       evaluate(output, eval data, FP model) and the gate
+//   validate       evaluate_stream(output, FP model, eval data) and the gate
+//                  (calib::open_eval_model: any format, a layer at a time)
 //
 // Results (JSON; artifact refs as in common/plan.h):
 //   capture   {"artifacts": {"x": A, ["x.<l>": A …]}, "sequences": N, "seqlen": T}
@@ -40,8 +41,8 @@
 //   assemble       load_cbq_setup; every window's finalized layers (in dep
 //                  order) → cbq_finish → write_native(output.path), published
 //                  like the weight-only assemble (intent marker, overwrite on re-run)
-//   validate       a native output (calib::is_native_dir) is evaluated with
-//                  calib::evaluate_native; the gate is the same
+//   validate       as above: a native output (calib::is_native_dir) streams
+//                  through calib::NativeCheckpoint; the gate is the same
 // The calibration runners check ctx.cancel before they start (a window runs to
 // its end once started) and run on the root rank alone.
 //

@@ -29,35 +29,7 @@ namespace {
 
 bool quant_off(const NativeActQuant& a) { return a.bits >= 16; }
 
-std::string ids_str(const int32_t* ids, int64_t n) {
-  std::string s = n == 1 ? "" : "[";
-  for (int64_t i = 0; i < n; ++i) s += (i ? ", " : "") + std::to_string(ids[i]);
-  return n == 1 ? s : s + "]";
-}
-
-std::string prefix_str(const std::vector<int32_t>& p) {
-  std::string s = "[";
-  for (size_t i = 0; i < p.size(); ++i) s += (i ? ", " : "") + std::to_string(p[i]);
-  return s + "]";
-}
-
 // The shape fields both models of attach_intactkv must share.
-// Every sequence of `data` begins with `prefix` and has tokens after it.
-Status check_prefix(const std::vector<int32_t>& prefix, const TokenSequences& data) {
-  const int64_t P = static_cast<int64_t>(prefix.size()), T = data.seqlen;
-  if (P >= T)
-    return invalid_input("IntactKV prefix of " + std::to_string(P) +
-                         " tokens leaves nothing of sequences of " + std::to_string(T));
-  for (int64_t s = 0; s < data.count(); ++s) {
-    const int32_t* seq = data.seq(s);
-    if (!std::equal(seq, seq + P, prefix.begin()))
-      return invalid_input("IntactKV needs every sequence to begin with the prefix " +
-                           prefix_str(prefix) + "; sequence " + std::to_string(s) +
-                           " begins with " + ids_str(seq, P));
-  }
-  return Status::ok();
-}
-
 Status check_same_shape(const ModelConfig& a, const ModelConfig& b) {
   auto field = [](const char* name, double x, double y) -> Status {
     if (x == y) return Status::ok();
@@ -302,7 +274,7 @@ Status check_cal_data(const NativeModel& q, const TokenSequences& data) {
   const int64_t T = data.seqlen;
   const int64_t S = data.count(), V = q.config.vocab_size;
   if (S < 1 || T < 1) return invalid_input("intactkv-cal: the data holds no sequence");
-  QCAL_RETURN_IF_ERROR(check_prefix(q.intact_prefix, data));
+  QCAL_RETURN_IF_ERROR(check_intactkv_prefix(q.intact_prefix, data));
   for (int64_t s = 0; s < S; ++s) {
     const int32_t* seq = data.seq(s);
     for (int64_t t = 0; t < T; ++t)
@@ -376,7 +348,7 @@ Result<EvalResult> evaluate_native(const NativeModel& m, const TokenSequences& d
   if (fp && fp->config().vocab_size != V)
     return invalid_input("FP model vocab " + std::to_string(fp->config().vocab_size) +
                          " differs from the model's " + std::to_string(V));
-  if (P > 0) QCAL_RETURN_IF_ERROR(check_prefix(m.intact_prefix, data));
+  if (P > 0) QCAL_RETURN_IF_ERROR(check_intactkv_prefix(m.intact_prefix, data));
   BatchLogits model_fn = [&](int64_t s0, int64_t nb) -> Result<Tensor> {
     Tensor t({nb * T, V});
     if (P == 0) {

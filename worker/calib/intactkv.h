@@ -69,7 +69,10 @@ Status attach_intactkv(NativeModel& quantized, const NativeModel& fp_transformed
 // needs every sequence to begin with the prefix [1]; sequence 3 begins with 17"),
 // a prefix not shorter than seqlen, an FP model of another vocabulary; plus
 // evaluate_logits' checks (seqlen ≥ 2, ≥ 1 sequence, batch ≥ 1).
-// Memory: `batch` sequences of logits (batch·T, V) per model at a time.
+// Memory: `batch` sequences of logits (batch·T, V) per model at a time: the
+// in-memory, materializing path (a model held whole, tests). A checkpoint on disk
+// is evaluated by evaluate_stream over open_eval_model (native_eval.h), which
+// gives the same numbers (check_intactkv_prefix is the one prefix check of both).
 Result<EvalResult> evaluate_native(const NativeModel& m, const TokenSequences& data,
                                    const LlamaModel* fp, int64_t batch);
 

@@ -22,6 +22,7 @@
 #include "kernels/gemm.h"
 #include "kernels/grad.h"
 #include "kernels/ops.h"
+#include "worker/engine/model.h"
 
 namespace qcal::calib {
 
@@ -162,6 +163,14 @@ Status check_packed(const PackedWeight& w, int w_bits, int64_t w_group, int64_t 
   return Status::ok();
 }
 
+Status check_finite(const float* v, size_t n, const std::string& name, size_t offset) {
+  for (size_t i = 0; i < n; ++i)
+    if (!std::isfinite(v[i]))
+      return invalid_input("tensor " + name + ": non-finite value " + std::to_string(v[i]) +
+                           " at element " + std::to_string(offset + i));
+  return Status::ok();
+}
+
 // ---- Checks, shared by the writers (before they write) and the reader (after
 // it loads). kInvalidInput naming the tensor / field.
 
@@ -206,6 +215,31 @@ Status check_side(const NativeLayerDecl& y, int64_t l, const char* name, int64_t
   return Status::ok();
 }
 
+// Layer l's declaration: its quantizers and online transform shapes.
+Status check_layer_decl(const ModelConfig& c, const NativeLayerDecl& y, int64_t l) {
+  const std::string li = "layers[" + std::to_string(l) + "]";
+  for (int p = 0; p < kNumProj; ++p)
+    QCAL_RETURN_IF_ERROR(check_act(y.act[p], li + ".act." + kProjShort[p]));
+  QCAL_RETURN_IF_ERROR(check_act(y.k, li + ".k"));
+  QCAL_RETURN_IF_ERROR(check_act(y.v, li + ".v"));
+  for (const auto& [name, side] : y.online) {
+    bool known = false;
+    for (const OnlineSlot& s : kOnline) known = known || name == s.name;
+    if (!known) return invalid_input(li + ".online: unknown transform '" + name + "'");
+  }
+  for (const PairSlot& pair : kPairs)
+    QCAL_RETURN_IF_ERROR(check_pair(y, l, pair.left, pair.right, dim_of(c, pair.dim)));
+  if (y.online.count("po")) QCAL_RETURN_IF_ERROR(check_side(y, l, "po", c.num_attention_heads));
+  if (y.online.count("pk") != y.online.count("pk_it"))
+    return invalid_input("tensors " + online_name(l, "pk") + " and " + online_name(l, "pk_it") +
+                         " must both be present or both absent");
+  if (y.online.count("pk")) {
+    QCAL_RETURN_IF_ERROR(check_side(y, l, "pk", c.head_dim));
+    QCAL_RETURN_IF_ERROR(check_side(y, l, "pk_it", c.head_dim));
+  }
+  return Status::ok();
+}
+
 // Everything the files say besides the tensor values: config, weight format,
 // per-layer quantizers and online transform shapes, IntactKV prefix ids.
 Status check_decl(const NativeModelDecl& m) {
@@ -225,29 +259,7 @@ Status check_decl(const NativeModelDecl& m) {
   if (static_cast<int64_t>(m.layers.size()) != L)
     return invalid_input("layers: " + std::to_string(m.layers.size()) + " layers, the config has " +
                          std::to_string(L));
-  for (int64_t l = 0; l < L; ++l) {
-    const NativeLayerDecl& y = m.layers[l];
-    const std::string li = "layers[" + std::to_string(l) + "]";
-    for (int p = 0; p < kNumProj; ++p)
-      QCAL_RETURN_IF_ERROR(check_act(y.act[p], li + ".act." + kProjShort[p]));
-    QCAL_RETURN_IF_ERROR(check_act(y.k, li + ".k"));
-    QCAL_RETURN_IF_ERROR(check_act(y.v, li + ".v"));
-    for (const auto& [name, side] : y.online) {
-      bool known = false;
-      for (const OnlineSlot& s : kOnline) known = known || name == s.name;
-      if (!known) return invalid_input(li + ".online: unknown transform '" + name + "'");
-    }
-    for (const PairSlot& pair : kPairs)
-      QCAL_RETURN_IF_ERROR(check_pair(y, l, pair.left, pair.right, dim_of(c, pair.dim)));
-    if (y.online.count("po")) QCAL_RETURN_IF_ERROR(check_side(y, l, "po", c.num_attention_heads));
-    if (y.online.count("pk") != y.online.count("pk_it"))
-      return invalid_input("tensors " + online_name(l, "pk") + " and " + online_name(l, "pk_it") +
-                           " must both be present or both absent");
-    if (y.online.count("pk")) {
-      QCAL_RETURN_IF_ERROR(check_side(y, l, "pk", c.head_dim));
-      QCAL_RETURN_IF_ERROR(check_side(y, l, "pk_it", c.head_dim));
-    }
-  }
+  for (int64_t l = 0; l < L; ++l) QCAL_RETURN_IF_ERROR(check_layer_decl(c, m.layers[l], l));
   const int64_t P = static_cast<int64_t>(m.intact_prefix.size());
   for (int64_t i = 0; i < P; ++i)
     if (m.intact_prefix[i] < 0 || m.intact_prefix[i] >= V)
@@ -319,6 +331,14 @@ Status check_layer_tensors(const ModelConfig& c, int w_bits, int64_t w_group, in
   for (const OnlineSlot& s : kOnline)
     QCAL_RETURN_IF_ERROR(check_finite(y.online.*s.member, online_name(l, s.name)));
   return Status::ok();
+}
+
+// Everything that must hold for layer l of a model of config c, read on its own
+// (NativeCheckpoint::read_layer): its declaration and its tensors.
+Status check_layer(const ModelConfig& c, int w_bits, int64_t w_group, const NativeLayer& y,
+                   int64_t l) {
+  QCAL_RETURN_IF_ERROR(check_layer_decl(c, native_layer_decl(y), l));
+  return check_layer_tensors(c, w_bits, w_group, l, y);
 }
 
 // Everything that must hold for a whole NativeModel (write_native before it
@@ -542,14 +562,13 @@ class JsonReader {
   std::string file_;
 };
 
-// Loads tensors by name from the checkpoint, checking dtype and shape, and
-// remembers which were consumed (the rest are "unexpected").
-class TensorLoader {
+// Checks tensors by name against the checkpoint's header (dtype and shape), and
+// remembers which were named (the rest are "unexpected"). Reads no tensor data.
+class TensorChecker {
  public:
-  TensorLoader(const SafetensorsFile& f, std::string what) : f_(f), what_(std::move(what)) {}
+  TensorChecker(const SafetensorsFile& f, std::string what) : f_(f), what_(std::move(what)) {}
   bool has(const std::string& name) const { return f_.find(name) != nullptr; }
-  Status raw(const std::string& name, DType dtype, const std::vector<int64_t>& shape,
-             std::string_view* bytes) {
+  Status expect(const std::string& name, DType dtype, const std::vector<int64_t>& shape) {
     const TensorInfo* t = f_.find(name);
     if (!t) return invalid_input(what_ + ": missing tensor " + name);
     if (t->dtype != dtype)
@@ -559,14 +578,6 @@ class TensorLoader {
       return invalid_input(what_ + ": tensor " + name + " has shape " + shape_str(t->shape) +
                            ", expected " + shape_str(shape));
     used_.insert(name);
-    *bytes = f_.raw(*t);
-    return Status::ok();
-  }
-  Status f32(const std::string& name, const std::vector<int64_t>& shape, std::vector<float>* out) {
-    std::string_view b;
-    QCAL_RETURN_IF_ERROR(raw(name, DType::kF32, shape, &b));
-    out->resize(b.size() / sizeof(float));
-    if (!b.empty()) std::memcpy(out->data(), b.data(), b.size());
     return Status::ok();
   }
   Status check_all_used() const {
@@ -583,8 +594,40 @@ class TensorLoader {
   std::set<std::string> used_;
 };
 
-Result<NativeModel> read_native_impl(const std::string& dir) {
-  NativeModel m;
+// Pointer and element count of the F32 tensor `name` (present: checked at open).
+const float* f32_data(const SafetensorsFile& f, const std::string& name, size_t* n) {
+  const TensorInfo* t = f.find(name);
+  QCAL_CHECK_MSG(t && t->dtype == DType::kF32, ("native: tensor " + name + " vanished").c_str());
+  const std::string_view b = f.raw(*t);
+  *n = b.size() / sizeof(float);
+  return reinterpret_cast<const float*>(b.data());
+}
+
+// Copies elements [first, first + n) of the F32 tensor `name` into out and
+// drops the tensor's mapped pages.
+void copy_f32(const SafetensorsFile& f, const std::string& name, size_t first, size_t n,
+              float* out) {
+  size_t total = 0;
+  const float* src = f32_data(f, name, &total);
+  QCAL_CHECK(first + n <= total);
+  if (n > 0) std::memcpy(out, src + first, n * sizeof(float));
+  f.release(*f.find(name));
+}
+
+// The whole F32 tensor `name` into out.
+void copy_f32(const SafetensorsFile& f, const std::string& name, std::vector<float>* out) {
+  size_t total = 0;
+  f32_data(f, name, &total);
+  out->resize(total);
+  copy_f32(f, name, 0, total, out->data());
+}
+
+// Parses and checks qcal_quant.json and config.json into m (no tensor data) and
+// the online transforms each layer lists; then maps model.safetensors and checks
+// its tensor list against them. What read_native checks before reading values.
+Status open_native(const std::string& dir, NativeModel& m,
+                   std::vector<std::vector<std::string>>& online,
+                   std::unique_ptr<SafetensorsFile>* file_out) {
   const std::string qpath = join_path(dir, kQuantFile);
   QCAL_ASSIGN_OR_RETURN(std::string text, read_file(qpath));
   if (json_nesting_exceeds(text, kMaxJsonDepth) != std::string::npos)
@@ -626,7 +669,7 @@ Result<NativeModel> read_native_impl(const std::string& dir) {
   if (!layers.is_array() || static_cast<int64_t>(layers.size()) != L)
     return jr.fail("layers",
                    "must be an array of " + std::to_string(L) + " entries (num_hidden_layers)");
-  std::vector<std::vector<std::string>> online(static_cast<size_t>(L));
+  online.assign(static_cast<size_t>(L), {});
   m.layers.resize(static_cast<size_t>(L));
   for (int64_t l = 0; l < L; ++l) {
     const std::string lp = "layers[" + std::to_string(l) + "]";
@@ -669,38 +712,30 @@ Result<NativeModel> read_native_impl(const std::string& dir) {
     }
   }
 
-  // Tensors.
+  // Tensors: names, dtypes and shapes.
   const std::string tpath = join_path(dir, kTensorFile);
   QCAL_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file, SafetensorsFile::open(tpath));
-  TensorLoader tl(*file, tpath);
-  QCAL_RETURN_IF_ERROR(tl.f32(kEmbed, {V, H}, &m.embed));
-  QCAL_RETURN_IF_ERROR(tl.f32(kNorm, {H}, &m.final_norm));
-  QCAL_RETURN_IF_ERROR(tl.f32(kLmHead, {V, H}, &m.lm_head));
+  TensorChecker tc(*file, tpath);
+  QCAL_RETURN_IF_ERROR(tc.expect(kEmbed, DType::kF32, {V, H}));
+  QCAL_RETURN_IF_ERROR(tc.expect(kNorm, DType::kF32, {H}));
+  QCAL_RETURN_IF_ERROR(tc.expect(kLmHead, DType::kF32, {V, H}));
   for (int64_t l = 0; l < L; ++l) {
-    NativeLayer& y = m.layers[l];
     const std::string lp = layer_prefix(l);
-    QCAL_RETURN_IF_ERROR(tl.f32(lp + "input_layernorm.weight", {H}, &y.input_norm));
-    QCAL_RETURN_IF_ERROR(tl.f32(lp + "post_attention_layernorm.weight", {H}, &y.post_norm));
+    QCAL_RETURN_IF_ERROR(tc.expect(lp + "input_layernorm.weight", DType::kF32, {H}));
+    QCAL_RETURN_IF_ERROR(tc.expect(lp + "post_attention_layernorm.weight", DType::kF32, {H}));
     for (int p = 0; p < kNumProj; ++p) {
       const std::string pn = proj_name(l, p);
       const int64_t out = proj_out(c, p), in = proj_in(c, p);
       if (m.w_bits < 16) {
-        PackedWeight& w = y.qw[p];
-        w.bits = m.w_bits;
-        w.out = out;
-        w.in = in;
-        w.group = m.w_group;
-        std::string_view b;
         QCAL_RETURN_IF_ERROR(
-            tl.raw(pn + ".qweight", DType::kU8, {out, row_bytes(m.w_bits, in)}, &b));
-        w.data.assign(reinterpret_cast<const uint8_t*>(b.data()),
-                      reinterpret_cast<const uint8_t*>(b.data()) + b.size());
-        QCAL_RETURN_IF_ERROR(tl.f32(pn + ".scales", {out, num_groups(m.w_group, in)}, &w.scales));
+            tc.expect(pn + ".qweight", DType::kU8, {out, row_bytes(m.w_bits, in)}));
+        QCAL_RETURN_IF_ERROR(
+            tc.expect(pn + ".scales", DType::kF32, {out, num_groups(m.w_group, in)}));
       } else {
-        QCAL_RETURN_IF_ERROR(tl.f32(pn + ".weight", {out, in}, &y.fw[p]));
+        QCAL_RETURN_IF_ERROR(tc.expect(pn + ".weight", DType::kF32, {out, in}));
       }
-      if (p < 3 && (c.attention_bias || tl.has(pn + ".bias")))
-        QCAL_RETURN_IF_ERROR(tl.f32(pn + ".bias", {out}, &y.bias[p]));
+      if (p < 3 && (c.attention_bias || tc.has(pn + ".bias")))
+        QCAL_RETURN_IF_ERROR(tc.expect(pn + ".bias", DType::kF32, {out}));
     }
     for (const std::string& n : online[l]) {
       for (const OnlineSlot& s : kOnline) {
@@ -710,30 +745,63 @@ Result<NativeModel> read_native_impl(const std::string& dir) {
         if (!ti)
           return invalid_input(tpath + ": missing tensor " + tn + " (listed in " + qpath +
                                " layers[" + std::to_string(l) + "].online)");
-        // Square; the factorization against the dimension is checked below.
+        // Square; the factorization against the dimension is checked with the values.
         const int64_t side = ti->shape.size() == 2 ? ti->shape[0] : -1;
         if (side <= 0 || side > dim_of(c, s.dim))
           return invalid_input(tpath + ": tensor " + tn + " has shape " + shape_str(ti->shape) +
                                ", expected a square matrix of side dividing " +
                                std::to_string(dim_of(c, s.dim)));
-        QCAL_RETURN_IF_ERROR(tl.f32(tn, {side, side}, &(y.online.*s.member)));
+        QCAL_RETURN_IF_ERROR(tc.expect(tn, DType::kF32, {side, side}));
       }
     }
   }
   const int64_t P = static_cast<int64_t>(m.intact_prefix.size());
   if (P > 0) {
-    m.intact_k.resize(static_cast<size_t>(L));
-    m.intact_v.resize(static_cast<size_t>(L));
     for (int64_t l = 0; l < L; ++l) {
-      QCAL_RETURN_IF_ERROR(tl.f32(intact_name(l, "k"), {P, c.kv_dim()}, &m.intact_k[l]));
-      QCAL_RETURN_IF_ERROR(tl.f32(intact_name(l, "v"), {P, c.kv_dim()}, &m.intact_v[l]));
+      QCAL_RETURN_IF_ERROR(tc.expect(intact_name(l, "k"), DType::kF32, {P, c.kv_dim()}));
+      QCAL_RETURN_IF_ERROR(tc.expect(intact_name(l, "v"), DType::kF32, {P, c.kv_dim()}));
     }
-    QCAL_RETURN_IF_ERROR(tl.f32(kIntactLogits, {P, V}, &m.intact_logits));
+    QCAL_RETURN_IF_ERROR(tc.expect(kIntactLogits, DType::kF32, {P, V}));
   }
-  QCAL_RETURN_IF_ERROR(tl.check_all_used());
-  Status st = check_model(m);
-  if (!st.is_ok()) return st.with_context(dir);
-  return m;
+  QCAL_RETURN_IF_ERROR(tc.check_all_used());
+  *file_out = std::move(file);
+  return Status::ok();
+}
+
+// Layer l's tensors (present: open_native checked them) into y, with the
+// quantizer settings of meta; values unchecked.
+void load_layer(const SafetensorsFile& f, const NativeModel& meta,
+                const std::vector<std::string>& online, int64_t l, NativeLayer* y) {
+  const ModelConfig& c = meta.config;
+  const NativeLayer& settings = meta.layers[static_cast<size_t>(l)];
+  y->act = settings.act;
+  y->k = settings.k;
+  y->v = settings.v;
+  const std::string lp = layer_prefix(l);
+  copy_f32(f, lp + "input_layernorm.weight", &y->input_norm);
+  copy_f32(f, lp + "post_attention_layernorm.weight", &y->post_norm);
+  for (int p = 0; p < kNumProj; ++p) {
+    const std::string pn = proj_name(l, p);
+    if (meta.w_bits < 16) {
+      PackedWeight& w = y->qw[p];
+      w.bits = meta.w_bits;
+      w.out = proj_out(c, p);
+      w.in = proj_in(c, p);
+      w.group = meta.w_group;
+      const TensorInfo* t = f.find(pn + ".qweight");
+      const std::string_view b = f.raw(*t);
+      w.data.assign(reinterpret_cast<const uint8_t*>(b.data()),
+                    reinterpret_cast<const uint8_t*>(b.data()) + b.size());
+      f.release(*t);
+      copy_f32(f, pn + ".scales", &w.scales);
+    } else {
+      copy_f32(f, pn + ".weight", &y->fw[p]);
+    }
+    if (p < 3 && f.find(pn + ".bias")) copy_f32(f, pn + ".bias", &y->bias[p]);
+  }
+  for (const std::string& n : online)
+    for (const OnlineSlot& s : kOnline)
+      if (n == s.name) copy_f32(f, online_name(l, s.name), &(y->online.*s.member));
 }
 
 // ---------------------------------------------------------------- inference
@@ -795,9 +863,20 @@ void fake_quant(const NativeActQuant& a, const float* x, int64_t rows, int64_t c
   }
 }
 
+// One layer as the forward pass needs it: the layer, the model's shapes and
+// weight width, and the IntactKV prefix cache of this layer (P rows; null when 0).
+struct LayerRef {
+  const ModelConfig& c;
+  int w_bits;
+  const NativeLayer& y;
+  int64_t P;
+  const float* prefix_k;  // (P, K)
+  const float* prefix_v;  // (P, K)
+};
+
 // The fp32 weight (out, in) of projection p: fw, or the dequantized codes.
-const float* float_weight(const NativeModel& m, const NativeLayer& y, int p, Scratch& s) {
-  if (m.w_bits >= 16) return y.fw[p].data();
+const float* float_weight(int w_bits, const NativeLayer& y, int p, Scratch& s) {
+  if (w_bits >= 16) return y.fw[p].data();
   std::vector<float>& W = s.deq[p];
   if (W.empty()) {
     const PackedWeight& w = y.qw[p];
@@ -815,12 +894,13 @@ const float* float_weight(const NativeModel& m, const NativeLayer& y, int p, Scr
 
 // y (rows, out) = q_act(x) · q_w(W_p)ᵀ + bias: the integer kernels when both the
 // weight and the activation are quantized (per token, symmetric), else fp32.
-void run_linear(const NativeModel& m, const NativeLayer& y, int p, const float* x, int64_t rows,
-                const float* bias, float* out, Scratch& s) {
-  const ModelConfig& c = m.config;
+void run_linear(const LayerRef& lr, int p, const float* x, int64_t rows, const float* bias,
+                float* out, Scratch& s) {
+  const ModelConfig& c = lr.c;
+  const NativeLayer& y = lr.y;
   const int64_t in = proj_in(c, p), nout = proj_out(c, p);
   const NativeActQuant& a = y.act[p];
-  if (a.bits < 16 && m.w_bits < 16 && a.sym && a.group <= 0) {
+  if (a.bits < 16 && lr.w_bits < 16 && a.sym && a.group <= 0) {
     s.codes.resize(static_cast<size_t>(rows * in));
     s.sx.resize(static_cast<size_t>(rows));
     quantize_act_sym(x, rows, in, a.bits, a.clip, -1, s.codes.data(), s.sx.data());
@@ -833,20 +913,20 @@ void run_linear(const NativeModel& m, const NativeLayer& y, int p, const float* 
     fake_quant(a, x, rows, in, s.xh.data(), s);
     xin = s.xh.data();
   }
-  linear_forward(out, xin, float_weight(m, y, p, s), bias, rows, in, nout);
+  linear_forward(out, xin, float_weight(lr.w_bits, y, p, s), bias, rows, in, nout);
 }
 
 const float* opt_ptr(const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); }
 
 // One decoder block on nb sequences of T tokens, in place on xs (nb·T, H). k_out /
 // v_out (nb·T, K each; may be null) receive the new cache entries (quantized K/V).
-void native_block(const NativeModel& m, int64_t l, float* xs, int64_t nb, int64_t T, Scratch& s,
-                  float* k_out, float* v_out) {
-  const ModelConfig& c = m.config;
-  const NativeLayer& y = m.layers[l];
+void native_block(const LayerRef& lr, float* xs, int64_t nb, int64_t T, Scratch& s, float* k_out,
+                  float* v_out) {
+  const ModelConfig& c = lr.c;
+  const NativeLayer& y = lr.y;
   const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_dim(), K = c.kv_dim();
   const int64_t n_h = c.num_attention_heads, n_kv = c.num_key_value_heads, d = c.head_dim;
-  const int64_t N = nb * T, P = static_cast<int64_t>(m.intact_prefix.size()), S = P + T;
+  const int64_t N = nb * T, P = lr.P, S = P + T;
   const float eps = static_cast<float>(c.rms_norm_eps);
   const BlockTransformsT<float>& t = y.online;
 
@@ -854,9 +934,9 @@ void native_block(const NativeModel& m, int64_t l, float* xs, int64_t nb, int64_
   // Attention half.
   rmsnorm_forward(h.data(), xs, y.input_norm.data(), N, H, eps);
   apply_kron(h.data(), N, H, t.a1, t.a2, s);
-  run_linear(m, y, kQ, h.data(), N, opt_ptr(y.bias[0]), q.data(), s);
-  run_linear(m, y, kK, h.data(), N, opt_ptr(y.bias[1]), k.data(), s);
-  run_linear(m, y, kV, h.data(), N, opt_ptr(y.bias[2]), v.data(), s);
+  run_linear(lr, kQ, h.data(), N, opt_ptr(y.bias[0]), q.data(), s);
+  run_linear(lr, kK, h.data(), N, opt_ptr(y.bias[1]), k.data(), s);
+  run_linear(lr, kV, h.data(), N, opt_ptr(y.bias[2]), v.data(), s);
   for (int64_t b = 0; b < nb; ++b) {
     rope_forward(q.data() + b * T * Q, T, n_h, d, P, c.rope_theta);
     rope_forward(k.data() + b * T * K, T, n_kv, d, P, c.rope_theta);
@@ -873,8 +953,8 @@ void native_block(const NativeModel& m, int64_t l, float* xs, int64_t nb, int64_
   if (P > 0) {
     kf.resize(static_cast<size_t>(S * K));
     vf.resize(static_cast<size_t>(S * K));
-    std::memcpy(kf.data(), m.intact_k[l].data(), static_cast<size_t>(P * K) * sizeof(float));
-    std::memcpy(vf.data(), m.intact_v[l].data(), static_cast<size_t>(P * K) * sizeof(float));
+    std::memcpy(kf.data(), lr.prefix_k, static_cast<size_t>(P * K) * sizeof(float));
+    std::memcpy(vf.data(), lr.prefix_v, static_cast<size_t>(P * K) * sizeof(float));
   }
   for (int64_t b = 0; b < nb; ++b) {
     const float* kb = k.data() + b * T * K;
@@ -889,19 +969,32 @@ void native_block(const NativeModel& m, int64_t l, float* xs, int64_t nb, int64_
   }
   // P_oᵀ X per token over the (n_h, d) heads.
   apply_kron(att.data(), N, Q, t.po, {}, s);
-  run_linear(m, y, kO, att.data(), N, nullptr, o.data(), s);
+  run_linear(lr, kO, att.data(), N, nullptr, o.data(), s);
   for (int64_t i = 0; i < N * H; ++i) xs[i] += o[i];
 
   // MLP half.
   std::vector<float> gate(N * I), up(N * I);
   rmsnorm_forward(h.data(), xs, y.post_norm.data(), N, H, eps);
   apply_kron(h.data(), N, H, t.u1, t.u2, s);
-  run_linear(m, y, kGate, h.data(), N, nullptr, gate.data(), s);
-  run_linear(m, y, kUp, h.data(), N, nullptr, up.data(), s);
+  run_linear(lr, kGate, h.data(), N, nullptr, gate.data(), s);
+  run_linear(lr, kUp, h.data(), N, nullptr, up.data(), s);
   swiglu_forward(gate.data(), gate.data(), up.data(), N * I);
   apply_kron(gate.data(), N, I, t.d1, t.d2, s);
-  run_linear(m, y, kDown, gate.data(), N, nullptr, o.data(), s);
+  run_linear(lr, kDown, gate.data(), N, nullptr, o.data(), s);
   for (int64_t i = 0; i < N * H; ++i) xs[i] += o[i];
+}
+
+// One layer on B sequences of T tokens, in place on x (B·T, H), in groups of
+// >= 512 rows (bounding the workspace); k_cap / v_cap (B·T, K; may be null)
+// receive the new cache entries. The dequantized weights in `s` are the layer's.
+void layer_forward(const LayerRef& lr, float* x, int64_t B, int64_t T, Scratch& s, float* k_cap,
+                   float* v_cap) {
+  const int64_t H = lr.c.hidden_size, K = lr.c.kv_dim();
+  const int64_t per = std::min(B, std::max<int64_t>(1, (512 + T - 1) / T));
+  for (auto& w : s.deq) w.clear();
+  for (int64_t b0 = 0; b0 < B; b0 += per)
+    native_block(lr, x + b0 * T * H, std::min(per, B - b0), T, s,
+                 k_cap ? k_cap + b0 * T * K : nullptr, v_cap ? v_cap + b0 * T * K : nullptr);
 }
 
 }  // namespace
@@ -934,6 +1027,15 @@ void prefix_attention(float* out, const float* q, const float* k, const float* v
     }
     sgemm(false, false, T, d, S, 1.0f, sc.data(), S, v + g * d, K, 0.0f, out + hh * d, Q);
   }
+}
+
+void native_layer_forward(const ModelConfig& c, int w_bits, const NativeLayer& layer,
+                          const float* prefix_k, const float* prefix_v, int64_t P, float* x,
+                          int64_t B, int64_t T) {
+  QCAL_CHECK(B >= 0 && T >= 0 && P >= 0 && (P == 0 || (prefix_k && prefix_v)));
+  if (B * T == 0) return;
+  Scratch s;
+  layer_forward(LayerRef{c, w_bits, layer, P, prefix_k, prefix_v}, x, B, T, s, nullptr, nullptr);
 }
 
 NativeLayerDecl native_layer_decl(const NativeLayer& y) {
@@ -994,7 +1096,119 @@ Status write_native(const NativeModel& m, const std::string& dir, bool overwrite
   return stream_native(native_decl(m), src, dir, overwrite);
 }
 
-Result<NativeModel> read_native(const std::string& dir) { return read_native_impl(dir); }
+Result<std::unique_ptr<NativeCheckpoint>> NativeCheckpoint::open(const std::string& dir) {
+  std::unique_ptr<NativeCheckpoint> ck(new NativeCheckpoint());
+  ck->dir_ = dir;
+  QCAL_RETURN_IF_ERROR(open_native(dir, ck->meta_, ck->online_, &ck->file_));
+  return ck;
+}
+
+NativeCheckpoint::~NativeCheckpoint() = default;
+
+Result<NativeLayer> NativeCheckpoint::read_layer(int64_t l) const {
+  const ModelConfig& c = meta_.config;
+  if (l < 0 || l >= c.num_hidden_layers)
+    return invalid_input(dir_ + ": layer " + std::to_string(l) + " out of range [0, " +
+                         std::to_string(c.num_hidden_layers) + ")");
+  NativeLayer y;
+  load_layer(*file_, meta_, online_[static_cast<size_t>(l)], l, &y);
+  Status st = check_layer(c, meta_.w_bits, meta_.w_group, y, l);
+  if (!st.is_ok()) return st.with_context(dir_);
+  return y;
+}
+
+Status NativeCheckpoint::read_intact_kv(int64_t l, std::vector<float>* k,
+                                        std::vector<float>* v) const {
+  const ModelConfig& c = meta_.config;
+  if (meta_.intact_prefix.empty())
+    return invalid_input(dir_ + ": the checkpoint has no IntactKV cache");
+  if (l < 0 || l >= c.num_hidden_layers)
+    return invalid_input(dir_ + ": layer " + std::to_string(l) + " out of range");
+  copy_f32(*file_, intact_name(l, "k"), k);
+  copy_f32(*file_, intact_name(l, "v"), v);
+  Status st = check_finite(*k, intact_name(l, "k"));
+  if (st.is_ok()) st = check_finite(*v, intact_name(l, "v"));
+  return st.is_ok() ? st : st.with_context(dir_);
+}
+
+Result<std::vector<float>> NativeCheckpoint::read_final_norm() const {
+  std::vector<float> g;
+  copy_f32(*file_, kNorm, &g);
+  Status st = check_finite(g, kNorm);
+  if (!st.is_ok()) return st.with_context(dir_);
+  return g;
+}
+
+Status NativeCheckpoint::read_embed_rows(const int32_t* ids, int64_t n, float* out) const {
+  const int64_t H = meta_.config.hidden_size, V = meta_.config.vocab_size;
+  for (int64_t i = 0; i < n; ++i)
+    if (ids[i] < 0 || ids[i] >= V)
+      return invalid_input("token id " + std::to_string(ids[i]) + " at index " + std::to_string(i) +
+                           " out of range [0, " + std::to_string(V) + ")");
+  size_t total = 0;
+  const float* e = f32_data(*file_, kEmbed, &total);
+  const TensorInfo& ti = *file_->find(kEmbed);
+  for (int64_t i = 0; i < n; ++i) {
+    const size_t first = static_cast<size_t>(ids[i]) * static_cast<size_t>(H);
+    std::memcpy(out + i * H, e + first, static_cast<size_t>(H) * sizeof(float));
+    // Scattered rows map their page-cache neighbours too (model.h kEmbedReleaseRows).
+    if ((i + 1) % kEmbedReleaseRows == 0 || i + 1 == n) file_->release(ti);
+    Status st = check_finite(out + i * H, static_cast<size_t>(H), kEmbed, first);
+    if (!st.is_ok()) {
+      file_->release(ti);
+      return st.with_context(dir_);
+    }
+  }
+  return Status::ok();
+}
+
+Status NativeCheckpoint::read_lm_head_rows(int64_t v0, int64_t n, float* out) const {
+  const int64_t H = meta_.config.hidden_size, V = meta_.config.vocab_size;
+  if (v0 < 0 || n < 0 || v0 + n > V)
+    return invalid_input(dir_ + ": lm_head rows [" + std::to_string(v0) + ", " +
+                         std::to_string(v0 + n) + ") out of range [0, " + std::to_string(V) + ")");
+  const size_t first = static_cast<size_t>(v0 * H), count = static_cast<size_t>(n * H);
+  copy_f32(*file_, kLmHead, first, count, out);
+  Status st = check_finite(out, count, kLmHead, first);
+  return st.is_ok() ? st : st.with_context(dir_);
+}
+
+Status NativeCheckpoint::read_intact_logits(int64_t p, int64_t v0, int64_t n, float* out) const {
+  const int64_t V = meta_.config.vocab_size, P = static_cast<int64_t>(meta_.intact_prefix.size());
+  if (p < 0 || p >= P || v0 < 0 || n < 0 || v0 + n > V)
+    return invalid_input(dir_ + ": IntactKV logits [" + std::to_string(p) + ", " +
+                         std::to_string(v0) + ":" + std::to_string(v0 + n) +
+                         ") outside the stored (" + std::to_string(P) + ", " + std::to_string(V) +
+                         ")");
+  const size_t first = static_cast<size_t>(p * V + v0), count = static_cast<size_t>(n);
+  copy_f32(*file_, kIntactLogits, first, count, out);
+  Status st = check_finite(out, count, kIntactLogits, first);
+  return st.is_ok() ? st : st.with_context(dir_);
+}
+
+Result<NativeModel> read_native(const std::string& dir) {
+  QCAL_ASSIGN_OR_RETURN(std::unique_ptr<NativeCheckpoint> ck, NativeCheckpoint::open(dir));
+  const SafetensorsFile& f = *ck->file_;
+  NativeModel m = ck->meta_;
+  const int64_t L = m.config.num_hidden_layers;
+  copy_f32(f, kEmbed, &m.embed);
+  copy_f32(f, kNorm, &m.final_norm);
+  copy_f32(f, kLmHead, &m.lm_head);
+  for (int64_t l = 0; l < L; ++l)
+    load_layer(f, ck->meta_, ck->online_[static_cast<size_t>(l)], l, &m.layers[l]);
+  if (!m.intact_prefix.empty()) {
+    m.intact_k.resize(static_cast<size_t>(L));
+    m.intact_v.resize(static_cast<size_t>(L));
+    for (int64_t l = 0; l < L; ++l) {
+      copy_f32(f, intact_name(l, "k"), &m.intact_k[l]);
+      copy_f32(f, intact_name(l, "v"), &m.intact_v[l]);
+    }
+    copy_f32(f, kIntactLogits, &m.intact_logits);
+  }
+  Status st = check_model(m);
+  if (!st.is_ok()) return st.with_context(dir);
+  return m;
+}
 
 bool is_native_dir(const std::string& dir) { return path_exists(join_path(dir, kQuantFile)); }
 
@@ -1022,16 +1236,17 @@ std::vector<float> native_logits(const NativeModel& m, const int32_t* tokens, in
     std::memcpy(x.data() + r * H, m.embed.data() + static_cast<int64_t>(tokens[r]) * H,
                 static_cast<size_t>(H) * sizeof(float));
   }
-  // Sequences go through in groups of >= 512 rows to bound the workspace.
-  const int64_t per = std::min(B, std::max<int64_t>(1, (512 + T - 1) / T));
+  const int64_t P = static_cast<int64_t>(m.intact_prefix.size());
   Scratch s;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    for (auto& w : s.deq) w.clear();
-    for (int64_t b0 = 0; b0 < B; b0 += per) {
-      float* ko = capture ? capture->k[l].data() + b0 * T * K : nullptr;
-      float* vo = capture ? capture->v[l].data() + b0 * T * K : nullptr;
-      native_block(m, l, x.data() + b0 * T * H, std::min(per, B - b0), T, s, ko, vo);
-    }
+    const LayerRef lr{c,
+                      m.w_bits,
+                      m.layers[l],
+                      P,
+                      P > 0 ? m.intact_k[l].data() : nullptr,
+                      P > 0 ? m.intact_v[l].data() : nullptr};
+    layer_forward(lr, x.data(), B, T, s, capture ? capture->k[l].data() : nullptr,
+                  capture ? capture->v[l].data() : nullptr);
   }
   std::vector<float> xn(static_cast<size_t>(rows * H)), out(static_cast<size_t>(rows * V));
   rmsnorm_forward(xn.data(), x.data(), m.final_norm.data(), rows, H,

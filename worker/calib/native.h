@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -137,10 +138,57 @@ Status stream_native(const NativeModelDecl& decl, const NativeSource& src, const
                      bool overwrite, uint64_t chunk_bytes = kWriteChunkBytes);
 
 // Validates everything (format, version, shapes, code ranges); kInvalidInput naming
-// the tensor or field.
+// the tensor or field. Holds the whole model: NativeCheckpoint reads it piece by piece.
 Result<NativeModel> read_native(const std::string& dir);
 // True iff `dir` holds a qcal_quant.json.
 bool is_native_dir(const std::string& dir);
+
+// A native checkpoint opened for reading one piece at a time (the streaming
+// evaluator, worker/calib/native_eval.h), so that nothing holds the whole model.
+// open() checks qcal_quant.json and config.json as read_native does, maps
+// model.safetensors and checks its tensor list (every tensor the configuration
+// implies present with its dtype and shape, none unexpected) without reading
+// tensor data. Each read_* copies one piece out of the mapping, checks its values
+// as read_native does (kInvalidInput naming the tensor: non-finite values, codes
+// outside the bit range, negative scales, transform factors that do not factor
+// their dimension) and drops the mapped pages again, so the resident set is what
+// the caller keeps. read_native(dir) is open() plus every read.
+// Thread safety: const calls may run concurrently.
+class NativeCheckpoint {
+ public:
+  // Errors: read_native's for the JSON files and the tensor list; kCorrupt for a
+  // damaged safetensors file; kNotFound / kIoError from the filesystem.
+  static Result<std::unique_ptr<NativeCheckpoint>> open(const std::string& dir);
+  ~NativeCheckpoint();
+  NativeCheckpoint(const NativeCheckpoint&) = delete;
+  NativeCheckpoint& operator=(const NativeCheckpoint&) = delete;
+
+  const std::string& dir() const { return dir_; }
+  // config, recipe, w_bits, w_group and intact_prefix; layers hold only their
+  // quantizer settings (act, k, v); every tensor member is empty.
+  const NativeModel& meta() const { return meta_; }
+  const ModelConfig& config() const { return meta_.config; }
+  // Layer l's weights, norms, biases, online transforms and quantizer settings.
+  Result<NativeLayer> read_layer(int64_t l) const;
+  // Layer l's IntactKV cache, (P, n_kv·d) each. kInvalidInput without a prefix.
+  Status read_intact_kv(int64_t l, std::vector<float>* k, std::vector<float>* v) const;
+  // γ (H) of the final norm.
+  Result<std::vector<float>> read_final_norm() const;
+  // out (n, H) = embedding rows of ids[0..n); kInvalidInput for an id outside [0, V).
+  Status read_embed_rows(const int32_t* ids, int64_t n, float* out) const;
+  // out (n, H) = lm_head rows [v0, v0 + n); kInvalidInput outside [0, V).
+  Status read_lm_head_rows(int64_t v0, int64_t n, float* out) const;
+  // out (n) = entries [v0, v0 + n) of the stored FP logits of prefix position p.
+  Status read_intact_logits(int64_t p, int64_t v0, int64_t n, float* out) const;
+
+ private:
+  friend Result<NativeModel> read_native(const std::string& dir);
+  NativeCheckpoint() = default;
+  std::string dir_;
+  NativeModel meta_;
+  std::vector<std::vector<std::string>> online_;  // per layer: the listed transforms
+  std::unique_ptr<SafetensorsFile> file_;
+};
 
 // Logits (B·T, V) of B sequences of T tokens with the integer kernels. With IntactKV
 // the prefix cache is prepended: the sequence tokens start at position P, and the
@@ -158,6 +206,16 @@ struct NativeKvCapture {
 // native_logits, also filling `capture` (resized; may be null).
 std::vector<float> native_logits(const NativeModel& m, const int32_t* tokens, int64_t B, int64_t T,
                                  NativeKvCapture* capture);
+
+// One decoder layer of a native model (NATIVE_FORMAT.md steps 1–12) in place on
+// x (B·T, H): B sequences of T tokens at positions P..P+T−1 after the IntactKV
+// prefix cache prefix_k / prefix_v ((P, n_kv·d) each; null when P = 0), in groups
+// of >= 512 rows. native_logits runs exactly this for every layer. `layer` must
+// satisfy read_native's checks for config c and w_bits (aborts on shapes it
+// cannot use).
+void native_layer_forward(const ModelConfig& c, int w_bits, const NativeLayer& layer,
+                          const float* prefix_k, const float* prefix_v, int64_t P, float* x,
+                          int64_t B, int64_t T);
 
 // Causal GQA attention of T queries at positions P..P+T−1 over P+T keys (an
 // IntactKV prefix of P, then the sequence itself): q (T, n_h·d), k/v (P+T, n_kv·d),

@@ -169,6 +169,13 @@ Result<LayerWeights> LlamaModel::load_layer(int64_t l) const {
     const std::vector<int64_t> want = proj_shape(c, name);
     if (t.shape != want) return invalid_input(shape_mismatch(dir_->dir(), p + name, t.shape, want));
     w.proj(name) = std::move(t);
+    // The quantized readers decode straight from the mapping: drop its pages (as
+    // read_f32 does), so walking the layers keeps one layer resident.
+    for (const char* part : {".qweight", ".qzeros", ".scales", ".g_idx", ".weight_packed",
+                             ".weight_scale", ".weight_zero_point", ".weight_g_idx"}) {
+      const SafetensorsFile* file = nullptr;
+      if (const TensorInfo* ti = dir_->find(p + name + part, &file)) file->release(*ti);
+    }
   }
   // q/k/v biases: required when the config says so (qwen2), read when present.
   struct Bias {
@@ -187,37 +194,90 @@ Result<LayerWeights> LlamaModel::load_layer(int64_t l) const {
   return w;
 }
 
+namespace {
+
+// The float matrix `name` of shape (rows, cols) in `dir`, and the file that holds it.
+Result<const TensorInfo*> float_matrix(const ModelDir& dir, const std::string& name, int64_t rows,
+                                       int64_t cols, const SafetensorsFile** file) {
+  const TensorInfo* ti = dir.find(name, file);
+  if (!ti) return not_found(dir.dir() + ": missing tensor " + name);
+  if (ti->shape != std::vector<int64_t>{rows, cols})
+    return invalid_input(shape_mismatch(dir.dir(), name, ti->shape, {rows, cols}));
+  if (!is_float_dtype(ti->dtype))
+    return invalid_input(dir.dir() + ": tensor " + name + " has non-float dtype " +
+                         dtype_name(ti->dtype));
+  return ti;
+}
+
+}  // namespace
+
 Result<Tensor> LlamaModel::embed(const TokenSequences& seqs, int64_t first, int64_t count) const {
-  const ModelConfig& c = config();
-  const int64_t H = c.hidden_size, V = c.vocab_size, T = seqs.seqlen;
+  const int64_t H = config().hidden_size, V = config().vocab_size, T = seqs.seqlen;
   if (first < 0 || count < 0 || first + count > seqs.count())
     return invalid_input("sequences [" + std::to_string(first) + ", " +
                          std::to_string(first + count) + ") out of range [0, " +
                          std::to_string(seqs.count()) + ")");
-  const std::string name = "model.embed_tokens.weight";
-  const SafetensorsFile* file = nullptr;
-  const TensorInfo* ti = dir_->find(name, &file);
-  if (!ti) return not_found(dir_->dir() + ": missing tensor " + name);
-  if (ti->shape != std::vector<int64_t>{V, H})
-    return invalid_input(shape_mismatch(dir_->dir(), name, ti->shape, {V, H}));
-  if (!is_float_dtype(ti->dtype))
-    return invalid_input(dir_->dir() + ": tensor " + name + " has non-float dtype " +
-                         dtype_name(ti->dtype));
-  const std::string_view raw = file->raw(*ti);
-  const size_t row_bytes = static_cast<size_t>(H) * dtype_size(ti->dtype);
-  Tensor x({count * T, H});
   for (int64_t s = 0; s < count; ++s) {
     const int32_t* tok = seqs.seq(first + s);
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = 0; t < T; ++t)
       if (tok[t] < 0 || tok[t] >= V)
         return invalid_input("token id " + std::to_string(tok[t]) + " at sequence " +
                              std::to_string(first + s) + " position " + std::to_string(t) +
                              " out of range [0, " + std::to_string(V) + ")");
-      to_f32(ti->dtype, raw.data() + static_cast<size_t>(tok[t]) * row_bytes,
-             x.ptr() + (s * T + t) * H, static_cast<size_t>(H));
-    }
   }
+  Tensor x({count * T, H});
+  QCAL_RETURN_IF_ERROR(embed_rows(seqs.seq(first), count * T, x.ptr()));
   return x;
+}
+
+Status LlamaModel::embed_rows(const int32_t* ids, int64_t n, float* x) const {
+  const ModelConfig& c = config();
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  const SafetensorsFile* file = nullptr;
+  QCAL_ASSIGN_OR_RETURN(const TensorInfo* ti,
+                        float_matrix(*dir_, "model.embed_tokens.weight", V, H, &file));
+  for (int64_t i = 0; i < n; ++i)
+    if (ids[i] < 0 || ids[i] >= V)
+      return invalid_input("token id " + std::to_string(ids[i]) + " at index " + std::to_string(i) +
+                           " out of range [0, " + std::to_string(V) + ")");
+  const std::string_view raw = file->raw(*ti);
+  const size_t row_bytes = static_cast<size_t>(H) * dtype_size(ti->dtype);
+  for (int64_t i = 0; i < n; ++i) {
+    to_f32(ti->dtype, raw.data() + static_cast<size_t>(ids[i]) * row_bytes, x + i * H,
+           static_cast<size_t>(H));
+    // Every touched row maps its page-cache neighbours too (the kernel's fault-around,
+    // 64 KiB): drop them every kEmbedReleaseRows rows, or scattered rows would map
+    // much of the table.
+    if ((i + 1) % kEmbedReleaseRows == 0 || i + 1 == n) file->release(*ti);
+  }
+  return Status::ok();
+}
+
+Result<Tensor> LlamaModel::final_norm() const {
+  return dir_->read_f32("model.norm.weight", {config().hidden_size});
+}
+
+Status LlamaModel::lm_head_rows(int64_t v0, int64_t n, float* out) const {
+  const ModelConfig& c = config();
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  if (v0 < 0 || n < 0 || v0 + n > V)
+    return invalid_input("lm_head rows [" + std::to_string(v0) + ", " + std::to_string(v0 + n) +
+                         ") out of range [0, " + std::to_string(V) + ")");
+  if (!c.tie_word_embeddings && dir_->quantization_config() &&
+      (dir_->has("lm_head.qweight") || dir_->has("lm_head.weight_packed"))) {
+    // A quantized lm_head: dequantized whole once (logits() keeps the same copy).
+    QCAL_RETURN_IF_ERROR(read_head(*dir_, &final_norm_, &lm_head_));
+    std::memcpy(out, lm_head_.ptr() + v0 * H, static_cast<size_t>(n * H) * sizeof(float));
+    return Status::ok();
+  }
+  const char* name = c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  const SafetensorsFile* file = nullptr;
+  QCAL_ASSIGN_OR_RETURN(const TensorInfo* ti, float_matrix(*dir_, name, V, H, &file));
+  const size_t row_bytes = static_cast<size_t>(H) * dtype_size(ti->dtype);
+  to_f32(ti->dtype, file->raw(*ti).data() + static_cast<size_t>(v0) * row_bytes, out,
+         static_cast<size_t>(n * H));
+  file->release(*ti);
+  return Status::ok();
 }
 
 Result<Tensor> LlamaModel::logits(const Tensor& x) const {

@@ -20,11 +20,11 @@ namespace qcal {
 
 // fp32 weights of one decoder block, HF orientation [out, in].
 struct LayerWeights {
-  Tensor input_norm;               // (H)
-  Tensor q, k, v, o;               // (n_h*d, H), (n_kv*d, H), (n_kv*d, H), (H, n_h*d)
-  Tensor q_bias, k_bias, v_bias;   // (n_h*d), (n_kv*d), (n_kv*d); empty when absent
-  Tensor post_norm;                // (H)
-  Tensor gate, up, down;           // (I, H), (I, H), (H, I)
+  Tensor input_norm;              // (H)
+  Tensor q, k, v, o;              // (n_h*d, H), (n_kv*d, H), (n_kv*d, H), (H, n_h*d)
+  Tensor q_bias, k_bias, v_bias;  // (n_h*d), (n_kv*d), (n_kv*d); empty when absent
+  Tensor post_norm;               // (H)
+  Tensor gate, up, down;          // (I, H), (I, H), (H, I)
 
   // By kProjNames entry ("self_attn.q_proj", ...). Aborts on an unknown name.
   Tensor& proj(const std::string& name);
@@ -41,6 +41,11 @@ using LinearInputHook =
 void block_forward(const ModelConfig& c, const LayerWeights& w, float* x, int64_t B, int64_t T,
                    const LinearInputHook& hook = nullptr);
 
+// Embedding rows read between two drops of the embedding's mapped pages: each
+// scattered row also maps up to 64 KiB of neighbours (the kernel's fault-around),
+// so at most this many · (row + 64 KiB) of the table is resident at once.
+inline constexpr int64_t kEmbedReleaseRows = 32;
+
 class LlamaModel {
  public:
   // Opens an FP or quantized (GPTQ / compressed-tensors) checkpoint.
@@ -51,8 +56,20 @@ class LlamaModel {
   Result<LayerWeights> load_layer(int64_t l) const;
   // x (B*T, H) = embedding rows of the tokens (reads only those rows).
   Result<Tensor> embed(const TokenSequences& seqs, int64_t first, int64_t count) const;
+  // x (n, H) = embedding rows of ids[0..n), read from the mapped file, whose
+  // pages are dropped every kEmbedReleaseRows rows. kInvalidInput for an id
+  // outside [0, V) (naming its index) or an embedding of the wrong shape or dtype.
+  Status embed_rows(const int32_t* ids, int64_t n, float* x) const;
   // In place: final RMSNorm of x (rows, H); then logits (rows, V) = x · lm_headᵀ.
+  // Loads the whole lm_head (V, H) in fp32 on first use and keeps it.
   Result<Tensor> logits(const Tensor& x) const;
+  // γ (H) of the final RMSNorm.
+  Result<Tensor> final_norm() const;
+  // out (n, H) = rows [v0, v0 + n) of lm_head (the embedding when tied) in fp32,
+  // read from the mapped file (pages dropped again). A quantized lm_head is
+  // dequantized whole on first use and kept (as logits() keeps it).
+  // kInvalidInput for a range outside [0, V) or a tensor of the wrong shape.
+  Status lm_head_rows(int64_t v0, int64_t n, float* out) const;
 
  private:
   std::unique_ptr<ModelDir> dir_;
