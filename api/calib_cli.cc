@@ -1,27 +1,136 @@
 #include "api/calib_cli.h"
 
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <string>
 #include <vector>
 
 namespace qcal {
 
+namespace {
+
+std::string fmt(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  return buf;
+}
+
+}  // namespace
+
+const std::vector<FlagSpec>& recipe_flags() {
+  static const std::vector<FlagSpec> kRows = [] {
+    const calib::CalibRecipe r;
+    const GptqOptions g;
+    const std::string recipe = kRecipeGroup, engine = "Calibration engine", flat = "FlatQuant",
+                      spin = "SpinQuant", ikv = "IntactKV (methods.md §6)",
+                      recon = "Reconstruction (CBQ, methods.md §7)";
+    auto n = [](int64_t v) { return std::to_string(v); };
+    return std::vector<FlagSpec>{
+        {"method", "NAME", "gptq",
+         "rtn or gptq: weight-only quantization. smoothquant, quarot, spinquant or flatquant: that "
+         "transform, then --weight-solver, on the calibration engine. lora-rounding: CBQ's "
+         "learned rounding (needs --reconstruction block|cbq).",
+         recipe},
+        {"w-bits", "N", n(r.w_bits), "weight bits", recipe},
+        {"group-size", "N", "128 weight-only, -1 calibration engine",
+         "weights per quantization group; -1 = per output channel", recipe},
+        {"sym", "", "", "symmetric weight grid (the default)", recipe},
+        {"asym", "", "", "asymmetric weight grid (weight-only rtn/gptq only)", recipe},
+        {"act-order", "", "", "GPTQ: quantize columns in order of decreasing Hessian diagonal",
+         recipe},
+        {"static-groups", "", "",
+         "GPTQ with --act-order: compute the group parameters before reordering", recipe},
+        {"damp", "X", fmt(g.percdamp), "GPTQ dampening, a fraction of the Hessian's mean diagonal",
+         recipe},
+        {"mse-clip", "", "",
+         "search each weight group's clipping range for the least squared error", recipe},
+        {"no-true-sequential", "", "",
+         "weight-only: quantize all of a block's projections from one capture of their inputs, "
+         "not {q,k,v} → {o} → {gate,up} → {down}",
+         recipe},
+        {"blocksize", "N", n(g.blocksize), "GPTQ: columns per lazy-update block", recipe},
+        {"batch", "N", n(r.batch), "sequences per forward batch (memory only)", recipe},
+
+        {"weight-solver", "NAME", "rtn after a transform",
+         "rtn, gptq or lora-rounding: the solver of the weights, after the transform of --method "
+         "or, alone, on the untransformed model",
+         engine},
+        {"a-bits", "N", n(r.a_bits),
+         "activation bits (inputs of every linear but lm_head, per token); 16 = unquantized",
+         engine},
+        {"kv-bits", "N", n(r.kv_bits),
+         "K/V cache bits (asymmetric per token and head); 16 = unquantized", engine},
+        {"a-clip", "X", fmt(r.a_clip), "activation clipping ratio", engine},
+        {"kv-clip", "X", fmt(r.kv_clip), "K/V cache clipping ratio", engine},
+        {"seed", "N", n(static_cast<int64_t>(r.seed)),
+         "seed of the recipe's random parts (rotations, training batches)", engine},
+        {"embed-mean-sub", "", "",
+         "QuaRot/SpinQuant: subtract the embedding rows' mean (changes an RMSNorm model's "
+         "function)",
+         engine},
+        {"alpha", "X", fmt(r.sq_alpha), "SmoothQuant's migration strength", engine},
+
+        {"epochs", "N", n(r.epochs), "training epochs per block", flat},
+        {"flat-lr", "X", fmt(r.flat_lr), "learning rate", flat},
+        {"cali-bsz", "N", n(r.cali_bsz),
+         "sequences per training step (also the reconstruction's minibatch)", flat},
+        {"diag-alpha", "X", fmt(r.diag_alpha),
+         "strength of the per-channel scaling's SmoothQuant-style initialization", flat},
+        {"no-lwc", "", "", "no learnable weight clipping", flat},
+        {"no-lac", "", "", "no learnable activation clipping", flat},
+        {"no-diag", "", "", "no per-channel scaling", flat},
+
+        {"spin-steps", "N", n(r.spin_steps), "Cayley SGD steps", spin},
+        {"spin-lr", "X", fmt(r.spin_lr), "peak learning rate", spin},
+        {"spin-bsz", "N", n(r.spin_bsz), "sequences per step", spin},
+
+        {"intactkv", "", "",
+         "keep the pivot tokens' FP K/V cache (native format; evaluated sequences must begin "
+         "with the prefix)",
+         ikv},
+        {"intactkv-prefix", "IDS", "the BOS id",
+         "the pivot token ids, e.g. 1,5,9 (needs --intactkv)", ikv},
+        {"intactkv-cal", "", "",
+         "then train that cache against the FP model's layer outputs (§6.4; needs --intactkv)",
+         ikv},
+        {"intactkv-cal-steps", "N", n(r.intactkv_cal_steps),
+         "training steps (needs --intactkv-cal)", ikv},
+        {"intactkv-cal-lr", "X", fmt(r.intactkv_cal_lr),
+         "AdamW learning rate (needs --intactkv-cal)", ikv},
+
+        {"reconstruction", "NAME", calib::reconstruction_str(r.reconstruction),
+         "none, block (each block alone) or cbq (windows of blocks); without --method or "
+         "--weight-solver, block|cbq means lora-rounding",
+         recon},
+        {"cbq-window", "N", n(r.cbq_window), "blocks per window", recon},
+        {"cbq-overlap", "N", n(r.cbq_overlap), "blocks shared by consecutive windows", recon},
+        {"cbq-parallel", "", "", "calibrate every window on FP inputs, independently", recon},
+        {"cbq-epochs", "N", n(r.cbq_epochs), "training epochs per window", recon},
+        {"lora-rank", "N", n(r.lora_rank), "rank of the learned LoRA rounding", recon},
+        {"no-cfp", "", "", "skip coarse-to-fine preprocessing (§7.3)", recon},
+    };
+  }();
+  return kRows;
+}
+
 const std::set<std::string>& calib_valued_flags() {
-  static const std::set<std::string> k = {"a-bits",         "kv-bits",       "a-clip",
-                                          "kv-clip",        "weight-solver", "alpha",
-                                          "epochs",         "flat-lr",       "cali-bsz",
-                                          "diag-alpha",     "spin-steps",    "spin-lr",
-                                          "spin-bsz",       "seed",          "intactkv-prefix",
-                                          "reconstruction", "cbq-window",    "cbq-overlap",
-                                          "cbq-epochs",     "lora-rank",     "intactkv-cal-steps",
-                                          "intactkv-cal-lr"};
+  static const std::set<std::string> k = [] {
+    std::set<std::string> s;
+    for (const FlagSpec& f : recipe_flags())
+      if (f.group != kRecipeGroup && !f.boolean()) s.insert(f.name);
+    return s;
+  }();
   return k;
 }
+
 const std::set<std::string>& calib_bool_flags() {
-  static const std::set<std::string> k = {"no-lwc",         "no-lac",   "no-diag",
-                                          "embed-mean-sub", "intactkv", "intactkv-cal",
-                                          "cbq-parallel",   "no-cfp"};
+  static const std::set<std::string> k = [] {
+    std::set<std::string> s;
+    for (const FlagSpec& f : recipe_flags())
+      if (f.group != kRecipeGroup && f.boolean()) s.insert(f.name);
+    return s;
+  }();
   return k;
 }
 

@@ -5,6 +5,7 @@
 
 #include <set>
 #include <string>
+#include <vector>
 
 #include "common/flags.h"
 #include "common/status.h"
@@ -12,7 +13,20 @@
 
 namespace qcal {
 
-// The recipe flags `qcal quantize` accepts on top of its weight-only ones.
+// The heading of the recipe rows that the weight-only path reads too.
+inline constexpr const char* kRecipeGroup = "Recipe";
+
+// Every recipe flag of `qcal quantize` and `qcal submit` (which append these
+// rows to their own tables): first the rows the weight-only rtn/gptq path
+// reads as well (group kRecipeGroup: --method, --w-bits, --group-size, --sym,
+// --asym, --act-order, --static-groups, --damp, --mse-clip,
+// --no-true-sequential, --blocksize, --batch), then the calibration engine's
+// (every other group). The one place that lists the recipe flags; the shown
+// defaults are CalibRecipe's and GptqOptions'.
+const std::vector<FlagSpec>& recipe_flags();
+
+// The names of the calibration-only rows of recipe_flags() (outside
+// kRecipeGroup): the flags `qcal quantize` accepts on top of its weight-only ones.
 const std::set<std::string>& calib_valued_flags();
 const std::set<std::string>& calib_bool_flags();
 

@@ -31,31 +31,55 @@ const std::set<std::string>& weight_only_boolean_flags() {
   return kBooleans;
 }
 
-// Recipe flags that recipe_from_flags reads beyond calib_valued_flags() (the ones
-// `qcal quantize` declares for both of its paths).
-const std::set<std::string>& extra_calib_valued_flags() {
-  static const std::set<std::string> k = {"blocksize", "batch"};
-  return k;
+// The job's rows of spec_flags(): everything but the recipe.
+std::vector<FlagSpec> job_flags() {
+  const std::string io = "Input and output", eval = "Evaluation and gate", job = "Job",
+                    dag = "Weight-only tasks";
+  return {
+      {"model", "DIR", "", "the model to quantize (required)", io},
+      {"calib", "FILE", "", "calibration tokens, .jsonl or .u32 (required)", io},
+      {"nsamples", "N", "128", "calibration sequences", io},
+      {"seqlen", "N", "2048", "tokens per calibration sequence", io},
+      {"out", "DIR", "", "where the quantized checkpoint goes (required)", io},
+      {"format", "NAME", "gptq weight-only, auto calibration engine",
+       "gptq or compressed-tensors; the calibration engine also takes native and auto (gptq when "
+       "everything folds into the weights, else native)",
+       io},
+      {"overwrite", "", "", "replace an existing --out", io},
+      {"eval-data", "FILE", "", "validate the result on these tokens (perplexity, KL)", eval},
+      {"eval-nsamples", "N", "0 = all", "evaluation sequences (needs --eval-data)", eval},
+      {"eval-seqlen", "N", "--seqlen", "tokens per evaluation sequence (needs --eval-data)", eval},
+      {"max-ppl-increase", "X", "",
+       "fail the job when, on --eval-data, ppl / FP ppl − 1 exceeds X (0.05: 5 %)", eval},
+      {"max-kl", "X", "",
+       "fail the job when, on --eval-data, the mean KL(FP ‖ quantized) per token exceeds X "
+       "nats",
+       eval},
+      {"priority", "NAME", "normal", "high, normal or low", job},
+      {"labels", "K=V,...", "", "labels to find the job by (qcal jobs --label)", job},
+      {"mode", "NAME", "sequential",
+       "sequential (each task on the quantized model's inputs) or parallel (every task on FP "
+       "inputs)",
+       dag},
+      {"window", "N", "1", "blocks per calibrate task (CBQ's window is --cbq-window)", dag},
+      {"overlap", "N", "0", "blocks shared by neighbouring calibrate tasks", dag},
+  };
 }
 
 }  // namespace
 
+const std::vector<FlagSpec>& spec_flags() {
+  static const std::vector<FlagSpec> kRows = concat_flags(job_flags(), recipe_flags());
+  return kRows;
+}
+
 const std::set<std::string>& spec_valued_flags() {
-  static const std::set<std::string> kValued = [] {
-    std::set<std::string> s = weight_only_valued_flags();
-    s.insert(calib_valued_flags().begin(), calib_valued_flags().end());
-    s.insert(extra_calib_valued_flags().begin(), extra_calib_valued_flags().end());
-    return s;
-  }();
+  static const std::set<std::string> kValued = valued_flag_names(spec_flags());
   return kValued;
 }
 
 const std::set<std::string>& spec_boolean_flags() {
-  static const std::set<std::string> kBooleans = [] {
-    std::set<std::string> s = weight_only_boolean_flags();
-    s.insert(calib_bool_flags().begin(), calib_bool_flags().end());
-    return s;
-  }();
+  static const std::set<std::string> kBooleans = boolean_flag_names(spec_flags());
   return kBooleans;
 }
 

@@ -38,9 +38,9 @@
 // reconstruction flag, ...), the recipe object is
 // recipe_from_flags(f).to_json(): every key of the calibration schema, with
 // the method resolved into "transform" / "weight_solver" (no "method" alias:
-// the spec's alias does not take lora-rounding). The recipe flags are
-// calib_valued_flags() / calib_bool_flags() plus --blocksize and --batch, and
-// mean what they mean to `qcal quantize` (--group-size → w_group, default per
+// the spec's alias does not take lora-rounding). The recipe flags are the
+// rows of recipe_flags() (api/calib_cli.h), and mean what they mean to
+// `qcal quantize` (--group-size → w_group, default per
 // channel; --damp / --act-order / --static-groups / --blocksize → gptq.*;
 // --mse-clip → w_mse_clip; --format also takes auto | native, the default
 // auto). --window, --overlap, --mode and --no-true-sequential shape only the
@@ -67,15 +67,18 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "common/flags.h"
 #include "common/status.h"
 
 namespace qcal {
 
-// The flag names job_spec_json_from_flags reads, for a command to declare in
-// its Flags (add its own on top: --server, --json, ...): the weight-only
-// flags of the table above and the calibration recipe flags.
+// The flags job_spec_json_from_flags reads, as rows for a command's flag table
+// (add its own on top: --server, --json, ...): the job's flags of the table
+// above, then recipe_flags() (api/calib_cli.h).
+const std::vector<FlagSpec>& spec_flags();
+// The names of spec_flags()' rows that take a value / take none.
 const std::set<std::string>& spec_valued_flags();
 const std::set<std::string>& spec_boolean_flags();
 

@@ -10,6 +10,8 @@
 
 #include <csignal>
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include "common/flags.h"
 #include "common/log.h"
@@ -17,10 +19,28 @@
 
 namespace {
 
-const char* kUsage =
-    "usage: qcal-coordinator [--host 127.0.0.1] [--port 8080] [--redis redis://127.0.0.1:6379]\n"
-    "                        [--tokens FILE] [--store DIR] [--worker-mem-gb 24]\n"
-    "                        [--max-body-mb 1] [--prefix qcal]\n";
+// The one table that parses the command line and prints --help.
+const std::vector<qcal::FlagSpec>& coordinator_flags() {
+  static const std::vector<qcal::FlagSpec> kRows = {
+      {"host", "ADDR", "127.0.0.1", "address to listen on", ""},
+      {"port", "N", "8080", "port to listen on; 0 = any free port", ""},
+      {"redis", "URL", "redis://127.0.0.1:6379", "the job store", ""},
+      {"prefix", "P", "qcal", "prefix of every Redis key (one per deployment)", ""},
+      {"tokens", "FILE", "",
+       "bearer tokens, one per line; without it authentication is off (warned at start)", ""},
+      {"store", "DIR", "", "the artifact store the workers write, reported by /readyz", ""},
+      {"worker-mem-gb", "X", "24", "memory of one worker: the planner sizes tasks to fit", ""},
+      {"max-body-mb", "X", "1", "larger request bodies are refused (HTTP 413)", ""},
+  };
+  return kRows;
+}
+
+std::string usage() {
+  return "usage: qcal-coordinator [flags]\n\n"
+         "The REST API and scheduler of the qcal service, over Redis. SIGTERM / SIGINT stop it\n"
+         "gracefully; all state is in Redis.\n\n" +
+         qcal::format_flag_table(coordinator_flags());
+}
 
 qcal::Result<qcal::CoordinatorOptions> options_from(const qcal::Flags& f) {
   qcal::CoordinatorOptions o;
@@ -45,19 +65,18 @@ qcal::Result<qcal::CoordinatorOptions> options_from(const qcal::Flags& f) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  qcal::Flags flags(
-      {"host", "port", "redis", "tokens", "store", "worker-mem-gb", "max-body-mb", "prefix"},
-      {"help"});
+  qcal::Flags flags(coordinator_flags());
   qcal::Status st = flags.parse(argc, argv, 1);
-  if (st.is_ok() && flags.flag("help")) {
-    std::fputs(kUsage, stdout);
+  if (st.is_ok() && flags.help()) {
+    std::fputs(usage().c_str(), stdout);
     return 0;
   }
   if (st.is_ok() && !flags.positionals().empty())
     st = qcal::invalid_input("unexpected argument '" + flags.positionals()[0] + "'");
   auto opts = st.is_ok() ? options_from(flags) : qcal::Result<qcal::CoordinatorOptions>(st);
   if (!opts.is_ok()) {
-    std::fprintf(stderr, "qcal-coordinator: %s\n%s", opts.status().message().c_str(), kUsage);
+    std::fprintf(stderr, "qcal-coordinator: %s (try qcal-coordinator --help)\n",
+                 opts.status().message().c_str());
     return 2;
   }
 

@@ -117,12 +117,15 @@ expect 2 "--format compressed-tensors: this recipe leaves transforms" \
 # A weight-only recipe refuses the calibration-only flags instead of dropping them.
 expect 2 "--alpha applies to calibration recipes" $QCAL submit "${B[@]}" --method gptq --alpha 0.5 --dry-run
 expect 2 "--no-lwc applies to calibration recipes" $QCAL submit "${B[@]}" --no-lwc --dry-run
-# --help tells the service's blocks per task from CBQ's window.
-help=$($QCAL --help)
-grep -q -- "--window N --overlap N are the$" <<<"$help" || fail "--help: --window"
-grep -q -- "^ *blocks per calibrate task" <<<"$help" || fail "--help: --window"
-grep -q -- "--cbq-window N --cbq-overlap N$" <<<"$help" || fail "--help: --cbq-window"
-grep -q -- "^ *(CBQ's blocks per window" <<<"$help" || fail "--help: --cbq-window"
+# submit --help tells the service's blocks per task from CBQ's window.
+help=$($QCAL submit --help)
+grep -q -- "^  --window N  *blocks per calibrate task (CBQ's window is --cbq-window)" <<<"$help" ||
+  fail "submit --help: --window"
+grep -q -- "^  --overlap N  *blocks shared by neighbouring calibrate tasks" <<<"$help" ||
+  fail "submit --help: --overlap"
+grep -q -- "^  --cbq-window N  *blocks per window" <<<"$help" || fail "submit --help: --cbq-window"
+grep -q -- "^  --cbq-overlap N  *blocks shared by consecutive windows" <<<"$help" ||
+  fail "submit --help: --cbq-overlap"
 expect 2 "usage: qcal status ID" $QCAL status
 expect 2 "usage: qcal wait ID" $QCAL wait a b
 expect 2 "unknown subcommand 'frobnicate'" $QCAL schedules frobnicate
