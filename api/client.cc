@@ -7,6 +7,15 @@
 
 namespace qcal {
 
+const std::vector<FlagSpec>& client_flags() {
+  static const std::vector<FlagSpec> kRows = {
+      {"server", "URL", std::string("$QCAL_SERVER, else ") + kDefaultServer,
+       "the coordinator: http[s]://host[:port][/base-path]", "Coordinator"},
+      {"token", "T", "$QCAL_TOKEN", "bearer token sent with every request", "Coordinator"},
+  };
+  return kRows;
+}
+
 ClientOptions client_options_from(const Flags& f) {
   ClientOptions o;
   if (const char* env = std::getenv("QCAL_SERVER"); env && *env) o.server = env;

@@ -38,8 +38,8 @@ struct ClientOptions {
   double read_timeout_s = 60.0;
 };
 
-// The flags every service command accepts, for its Flags declaration.
-inline const std::vector<std::string> kClientValuedFlags = {"server", "token"};
+// The rows every service command appends to its flag table: --server, --token.
+const std::vector<FlagSpec>& client_flags();
 
 // --server / --token, else $QCAL_SERVER / $QCAL_TOKEN, else the defaults.
 ClientOptions client_options_from(const Flags& f);

@@ -26,6 +26,7 @@
 
 #include "api/cli_util.h"
 #include "api/client.h"
+#include "api/commands.h"
 #include "api/spec_flags.h"
 #include "common/flags.h"
 #include "common/fsutil.h"
@@ -35,10 +36,13 @@ namespace {
 
 using nlohmann::json;
 
-// A Flags for a service command: its own flags plus --server and --token.
-Flags service_flags(std::set<std::string> valued, std::set<std::string> booleans) {
-  for (const auto& f : kClientValuedFlags) valued.insert(f);
-  return Flags(std::move(valued), std::move(booleans));
+// A service command's flag table: its own rows, then --server and --token.
+std::vector<FlagSpec> service_flags(std::vector<FlagSpec> own) {
+  return concat_flags(std::move(own), client_flags());
+}
+
+FlagSpec json_flag(const std::string& what, const std::string& group = "") {
+  return {"json", "", "", "print " + what + " as JSON", group};
 }
 
 Result<std::unique_ptr<ApiClient>> make_client(const Flags& f) {
@@ -344,7 +348,18 @@ Result<WaitOptions> wait_options(const Flags& f) {
   return o;
 }
 
-const std::set<std::string> kWaitValued = {"interval", "timeout", "unreachable-timeout"};
+// The rows wait_options reads.
+std::vector<FlagSpec> wait_flags(const std::string& group) {
+  return {
+      {"interval", "S", "1", "seconds between two looks at the job", group},
+      {"timeout", "S", "0 = none", "give up after S seconds (exit 1; the job goes on)", group},
+      {"unreachable-timeout", "S", "300",
+       "how long a coordinator that answered before may be unreachable (a restart, a Redis "
+       "outage) before giving up",
+       group},
+      {"quiet", "", "", "no progress display", group},
+  };
+}
 
 // ---------------------------------------------------------------- submit
 
@@ -367,16 +382,8 @@ void absolutize(json& spec, const char* dotted) {
   if (!ec) (*obj)[key] = abs.lexically_normal().string();
 }
 
-}  // namespace
-
-int cmd_submit(int argc, char** argv) {
+int cmd_submit(const Flags& f) {
   const std::string cmd = "submit";
-  std::set<std::string> valued = spec_valued_flags(), booleans = spec_boolean_flags();
-  valued.insert("spec");
-  valued.insert(kWaitValued.begin(), kWaitValued.end());
-  for (const char* b : {"json", "wait", "dry-run", "quiet"}) booleans.insert(b);
-  Flags f = service_flags(valued, booleans);
-  CLI_TRY(cmd, f.parse(argc, argv, 2));
   if (!f.positionals().empty())
     return cli_fail(cmd, invalid_input("unexpected argument '" + f.positionals()[0] + "'"));
 
@@ -426,20 +433,16 @@ int cmd_submit(int argc, char** argv) {
   return 0;
 }
 
-int cmd_wait(int argc, char** argv) {
+int cmd_wait(const Flags& f) {
   const std::string cmd = "wait";
-  Flags f = service_flags(kWaitValued, {"json", "quiet"});
-  CLI_TRY(cmd, f.parse(argc, argv, 2));
   CLI_ASSIGN(cmd, std::string id, one_id(f, "qcal wait ID [--json --interval S --timeout S]"));
   CLI_ASSIGN(cmd, WaitOptions wo, wait_options(f));
   CLI_ASSIGN(cmd, auto client, make_client(f));
   return follow_job(cmd, *client, id, wo);
 }
 
-int cmd_status(int argc, char** argv) {
+int cmd_status(const Flags& f) {
   const std::string cmd = "status";
-  Flags f = service_flags({}, {"json"});
-  CLI_TRY(cmd, f.parse(argc, argv, 2));
   CLI_ASSIGN(cmd, std::string id, one_id(f, "qcal status ID [--json]"));
   CLI_ASSIGN(cmd, auto client, make_client(f));
   CLI_ASSIGN(cmd, json job, client->get_json("/v1/jobs/" + url_encode(id)));
@@ -472,10 +475,8 @@ int cmd_status(int argc, char** argv) {
   return 0;
 }
 
-int cmd_jobs(int argc, char** argv) {
+int cmd_jobs(const Flags& f) {
   const std::string cmd = "jobs";
-  Flags f = service_flags({"state", "label", "labels", "limit"}, {"json"});
-  CLI_TRY(cmd, f.parse(argc, argv, 2));
   if (!f.positionals().empty())
     return cli_fail(cmd, invalid_input("unexpected argument '" + f.positionals()[0] + "'"));
   std::vector<std::pair<std::string, std::string>> q;
@@ -511,10 +512,8 @@ int cmd_jobs(int argc, char** argv) {
   return 0;
 }
 
-int cmd_cancel(int argc, char** argv) {
+int cmd_cancel(const Flags& f) {
   const std::string cmd = "cancel";
-  Flags f = service_flags({}, {"json"});
-  CLI_TRY(cmd, f.parse(argc, argv, 2));
   CLI_ASSIGN(cmd, std::string id, one_id(f, "qcal cancel ID"));
   CLI_ASSIGN(cmd, auto client, make_client(f));
   CLI_ASSIGN(cmd, json answer, client->delete_json("/v1/jobs/" + url_encode(id)));
@@ -525,10 +524,8 @@ int cmd_cancel(int argc, char** argv) {
   return 0;
 }
 
-int cmd_logs(int argc, char** argv) {
+int cmd_logs(const Flags& f) {
   const std::string cmd = "logs";
-  Flags f = service_flags({"from", "interval"}, {"json", "follow"});
-  CLI_TRY(cmd, f.parse(argc, argv, 2));
   CLI_ASSIGN(cmd, std::string id,
              one_id(f, "qcal logs ID [--from N] [--follow [--interval S]] [--json]"));
   CLI_ASSIGN(cmd, int64_t from, f.integer("from", 0));
@@ -562,10 +559,8 @@ int cmd_logs(int argc, char** argv) {
   }
 }
 
-int cmd_report(int argc, char** argv) {
+int cmd_report(const Flags& f) {
   const std::string cmd = "report";
-  Flags f = service_flags({}, {"json"});
-  CLI_TRY(cmd, f.parse(argc, argv, 2));
   CLI_ASSIGN(cmd, std::string id, one_id(f, "qcal report ID [--json]"));
   CLI_ASSIGN(cmd, auto client, make_client(f));
   CLI_ASSIGN(cmd, json rep, client->get_json("/v1/jobs/" + url_encode(id) + "/report"));
@@ -579,13 +574,11 @@ int cmd_report(int argc, char** argv) {
   return 0;
 }
 
-int cmd_schedules(int argc, char** argv) {
+int cmd_schedules(const Flags& f) {
   const std::string cmd = "schedules";
   const char* usage =
       "qcal schedules list | get ID | create --cron EXPR --spec FILE "
       "[--max-ppl-regression X --max-kl-regression X] | delete ID";
-  Flags f = service_flags({"cron", "spec", "max-ppl-regression", "max-kl-regression"}, {"json"});
-  CLI_TRY(cmd, f.parse(argc, argv, 2));
   const auto& pos = f.positionals();
   if (pos.empty()) return cli_fail(cmd, invalid_input(std::string("usage: ") + usage));
   const std::string sub = pos[0];
@@ -674,34 +667,78 @@ int cmd_schedules(int argc, char** argv) {
   return cli_fail(cmd, invalid_input("unknown subcommand '" + sub + "'; usage: " + usage));
 }
 
-const char* service_usage() {
-  return "Service commands (talk to a coordinator; --server URL --token T, or $QCAL_SERVER,\n"
-         "$QCAL_TOKEN; default http://127.0.0.1:8080):\n"
-         "  qcal submit     (--spec JOB.json | --model DIR --calib FILE --out DIR and the\n"
-         "                  quantize flags) [--eval-data FILE --eval-nsamples N --eval-seqlen N\n"
-         "                  --max-ppl-increase X --max-kl X --priority high|normal|low\n"
-         "                  --labels k=v,k2=v2 --wait --json --dry-run]\n"
-         "                  Weight-only (--method rtn|gptq): --window N --overlap N are the\n"
-         "                  blocks per calibrate task and shared by neighbouring tasks;\n"
-         "                  --mode sequential|parallel --seed N.\n"
-         "                  Calibration recipes take every recipe flag of qcal quantize, same\n"
-         "                  meaning: --method smoothquant|quarot|spinquant|flatquant|\n"
-         "                  lora-rounding --weight-solver --a-bits --kv-bits --intactkv\n"
-         "                  --reconstruction none|block|cbq --cbq-window N --cbq-overlap N\n"
-         "                  (CBQ's blocks per window and shared with the next; the service\n"
-         "                  runs one task per window) --cbq-parallel --cbq-epochs --lora-rank\n"
-         "                  --no-cfp ...; --format auto|native|gptq|compressed-tensors.\n"
-         "                  --window/--overlap/--mode are refused there. --spec excludes\n"
-         "                  every recipe flag.\n"
-         "  qcal status     ID [--json]\n"
-         "  qcal wait       ID [--json --interval 1 --timeout S]   exit 0 succeeded, 1 "
-         "failed/cancelled\n"
-         "  qcal jobs       [--state S --label k=v,k2=v2 --limit N --json]\n"
-         "  qcal cancel     ID\n"
-         "  qcal logs       ID [--from N --follow --json]\n"
-         "  qcal report     ID [--json]\n"
-         "  qcal schedules  list | get ID | delete ID | create --cron EXPR --spec FILE\n"
-         "                  [--max-ppl-regression X --max-kl-regression X]\n";
+}  // namespace
+
+std::vector<Command> service_commands() {
+  const std::string section =
+      "Service commands (talk to a coordinator: --server URL --token T, or $QCAL_SERVER, "
+      "$QCAL_TOKEN)";
+  const std::string submit_group = "Submitting";
+  std::vector<FlagSpec> submit = {
+      {"spec", "FILE", "",
+       "the whole job as JSON (common/job_spec.h, api/openapi.yaml); excludes every job and "
+       "recipe flag",
+       submit_group},
+      {"dry-run", "", "", "print the job spec the flags make and send nothing", submit_group},
+      {"wait", "", "", "then follow the job until it ends, like qcal wait", submit_group},
+      json_flag("the coordinator's answer (with --wait: the finished job)", submit_group),
+  };
+  submit = concat_flags(concat_flags(std::move(submit), spec_flags()),
+                        wait_flags("Waiting (with --wait)"));
+  const std::string schedule_group = "schedules create";
+  return {
+      {"submit", section, "(--spec JOB.json | --model DIR --calib FILE --out DIR) [flags]",
+       "submit a quantization job; prints its id",
+       "The recipe flags are qcal quantize's, with the same meaning; the spec is checked in\n"
+       "full before it is sent. The coordinator plans it into block tasks: one quantize task\n"
+       "per --window blocks (a transform with a block task, flatquant, adds one per block; a\n"
+       "reconstruction runs one task per CBQ window, --cbq-window N --cbq-overlap N), each on\n"
+       "the quantized outputs of the one before (--mode sequential) or on FP inputs (parallel).\n"
+       "Relative paths are sent absolute. Exit 0 submitted (with --wait: succeeded), 1 failed,\n"
+       "cancelled or unreachable, 2 bad input or a 4xx answer.",
+       service_flags(std::move(submit)), cmd_submit},
+      {"status", section, "ID [flags]", "a job's state, tasks and report", "",
+       service_flags({json_flag("the job")}), cmd_status},
+      {"wait", section, "ID [flags]",
+       "follow a job until it ends: exit 0 succeeded, 1 failed or cancelled", "",
+       service_flags(concat_flags(wait_flags(""), {json_flag("the finished job")})), cmd_wait},
+      {"jobs", section, "[flags]", "list jobs, newest first", "",
+       service_flags({
+           {"state", "S", "", "only jobs in state S (queued, running, succeeded, ...)", ""},
+           {"label", "K=V,...", "", "only jobs with all these labels", ""},
+           {"labels", "K=V,...", "", "the same as --label", ""},
+           {"limit", "N", "100", "at most N jobs", ""},
+           json_flag("the list"),
+       }),
+       cmd_jobs},
+      {"cancel", section, "ID [flags]", "cancel a job", "",
+       service_flags({json_flag("the coordinator's answer")}), cmd_cancel},
+      {"logs", section, "ID [flags]", "a job's log lines", "",
+       service_flags({
+           {"from", "N", "0", "start at line N", ""},
+           {"follow", "", "", "keep printing new lines until the job ends", ""},
+           {"interval", "S", "1", "seconds between two reads with --follow", ""},
+           json_flag("one read (exclusive with --follow)"),
+       }),
+       cmd_logs},
+      {"report", section, "ID [flags]", "a job's validation report", "",
+       service_flags({json_flag("the report")}), cmd_report},
+      {"schedules", section, "list | get ID | delete ID | create --cron EXPR --spec FILE [flags]",
+       "recurring jobs: list, show, delete, or create from a job spec", "",
+       service_flags({
+           json_flag("the coordinator's answer"),
+           {"cron", "EXPR", "", "when to run: a five-field cron expression (UTC)", schedule_group},
+           {"spec", "FILE", "", "the job template (a job spec as JSON)", schedule_group},
+           {"max-ppl-regression", "X", "",
+            "a run regresses when its ppl exceeds the last successful run's by more than the "
+            "ratio X (0.02: 2 % worse)",
+            schedule_group},
+           {"max-kl-regression", "X", "",
+            "... or when its KL exceeds the last successful run's by more than X nats per token",
+            schedule_group},
+       }),
+       cmd_schedules},
+  };
 }
 
 }  // namespace qcal

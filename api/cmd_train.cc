@@ -254,14 +254,21 @@ double mean_nll(const calib::FpModel& m, const TokenSequences& data, int64_t bat
   return n ? sum / static_cast<double>(n) : NAN;
 }
 
-}  // namespace
-
 // ---------------------------------------------------------------- synth-grammar
 
-int cmd_synth_grammar(int argc, char** argv) {
+std::vector<FlagSpec> synth_grammar_flags() {
+  return {
+      {"out", "FILE", "", "where to write the tokens (.u32; required)", ""},
+      {"tokens", "N", "", "about N tokens: N / --seqlen sequences", ""},
+      {"sequences", "N", "", "N sequences (give exactly one of --tokens and --sequences)", ""},
+      {"seqlen", "N", "128", "tokens per sequence", ""},
+      {"seed", "N", "1", "generator seed", ""},
+      {"json", "", "", "print the summary as JSON", ""},
+  };
+}
+
+int cmd_synth_grammar(const Flags& f) {
   const std::string cmd = "synth-grammar";
-  Flags f({"out", "tokens", "sequences", "seqlen", "seed"}, {"json"});
-  CLI_TRY(cmd, f.parse(argc, argv, 2));
   CLI_ASSIGN(cmd, std::string out, f.required("out"));
   CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 128));
   CLI_ASSIGN(cmd, int64_t tokens, f.integer("tokens", 0));
@@ -299,16 +306,60 @@ int cmd_synth_grammar(int argc, char** argv) {
 
 // ---------------------------------------------------------------- train-lm
 
-int cmd_train_lm(int argc, char** argv) {
+std::vector<FlagSpec> train_lm_flags() {
+  const std::string io = "Data and output", train = "Training (AdamW, warmup then cosine)",
+                    shape = "Model shape", sink = "Attention-sink circuit";
+  const SinkInit si;
+  const AdamWOptions ao;
+  auto g = [](double x) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%g", x);
+    return std::string(buf);
+  };
+  return {
+      {"data", "FILE", "", "training tokens (.u32 or .jsonl; required)", io},
+      {"eval", "FILE", "", "held-out tokens: eval NLL at the end (and every --eval-every)", io},
+      {"out", "DIR", "", "where to write the trained model (required)", io},
+      {"overwrite", "", "", "replace an existing --out", io},
+      {"report", "FILE", "", "also write the loss history and timings as JSON", io},
+      {"log-every", "N", "25", "print the mean loss every N steps", io},
+      {"eval-every", "N", "0 = at the end only", "evaluate on --eval every N steps", io},
+      {"seqlen", "N", "128", "tokens per sequence", train},
+      {"steps", "N", "1000", "optimizer steps", train},
+      {"batch", "N", "16", "sequences per step", train},
+      {"lr", "X", "3e-3", "peak learning rate", train},
+      {"min-lr-ratio", "X", "0.1", "final learning rate as a fraction of --lr", train},
+      {"warmup", "N", "50", "linear warmup steps", train},
+      {"weight-decay", "X", g(ao.weight_decay), "decoupled weight decay (matrices only)", train},
+      {"beta1", "X", g(ao.beta1), "AdamW β1", train},
+      {"beta2", "X", g(ao.beta2), "AdamW β2", train},
+      {"clip", "X", "1", "global gradient norm clipping; 0 = off", train},
+      {"seed", "N", "1", "seed of the initialization and the batches", train},
+      {"layers", "N", "4", "decoder layers", shape},
+      {"hidden", "N", "128", "hidden size", shape},
+      {"intermediate", "N", "384", "MLP intermediate size", shape},
+      {"heads", "N", "4", "attention heads", shape},
+      {"kv-heads", "N", "2", "key/value heads", shape},
+      {"head-dim", "N", "hidden / heads", "dimension of one head", shape},
+      {"vocab", "N", std::to_string(calib::kGrammarVocab), "vocabulary size", shape},
+      {"rope-theta", "X", "10000", "RoPE base", shape},
+      {"dtype", "NAME", "bfloat16", "float32, float16 or bfloat16: the stored weights' type",
+       shape},
+      {"tie", "", "", "tie the embedding and lm_head", shape},
+      {"sink-init", "", "",
+       "plant a fixed attention-sink circuit (a massive activation on BOS that every head can "
+       "attend to) and train around it",
+       sink},
+      {"sink-massive", "X", g(si.massive), "BOS's value in the sink channel", sink},
+      {"sink-constant", "X", g(si.constant), "every other token's value in the constant channel",
+       sink},
+      {"sink-qk", "X", g(si.qk), "the planted query/key weight of layer 0", sink},
+      {"sink-growth", "X", g(si.growth), "... times this per layer", sink},
+  };
+}
+
+int cmd_train_lm(const Flags& f) {
   const std::string cmd = "train-lm";
-  Flags f({"out",    "data",         "eval",          "seqlen",    "steps",
-           "batch",  "lr",           "min-lr-ratio",  "warmup",    "weight-decay",
-           "beta1",  "beta2",        "clip",          "seed",      "layers",
-           "hidden", "intermediate", "heads",         "kv-heads",  "head-dim",
-           "vocab",  "rope-theta",   "dtype",         "log-every", "eval-every",
-           "report", "sink-massive", "sink-constant", "sink-qk",   "sink-growth"},
-          {"tie", "overwrite", "sink-init"});
-  CLI_TRY(cmd, f.parse(argc, argv, 2));
   CLI_ASSIGN(cmd, std::string out, f.required("out"));
   CLI_ASSIGN(cmd, std::string data_path, f.required("data"));
   CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 128));
@@ -485,11 +536,22 @@ int cmd_train_lm(int argc, char** argv) {
 
 // ---------------------------------------------------------------- inject-outliers
 
-int cmd_inject_outliers(int argc, char** argv) {
+std::vector<FlagSpec> inject_outliers_flags() {
+  return {
+      {"in", "DIR", "", "the FP checkpoint to change (required)", ""},
+      {"out", "DIR", "", "where to write the changed checkpoint (required)", ""},
+      {"norm-channels", "N", "4",
+       "RMSNorm channels scaled ×alpha, the next projections' columns ÷alpha", ""},
+      {"up-channels", "N", "4", "up_proj rows scaled ×alpha, down_proj's columns ÷alpha", ""},
+      {"v-channels", "N", "2", "v_proj rows scaled ×alpha, o_proj's columns ÷alpha", ""},
+      {"alpha", "X", "20", "the outlier factor", ""},
+      {"seed", "N", "1", "seed of the channel choice", ""},
+      {"overwrite", "", "", "replace an existing --out", ""},
+  };
+}
+
+int cmd_inject_outliers(const Flags& f) {
   const std::string cmd = "inject-outliers";
-  Flags f({"in", "out", "norm-channels", "up-channels", "v-channels", "alpha", "seed"},
-          {"overwrite"});
-  CLI_TRY(cmd, f.parse(argc, argv, 2));
   CLI_ASSIGN(cmd, std::string in, f.required("in"));
   CLI_ASSIGN(cmd, std::string out, f.required("out"));
   OutlierOptions o;
@@ -513,10 +575,18 @@ int cmd_inject_outliers(int argc, char** argv) {
 
 // ---------------------------------------------------------------- sinks
 
-int cmd_sinks(int argc, char** argv) {
+std::vector<FlagSpec> sinks_flags() {
+  return {
+      {"model", "DIR", "", "an FP checkpoint (required)", ""},
+      {"data", "FILE", "", "tokens to run (required)", ""},
+      {"seqlen", "N", "128", "tokens per sequence", ""},
+      {"max-seqs", "N", "16", "at most N sequences", ""},
+      {"json", "", "", "print the shares as JSON", ""},
+  };
+}
+
+int cmd_sinks(const Flags& f) {
   const std::string cmd = "sinks";
-  Flags f({"model", "data", "seqlen", "max-seqs"}, {"json"});
-  CLI_TRY(cmd, f.parse(argc, argv, 2));
   CLI_ASSIGN(cmd, std::string model, f.required("model"));
   CLI_ASSIGN(cmd, std::string data_path, f.required("data"));
   CLI_ASSIGN(cmd, int64_t seqlen, f.integer("seqlen", 128));
@@ -550,26 +620,23 @@ int cmd_sinks(int argc, char** argv) {
   return 0;
 }
 
-const char* train_usage() {
-  return "Fixture commands (tiny trained models, tools/make_fixtures.sh):\n"
-         "  qcal synth-grammar   --out FILE.u32 (--tokens N | --sequences N) [--seqlen 128 --seed "
-         "1 "
-         "--json]\n"
-         "  qcal train-lm        --out DIR --data FILE [--eval FILE --seqlen 128 --steps 1000 "
-         "--batch 16\n"
-         "                       --lr 3e-3 --min-lr-ratio 0.1 --warmup 50 --weight-decay 0.1 "
-         "--clip 1 --seed 1\n"
-         "                       --layers 4 --hidden 128 --intermediate 384 --heads 4 --kv-heads 2 "
-         "--vocab 256\n"
-         "                       --dtype bfloat16 --tie --log-every 25 --eval-every N --report "
-         "FILE --overwrite\n"
-         "                       --sink-init --sink-massive 4 --sink-constant 1 --sink-qk 0.5 "
-         "--sink-growth 2]\n"
-         "  qcal inject-outliers --in DIR --out DIR [--norm-channels 4 --up-channels 4 "
-         "--v-channels 2 --alpha 20\n"
-         "                       --seed 1 --overwrite]\n"
-         "  qcal sinks           --model DIR --data FILE [--seqlen 128 --max-seqs 16 --json]\n"
-         "                       (attention mass on the first token, per layer)\n";
+}  // namespace
+
+std::vector<Command> fixture_commands() {
+  const std::string section = "Fixture commands (tiny trained models, tools/make_fixtures.sh)";
+  return {
+      {"synth-grammar", section, "--out FILE.u32 (--tokens N | --sequences N) [flags]",
+       "write a corpus from a known grammar (.u32) and its generator's NLL", "",
+       synth_grammar_flags(), cmd_synth_grammar},
+      {"train-lm", section, "--data FILE --out DIR [flags]",
+       "train a small LLaMA on a token file (fp32 AdamW) and write it as a checkpoint", "",
+       train_lm_flags(), cmd_train_lm},
+      {"inject-outliers", section, "--in DIR --out DIR [flags]",
+       "give an FP checkpoint function-preserving outlier channels", "", inject_outliers_flags(),
+       cmd_inject_outliers},
+      {"sinks", section, "--model DIR --data FILE [flags]",
+       "the attention mass each layer puts on the first token", "", sinks_flags(), cmd_sinks},
+  };
 }
 
 }  // namespace qcal

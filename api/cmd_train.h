@@ -8,19 +8,17 @@
 //                    (worker/calib/intactkv.h attention_sink_share)
 // train-lm --sink-init plants an attention-sink circuit before training (the
 // sink fixture, tools/make_fixtures.sh; see plant_sink in cmd_train.cc).
-// Each takes the whole argv (argv[1] is the command name) and returns the exit
-// code: 0 success, 2 bad input (invalid, missing or corrupt), 1 anything else
-// (including a training run that diverged: the message names the step).
+// Exit codes: 0 success, 2 bad input (invalid, missing or corrupt), 1 anything
+// else (including a training run that diverged: the message names the step).
 #pragma once
+
+#include <vector>
+
+#include "api/commands.h"
 
 namespace qcal {
 
-int cmd_synth_grammar(int argc, char** argv);
-int cmd_train_lm(int argc, char** argv);
-int cmd_inject_outliers(int argc, char** argv);
-int cmd_sinks(int argc, char** argv);
-
-// The usage lines of these commands, for `qcal --help`.
-const char* train_usage();
+// These commands with their flag tables (api/commands.h), in `qcal help` order.
+std::vector<Command> fixture_commands();
 
 }  // namespace qcal

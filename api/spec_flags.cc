@@ -12,33 +12,122 @@ namespace qcal {
 
 namespace {
 
-const std::set<std::string>& job_valued_flags() {
-  static const std::set<std::string> k = {
-      "model", "calib", "nsamples", "seqlen", "eval-data", "eval-nsamples", "eval-seqlen",
-      "out", "format", "max-shard-mb", "max-ppl-increase", "max-kl", "priority", "labels"};
-  return k;
+// The job's rows of spec_flags(): everything but the recipe.
+std::vector<FlagSpec> job_flags() {
+  const std::string io = "Input and output", eval = "Evaluation and gate", job = "Job";
+  return {
+      {"model", "DIR", "", "the model to quantize (required)", io},
+      {"calib", "FILE", "", "calibration tokens, .jsonl or .u32 (required)", io},
+      {"nsamples", "N", "128", "calibration sequences", io},
+      {"seqlen", "N", "2048", "tokens per calibration sequence", io},
+      {"out", "DIR", "", "where the quantized checkpoint goes (required)", io},
+      {"format", "NAME", "auto",
+       "auto, native, gptq or compressed-tensors; auto = gptq when everything folds into the "
+       "weights, else native",
+       io},
+      {"overwrite", "", "", "replace an existing --out (a directory qcal wrote)", io},
+      {"max-shard-mb", "N", "2048", "largest safetensors shard of the output", io},
+      {"eval-data", "FILE", "", "validate the result on these tokens (perplexity, KL)", eval},
+      {"eval-nsamples", "N", "0 = all", "evaluation sequences (needs --eval-data)", eval},
+      {"eval-seqlen", "N", "--seqlen", "tokens per evaluation sequence (needs --eval-data)", eval},
+      {"max-ppl-increase", "X", "",
+       "fail the job when, on --eval-data, ppl / FP ppl − 1 exceeds X (0.05: 5 %)", eval},
+      {"max-kl", "X", "",
+       "fail the job when, on --eval-data, the mean KL(FP ‖ quantized) per token exceeds X nats",
+       eval},
+      {"priority", "NAME", "normal", "high, normal or low", job},
+      {"labels", "K=V,...", "", "labels to find the job by (qcal jobs --label)", job},
+  };
 }
-const std::set<std::string>& job_boolean_flags() {
-  static const std::set<std::string> k = {"overwrite"};
+
+std::string shown_default(const OptionSpec& o) {
+  if (o.type == OptType::kIds) return "";
+  if (o.type == OptType::kBool) return "";
+  if (o.def.is_string()) return o.def.get<std::string>();
+  return o.def.dump();
+}
+
+std::string placeholder(const OptionSpec& o) {
+  switch (o.type) {
+    case OptType::kBool: return "";
+    case OptType::kInt: return "N";
+    case OptType::kNum: return "X";
+    case OptType::kIds: return "ID,...";
+    case OptType::kString: {
+      std::string c;
+      for (const std::string& x : o.choices) c += (c.empty() ? "" : "|") + x;
+      return c.empty() ? "S" : c;
+    }
+  }
+  return "V";
+}
+
+// The recipe rows: the aliases, then every registry option with a flag, grouped by
+// method row; with the recipe key each flag sets.
+struct RecipeRows {
+  std::vector<FlagSpec> rows;
+  std::map<std::string, std::string> key_of;  // flag → recipe key
+};
+
+const RecipeRows& recipe_rows() {
+  static const RecipeRows k = [] {
+    RecipeRows out;
+    const std::string alias = "Recipe (aliases)";
+    out.rows = {
+        {"method", "NAME", "",
+         "a transform (smoothquant, quarot, spinquant, flatquant) or a weight solver (rtn, gptq, "
+         "lora-rounding); without it and --weight-solver: gptq, or rtn with a transform, or "
+         "lora-rounding with a reconstruction",
+         alias},
+        {"window", "N", "1",
+         "blocks per quantize task (CBQ's window: --cbq-window)", alias},
+        {"overlap", "N", "0", "must be 0 (overlapping windows are CBQ's --cbq-overlap)", alias},
+        {"cbq-parallel", "", "", "the same as --mode parallel", alias}};
+    for (const MethodRow& row : method_registry()) {
+      const std::string group =
+          row.kind == MethodKind::kCore
+              ? std::string("Recipe")
+              : std::string("Recipe: ") + method_kind_name(row.kind) + " " + row.name;
+      for (const OptionSpec& o : row.options) {
+        if (!o.flag.empty()) {
+          out.rows.push_back({o.flag, placeholder(o), shown_default(o), o.help, group});
+          out.key_of[o.flag] = o.key;
+        }
+        if (!o.neg_flag.empty()) {
+          out.rows.push_back({o.neg_flag, "", "", "turn off: " + o.help, group});
+          out.key_of[o.neg_flag] = o.key;
+        }
+      }
+    }
+    return out;
+  }();
   return k;
 }
 
-std::vector<RecipeFlag> build_recipe_flags() {
-  std::vector<RecipeFlag> out = {
-      {"method", true, "", "transform or weight solver: rtn, gptq, lora-rounding, smoothquant, "
-                           "quarot, spinquant, flatquant"},
-      {"cbq-parallel", false, "", "the same as --mode parallel"},
-      {"window", true, "", "blocks per quantize task (--blocks-per-task); CBQ's is --cbq-window"},
-      {"overlap", true, "", "0 (CBQ's overlap is --cbq-overlap)"}};
-  for (const MethodRow& row : method_registry())
-    for (const OptionSpec& o : row.options) {
-      if (!o.flag.empty())
-        out.push_back({o.flag, o.type != OptType::kBool, o.key, "[" + row.name + "] " + o.help});
-      if (!o.neg_flag.empty())
-        out.push_back({o.neg_flag, false, o.key, "[" + row.name + "] turn off: " + o.help});
-    }
-  return out;
+}  // namespace
+
+const std::vector<FlagSpec>& recipe_flags() { return recipe_rows().rows; }
+
+std::string recipe_key_of_flag(const std::string& flag) {
+  auto it = recipe_rows().key_of.find(flag);
+  return it == recipe_rows().key_of.end() ? std::string() : it->second;
 }
+
+const std::vector<FlagSpec>& spec_flags() {
+  static const std::vector<FlagSpec> k = concat_flags(job_flags(), recipe_flags());
+  return k;
+}
+
+const std::set<std::string>& spec_valued_flags() {
+  static const std::set<std::string> k = valued_flag_names(spec_flags());
+  return k;
+}
+const std::set<std::string>& spec_boolean_flags() {
+  static const std::set<std::string> k = boolean_flag_names(spec_flags());
+  return k;
+}
+
+namespace {
 
 std::string trim(const std::string& s) {
   size_t b = s.find_first_not_of(" \t"), e = s.find_last_not_of(" \t");
@@ -92,30 +181,6 @@ Status flag_error(const Status& s, const std::map<std::string, std::string>& key
 }
 
 }  // namespace
-
-const std::vector<RecipeFlag>& recipe_flags() {
-  static const std::vector<RecipeFlag> k = build_recipe_flags();
-  return k;
-}
-
-const std::set<std::string>& spec_valued_flags() {
-  static const std::set<std::string> k = [] {
-    std::set<std::string> s = job_valued_flags();
-    for (const RecipeFlag& r : recipe_flags())
-      if (r.takes_value) s.insert(r.flag);
-    return s;
-  }();
-  return k;
-}
-const std::set<std::string>& spec_boolean_flags() {
-  static const std::set<std::string> k = [] {
-    std::set<std::string> s = job_boolean_flags();
-    for (const RecipeFlag& r : recipe_flags())
-      if (!r.takes_value) s.insert(r.flag);
-    return s;
-  }();
-  return k;
-}
 
 Result<std::map<std::string, std::string>> parse_labels(const std::string& s,
                                                         const std::string& flag) {
@@ -271,8 +336,10 @@ Result<nlohmann::json> job_spec_json_from_flags(const Flags& f) {
   auto parsed = parse_job_spec(spec);
   if (!parsed.is_ok()) {
     std::map<std::string, std::string> key_flag;
-    for (const RecipeFlag& r : recipe_flags())
-      if (!r.key.empty() && !key_flag.count(r.key)) key_flag[r.key] = r.flag;
+    for (const FlagSpec& r : recipe_flags()) {
+      const std::string key = recipe_key_of_flag(r.name);
+      if (!key.empty() && !key_flag.count(key)) key_flag[key] = r.name;
+    }
     const std::string m = parsed.status().message();
     if (m.rfind("recipe.", 0) == 0) return flag_error(parsed.status(), key_flag);
     if (m.rfind("output.format", 0) == 0)

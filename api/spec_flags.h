@@ -39,19 +39,18 @@
 
 namespace qcal {
 
-// The flags job_spec_json_from_flags reads (a command adds its own on top: --server,
-// --json, ...): the job flags above and every recipe flag of the registry.
+// The rows job_spec_json_from_flags reads, for a command's flag table (a command
+// adds its own on top: --server, --json, ...): the job flags above, then
+// recipe_flags().
+const std::vector<FlagSpec>& spec_flags();
+// The names of spec_flags()' rows that take a value / take none.
 const std::set<std::string>& spec_valued_flags();
 const std::set<std::string>& spec_boolean_flags();
-// The recipe flags alone (registry options with a flag, their negatives, the aliases),
-// with the recipe key each sets: for --help and the tests.
-struct RecipeFlag {
-  std::string flag;  // without "--"
-  bool takes_value = true;
-  std::string key;   // recipe key ("" for aliases handled specially)
-  std::string help;
-};
-const std::vector<RecipeFlag>& recipe_flags();
+// The recipe rows alone: the aliases, then every registry option with a flag (and its
+// negative flag), grouped by method, with the registry's help and default.
+const std::vector<FlagSpec>& recipe_flags();
+// The recipe key a recipe flag sets ("damp" → "gptq.percdamp"); "" for the aliases.
+std::string recipe_key_of_flag(const std::string& flag);
 
 // The recipe object the flags describe (only what they give, plus the defaults above).
 Result<nlohmann::json> recipe_json_from_flags(const Flags& f);

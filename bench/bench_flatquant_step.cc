@@ -19,7 +19,10 @@
 // GEMM share: this program interposes cblas_sgemm (OpenBLAS is a shared library,
 // so the definition below wins at link time and forwards to the real one through
 // dlsym(RTLD_NEXT)); every call made during the timed step is timed and its
-// 2·M·N·K FLOPs counted. The share is GEMM seconds / step seconds; the rest is
+// 2·M·N·K FLOPs counted. qcal's GEMMs run as panels, one BLAS call each, on the
+// pool's threads (kernels/gemm.h): GEMM seconds are the wall time during which
+// at least one call is running, and the shape table lists panel shapes with
+// their thread-seconds. The share is GEMM seconds / step seconds; the rest is
 // the block's own code (quantizers, norms, RoPE, attention softmax, copies).
 // The standalone sgemm rate of the step's largest linear shape is printed as the
 // reference peak.
@@ -37,6 +40,7 @@
 #include <cstdlib>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -56,9 +60,11 @@ double now() {
 
 // ---- cblas_sgemm timing hook.
 struct GemmStats {
-  bool on = false;
+  bool on = false;  // set between steps; pool threads see it through the pool's handoff
   double seconds = 0.0, flops = 0.0;
   int64_t calls = 0;
+  int in_flight = 0;   // calls running now (pool threads)
+  double since = 0.0;  // when in_flight last became 1
   // (trans_a, trans_b, M, N, K) → (calls, seconds)
   std::map<std::tuple<int, int, int64_t, int64_t, int64_t>, std::pair<int64_t, double>> shapes;
   void reset() {
@@ -68,6 +74,7 @@ struct GemmStats {
   }
 };
 GemmStats g_gemm;
+std::mutex g_gemm_mu;  // guards g_gemm's counters (pool threads call concurrently)
 
 using SgemmFn = void (*)(OPENBLAS_CONST enum CBLAS_ORDER, OPENBLAS_CONST enum CBLAS_TRANSPOSE,
                          OPENBLAS_CONST enum CBLAS_TRANSPOSE, OPENBLAS_CONST blasint,
@@ -103,15 +110,21 @@ extern "C" void cblas_sgemm(OPENBLAS_CONST enum CBLAS_ORDER order,
     f(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
-  const double t0 = now();
+  double t0;
+  {
+    std::lock_guard<std::mutex> g(g_gemm_mu);
+    t0 = now();
+    if (g_gemm.in_flight++ == 0) g_gemm.since = t0;
+  }
   f(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  const double dt = now() - t0;
-  g_gemm.seconds += dt;
+  std::lock_guard<std::mutex> g(g_gemm_mu);
+  const double t1 = now();
+  if (--g_gemm.in_flight == 0) g_gemm.seconds += t1 - g_gemm.since;
   g_gemm.flops += 2.0 * M * N * K;
   ++g_gemm.calls;
   auto& s = g_gemm.shapes[{ta == CblasTrans, tb == CblasTrans, M, N, K}];
   ++s.first;
-  s.second += dt;
+  s.second += t1 - t0;
 }
 
 namespace {

@@ -1,8 +1,6 @@
 // qcal-coordinator: the REST API and scheduler over Redis (see server.h).
 //
-//   qcal-coordinator [--host 127.0.0.1] [--port 8080] [--redis redis://127.0.0.1:6379]
-//                    [--tokens FILE] [--store DIR] [--worker-mem-gb 24] [--prefix qcal]
-//                    [HTTP limits and request policy: see kUsage]
+//   qcal-coordinator [flags]     (the table in coordinator_flags(); qcal-coordinator --help)
 //
 // SIGTERM / SIGINT stop it gracefully (in-flight requests finish). All state
 // is in Redis, so a restarted coordinator carries on where this one stopped.
@@ -13,6 +11,8 @@
 
 #include <csignal>
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include "common/flags.h"
 #include "common/log.h"
@@ -20,32 +20,47 @@
 
 namespace {
 
-const char* kUsage =
-    "usage: qcal-coordinator [flags]\n"
-    "  --host 127.0.0.1            listen address\n"
-    "  --port 8080                 listen port (0: any free port)\n"
-    "  --redis redis://127.0.0.1:6379\n"
-    "  --tokens FILE               bearer tokens, one a line (reloaded on change; deleting or\n"
-    "                              emptying the file revokes them all); none: no authentication\n"
-    "  --store DIR                 the artifact store (shown by /readyz to token holders)\n"
-    "  --worker-mem-gb 24          memory of one worker, for planning\n"
-    "  --prefix qcal               Redis key prefix\n"
-    "HTTP limits (what a client that never finishes its request can hold):\n"
-    "  --max-body-mb 1             request bodies above this → 413 (checked while reading,\n"
-    "                              chunked bodies too)\n"
-    "  --max-header-kb 16          request line + headers above this → 431\n"
-    "  --max-connections 512       open connections; more are answered 503 at once\n"
-    "  --max-connections-per-ip 0  open connections from one address; 0 = no cap (keep 0\n"
-    "                              behind a proxy: every client then has its address)\n"
-    "  --header-timeout-s 10       the request head must arrive within this (also the\n"
-    "                              keep-alive idle limit) → 408\n"
-    "  --body-timeout-s 30         the body must arrive within this after the head → 408\n"
-    "  --http-threads 16           threads running requests (Redis calls)\n"
-    "Request policy:\n"
-    "  --max-jobs-per-token 0      live (queued, running, validating) jobs per token; more\n"
-    "                              → 429; 0 = no quota\n"
-    "  --min-schedule-interval-s 300\n"
-    "                              schedules whose cron fires more often → 400\n";
+// The one table that parses the command line and prints --help.
+const std::vector<qcal::FlagSpec>& coordinator_flags() {
+  const std::string lim = "HTTP limits (what a client that never finishes its request can hold)",
+                    pol = "Request policy";
+  static const std::vector<qcal::FlagSpec> kRows = {
+      {"host", "ADDR", "127.0.0.1", "address to listen on", ""},
+      {"port", "N", "8080", "port to listen on; 0 = any free port", ""},
+      {"redis", "URL", "redis://127.0.0.1:6379", "the job store", ""},
+      {"prefix", "P", "qcal", "prefix of every Redis key (one per deployment)", ""},
+      {"tokens", "FILE", "",
+       "bearer tokens, one per line, reloaded on change; deleting or emptying the file revokes "
+       "them all; without it authentication is off (warned at start)",
+       ""},
+      {"store", "DIR", "", "the artifact store the workers write (shown by /readyz to token "
+       "holders)", ""},
+      {"worker-mem-gb", "X", "24", "memory of one worker: the planner sizes tasks to fit", ""},
+      {"max-body-mb", "X", "1",
+       "request bodies above this → 413 (checked while reading, chunked bodies too)", lim},
+      {"max-header-kb", "N", "16", "request line + headers above this → 431", lim},
+      {"max-connections", "N", "512", "open connections; more are answered 503 at once", lim},
+      {"max-connections-per-ip", "N", "0",
+       "open connections from one address; 0 = no cap (keep 0 behind a proxy: every client then "
+       "has its address)",
+       lim},
+      {"header-timeout-s", "X", "10",
+       "the request head must arrive within this (also the keep-alive idle limit) → 408", lim},
+      {"body-timeout-s", "X", "30", "the body must arrive within this after the head → 408", lim},
+      {"http-threads", "N", "16", "threads running requests (Redis calls)", lim},
+      {"max-jobs-per-token", "N", "0",
+       "live (queued, running, validating) jobs per token; more → 429; 0 = no quota", pol},
+      {"min-schedule-interval-s", "N", "300", "schedules whose cron fires more often → 400", pol},
+  };
+  return kRows;
+}
+
+std::string usage() {
+  return "usage: qcal-coordinator [flags]\n\n"
+         "The REST API and scheduler of the qcal service, over Redis. SIGTERM / SIGINT stop it\n"
+         "gracefully; all state is in Redis.\n\n" +
+         qcal::format_flag_table(coordinator_flags());
+}
 
 qcal::Result<qcal::CoordinatorOptions> options_from(const qcal::Flags& f) {
   qcal::CoordinatorOptions o;
@@ -109,21 +124,18 @@ void raise_open_file_limit() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  qcal::Flags flags(
-      {"host", "port", "redis", "tokens", "store", "worker-mem-gb", "max-body-mb", "prefix",
-       "max-header-kb", "max-connections", "max-connections-per-ip", "header-timeout-s",
-       "body-timeout-s", "http-threads", "max-jobs-per-token", "min-schedule-interval-s"},
-      {"help"});
+  qcal::Flags flags(coordinator_flags());
   qcal::Status st = flags.parse(argc, argv, 1);
-  if (st.is_ok() && flags.flag("help")) {
-    std::fputs(kUsage, stdout);
+  if (st.is_ok() && flags.help()) {
+    std::fputs(usage().c_str(), stdout);
     return 0;
   }
   if (st.is_ok() && !flags.positionals().empty())
     st = qcal::invalid_input("unexpected argument '" + flags.positionals()[0] + "'");
   auto opts = st.is_ok() ? options_from(flags) : qcal::Result<qcal::CoordinatorOptions>(st);
   if (!opts.is_ok()) {
-    std::fprintf(stderr, "qcal-coordinator: %s\n%s", opts.status().message().c_str(), kUsage);
+    std::fprintf(stderr, "qcal-coordinator: %s (try qcal-coordinator --help)\n",
+                 opts.status().message().c_str());
     return 2;
   }
 

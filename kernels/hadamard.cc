@@ -21,8 +21,6 @@
 // tables, one BLAS GEMM per block of rows for K ≥ 28 and for every fallback.
 #include "kernels/hadamard.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -33,11 +31,11 @@
 #include <numbers>
 #include <optional>
 #include <string>
-#include <thread>
 
 #include "common/hadamard_plan.h"
 #include "common/rng.h"
 #include "kernels/gemm.h"
+#include "kernels/parallel.h"
 
 namespace qcal {
 namespace {
@@ -400,10 +398,7 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, const
 }
 void gemm_nn(int64_t M, int64_t N, int64_t K, double alpha, const double* A, const double* B,
              double* C) {
-  (void)blas_threads();  // applies QCAL_THREADS to OpenBLAS
-  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(M),
-              static_cast<blasint>(N), static_cast<blasint>(K), alpha, A, static_cast<blasint>(K),
-              B, static_cast<blasint>(N), 0.0, C, static_cast<blasint>(N));
+  dgemm(false, false, M, N, K, alpha, A, K, B, N, 0.0, C, N);
 }
 
 // The G mix of many rows as one BLAS GEMM per block of R rows: gather the
@@ -445,16 +440,8 @@ void transform(T* x, int64_t rows, int64_t n) {
     for (int64_t r = r0; r < r1; ++r)
       transform_row(x + r * n, K, P, hk, scale, use_gemm, tmp.data());
   };
-  // Threads only where the work dwarfs their start.
-  const int64_t work = rows * n * (use_gemm ? 8 : K + 8);
-  const int64_t nt = std::min<int64_t>({blas_threads(), rows, std::max<int64_t>(1, work >> 21)});
-  if (nt <= 1) {
-    run(0, rows);
-  } else {
-    std::vector<std::thread> pool;
-    for (int64_t t = 0; t < nt; ++t) pool.emplace_back(run, rows * t / nt, rows * (t + 1) / nt);
-    for (auto& th : pool) th.join();
-  }
+  parallel_for(rows, n * (use_gemm ? 8 : K + 8), run);
+  // Its GEMMs use the pool themselves.
   if (use_gemm) mix_gemm(x, rows, K, P, mix->data(static_cast<T*>(nullptr)), scale);
 }
 

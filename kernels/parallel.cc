@@ -16,9 +16,20 @@ namespace {
 
 thread_local bool t_in_pool = false;  // this thread is running a pool job
 
-// Runs fn(begin, end) over [0, n) split in chunks. Thread safety: callers are
-// serialized; a call made while another is in flight (from another thread, or
-// nested inside fn) runs inline on the caller.
+// Runs fn(begin, end) over [0, n) split in chunks, claimed dynamically.
+//
+// Thread safety / invariants: callers are serialized by call_mu_; a call made
+// while another is in flight (from another thread, or nested inside fn) runs
+// inline on the caller. Nobody ever spins: idle workers sleep on start_cv_,
+// the caller sleeps on done_cv_.
+//
+// Fair to neighbours (issue #14): the caller never waits for a worker that has
+// not started. A worker joins a job only while it is open (under mu_, counted
+// in joined_); the caller, once it finds no chunk left, closes the job and
+// waits only for the joined workers still inside a chunk. On a busy machine a
+// woken worker may get no CPU for a whole time slice; the caller then runs
+// every chunk itself instead of waiting for it, and the late worker, finding
+// the job closed, goes back to sleep.
 class Pool {
  public:
   explicit Pool(int workers) {
@@ -42,13 +53,14 @@ class Pool {
       n_ = n;
       chunk_ = chunk;
       next_.store(0);
-      active_ = static_cast<int>(threads_.size());
+      open_ = true;
       ++generation_;
     }
     start_cv_.notify_all();
     drain();
     std::unique_lock<std::mutex> g(mu_);
-    done_cv_.wait(g, [this] { return active_ == 0; });
+    open_ = false;  // workers not yet in stay out
+    done_cv_.wait(g, [this] { return joined_ == 0; });
     fn_ = nullptr;
   }
 
@@ -69,20 +81,23 @@ class Pool {
         std::unique_lock<std::mutex> g(mu_);
         start_cv_.wait(g, [&] { return generation_ != seen; });
         seen = generation_;
+        if (!open_) continue;  // woke after the caller finished alone
+        ++joined_;
       }
       drain();
       std::lock_guard<std::mutex> g(mu_);
-      if (--active_ == 0) done_cv_.notify_one();
+      if (--joined_ == 0 && !open_) done_cv_.notify_one();
     }
   }
 
   std::mutex call_mu_;  // held for the duration of one run()
-  std::mutex mu_;       // guards generation_, active_, and publishing fn_/n_/chunk_
+  std::mutex mu_;       // guards generation_, open_, joined_, and publishing fn_/n_/chunk_
   std::condition_variable start_cv_, done_cv_;
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
   int64_t n_ = 0, chunk_ = 1;
   std::atomic<int64_t> next_{0};
-  int active_ = 0;
+  bool open_ = false;  // workers may join the current job
+  int joined_ = 0;     // workers inside drain() for the current job
   uint64_t generation_ = 0;
   std::vector<std::thread> threads_;
 };

@@ -23,11 +23,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <thread>
 #include <type_traits>
 
 #include "common/status.h"
 #include "kernels/gemm.h"
+#include "kernels/parallel.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define QCAL_QGEMM_X86 1
@@ -588,16 +588,7 @@ void qgemm_impl(const int8_t* xq, const float* sx, int64_t rows, const PackedWei
       }
     }
   };
-  // Threads only where the work dwarfs their start.
-  const int64_t work = rows * out * std::max<int64_t>(in, 1);
-  const int64_t nt = std::min<int64_t>({blas_threads(), tiles, std::max<int64_t>(1, work >> 22)});
-  if (nt <= 1) {
-    run(0, tiles);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int64_t t = 0; t < nt; ++t) pool.emplace_back(run, tiles * t / nt, tiles * (t + 1) / nt);
-  for (auto& th : pool) th.join();
+  parallel_for(tiles, rows * out * std::max<int64_t>(in, 1) / tiles + 1, run);
 }
 
 }  // namespace

@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "common/flags.h"
 #include "common/log.h"
@@ -36,11 +37,23 @@ void on_signal(int sig) {
   if (g_worker) g_worker->request_stop();
 }
 
+// The one table that parses the command line and prints --help.
+const std::vector<qcal::FlagSpec>& worker_flags() {
+  static const std::vector<qcal::FlagSpec> kRows = {
+      {"redis", "URL", "", "the job store (required)", ""},
+      {"store", "DIR", "", "the artifact store shared with the other workers (required)", ""},
+      {"prefix", "P", "qcal", "prefix of every Redis key (the coordinator's --prefix)", ""},
+      {"worker-id", "ID", "HOST-PID", "this worker's name in the job store", ""},
+      {"lease-ms", "N", "30000", "claim lease; the worker heartbeats every third of it", ""},
+      {"block-ms", "N", "2000", "longest wait for a task per claim call", ""},
+      {"threads", "N", "QCAL_THREADS, else all cores", "compute threads", ""},
+      {"once", "", "", "exit after one task", ""},
+  };
+  return kRows;
+}
+
 int usage_error(const qcal::Status& s) {
-  std::fprintf(stderr, "qcal-worker: %s\n", s.to_string().c_str());
-  std::fprintf(stderr,
-               "usage: qcal-worker --redis URL --store DIR [--worker-id ID] [--lease-ms 30000]\n"
-               "                   [--block-ms 2000] [--threads N] [--prefix qcal] [--once]\n");
+  std::fprintf(stderr, "qcal-worker: %s (try qcal-worker --help)\n", s.to_string().c_str());
   return 2;
 }
 
@@ -57,9 +70,18 @@ int main(int argc, char** argv) {
   // MPI first: it may rewrite argv and must own the main thread.
   std::unique_ptr<RankGroup> group = RankGroup::create(&argc, &argv);
 
-  Flags f({"redis", "store", "worker-id", "lease-ms", "block-ms", "threads", "prefix"}, {"once"});
+  Flags f(worker_flags());
   Status ps = f.parse(argc, argv, 1);
   if (!ps.is_ok()) return usage_error(ps);
+  if (f.help()) {
+    std::printf(
+        "usage: qcal-worker --redis URL --store DIR [flags]\n"
+        "       mpirun -np N qcal-worker ...   (one worker, N data-parallel ranks)\n\n"
+        "Claims calibration tasks from Redis and runs them. SIGTERM / SIGINT: finish the\n"
+        "current task, report it, exit 0; a second signal exits at once.\n\n%s",
+        format_flag_table(worker_flags()).c_str());
+    return 0;
+  }
   auto redis_url = f.required("redis");
   if (!redis_url.is_ok()) return usage_error(redis_url.status());
   auto store_dir = f.required("store");

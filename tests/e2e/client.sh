@@ -116,12 +116,13 @@ expect 2 "--alpha: an option of transform smoothquant, but the recipe's transfor
 expect 2 "--no-lwc: an option of transform flatquant" $QCAL submit "${B[@]}" --no-lwc --dry-run
 expect 2 "--act-order: an option of weight_solver gptq, but the recipe's weight_solver is rtn" \
   $QCAL submit "${B[@]}" --method rtn --act-order --dry-run
-# --help tells the service's blocks per task from CBQ's window.
-help=$($QCAL --help)
-grep -q -- "--window N --overlap N are the$" <<<"$help" || fail "--help: --window"
-grep -q -- "^ *blocks per calibrate task" <<<"$help" || fail "--help: --window"
-grep -q -- "--cbq-window N --cbq-overlap N$" <<<"$help" || fail "--help: --cbq-window"
-grep -q -- "^ *(CBQ's blocks per window" <<<"$help" || fail "--help: --cbq-window"
+# submit --help tells the service's blocks per task from CBQ's window.
+help=$($QCAL submit --help)
+grep -q -- "^  --window N  *blocks per quantize task (CBQ's window: --cbq-window)" <<<"$help" ||
+  fail "submit --help: --window"
+grep -q -- "^  --cbq-window N  *blocks trained jointly" <<<"$help" || fail "submit --help: --cbq-window"
+grep -q -- "^  --cbq-overlap N  *blocks shared with the next window" <<<"$help" ||
+  fail "submit --help: --cbq-overlap"
 expect 2 "usage: qcal status ID" $QCAL status
 expect 2 "usage: qcal wait ID" $QCAL wait a b
 expect 2 "unknown subcommand 'frobnicate'" $QCAL schedules frobnicate

@@ -10,7 +10,6 @@
 #include <cstring>
 #include <limits>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "kernels/gemm.h"
@@ -50,17 +49,7 @@ void compare_rows(const float* lp, const float* lf, int64_t R, int64_t V, double
       agree[r] = argmax(p, V) == argmax(f, V);
     }
   };
-  const int64_t threads = std::min<int64_t>(blas_threads(), R);
-  if (threads <= 1 || R * V < (1 << 20)) {
-    run(0, R);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t per = (R + threads - 1) / threads;
-  for (int64_t i = 1; i < threads; ++i)
-    pool.emplace_back(run, std::min(R, i * per), std::min(R, (i + 1) * per));
-  run(0, std::min(R, per));
-  for (auto& t : pool) t.join();
+  parallel_for(R, 4 * V, run);
 }
 
 // Accumulates NLL, and against FP log-probabilities KL and top-1 agreement, over

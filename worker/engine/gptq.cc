@@ -2,8 +2,6 @@
 // H), B block size, G groups, gs group size. All matrices are row-major.
 #include "worker/engine/gptq.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <chrono>
 #include <climits>
@@ -12,11 +10,11 @@
 #include <cstring>
 #include <numeric>
 #include <sstream>
-#include <thread>
 #include <utility>
 
 #include "common/log.h"
 #include "kernels/gemm.h"
+#include "kernels/parallel.h"
 
 // LAPACK (from OpenBLAS), Fortran calling convention: column-major, arguments by
 // pointer, a trailing hidden length for each character argument.
@@ -68,28 +66,6 @@ inline void sub_scaled(float* y, const float* x, float a, int64_t n) {
     std::memcpy(y + c + 4, &y1, sizeof(v4));
   }
   for (; c < n; ++c) y[c] -= a * x[c];
-}
-
-// Runs f(begin, end) over [0, n) split into contiguous chunks on up to
-// blas_threads() threads (the calling thread takes the first chunk).
-template <typename F>
-void parallel_rows(int64_t n, F&& f) {
-  constexpr int64_t kMinRowsPerThread = 16;
-  int64_t nt = std::min<int64_t>(blas_threads(), n / kMinRowsPerThread);
-  if (nt <= 1) {
-    f(int64_t{0}, n);
-    return;
-  }
-  const int64_t chunk = (n + nt - 1) / nt;
-  std::vector<std::thread> threads;
-  threads.reserve(static_cast<size_t>(nt - 1));
-  for (int64_t t = 1; t < nt; ++t) {
-    const int64_t b = t * chunk;
-    const int64_t e = std::min(n, b + chunk);
-    if (b < e) threads.emplace_back([&f, b, e] { f(b, e); });
-  }
-  f(int64_t{0}, std::min(n, chunk));
-  for (auto& th : threads) th.join();
 }
 
 // §2.2 step 6 wants U, the upper Cholesky factor of A⁻¹ (A⁻¹ = UᵀU). The
@@ -176,12 +152,9 @@ void HessianAccumulator::add_batch(const float* X, int64_t rows, int64_t num_seq
   QCAL_CHECK(rows >= 0 && num_sequences >= 0 && rows <= INT_MAX);
   nsamples_ += num_sequences;
   if (rows == 0) return;
-  (void)blas_threads();
   const auto t0 = Clock::now();
   // Lower triangle (row-major) += XᵀX in fp32; half the flops of a full sgemm.
-  cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, static_cast<blasint>(cols_),
-              static_cast<blasint>(rows), 1.0f, X, static_cast<blasint>(cols_), 1.0f, sum_.data(),
-              static_cast<blasint>(cols_));
+  ssyrk_lower_tn(cols_, rows, 1.0f, X, cols_, 1.0f, sum_.data(), cols_);
   upper_stale_ = true;
   gemm_seconds_ += seconds_since(t0);
 }
@@ -399,7 +372,8 @@ Result<GptqResult> gptq_quantize(const Tensor& W, const Tensor& H, const QuantSp
     const int64_t i2 = std::min(i1 + B, I);
     const int64_t nb = i2 - i1;
     const auto t_loop = Clock::now();
-    parallel_rows(O, [&](int64_t o0, int64_t o1) {
+    // Per row: nb columns, each a rank-1 update of the rest of the block.
+    parallel_for(O, nb * nb / 2 + 1, [&](int64_t o0, int64_t o1) {
       std::vector<float> cur;  // current values of a group's columns, one row
       if (!per_channel && !static_groups) cur.resize(static_cast<size_t>(gs));
       for (int64_t o = o0; o < o1; ++o) {

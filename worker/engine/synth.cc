@@ -15,7 +15,6 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string_view>
-#include <thread>
 #include <tuple>
 #include <utility>
 
@@ -25,6 +24,7 @@
 #include "common/safetensors.h"
 #include "common/tensor.h"
 #include "kernels/gemm.h"
+#include "kernels/parallel.h"
 
 namespace qcal {
 
@@ -67,20 +67,10 @@ Rng row_rng(uint64_t key, int64_t row) {
   return Rng(mix64(key ^ mix64(static_cast<uint64_t>(row))));
 }
 
-// Runs fn(r0, r1) over [0, rows) in contiguous chunks on up to blas_threads()
-// threads; `cost` (elements per row) keeps small tensors on one thread.
+// Runs fn(r0, r1) over [0, rows) on the pool; `cost` (elements per row) keeps
+// small tensors on one thread.
 void parallel_rows(int64_t rows, int64_t cost, const std::function<void(int64_t, int64_t)>& fn) {
-  constexpr int64_t kMinWork = int64_t{1} << 16;
-  int64_t nt = std::min<int64_t>({std::max(blas_threads(), 1), rows, rows * cost / kMinWork + 1});
-  if (nt <= 1) {
-    fn(0, rows);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(nt));
-  for (int64_t t = 0; t < nt; ++t)
-    pool.emplace_back([&fn, t, nt, rows] { fn(rows * t / nt, rows * (t + 1) / nt); });
-  for (auto& th : pool) th.join();
+  parallel_for(rows, cost, fn);
 }
 
 // k distinct values of [0, n), sorted: a partial Fisher-Yates shuffle.
