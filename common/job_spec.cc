@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/json_util.h"
+#include "common/limits.h"
 
 namespace qcal {
 
@@ -101,6 +102,16 @@ class Reader : public JsonFields {
     return Status::ok();
   }
 };
+
+// Paths are checked for form here (length, no NUL); where they lead is the
+// path policy's business (common/path_policy.h).
+Status check_path(const std::string& field, const std::string& p) {
+  if (p.size() > limits::kMaxPathBytes)
+    return invalid_input(field + ": longer than " + std::to_string(limits::kMaxPathBytes) +
+                         " bytes");
+  if (p.find('\0') != std::string::npos) return invalid_input(field + ": contains a NUL byte");
+  return Status::ok();
+}
 
 Status require_object(const json& j, const std::string& path) {
   if (!j.is_object()) {
@@ -229,17 +240,19 @@ Status parse_recipe(const json& j, RecipeSpec* r) {
   r->w_bits = static_cast<int>(bits);
 
   QCAL_RETURN_IF_ERROR(rd.integer("group_size", &r->group_size));
-  if (r->group_size != -1 && r->group_size <= 0) {
-    return invalid_input("recipe.group_size: must be -1 (per channel) or positive (got " +
+  if (r->group_size != -1 && (r->group_size <= 0 || r->group_size > limits::kMaxGroupSize)) {
+    return invalid_input("recipe.group_size: must be -1 (per channel) or in [1, " +
+                         std::to_string(limits::kMaxGroupSize) + "] (got " +
                          std::to_string(r->group_size) + ")");
   }
   QCAL_RETURN_IF_ERROR(rd.boolean("sym", &r->sym));
   QCAL_RETURN_IF_ERROR(rd.boolean("act_order", &r->act_order));
   QCAL_RETURN_IF_ERROR(rd.boolean("static_groups", &r->static_groups));
   QCAL_RETURN_IF_ERROR(rd.number("damp", &r->damp));
-  if (!(r->damp > 0) || !std::isfinite(r->damp)) {
+  if (!(r->damp > 0) || !(r->damp <= limits::kMaxDamp)) {
     std::ostringstream os;
-    os << "recipe.damp: must be positive (got " << r->damp << ")";
+    os << "recipe.damp: must be positive and at most " << limits::kMaxDamp << " (got " << r->damp
+       << ")";
     return invalid_input(os.str());
   }
   QCAL_RETURN_IF_ERROR(rd.boolean("mse_clip", &r->mse_clip));
@@ -247,9 +260,9 @@ Status parse_recipe(const json& j, RecipeSpec* r) {
   QCAL_RETURN_IF_ERROR(rd.str("mode", &r->mode, false));
   QCAL_RETURN_IF_ERROR(one_of("recipe.mode", r->mode, {"sequential", "parallel"}));
   QCAL_RETURN_IF_ERROR(rd.integer("window", &r->window));
-  if (r->window < 1) {
-    return invalid_input("recipe.window: must be at least 1 (got " + std::to_string(r->window) +
-                         ")");
+  if (r->window < 1 || r->window > limits::kMaxWindow) {
+    return invalid_input("recipe.window: must be in [1, " + std::to_string(limits::kMaxWindow) +
+                         "] (got " + std::to_string(r->window) + ")");
   }
   QCAL_RETURN_IF_ERROR(rd.integer("overlap", &r->overlap));
   if (r->overlap < 0 || r->overlap >= r->window) {
@@ -270,6 +283,7 @@ Status parse_data(const json& j, const std::string& path, bool is_eval, DataSpec
   Reader rd(j, path);
   QCAL_RETURN_IF_ERROR(rd.check_keys({"path", "nsamples", "seqlen"}));
   QCAL_RETURN_IF_ERROR(rd.str("path", &d->path, /*required=*/true));
+  QCAL_RETURN_IF_ERROR(check_path(path + ".path", d->path));
   QCAL_RETURN_IF_ERROR(rd.integer("nsamples", &d->nsamples));
   const int64_t min_samples = is_eval ? 0 : 1;
   if (d->nsamples < min_samples) {
@@ -277,10 +291,19 @@ Status parse_data(const json& j, const std::string& path, bool is_eval, DataSpec
                          (is_eval ? " (0 = all)" : "") + " (got " + std::to_string(d->nsamples) +
                          ")");
   }
+  if (d->nsamples > limits::kMaxSequences) {
+    return invalid_input(path + ".nsamples: must be at most " +
+                         std::to_string(limits::kMaxSequences) + " (got " +
+                         std::to_string(d->nsamples) + ")");
+  }
   QCAL_RETURN_IF_ERROR(rd.integer("seqlen", &d->seqlen));
   if (d->seqlen < 2) {
     return invalid_input(path + ".seqlen: must be at least 2 (got " + std::to_string(d->seqlen) +
                          ")");
+  }
+  if (d->seqlen > limits::kMaxSeqlen) {
+    return invalid_input(path + ".seqlen: must be at most " + std::to_string(limits::kMaxSeqlen) +
+                         " (got " + std::to_string(d->seqlen) + ")");
   }
   return Status::ok();
 }
@@ -290,6 +313,7 @@ Status parse_output(const json& j, bool calibration, OutputSpec* o) {
   Reader rd(j, "output");
   QCAL_RETURN_IF_ERROR(rd.check_keys({"path", "format", "overwrite"}));
   QCAL_RETURN_IF_ERROR(rd.str("path", &o->path, /*required=*/true));
+  QCAL_RETURN_IF_ERROR(check_path("output.path", o->path));
   if (calibration) o->format = "auto";
   QCAL_RETURN_IF_ERROR(rd.str("format", &o->format, false));
   if (calibration) {
@@ -322,20 +346,47 @@ Status parse_gate(const json& j, GateSpec* g) {
       os << "gate." << key << ": must be >= 0 (got " << d << ")";
       return invalid_input(os.str());
     }
+    if (!(d <= limits::kMaxGateValue)) {
+      std::ostringstream os;
+      os << "gate." << key << ": must be at most " << limits::kMaxGateValue << " (got " << d << ")";
+      return invalid_input(os.str());
+    }
     *out = d;
   }
   return Status::ok();
 }
 
+bool label_key_char(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+         c == '_' || c == '-' || c == '/';
+}
+
 Status parse_labels(const json& j, std::map<std::string, std::string>* labels) {
   QCAL_RETURN_IF_ERROR(require_object(j, "labels"));
+  if (j.size() > limits::kMaxLabels)
+    return invalid_input("labels: at most " + std::to_string(limits::kMaxLabels) + " (got " +
+                         std::to_string(j.size()) + ")");
   for (auto it = j.begin(); it != j.end(); ++it) {
-    if (it.key().empty()) return invalid_input("labels: a label key must not be empty");
+    const std::string& k = it.key();
+    if (k.empty()) return invalid_input("labels: a label key must not be empty");
+    bool ok = k.size() <= limits::kMaxLabelKeyBytes;
+    for (char c : k) ok = ok && label_key_char(c);
+    if (!ok)
+      return invalid_input("labels: key " + shown(json(k)) + " must be 1 to " +
+                           std::to_string(limits::kMaxLabelKeyBytes) +
+                           " characters of A-Z a-z 0-9 . _ - /");
     if (!it->is_string()) {
-      return invalid_input("labels." + it.key() + ": must be a string (got " + type_name(*it) +
-                           ")");
+      return invalid_input("labels." + k + ": must be a string (got " + type_name(*it) + ")");
     }
-    (*labels)[it.key()] = it->get<std::string>();
+    const std::string& v = it->get_ref<const std::string&>();
+    if (v.size() > limits::kMaxLabelValueBytes)
+      return invalid_input("labels." + k + ": longer than " +
+                           std::to_string(limits::kMaxLabelValueBytes) + " bytes (got " +
+                           std::to_string(v.size()) + ")");
+    for (unsigned char c : v)
+      if (c < 0x20 || c == 0x7F)
+        return invalid_input("labels." + k + ": must not contain control characters");
+    (*labels)[k] = v;
   }
   return Status::ok();
 }
@@ -411,6 +462,7 @@ Result<JobSpec> parse_job_spec(const nlohmann::json& j) {
   QCAL_RETURN_IF_ERROR(
       rd.check_keys({"model", "recipe", "calib", "eval", "output", "gate", "priority", "labels"}));
   QCAL_RETURN_IF_ERROR(rd.str("model", &s.model, /*required=*/true));
+  QCAL_RETURN_IF_ERROR(check_path("model", s.model));
   if (const json* v = rd.find("recipe", true)) QCAL_RETURN_IF_ERROR(parse_recipe(*v, &s.recipe));
 
   const json* calib = rd.find("calib");

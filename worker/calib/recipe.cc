@@ -52,6 +52,52 @@ Status check_intactkv_cal(const CalibRecipe& r) {
   return Status::ok();
 }
 
+// The caps on every numeric option (issue #11: an accepted job must be one a
+// worker can run; FlatQuant epochs 1e9 used to be accepted). One table, so the
+// method registry (issue #10) can take it over: field, range, whether the lower
+// bound is open, and how to read the value. Checked after the specific checks
+// below (their messages explain more), so this table only adds the upper
+// bounds they lack. README.md "Limits" lists the same numbers.
+struct RecipeCap {
+  const char* field;
+  double lo, hi;
+  bool lo_open;  // (lo, hi] instead of [lo, hi]
+  double (*get)(const CalibRecipe&);
+};
+// clang-format off
+constexpr RecipeCap kRecipeCaps[] = {
+    {"w_group", -1, 65536, false, [](const CalibRecipe& r) { return double(r.w_group); }},
+    {"epochs", 0, 1000, false, [](const CalibRecipe& r) { return double(r.epochs); }},
+    {"cali_bsz", 1, 4096, false, [](const CalibRecipe& r) { return double(r.cali_bsz); }},
+    {"flat_lr", 0, 10, true, [](const CalibRecipe& r) { return r.flat_lr; }},
+    {"spin_steps", 0, 100000, false, [](const CalibRecipe& r) { return double(r.spin_steps); }},
+    {"spin_lr", 0, 100, true, [](const CalibRecipe& r) { return r.spin_lr; }},
+    {"spin_bsz", 1, 4096, false, [](const CalibRecipe& r) { return double(r.spin_bsz); }},
+    {"batch", 1, 4096, false, [](const CalibRecipe& r) { return double(r.batch); }},
+    {"gptq.percdamp", 0, 1, false, [](const CalibRecipe& r) { return r.gptq.percdamp; }},
+    {"gptq.blocksize", 1, 65536, false, [](const CalibRecipe& r) { return double(r.gptq.blocksize); }},
+    {"intactkv_prefix (tokens)", 0, 4096, false,
+     [](const CalibRecipe& r) { return double(r.intactkv_prefix.size()); }},
+    {"intactkv_cal_steps", 1, 100000000, false,
+     [](const CalibRecipe& r) { return double(r.intactkv_cal_steps); }},
+    {"intactkv_cal_lr", 0, 1, true, [](const CalibRecipe& r) { return r.intactkv_cal_lr; }},
+    {"cbq_window", 1, 4096, false, [](const CalibRecipe& r) { return double(r.cbq_window); }},
+    {"cbq_epochs", 1, 1000000, false, [](const CalibRecipe& r) { return double(r.cbq_epochs); }},
+    {"lora_rank", 0, 65536, false, [](const CalibRecipe& r) { return double(r.lora_rank); }},
+};
+// clang-format on
+
+Status check_caps(const CalibRecipe& r) {
+  for (const RecipeCap& c : kRecipeCaps) {
+    const double v = c.get(r);
+    const bool ok = (c.lo_open ? v > c.lo : v >= c.lo) && v <= c.hi;
+    if (!ok)
+      return invalid_input(std::string(c.field) + ": must be in " + (c.lo_open ? "(" : "[") +
+                           num(c.lo) + ", " + num(c.hi) + "] (got " + num(v) + ")");
+  }
+  return Status::ok();
+}
+
 // Everything but the "nothing to quantize" check, which the transform-only
 // equivalence check (methods.md §10 item 6) must be able to bypass.
 Status validate_fields(const CalibRecipe& r) {
@@ -183,7 +229,7 @@ Status validate_fields(const CalibRecipe& r) {
         "transform: spinquant with weight_solver gptq trains its rotations at W16 (methods.md "
         "§4.2); with a_bits = kv_bits = 16 there is nothing to train them on (use quarot, or rtn)");
   }
-  return Status::ok();
+  return check_caps(r);
 }
 
 // ---- JSON reading: every key is checked for its type; unknown keys are errors.
