@@ -35,6 +35,7 @@
 #include "common/fsutil.h"
 #include "common/log.h"
 #include "common/model_dir.h"
+#include "common/path_policy.h"
 #include "common/rng.h"
 #include "common/safetensors.h"
 #include "kernels/grad.h"
@@ -1002,7 +1003,8 @@ void copy_side_files(const std::string& model_dir, const std::string& dir) {
     if (!e.is_regular_file() || name == "config.json" || name.ends_with(".safetensors") ||
         name.ends_with(".safetensors.index.json") || path_exists(join_path(dir, name)))
       continue;
-    std::filesystem::copy_file(e.path(), join_path(dir, name), ec);
+    // A regular file inside the process policy's roots (common/path_policy.h).
+    (void)copy_input_file(e.path().string(), join_path(dir, name));
   }
 }
 
@@ -1898,7 +1900,7 @@ Result<CalibReport> calibrate_to_dir(const std::string& model_dir, const TokenSe
       }
     }
     fin.clear();
-    const std::string tmp = out_dir + ".qcal-transformed." + std::to_string(::getpid());
+    const std::string tmp = out_dir + ".qcal-transformed." + staging_tag();
     std::error_code ec;
     std::filesystem::remove_all(tmp, ec);
     Status st = write_fp_model(setup.model, tmp, /*overwrite=*/true);
@@ -1942,7 +1944,7 @@ Result<CalibReport> calibrate_to_dir(const std::string& model_dir, const TokenSe
     QCAL_ASSIGN_OR_RETURN(FpModel fp, load_fp_model(model_dir));
     QCAL_RETURN_IF_ERROR(check_recipe(r, fp.config, calib));
     QCAL_ASSIGN_OR_RETURN(FpModel tm, folded_fp_model(fp, calib, r, &report, progress));
-    tmp = out_dir + ".qcal-transformed." + std::to_string(::getpid());
+    tmp = out_dir + ".qcal-transformed." + staging_tag();
     std::error_code ec;
     std::filesystem::remove_all(tmp, ec);
     QCAL_RETURN_IF_ERROR(write_fp_model(tm, tmp, /*overwrite=*/true));
