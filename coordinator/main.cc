@@ -3,6 +3,14 @@
 //   qcal-coordinator [--host 127.0.0.1] [--port 8080] [--redis redis://127.0.0.1:6379]
 //                    [--tokens FILE] [--store DIR] [--worker-mem-gb 24]
 //                    [--max-body-mb 1] [--prefix qcal]
+//                    [--allow-read DIR]... [--allow-write DIR]...
+//                    [--retain-succeeded-h 24] [--retain-failed-h 168]
+//                    [--sweep-interval-s 300]
+//
+// --allow-read / --allow-write (repeatable): the only directories a job's
+// paths may lead into (common/path_policy.h); without any, every job is
+// refused with 403. The retention flags apply to the artifact store given by
+// --store (coordinator/retention.h).
 //
 // SIGTERM / SIGINT stop it gracefully (in-flight requests finish). All state
 // is in Redis, so a restarted coordinator carries on where this one stopped.
@@ -10,9 +18,12 @@
 
 #include <csignal>
 #include <cstdio>
+#include <memory>
+#include <utility>
 
 #include "common/flags.h"
 #include "common/log.h"
+#include "common/path_policy.h"
 #include "coordinator/server.h"
 
 namespace {
@@ -20,7 +31,10 @@ namespace {
 const char* kUsage =
     "usage: qcal-coordinator [--host 127.0.0.1] [--port 8080] [--redis redis://127.0.0.1:6379]\n"
     "                        [--tokens FILE] [--store DIR] [--worker-mem-gb 24]\n"
-    "                        [--max-body-mb 1] [--prefix qcal]\n";
+    "                        [--max-body-mb 1] [--prefix qcal]\n"
+    "                        [--allow-read DIR]... [--allow-write DIR]...\n"
+    "                        [--retain-succeeded-h 24] [--retain-failed-h 168]\n"
+    "                        [--sweep-interval-s 300]\n";
 
 qcal::Result<qcal::CoordinatorOptions> options_from(const qcal::Flags& f) {
   qcal::CoordinatorOptions o;
@@ -39,6 +53,15 @@ qcal::Result<qcal::CoordinatorOptions> options_from(const qcal::Flags& f) {
   o.max_body_bytes = static_cast<uint64_t>(body_mb * double(1ull << 20));
   o.prefix = f.str("prefix", "qcal");
   if (o.prefix.empty()) return qcal::invalid_input("--prefix: must not be empty");
+  o.allow_read = f.all("allow-read");
+  o.allow_write = f.all("allow-write");
+  for (auto [flag, out] : {std::pair{"retain-succeeded-h", &o.retention.retain_succeeded_h},
+                           std::pair{"retain-failed-h", &o.retention.retain_failed_h},
+                           std::pair{"sweep-interval-s", &o.retention.sweep_interval_s}}) {
+    QCAL_ASSIGN_OR_RETURN(*out, f.number(flag, *out));
+    if (!(*out >= 0) || !(*out <= 1e7))
+      return qcal::invalid_input(std::string("--") + flag + ": must be in [0, 1e7]");
+  }
   return o;
 }
 
@@ -46,7 +69,8 @@ qcal::Result<qcal::CoordinatorOptions> options_from(const qcal::Flags& f) {
 
 int main(int argc, char** argv) {
   qcal::Flags flags(
-      {"host", "port", "redis", "tokens", "store", "worker-mem-gb", "max-body-mb", "prefix"},
+      {"host", "port", "redis", "tokens", "store", "worker-mem-gb", "max-body-mb", "prefix",
+       "allow-read", "allow-write", "retain-succeeded-h", "retain-failed-h", "sweep-interval-s"},
       {"help"});
   qcal::Status st = flags.parse(argc, argv, 1);
   if (st.is_ok() && flags.flag("help")) {
@@ -70,6 +94,18 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
 
+  // Every file this process opens for reading (config.json, safetensors
+  // headers, token files) is confined to the roots (common/path_policy.h).
+  {
+    const auto& o = opts.value();
+    auto policy = qcal::PathPolicy::make(o.allow_read, o.allow_write, o.store_root);
+    if (!policy.is_ok()) {
+      std::fprintf(stderr, "qcal-coordinator: %s\n%s", policy.status().message().c_str(), kUsage);
+      return 2;
+    }
+    qcal::set_process_path_policy(
+        std::make_shared<const qcal::PathPolicy>(std::move(policy).value()));
+  }
   qcal::CoordinatorServer server(std::move(opts).value());
   st = server.start();
   if (!st.is_ok()) {

@@ -10,6 +10,7 @@
 
 #include "common/model_dir.h"
 #include "common/plan.h"
+#include "coordinator/memory_guard.h"
 #include "worker/calib/methods.h"
 #include "worker/engine/qformats.h"
 #include "worker/engine/quantizer.h"
@@ -208,8 +209,10 @@ const char* reconstruction_name(calib::Reconstruction r) {
 }
 
 // The calibration DAGs of common/plan.h (spec.recipe.calib set).
-// The eval batch of the validate task: logits and activations of `eb` sequences.
-void add_eval_parts(MemoryEstimate* m, const BlockShapes& b, u64 eb, u64 eval_T) {
+// The eval batch of the validate task: logits and activations of `eb` sequences,
+// and the eval tokens, all held at once (`eval_seqs`, bounded by the file for 0 = all).
+void add_eval_parts(MemoryEstimate* m, const BlockShapes& b, u64 eb, u64 eval_T, u64 eval_seqs) {
+  m->parts.push_back({"eval data", eval_seqs * eval_T * 4});
   m->parts.push_back({"activations", 2 * eb * eval_T * (b.H + b.V) * 4});
   m->parts.push_back({"batch", batch_arena(b, eb, eval_T)});
 }
@@ -308,6 +311,8 @@ Result<Plan> plan_calibration(const JobSpec& spec, const PlannerLimits& limits) 
   }
 
   QCAL_ASSIGN_OR_RETURN(const DataBounds data, check_data_and_output(spec));
+  QCAL_RETURN_IF_ERROR(check_estimate_range(spec, c, data.calib_seqs, data.eval_seqs,
+                                            std::max(limits.batch, r.batch)));
 
   // ---- Shapes for the estimates.
   const int64_t L = c.num_hidden_layers;
@@ -395,7 +400,8 @@ Result<Plan> plan_calibration(const JobSpec& spec, const PlannerLimits& limits) 
     m.parts.push_back({"weights", format == "native"
                                       ? model_bytes + std::max(b.params, b.V * b.H) * 4
                                       : 2 * std::max(b.params, b.V * b.H) * 4});
-    if (spec.eval) add_eval_parts(&m, b, std::min(batch, data.eval_seqs), data.eval_T);
+    if (spec.eval)
+      add_eval_parts(&m, b, std::min(batch, data.eval_seqs), data.eval_T, data.eval_seqs);
     est.push_back(m);
   }
 
@@ -458,6 +464,8 @@ Result<Plan> plan_job(const JobSpec& spec, const PlannerLimits& limits) {
   QCAL_RETURN_IF_ERROR(check_format_writable(c, qspec, r.method == "gptq" && r.act_order, format));
 
   QCAL_ASSIGN_OR_RETURN(const DataBounds data, check_data_and_output(spec));
+  QCAL_RETURN_IF_ERROR(
+      check_estimate_range(spec, c, data.calib_seqs, data.eval_seqs, limits.batch));
 
   // ---- The DAG.
   const int64_t L = c.num_hidden_layers;
@@ -539,7 +547,8 @@ Result<Plan> plan_job(const JobSpec& spec, const PlannerLimits& limits) {
   {
     MemoryEstimate& m = est[2 + windows];
     m.parts.push_back({"weights", 2 * std::max(b.params, b.V * b.H) * 4});
-    if (spec.eval) add_eval_parts(&m, b, std::min(batch, data.eval_seqs), data.eval_T);
+    if (spec.eval)
+      add_eval_parts(&m, b, std::min(batch, data.eval_seqs), data.eval_T, data.eval_seqs);
   }
 
   QCAL_ASSIGN_OR_RETURN(const nlohmann::json memory, set_task_memory(&plan, est, limits, spec));

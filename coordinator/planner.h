@@ -25,6 +25,9 @@
 //   output.path       not the model directory; absent unless output.overwrite
 //                     (and then a directory); its nearest existing ancestor is
 //                     a writable directory (so the parent can be created)
+//   range             check_estimate_range (coordinator/memory_guard.h): an
+//                     overflow-checked upper bound of every estimate below fits
+//                     in 62 bits, else kResourceExhausted naming the numbers
 //   memory            every task's estimate ≤ PlannerLimits::worker_memory_bytes,
 //                     else kResourceExhausted with the numbers:
 //                     "calibrate-0003 needs 41.2 GiB (weights 3.4 GiB,
@@ -52,6 +55,7 @@
 //   validate   weights      = 2 · (largest of one block, lm_head V·H) · 4  (FP and
 //                             quantized model; lm_head stays loaded)
 //              activations  = 2 · b·T_e·(H + V)·4 + batch arena    (T_e eval seqlen)
+//              eval data    = N_e·T_e·4  the eval tokens (N_e = eval sequences)
 // N = calib.nsamples; when 0 ("all") it is bounded from the file size
 // (.u32: bytes/4/T; .jsonl: bytes/2/T, at least "d," per token).
 //
@@ -109,7 +113,12 @@ const std::vector<MethodInfo>& supported_methods();
 // nullptr when the server does not run `name`.
 const MethodInfo* find_method(const std::string& name);
 
+class PathPolicy;  // common/path_policy.h
+
 struct PlannerLimits {
+  // Confinement of the spec's paths, applied by admit_job (coordinator/admission.h)
+  // before planning; nullptr = unconfined (tests, the CLI's dry runs).
+  const PathPolicy* paths = nullptr;
   // Memory of one worker (the smallest one, when they differ).
   uint64_t worker_memory_bytes = 24ull << 30;
   // Sequences per forward batch on the workers (QuantizeOptions::batch and the

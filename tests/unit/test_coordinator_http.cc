@@ -61,6 +61,8 @@ class CoordinatorHttp : public ::testing::Test {
     o.redis = redis_->options(2.0);
     o.token_file = path("tokens");
     o.store_root = path("store");
+    o.allow_read = {*dir_};  // the fixture's models, data and outputs
+    o.allow_write = {*dir_};
     o.max_body_bytes = kMaxBody;
     o.tick_interval_s = 0;  // ticks are driven by the tests
     o.status_log_interval_s = 0;
@@ -440,6 +442,8 @@ TEST_F(CoordinatorHttp, TwoCoordinatorsFireASlotOnce) {
   CoordinatorOptions o;
   o.port = 0;
   o.redis = redis_->options(2.0);
+  o.allow_read = {*dir_};
+  o.allow_write = {*dir_};
   o.tick_interval_s = 0;
   o.status_log_interval_s = 0;
   CoordinatorServer other(o);
