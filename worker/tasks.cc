@@ -354,19 +354,14 @@ Result<nlohmann::json> run_assemble(const TaskContext& ctx) {
         return invalid_input("task " + ctx.task.id + ": no calibrate dep produced " + name);
     }
 
-  // A re-run after a crash between publishing and reporting finds its own
-  // output in place: the intent marker (written before publishing) says so.
+  // Staged beside output.path, published under the fence (worker/publish.h); a
+  // re-run after a crash between publishing and reporting replaces its own output.
   const std::string& out = ctx.spec.output.path;
   WriteOptions w = checkpoint_write_options(opts);
-  const std::string marker = "jobs/" + ctx.job_id + "/" + ctx.task.id + "/publishing.json";
-  if (path_exists(out) && !w.overwrite && path_exists(ctx.store->absolute(marker))) {
-    say(ctx, out + " exists from an earlier attempt of this task: replacing it");
-    w.overwrite = true;
-  }
-  if (!path_exists(ctx.store->absolute(marker)))
-    QCAL_RETURN_IF_ERROR(
-        ctx.store->write_blob(marker, nlohmann::json{{"output", out}}.dump()).status());
-  QCAL_RETURN_IF_ERROR(write_quantized_checkpoint(model->dir(), all, w, out));
+  QCAL_ASSIGN_OR_RETURN(OutputPublication pub, OutputPublication::begin(ctx));
+  w.overwrite = false;
+  QCAL_RETURN_IF_ERROR(write_quantized_checkpoint(model->dir(), all, w, pub.staging()));
+  QCAL_RETURN_IF_ERROR(pub.commit());
   const uint64_t bytes = dir_bytes(out);
   say(ctx, "wrote " + out + " (" + checkpoint_format_name(w.format) + ", " + std::to_string(bytes) +
                " bytes, " + std::to_string(all.size()) + " modules)");
@@ -551,24 +546,6 @@ calib::CalibProgress progress_to(const TaskContext& ctx) {
   };
 }
 
-// Publishing output.path from a task that may be re-run after a crash between
-// publishing and reporting: the intent marker (written before publishing) lets
-// the re-run replace its own earlier output. Returns the overwrite flag to use.
-Result<bool> begin_publish(const TaskContext& ctx) {
-  const std::string& out = ctx.spec.output.path;
-  bool overwrite = ctx.spec.output.overwrite;
-  const std::string marker = "jobs/" + ctx.job_id + "/" + ctx.task.id + "/publishing.json";
-  const bool marked = path_exists(ctx.store->absolute(marker));
-  if (path_exists(out) && !overwrite && marked) {
-    say(ctx, out + " exists from an earlier attempt of this task: replacing it");
-    overwrite = true;
-  }
-  if (!marked)
-    QCAL_RETURN_IF_ERROR(
-        ctx.store->write_blob(marker, nlohmann::json{{"output", out}}.dump()).status());
-  return overwrite;
-}
-
 // calib: one task, the whole calibration in process (calibrate_to_dir).
 Result<nlohmann::json> run_calib(const TaskContext& ctx) {
   QCAL_RETURN_IF_ERROR(need_root(ctx));
@@ -584,10 +561,11 @@ Result<nlohmann::json> run_calib(const TaskContext& ctx) {
   QCAL_ASSIGN_OR_RETURN(TokenSequences calib, load_calib(ctx, c.vocab_size));
   if (ctx.cancel && ctx.cancel->load()) return cancelled("calib before starting");
   const std::string& out = ctx.spec.output.path;
-  QCAL_ASSIGN_OR_RETURN(bool overwrite, begin_publish(ctx));
-  QCAL_ASSIGN_OR_RETURN(
-      calib::CalibReport rep,
-      calib::calibrate_to_dir(ctx.spec.model, calib, r, out, format, overwrite, progress_to(ctx)));
+  QCAL_ASSIGN_OR_RETURN(OutputPublication pub, OutputPublication::begin(ctx));  // publish.h
+  QCAL_ASSIGN_OR_RETURN(calib::CalibReport rep,
+                        calib::calibrate_to_dir(ctx.spec.model, calib, r, pub.staging(), format,
+                                                /*overwrite=*/false, progress_to(ctx)));
+  QCAL_RETURN_IF_ERROR(pub.commit());
   const uint64_t bytes = dir_bytes(out);
   if (rep.intactkv_cal) {
     std::ostringstream line;
@@ -755,8 +733,9 @@ Result<nlohmann::json> run_cbq_assemble(const TaskContext& ctx) {
       calib::NativeModel nm,
       calib::cbq_finish(setup, layers, r, calib ? &*calib : nullptr, &rep, progress_to(ctx)));
   const std::string& out = ctx.spec.output.path;
-  QCAL_ASSIGN_OR_RETURN(bool overwrite, begin_publish(ctx));
-  QCAL_RETURN_IF_ERROR(calib::write_native(nm, out, overwrite));
+  QCAL_ASSIGN_OR_RETURN(OutputPublication pub, OutputPublication::begin(ctx));  // publish.h
+  QCAL_RETURN_IF_ERROR(calib::write_native(nm, pub.staging(), /*overwrite=*/false));
+  QCAL_RETURN_IF_ERROR(pub.commit());
   const uint64_t bytes = dir_bytes(out);
   say(ctx, "wrote " + out + " (native, " + std::to_string(bytes) + " bytes, " + std::to_string(L) +
                " layers)");

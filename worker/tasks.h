@@ -13,7 +13,8 @@
 //                  "qlinears" and, in sequential mode, "x" (the window's
 //                  output; not written by the last window, which nobody reads)
 //   assemble       every dep's "qlinears" → write_quantized_checkpoint(
-//                  model->dir(), all, checkpoint_write_options(opts), output.path)
+//                  model->dir(), all, checkpoint_write_options(opts), staging),
+//                  published as output.path under the fence (worker/publish.h)
 //   validate       evaluate(output, eval data, FP model) and the gate
 //
 // Results (JSON; artifact refs as in common/plan.h):
@@ -38,8 +39,9 @@
 //                  re-run (worker died) reads the same setup and previous state,
 //                  so with the same BLAS thread count its bytes are the same.
 //   assemble       load_cbq_setup; every window's finalized layers (in dep
-//                  order) → cbq_finish → write_native(output.path), published
-//                  like the weight-only assemble (intent marker, overwrite on re-run)
+//                  order) → cbq_finish → write_native(staging), published
+//                  like the weight-only assemble (worker/publish.h; a re-run
+//                  replaces its own job's output, the manifest says whose it is)
 //   validate       a native output (calib::is_native_dir) is evaluated with
 //                  calib::evaluate_native; the gate is the same
 // The calibration runners check ctx.cancel before they start (a window runs to
@@ -68,6 +70,7 @@
 #include "common/job_store.h"
 #include "common/status.h"
 #include "worker/artifacts.h"
+#include "worker/publish.h"
 #include "worker/rank_group.h"
 
 namespace qcal {
@@ -84,6 +87,9 @@ struct TaskContext {
   RankGroup* group = nullptr;                 // nullptr = a single rank
   // Progress lines ("layer 3/32 ..."), e.g. to stderr and the job log. Optional.
   std::function<void(const std::string&)> log;
+  // The publishing fence of this claim (worker/publish.h); nullptr = unfenced
+  // (tests, embedded use). The tasks that write output.path publish through it.
+  PublishFence* fence = nullptr;
 };
 
 // Runs ctx.task (dispatch on its type). Not thread safe with respect to ctx.
