@@ -67,8 +67,13 @@ rm -f "$R/swap.jsonl"
 tag_stage=$(staging_tag_for 999999)
 mkdir -p "$W/p/.o.qcal-stage.$tag_stage.a1" "$W/p/o.partial.$(staging_tag_for 999998)"
 echo junk >"$W/p/o.partial.$(staging_tag_for 999998)/x"
-flock -o "$W/p" sleep 600 &  # -o: the lock is flock's own, freed when it is killed
+# One process holds the lock (no child to outlive it and keep the test's output open).
+python3 -c 'import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); time.sleep(600)' \
+  "$W/p" </dev/null >/dev/null 2>&1 &
 LOCK_PID=$!
+WPID[lock]=$LOCK_PID  # stopped by the EXIT trap with the workers should the test fail
+wait_until 10 "the lock holder" bash -c "! flock -n '$W/p' true"
 a=$(submit "$(spec "$W/p/o")")
 wait_until 120 "job $a to reach its publish" publishing "$a"
 kill -STOP "${WPID[w1]}"
@@ -80,9 +85,10 @@ b=$(submit "$(spec "$W/p/o")")
 wait_until 120 "job $b to reach its publish" publishing "$b"
 kill "$LOCK_PID" 2>/dev/null || true
 wait "$LOCK_PID" 2>/dev/null || true
+unset 'WPID[lock]'
 wait_job "$b" succeeded 120
-b_bytes=$(job_json "$b" | pyj '[t for t in d["progress"]["tasks"] if t["id"] == "assemble"][0]["id"]' >/dev/null;
-  redis-cli -p "$REDIS_PORT" HGET "qcal:task:$b:assemble" result | pyj 'd["bytes"]')
+# The bytes job b's assemble task published (its result).
+b_bytes=$(redis-cli -p "$REDIS_PORT" HGET "qcal:task:$b:assemble" result | pyj 'd["bytes"]')
 kill -CONT "${WPID[w1]}"
 wait_until 60 "w1 to give up the stale publish" \
   grep -qE "newer owner|stopped without reporting" "$T/worker-w1.log"
