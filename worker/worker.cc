@@ -110,14 +110,17 @@ class Heartbeat {
 
  private:
   void loop() {
-    const auto period = std::chrono::milliseconds(
-        std::clamp<int64_t>(lease_ms_ / 3, 1, timeout_s_ > 0 || grace_s_ > 0 ? 1000 : INT64_MAX));
+    // Heartbeats every lease/3; the timeout and grace watch ticks at least every second.
+    const auto period = std::chrono::milliseconds(std::max<int64_t>(lease_ms_ / 3, 1));
+    const auto tick =
+        timeout_s_ > 0 || grace_s_ > 0 ? std::min(period, std::chrono::milliseconds(1000)) : period;
     const auto started = Clock::now();
     auto last_ok = Clock::now();
+    auto last_beat = Clock::now();
     std::optional<Clock::time_point> stop_asked;
     std::unique_lock<std::mutex> l(mu_);
     while (!done_) {
-      if (cv_.wait_for(l, period, [this] { return done_; })) break;
+      if (cv_.wait_for(l, tick, [this] { return done_; })) break;
       if (!stop_asked && cancel_->load()) stop_asked = Clock::now();
       if (stop_asked) {
         // Asked to stop: the task should return soon; past the grace it is wedged.
@@ -132,6 +135,8 @@ class Heartbeat {
         stop_asked = Clock::now();
         continue;
       }
+      if (Clock::now() - last_beat < period) continue;
+      last_beat = Clock::now();
       l.unlock();
       auto r = store_.heartbeat(claim_, worker_id_);
       l.lock();
