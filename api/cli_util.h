@@ -6,17 +6,21 @@
 #include <cstdio>
 #include <string>
 
+#include "common/sanitize.h"
 #include "common/status.h"
 
 namespace qcal {
 
+// The message may come from the server (and from other users' files through
+// it): control characters are escaped (common/sanitize.h terminal_safe).
 inline int cli_fail(const std::string& cmd, const Status& s) {
-  std::fprintf(stderr, "qcal %s: error: %s\n", cmd.c_str(), s.message().c_str());
+  std::fprintf(stderr, "qcal %s: error: %s\n", cmd.c_str(), terminal_safe(s.message()).c_str());
   switch (s.code()) {
     case Code::kInvalidInput:
     case Code::kNotFound:
     case Code::kCorrupt:
-    case Code::kPermissionDenied: return 2;
+    case Code::kPermissionDenied:
+    case Code::kConflict: return 2;
     default: return 1;
   }
 }

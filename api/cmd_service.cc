@@ -30,6 +30,7 @@
 #include "api/spec_flags.h"
 #include "common/flags.h"
 #include "common/fsutil.h"
+#include "common/sanitize.h"
 
 namespace qcal {
 namespace {
@@ -86,18 +87,22 @@ struct JobView {
 //                 "attempts", "worker", ...}]},
 //    "blocks": [{"layer", "rel_output_error", "seconds", "proj_losses"}],
 //    "eta_seconds": s | null}
+// Every string shown comes from the server (and some, like labels and
+// errors, from other users or their files): terminal_safe (common/sanitize.h)
+// escapes control characters so none can drive the terminal.
 JobView view_of(const json& j) {
   JobView v;
-  v.id = json_string(j, {"id"});
-  v.state = json_string(j, {"state"}, "?");
-  v.error = json_string(j, {"error"});
-  v.priority = json_string(j, {"priority"}, "-");
+  v.id = terminal_safe(json_string(j, {"id"}));
+  v.state = terminal_safe(json_string(j, {"state"}, "?"));
+  v.error = terminal_safe(json_string(j, {"error"}));
+  v.priority = terminal_safe(json_string(j, {"priority"}, "-"));
   if (const json* tasks = json_find(j, "progress.tasks"); tasks && tasks->is_array()) {
     for (const auto& t : *tasks) {
       if (!t.is_object()) continue;
-      v.tasks.push_back({json_string(t, {"id"}), json_string(t, {"type"}),
-                         json_string(t, {"state"}), json_string(t, {"worker"}),
-                         static_cast<int64_t>(json_number(t, {"attempts"}, 0))});
+      v.tasks.push_back(
+          {terminal_safe(json_string(t, {"id"})), terminal_safe(json_string(t, {"type"})),
+           terminal_safe(json_string(t, {"state"})), terminal_safe(json_string(t, {"worker"})),
+           static_cast<int64_t>(json_number(t, {"attempts"}, 0))});
     }
   }
   if (const json* blocks = json_find(j, "blocks"); blocks && blocks->is_array()) {
@@ -150,7 +155,7 @@ std::string running_tasks(const JobView& v) {
 std::string fmt_time(const json& j, const char* key, bool utc = false) {
   const auto* v = json_find(j, key);
   if (!v) return "-";
-  if (v->is_string()) return v->get<std::string>();
+  if (v->is_string()) return terminal_safe(v->get<std::string>());
   if (!v->is_number()) return "-";
   std::time_t t = static_cast<std::time_t>(v->get<double>());
   std::tm tm{};
@@ -171,13 +176,14 @@ std::string fmt_labels(const json& j) {
   for (auto it = l->begin(); it != l->end(); ++it)
     s += (s.empty() ? "" : ",") + it.key() + "=" +
          (it.value().is_string() ? it.value().get<std::string>() : it.value().dump());
-  return s;
+  return terminal_safe(s);
 }
 
 // One line summing up a validation report: the numbers a person checks.
 std::string fmt_report(const json& report) {
   if (!report.is_object() || report.empty()) return "";
-  if (report.contains("skipped")) return "validation skipped: " + json_string(report, {"skipped"});
+  if (report.contains("skipped"))
+    return "validation skipped: " + terminal_safe(json_string(report, {"skipped"}));
   std::string s;
   char buf[64];
   for (const char* k : {"ppl", "fp_ppl", "ppl_increase", "kl", "top1_agree"}) {
@@ -549,7 +555,7 @@ int cmd_logs(const Flags& f) {
       return cli_fail(cmd, internal_error("GET " + path + ": expected {\"lines\": [...]}, got " +
                                           j.dump().substr(0, 200)));
     for (const auto& l : *lines)
-      std::printf("%s\n", l.is_string() ? l.get<std::string>().c_str() : l.dump().c_str());
+      std::printf("%s\n", terminal_safe(l.is_string() ? l.get<std::string>() : l.dump()).c_str());
     std::fflush(stdout);
     from = static_cast<int64_t>(
         json_number(j, {"next"}, static_cast<double>(from + static_cast<int64_t>(lines->size()))));
@@ -570,7 +576,8 @@ int cmd_report(const Flags& f) {
   }
   const json* r = rep.contains("report") && rep["report"].is_object() ? &rep["report"] : &rep;
   if (std::string s = fmt_report(*r); !s.empty()) std::printf("%s\n", s.c_str());
-  std::cout << r->dump(2) << std::endl;
+  // ensure_ascii: every control or non-ASCII character as a \u escape.
+  std::cout << r->dump(2, ' ', /*ensure_ascii=*/true, json::error_handler_t::replace) << std::endl;
   return 0;
 }
 
@@ -617,11 +624,12 @@ int cmd_schedules(const Flags& f) {
             (regressed && regressed->is_boolean() && regressed->get<bool>() ? ", REGRESSED" : "") +
             ")";
       }
-      std::printf("%-28s %-20s %-19s %-28s %lld\n", json_string(s, {"id"}).c_str(),
-                  json_string(s, {"cron"}).c_str(), fmt_time(s, "next_run_at", true).c_str(),
-                  last.c_str(), static_cast<long long>(json_number(s, {"regressions"}, 0)));
+      std::printf("%-28s %-20s %-19s %-28s %lld\n", terminal_safe(json_string(s, {"id"})).c_str(),
+                  terminal_safe(json_string(s, {"cron"})).c_str(),
+                  fmt_time(s, "next_run_at", true).c_str(), terminal_safe(last).c_str(),
+                  static_cast<long long>(json_number(s, {"regressions"}, 0)));
       if (std::string e = json_string(s, {"last_error"}); !e.empty())
-        std::printf("  last error: %s\n", e.c_str());
+        std::printf("  last error: %s\n", terminal_safe(e).c_str());
     }
     return 0;
   }

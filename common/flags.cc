@@ -155,11 +155,17 @@ Status Flags::parse(const std::vector<std::string>& args) {
         value = args[++i];
       }
       values_[name] = value;
+      all_[name].push_back(value);
     } else {
       return invalid_input("unknown flag --" + name);
     }
   }
   return Status::ok();
+}
+
+std::vector<std::string> Flags::all(const std::string& name) const {
+  auto it = all_.find(name);
+  return it == all_.end() ? std::vector<std::string>() : it->second;
 }
 
 bool Flags::has(const std::string& name) const {

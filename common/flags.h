@@ -65,7 +65,10 @@ class Flags {
   bool help() const { return help_; }
   bool has(const std::string& name) const;
   bool flag(const std::string& name) const { return bools_.count(name) > 0; }
+  // The last value given (a flag given twice keeps the later one).
   std::string str(const std::string& name, const std::string& def = "") const;
+  // Every value of a repeatable flag, in order (`--allow-read A --allow-read B`).
+  std::vector<std::string> all(const std::string& name) const;
   // Missing → kInvalidInput "missing required flag --name".
   Result<std::string> required(const std::string& name) const;
   Result<int64_t> integer(const std::string& name, int64_t def) const;
@@ -75,6 +78,7 @@ class Flags {
  private:
   std::set<std::string> valued_, booleans_;
   std::map<std::string, std::string> values_;
+  std::map<std::string, std::vector<std::string>> all_;
   std::set<std::string> bools_;
   std::vector<std::string> positionals_;
   bool help_ = false;

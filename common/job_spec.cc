@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/json_util.h"
+#include "common/limits.h"
 
 namespace qcal {
 
@@ -102,6 +103,16 @@ class Reader : public JsonFields {
   }
 };
 
+// Paths are checked for form here (length, no NUL); where they lead is the
+// path policy's business (common/path_policy.h).
+Status check_path(const std::string& field, const std::string& p) {
+  if (p.size() > limits::kMaxPathBytes)
+    return invalid_input(field + ": longer than " + std::to_string(limits::kMaxPathBytes) +
+                         " bytes");
+  if (p.find('\0') != std::string::npos) return invalid_input(field + ": contains a NUL byte");
+  return Status::ok();
+}
+
 Status require_object(const json& j, const std::string& path) {
   if (!j.is_object()) {
     return invalid_input(path + ": must be an object (got " + type_name(j) + ")");
@@ -127,6 +138,7 @@ Status parse_data(const json& j, const std::string& path, bool is_eval, DataSpec
   Reader rd(j, path);
   QCAL_RETURN_IF_ERROR(rd.check_keys({"path", "nsamples", "seqlen"}));
   QCAL_RETURN_IF_ERROR(rd.str("path", &d->path, /*required=*/true));
+  QCAL_RETURN_IF_ERROR(check_path(path + ".path", d->path));
   QCAL_RETURN_IF_ERROR(rd.integer("nsamples", &d->nsamples));
   const int64_t min_samples = is_eval ? 0 : 1;
   if (d->nsamples < min_samples) {
@@ -134,10 +146,19 @@ Status parse_data(const json& j, const std::string& path, bool is_eval, DataSpec
                          (is_eval ? " (0 = all)" : "") + " (got " + std::to_string(d->nsamples) +
                          ")");
   }
+  if (d->nsamples > limits::kMaxSequences) {
+    return invalid_input(path + ".nsamples: must be at most " +
+                         std::to_string(limits::kMaxSequences) + " (got " +
+                         std::to_string(d->nsamples) + ")");
+  }
   QCAL_RETURN_IF_ERROR(rd.integer("seqlen", &d->seqlen));
   if (d->seqlen < 2) {
     return invalid_input(path + ".seqlen: must be at least 2 (got " + std::to_string(d->seqlen) +
                          ")");
+  }
+  if (d->seqlen > limits::kMaxSeqlen) {
+    return invalid_input(path + ".seqlen: must be at most " + std::to_string(limits::kMaxSeqlen) +
+                         " (got " + std::to_string(d->seqlen) + ")");
   }
   return Status::ok();
 }
@@ -147,6 +168,7 @@ Status parse_output(const json& j, OutputSpec* o) {
   Reader rd(j, "output");
   QCAL_RETURN_IF_ERROR(rd.check_keys({"path", "format", "overwrite", "max_shard_mb"}));
   QCAL_RETURN_IF_ERROR(rd.str("path", &o->path, /*required=*/true));
+  QCAL_RETURN_IF_ERROR(check_path("output.path", o->path));
   QCAL_RETURN_IF_ERROR(rd.str("format", &o->format, false));
   if (o->format == "compressed_tensors" || o->format == "ct") o->format = "compressed-tensors";
   QCAL_RETURN_IF_ERROR(
@@ -174,20 +196,47 @@ Status parse_gate(const json& j, GateSpec* g) {
       os << "gate." << key << ": must be >= 0 (got " << d << ")";
       return invalid_input(os.str());
     }
+    if (!(d <= limits::kMaxGateValue)) {
+      std::ostringstream os;
+      os << "gate." << key << ": must be at most " << limits::kMaxGateValue << " (got " << d << ")";
+      return invalid_input(os.str());
+    }
     *out = d;
   }
   return Status::ok();
 }
 
+bool label_key_char(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+         c == '_' || c == '-' || c == '/';
+}
+
 Status parse_labels(const json& j, std::map<std::string, std::string>* labels) {
   QCAL_RETURN_IF_ERROR(require_object(j, "labels"));
+  if (j.size() > limits::kMaxLabels)
+    return invalid_input("labels: at most " + std::to_string(limits::kMaxLabels) + " (got " +
+                         std::to_string(j.size()) + ")");
   for (auto it = j.begin(); it != j.end(); ++it) {
-    if (it.key().empty()) return invalid_input("labels: a label key must not be empty");
+    const std::string& k = it.key();
+    if (k.empty()) return invalid_input("labels: a label key must not be empty");
+    bool ok = k.size() <= limits::kMaxLabelKeyBytes;
+    for (char c : k) ok = ok && label_key_char(c);
+    if (!ok)
+      return invalid_input("labels: key " + shown(json(k)) + " must be 1 to " +
+                           std::to_string(limits::kMaxLabelKeyBytes) +
+                           " characters of A-Z a-z 0-9 . _ - /");
     if (!it->is_string()) {
-      return invalid_input("labels." + it.key() + ": must be a string (got " + type_name(*it) +
-                           ")");
+      return invalid_input("labels." + k + ": must be a string (got " + type_name(*it) + ")");
     }
-    (*labels)[it.key()] = it->get<std::string>();
+    const std::string& v = it->get_ref<const std::string&>();
+    if (v.size() > limits::kMaxLabelValueBytes)
+      return invalid_input("labels." + k + ": longer than " +
+                           std::to_string(limits::kMaxLabelValueBytes) + " bytes (got " +
+                           std::to_string(v.size()) + ")");
+    for (unsigned char c : v)
+      if (c < 0x20 || c == 0x7F)
+        return invalid_input("labels." + k + ": must not contain control characters");
+    (*labels)[k] = v;
   }
   return Status::ok();
 }
@@ -252,6 +301,7 @@ Result<JobSpec> parse_job_spec(const nlohmann::json& j) {
   QCAL_RETURN_IF_ERROR(
       rd.check_keys({"model", "recipe", "calib", "eval", "output", "gate", "priority", "labels"}));
   QCAL_RETURN_IF_ERROR(rd.str("model", &s.model, /*required=*/true));
+  QCAL_RETURN_IF_ERROR(check_path("model", s.model));
   {
     const json* v = rd.find("recipe", true);
     QCAL_ASSIGN_OR_RETURN(s.recipe, recipe_from_json(v ? *v : json::object(), "recipe"));

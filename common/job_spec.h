@@ -83,8 +83,12 @@ Result<std::string> output_format(const JobSpec& spec);
 
 // Parses and validates a job spec. Unknown keys are errors (a typo must not
 // silently fall back to a default). Errors are kInvalidInput naming the field:
-// "recipe.w_bits: must be one of 2, 3, 4, 8 (got 5)". Paths are checked for
-// form only (non-empty); existence is checked by the planner.
+// "recipe.w_bits: must be one of 2, 3, 4, 8 (got 5)". Every number has a cap
+// (common/limits.h: nsamples, seqlen, group_size, damp, window, gate values;
+// labels: count, key charset and length, value length, no control
+// characters). Paths are checked for form only (non-empty, at most
+// limits::kMaxPathBytes, no NUL); where they lead is checked by the path
+// policy (common/path_policy.h) and existence by the planner.
 Result<JobSpec> parse_job_spec(const nlohmann::json& j);
 
 }  // namespace qcal

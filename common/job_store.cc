@@ -3,10 +3,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <random>
 #include <set>
 #include <thread>
 #include <unordered_map>
+
+#include "common/sanitize.h"
 
 namespace qcal {
 
@@ -86,7 +89,15 @@ local function set_job_state(job, new)
   if old then redis.call('ZREM', P .. ':jobs:state:' .. old, job) end
   redis.call('ZADD', P .. ':jobs:state:' .. new, created, job)
   redis.call('HSET', jk, 'state', new, 'updated_at', NOWS)
-  if TERMINAL[new] then redis.call('HINCRBY', MK, 'jobs_' .. new, 1) end
+  if TERMINAL[new] then
+    redis.call('HINCRBY', MK, 'jobs_' .. new, 1)
+    -- The job no longer owns its output path (job_store.h "Output ownership").
+    local out = redis.call('HGET', jk, 'output_key')
+    if out and out ~= '' then
+      local ok = P .. ':output:' .. out
+      if redis.call('GET', ok) == job then redis.call('DEL', ok) end
+    end
+  end
 end
 local function ack_del(stream, id)
   if stream and id and stream ~= '' and id ~= '' then
@@ -148,19 +159,39 @@ local function owned_claim()
 end
 )LUA";
 
+// ARGV: P, job, spec, priority, labels, schedule_id, n tasks, output key, then
+// 7 per task. The output key is taken unless a live job holds it (then
+// {'conflict', msg}); a holder that ended (or vanished) without releasing it
+// (a crash between the two, an old AOF) counts as free.
 const char* kCreateJob = R"LUA(
 local job = ARGV[2]
 local jk = jkey(job)
 if redis.call('EXISTS', jk) == 1 then return {'exists'} end
 local n = tonumber(ARGV[7])
+local out = ARGV[8]
+local gen = 0
+if out ~= '' then
+  local ok = P .. ':output:' .. out
+  local owner = redis.call('GET', ok)
+  if owner and owner ~= job then
+    local os = redis.call('HGET', jkey(owner), 'state')
+    if os and not TERMINAL[os] then
+      return {'conflict', 'output.path: ' .. out .. ' is the output of job ' .. owner ..
+              ', which is ' .. os .. '; cancel it or wait for it to end, or choose another path'}
+    end
+  end
+  redis.call('SET', ok, job)
+  gen = redis.call('INCR', P .. ':output_generation')
+end
 redis.call('HSET', jk, 'spec', ARGV[3], 'state', 'queued', 'priority', ARGV[4], 'labels', ARGV[5],
            'schedule_id', ARGV[6], 'created_at', NOWS, 'updated_at', NOWS, 'error', '',
-           'report', 'null', 'tasks_total', n, 'tasks_done', 0, 'log_total', 0)
+           'report', 'null', 'tasks_total', n, 'tasks_done', 0, 'log_total', 0,
+           'output_key', out, 'output_gen', gen)
 redis.call('ZADD', P .. ':jobs', NOWS, job)
 redis.call('ZADD', P .. ':jobs:state:queued', NOWS, job)
 redis.call('HINCRBY', MK, 'jobs_created', 1)
 for i = 0, n - 1 do
-  local o = 8 + i * 7
+  local o = 9 + i * 7
   local id = ARGV[o]
   redis.call('RPUSH', jk .. ':tasks', id)
   redis.call('HSET', tkey(job, id), 'type', ARGV[o + 1], 'deps', ARGV[o + 2], 'params', ARGV[o + 3],
@@ -402,6 +433,43 @@ log(job, 'task ' .. consumer .. ': output of ' .. producer .. ' is corrupt (' ..
 return {'ok'}
 )LUA";
 
+// The publishing fence (worker/publish.h). ARGV: P, job, task, attempt,
+// worker, stream, entry, output key. The claim must still own the task
+// (owned_claim: running, same attempt and worker), the job must be live and
+// still own the output key. begin marks the task "publishing" by this
+// attempt and answers {'ok', generation}; finish checks the same plus the
+// mark, records "published" and clears the mark. Anything else: {'stale', why}.
+const char* kBeginPublish = R"LUA(
+local ts, early = owned_claim()
+if not ts then return {'stale', 'the task is no longer this claim\'s'} end
+local job, task, out = ARGV[2], ARGV[3], ARGV[8]
+local js = redis.call('HGET', jkey(job), 'state')
+if not js or TERMINAL[js] then return {'stale', 'job ' .. job .. ' is ' .. tostring(js)} end
+if out ~= '' and redis.call('GET', P .. ':output:' .. out) ~= job then
+  return {'stale', 'job ' .. job .. ' no longer owns output ' .. out}
+end
+redis.call('HSET', tkey(job, task), 'publishing', ARGV[4], 'publish_started', NOWS)
+return {'ok', redis.call('HGET', jkey(job), 'output_gen') or '0'}
+)LUA";
+
+const char* kFinishPublish = R"LUA(
+local ts, early = owned_claim()
+if not ts then return {'stale', 'the task is no longer this claim\'s'} end
+local job, task, out = ARGV[2], ARGV[3], ARGV[8]
+local tk = tkey(job, task)
+local js = redis.call('HGET', jkey(job), 'state')
+if not js or TERMINAL[js] then return {'stale', 'job ' .. job .. ' is ' .. tostring(js)} end
+if out ~= '' and redis.call('GET', P .. ':output:' .. out) ~= job then
+  return {'stale', 'job ' .. job .. ' no longer owns output ' .. out}
+end
+if redis.call('HGET', tk, 'publishing') ~= ARGV[4] then
+  return {'stale', 'attempt ' .. ARGV[4] .. ' did not begin publishing'}
+end
+redis.call('HDEL', tk, 'publishing')
+redis.call('HSET', tk, 'published', ARGV[4], 'published_at', NOWS)
+return {'ok'}
+)LUA";
+
 // ARGV: P, job, log cap.
 const char* kCancel = R"LUA(
 local job = ARGV[2]
@@ -460,11 +528,34 @@ const std::string& script_text(const char* body) {
   return it->second;
 }
 
+// Stored JSON, read so that bad data never fails a read: invalid UTF-8 (from
+// data written before the sanitizer, or by another tool) becomes U+FFFD before
+// parsing, and the strings of the result are sanitized like what is written.
 json parse_json_or_null(const std::string& s) {
   if (s.empty()) return nullptr;
-  json j = json::parse(s, nullptr, /*allow_exceptions=*/false);
-  return j.is_discarded() ? json(nullptr) : j;
+  std::string text = s;
+  if (!is_clean_utf8(text)) {
+    text.clear();
+    for (unsigned char c : sanitize_text(s)) text += static_cast<char>(c);
+    // sanitize_text escaped bad bytes as "\xNN": inside JSON strings that is
+    // an invalid escape, so drop the backslash.
+    std::string fixed;
+    for (size_t i = 0; i < text.size(); ++i) {
+      if (text[i] == '\\' && i + 1 < text.size() && text[i + 1] == 'x' && i + 3 < text.size()) {
+        fixed += "\\u00";
+        i += 1;
+        continue;
+      }
+      fixed += text[i];
+    }
+    text = std::move(fixed);
+  }
+  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  return j.is_discarded() ? json(nullptr) : sanitize_json(j);
 }
+
+// A stored string, read back as valid, bounded UTF-8.
+std::string clean(const std::string& s, size_t cap = 0) { return sanitize_text(s, cap); }
 
 double to_double(const std::string& s) { return s.empty() ? 0.0 : std::strtod(s.c_str(), nullptr); }
 int64_t to_int(const std::string& s) {
@@ -510,11 +601,13 @@ JobInfo job_from_hash(const std::string& id, const std::map<std::string, std::st
   }
   j.created_at = to_double(get(h, "created_at"));
   j.updated_at = to_double(get(h, "updated_at"));
-  j.error = get(h, "error");
+  j.error = clean(get(h, "error"), kMaxErrorBytes + 512);
   j.report = parse_json_or_null(get(h, "report"));
-  j.schedule_id = get(h, "schedule_id");
+  j.schedule_id = clean(get(h, "schedule_id"), 256);
   j.tasks_total = to_int(get(h, "tasks_total"));
   j.tasks_done = to_int(get(h, "tasks_done"));
+  j.output_key = clean(get(h, "output_key"));
+  j.output_generation = to_int(get(h, "output_gen"));
   return j;
 }
 
@@ -535,11 +628,11 @@ TaskInfo task_from_hash(const std::string& job_id, const std::string& task_id,
   t.def.mem_bytes = static_cast<uint64_t>(std::strtoull(get(h, "mem_bytes").c_str(), nullptr, 10));
   t.state = parse_task_state(get(h, "state")).value_or(TaskState::kWaiting);
   t.attempts = to_int(get(h, "attempts"));
-  t.worker = get(h, "worker");
+  t.worker = clean(get(h, "worker"), 256);
   t.started_at = to_double(get(h, "started_at"));
   t.finished_at = to_double(get(h, "finished_at"));
   t.result = parse_json_or_null(get(h, "result"));
-  t.error = get(h, "error");
+  t.error = clean(get(h, "error"), kMaxErrorBytes + 512);
   return t;
 }
 
@@ -552,6 +645,7 @@ Status script_status(const RedisReply& r, const std::string& what) {
   std::string msg = r.array.size() > 1 ? r.array[1].str : tag;
   if (tag == "notfound") return not_found(msg);
   if (tag == "invalid") return invalid_input(msg);
+  if (tag == "conflict") return conflict(msg);
   return Status::ok();
 }
 
@@ -638,6 +732,13 @@ Status JobStore::init() {
   return Status::ok();
 }
 
+std::string output_owner_key(const std::string& path) {
+  if (path.empty()) return "";
+  std::string k = std::filesystem::path(path).lexically_normal().string();
+  while (k.size() > 1 && k.back() == '/') k.pop_back();
+  return k;
+}
+
 Result<std::string> JobStore::create_job(const JobSpec& spec, const std::vector<TaskDef>& tasks,
                                          const std::string& schedule_id) {
   QCAL_ASSIGN_OR_RETURN(auto order, dag_order(tasks));
@@ -649,16 +750,17 @@ Result<std::string> JobStore::create_job(const JobSpec& spec, const std::vector<
   for (const auto& [k, v] : spec.labels) labels[k] = v;
   std::vector<std::string> args = {opts_.prefix,
                                    "",  // job id, below
-                                   spec.to_json().dump(),
+                                   sanitize_json(spec.to_json()).dump(),
                                    priority_name(spec.priority),
-                                   labels.dump(),
-                                   schedule_id,
-                                   std::to_string(order.size())};
+                                   sanitize_json(labels).dump(),
+                                   sanitize_text(schedule_id, 256),
+                                   std::to_string(order.size()),
+                                   output_owner_key(spec.output.path)};
   for (const TaskDef* t : order) {
     args.push_back(t->id);
     args.push_back(t->type);
     args.push_back(json(t->deps).dump());
-    args.push_back(t->params.dump());
+    args.push_back(sanitize_json(t->params).dump());
     args.push_back(std::to_string(t->mem_bytes));
     args.push_back(json(dependents[t->id]).dump());
     args.push_back(std::to_string(t->deps.size()));
@@ -738,7 +840,8 @@ Status JobStore::cancel_job(const std::string& job_id) {
 Status JobStore::append_log(const std::string& job_id, const std::string& line) {
   QCAL_ASSIGN_OR_RETURN(auto r,
                         redis_.eval(script_text(kAppendLog), {},
-                                    {opts_.prefix, job_id, line, std::to_string(opts_.log_lines)}));
+                                    {opts_.prefix, job_id, sanitize_text(line, kMaxLogLineBytes),
+                                     std::to_string(opts_.log_lines)}));
   return script_status(r, "append_log");
 }
 
@@ -748,7 +851,8 @@ Result<std::vector<std::string>> JobStore::get_log(const std::string& job_id, in
                           {opts_.prefix, job_id, std::to_string(std::max<int64_t>(0, from))}));
   QCAL_RETURN_IF_ERROR(script_status(r, "get_log"));
   std::vector<std::string> lines;
-  for (size_t i = 1; i < r.array.size(); ++i) lines.push_back(std::move(r.array[i].str));
+  for (size_t i = 1; i < r.array.size(); ++i)
+    lines.push_back(clean(r.array[i].str, kMaxLogLineBytes + 512));
   return lines;
 }
 
@@ -757,7 +861,7 @@ Result<std::optional<Claim>> JobStore::claim_task(const std::string& worker_id, 
   using Clock = std::chrono::steady_clock;
   const auto deadline = Clock::now() + std::chrono::milliseconds(std::max<int64_t>(0, block_ms));
   const std::vector<std::string> args = {
-      opts_.prefix, worker_id, std::to_string(std::max<int64_t>(0, lease_ms)),
+      opts_.prefix, sanitize_text(worker_id, 256), std::to_string(std::max<int64_t>(0, lease_ms)),
       std::to_string(opts_.max_attempts), std::to_string(opts_.log_lines)};
   bool reinit = false;
   while (true) {
@@ -821,18 +925,35 @@ Status JobStore::complete_task(const Claim& c, const nlohmann::json& result) {
   auto args = claim_args(opts_.prefix, c, c.task.worker);
   const bool gate_failed = result.is_object() && result.contains("gate_passed") &&
                            result["gate_passed"].is_boolean() && !result["gate_passed"].get<bool>();
+  const json clean_result = sanitize_json(result);
+  const std::string result_text = clean_result.dump();
+  if (result_text.size() > kMaxResultBytes)
+    return fail_task(c,
+                     "the task's result is " + std::to_string(result_text.size()) +
+                         " bytes of JSON, more than the store keeps (" +
+                         std::to_string(kMaxResultBytes) + ")",
+                     /*retryable=*/false);
   std::string report;
-  if (result.is_object() && result.contains("report")) report = result["report"].dump();
+  if (clean_result.is_object() && clean_result.contains("report")) {
+    report = clean_result["report"].dump();
+    if (report.size() > kMaxReportBytes)
+      report = json{{"truncated", true},
+                    {"bytes", report.size()},
+                    {"error", "the report exceeds the store's cap of " +
+                                  std::to_string(kMaxReportBytes) + " bytes"}}
+                   .dump();
+  }
   std::string gate_error = "task " + c.task_id + ": validation gate not passed";
-  if (result.is_object() && result.contains("error") && result["error"].is_string()) {
-    gate_error += ": " + result["error"].get<std::string>();
+  if (clean_result.is_object() && clean_result.contains("error") &&
+      clean_result["error"].is_string()) {
+    gate_error += ": " + clean_result["error"].get<std::string>();
   } else {
     gate_error += " (see the job's report)";
   }
-  args.push_back(result.dump());
+  args.push_back(result_text);
   args.push_back(gate_failed ? "1" : "0");
   args.push_back(report);
-  args.push_back(gate_error);
+  args.push_back(sanitize_text(gate_error, kMaxErrorBytes));
   args.push_back(std::to_string(opts_.log_lines));
   QCAL_ASSIGN_OR_RETURN(auto r, redis_.eval(script_text(kComplete), {}, args));
   return script_status(r, "complete_task");
@@ -840,7 +961,7 @@ Status JobStore::complete_task(const Claim& c, const nlohmann::json& result) {
 
 Status JobStore::fail_task(const Claim& c, const std::string& error, bool retryable) {
   auto args = claim_args(opts_.prefix, c, c.task.worker);
-  args.push_back(error);
+  args.push_back(sanitize_text(error, kMaxErrorBytes));
   args.push_back(retryable ? "1" : "0");
   args.push_back(std::to_string(opts_.max_attempts));
   args.push_back(std::to_string(opts_.log_lines));
@@ -852,15 +973,35 @@ Status JobStore::rerun_producer(const Claim& c, const std::string& producer,
                                 const std::string& why) {
   auto args = claim_args(opts_.prefix, c, c.task.worker);
   args.push_back(producer);
-  args.push_back(why);
+  args.push_back(sanitize_text(why, kMaxErrorBytes));
   args.push_back(std::to_string(opts_.log_lines));
   QCAL_ASSIGN_OR_RETURN(auto r, redis_.eval(script_text(kRerun), {}, args));
   return script_status(r, "rerun_producer");
 }
 
+Result<int64_t> JobStore::begin_publish(const Claim& c) {
+  auto args = claim_args(opts_.prefix, c, c.task.worker);
+  args.push_back(c.job.output_key);
+  QCAL_ASSIGN_OR_RETURN(auto r, redis_.eval(script_text(kBeginPublish), {}, args));
+  QCAL_RETURN_IF_ERROR(script_status(r, "begin_publish"));
+  if (r.array[0].str == "stale")
+    return conflict("publish fenced: " + (r.array.size() > 1 ? r.array[1].str : "stale claim"));
+  return r.array.size() > 1 ? to_int(r.array[1].str) : 0;
+}
+
+Status JobStore::finish_publish(const Claim& c) {
+  auto args = claim_args(opts_.prefix, c, c.task.worker);
+  args.push_back(c.job.output_key);
+  QCAL_ASSIGN_OR_RETURN(auto r, redis_.eval(script_text(kFinishPublish), {}, args));
+  QCAL_RETURN_IF_ERROR(script_status(r, "finish_publish"));
+  if (r.array[0].str == "stale")
+    return conflict("publish fenced: " + (r.array.size() > 1 ? r.array[1].str : "stale claim"));
+  return Status::ok();
+}
+
 Status JobStore::worker_seen(const std::string& worker_id) {
-  QCAL_ASSIGN_OR_RETURN(auto r,
-                        redis_.eval(script_text(kWorkerSeen), {}, {opts_.prefix, worker_id}));
+  QCAL_ASSIGN_OR_RETURN(auto r, redis_.eval(script_text(kWorkerSeen), {},
+                                            {opts_.prefix, sanitize_text(worker_id, 256)}));
   return script_status(r, "worker_seen");
 }
 

@@ -5,7 +5,12 @@
 //   P:job:<id>              hash: spec (JSON), state, priority, labels (JSON),
 //                           created_at, updated_at, error, report (JSON),
 //                           schedule_id, tasks_total, tasks_done, log_total
-//                           (lines ever appended to the log)
+//                           (lines ever appended to the log), output_key
+//                           (the output path it owns), output_gen (the
+//                           generation of that ownership)
+//   P:output:<path>         string: the job id that owns output path <path>
+//                           (see "Output ownership" below)
+//   P:output_generation     counter: one per ownership ever taken
 //   P:jobs                  zset: job id by created_at (listing)
 //   P:jobs:state:<state>    zset: job id by created_at, one per job state
 //                           (list_jobs by state, job_counts), kept in step by
@@ -15,7 +20,9 @@
 //                           state, remaining (unfinished deps), attempts,
 //                           worker, started_at, finished_at, result (JSON),
 //                           error, dependents (JSON), stream + entry (its
-//                           current queue entry, "" when none)
+//                           current queue entry, "" when none), publishing /
+//                           published (+ _started / _at): the attempt that
+//                           began / finished publishing the output
 //   P:job:<id>:log          list: log lines (capped)
 //   P:queue:<priority>      stream of ready tasks {job, task}; consumer group
 //                           "workers". A worker's heartbeat XCLAIMs its entry,
@@ -33,6 +40,23 @@
 // time from the server's clock (TIME), so durations never mix two machines'
 // clocks. Scripts build key names from the prefix: one Redis instance, not
 // Redis Cluster.
+//
+// Output ownership (issue #11): one live job owns an output path at a time.
+// create_job takes P:output:<output path> in the same script that stores the
+// job, unless a live job holds it: then kConflict (HTTP 409) naming that job.
+// The key is released when the job reaches a terminal state (set_job_state, in
+// every script that ends a job); a key whose holder is terminal or gone (a
+// restart between two scripts, an old AOF) counts as free, so neither a
+// coordinator nor a Redis restart can leave a path locked. Each taking bumps
+// P:output_generation; the job keeps its generation (JobInfo), and the
+// worker's output manifest carries it, so a later owner's output is told
+// from an earlier one's on disk (worker/publish.h).
+//
+// Text in the store (issue #11 "nothing poisoned"): every string written —
+// specs, labels, log lines, errors, results, reports — passes common/sanitize.h
+// (valid UTF-8, bounded: errors kMaxErrorBytes, log lines kMaxLogLineBytes,
+// results kMaxResultBytes, reports kMaxReportBytes); every read sanitizes
+// again, so data stored before (or by another tool) never fails a read.
 //
 // Attempts: a task's `attempts` counts every delivery of the task (a new
 // entry after a retryable failure or a re-run, or a reclaimed entry), so it
@@ -102,7 +126,14 @@ struct JobInfo {
   nlohmann::json report;    // validation report, null until validated
   std::string schedule_id;  // set for runs started by a schedule
   int64_t tasks_total = 0, tasks_done = 0;
+  std::string output_key;         // the output path it owns ("" when none)
+  int64_t output_generation = 0;  // the generation of that ownership
 };
+
+// The key under which a job owns `path`: lexically normalized, no trailing '/'.
+// The coordinator stores resolved paths (common/path_policy.h), so one
+// directory has one key.
+std::string output_owner_key(const std::string& path);
 
 // A task handed to a worker by claim_task.
 struct Claim {
@@ -127,7 +158,8 @@ class JobStore {
   Status init();
 
   // ---- coordinator side
-  // Stores the job and its tasks and enqueues tasks without deps, atomically.
+  // Stores the job and its tasks and enqueues tasks without deps, atomically,
+  // taking ownership of spec.output.path (kConflict while a live job owns it).
   // Returns the new job id (time-ordered, unique: "j-<unix ms>-<random hex>").
   Result<std::string> create_job(const JobSpec& spec, const std::vector<TaskDef>& tasks,
                                  const std::string& schedule_id = "");
@@ -168,12 +200,21 @@ class JobStore {
   // otherwise, e.g. failed by another task) or the task was taken over by
   // another worker (the caller must stop and not report).
   Result<bool> heartbeat(const Claim& c, const std::string& worker_id);
+  // The publishing fence (worker/publish.h), each one Lua script. begin: the
+  // claim still owns the running task, the job is live and still owns its
+  // output path → marks the task "publishing by this attempt" and returns the
+  // job's output generation. finish: the same checks plus the mark → records
+  // "published". kConflict ("publish fenced: <why>") otherwise: the caller
+  // must not publish (begin) or must undo what it published (finish).
+  Result<int64_t> begin_publish(const Claim& c);
+  Status finish_publish(const Claim& c);
   // Records success: task done with `result`; dependents whose deps are now all
   // done are enqueued; the job's progress advances; when the last task
   // finishes the job becomes succeeded, or failed when result has
   // "gate_passed": false (the report is result["report"] when present). Acks
   // the entry. Ignored (returns OK, does nothing) if this claim no longer owns
-  // the task (reclaimed by another worker after a lost lease).
+  // the task (reclaimed by another worker after a lost lease). A result
+  // larger than kMaxResultBytes fails the task instead (not retryable).
   Status complete_task(const Claim& c, const nlohmann::json& result);
   // Records a failure. retryable: the entry is re-enqueued (until
   // max_attempts; then the job fails with "task <id> failed <n> times:

@@ -68,7 +68,6 @@ MethodRow row(std::string name, MethodKind kind, std::string summary,
   return r;
 }
 
-constexpr double kMaxSeqs = 1 << 20;  // sequences in one (micro-)batch
 
 std::vector<MethodRow> build() {
   std::vector<MethodRow> rows;
@@ -88,7 +87,7 @@ std::vector<MethodRow> build() {
          opt_str("reconstruction", "reconstruction", "none", recons,
                  "block reconstruction after the transform (block = CBQ windows of 1)"),
          opt_int("w_bits", "w-bits", 4, 2, 16, "weight bits: 2, 3, 4, 8, or 16 (unquantized)"),
-         opt_int("w_group", "group-size", -1, -1, 1 << 20,
+         opt_int("w_group", "group-size", -1, -1, 65536,
                  "input columns per weight scale; -1 = one per output channel"),
          opt_bool("w_sym", "sym", true,
                   "symmetric weight grid (--asym: asymmetric, rtn/gptq into GPTQ and "
@@ -109,7 +108,7 @@ std::vector<MethodRow> build() {
                   "subtract each embedding row's mean (QuaRot/SpinQuant quirk)"),
          opt_int("cali_bsz", "cali-bsz", 4, 1, 4096,
                  "calibration sequences per training step (FlatQuant, CBQ)"),
-         opt_int("batch", "batch", 8, 1, kMaxSeqs,
+         opt_int("batch", "batch", 8, 1, 4096,
                  "sequences per forward micro-batch: memory only, never results"),
          opt_str("mode", "mode", "sequential", {"sequential", "parallel"},
                  "sequential: each block calibrates on the quantized outputs of the blocks "
@@ -143,8 +142,8 @@ std::vector<MethodRow> build() {
         "spinquant", MethodKind::kTransform,
         "rotations R1/R2 learned through the fake-quantized model by Cayley SGD (§4); "
         "whole model in one process",
-        {opt_int("spin_steps", "spin-steps", 100, 0, 1000000, "Cayley SGD steps"),
-         opt_num("spin_lr", "spin-lr", 1.5, 1e-9, 1000.0, "peak learning rate"),
+        {opt_int("spin_steps", "spin-steps", 100, 0, 100000, "Cayley SGD steps"),
+         opt_num("spin_lr", "spin-lr", 1.5, 1e-9, 100.0, "peak learning rate"),
          opt_int("spin_bsz", "spin-bsz", 4, 1, 4096, "sequences per step")});
     r.rotates_residual = true;
     r.whole_model = true;
@@ -155,7 +154,7 @@ std::vector<MethodRow> build() {
     MethodRow r = row(
         "flatquant", MethodKind::kTransform,
         "learned Kronecker affine transforms, diagonals and clipping per block on FP inputs (§5)",
-        {opt_int("epochs", "epochs", 15, 0, 100000, "passes over the calibration set per block"),
+        {opt_int("epochs", "epochs", 15, 0, 1000, "passes over the calibration set per block"),
          opt_num("flat_lr", "flat-lr", 5e-3, 1e-9, 10.0, "learning rate of the transforms"),
          opt_bool("lwc", "", true, "learnable weight clipping", "no-lwc"),
          opt_bool("lac", "", true, "learnable activation clipping", "no-lac"),
@@ -174,8 +173,8 @@ std::vector<MethodRow> build() {
     MethodRow r = row(
         "gptq", MethodKind::kWeightSolver,
         "GPTQ: Hessian-aware rounding on the block's (transformed, act-quantized) inputs (§2)",
-        {opt_num("gptq.percdamp", "damp", 0.01, 0.0, 10.0, "damping, a fraction of mean diag(H)"),
-         opt_int("gptq.blocksize", "blocksize", 128, 1, 1 << 20, "columns per lazy-update block"),
+        {opt_num("gptq.percdamp", "damp", 0.01, 0.0, 1.0, "damping, a fraction of mean diag(H)"),
+         opt_int("gptq.blocksize", "blocksize", 128, 1, 65536, "columns per lazy-update block"),
          opt_bool("gptq.act_order", "act-order", false, "quantize columns by decreasing diag(H)"),
          opt_bool("gptq.static_groups", "static-groups", false,
                   "group parameters fixed before the walk (with act-order)"),
@@ -230,7 +229,7 @@ std::vector<MethodRow> build() {
          opt_bool("intactkv_cal", "intactkv-cal", false,
                   "train the cache against the FP layer outputs (+Cal, whole model)"),
          opt_int("intactkv_cal_steps", "intactkv-cal-steps", 160, 1, 100000000, "+Cal steps"),
-         opt_num("intactkv_cal_lr", "intactkv-cal-lr", 2e-4, 1e-12, 10.0, "+Cal learning rate")});
+         opt_num("intactkv_cal_lr", "intactkv-cal-lr", 2e-4, 1e-12, 1.0, "+Cal learning rate")});
     r.memory = memory_terms_intactkv;
     rows.push_back(std::move(r));
   }

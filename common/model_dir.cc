@@ -1,6 +1,7 @@
 #include "common/model_dir.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <set>
 
@@ -176,7 +177,24 @@ Result<Tensor> ModelDir::read_f32(const std::string& name,
   if (!expect_shape.empty() && t->shape != expect_shape)
     return invalid_input(dir_ + ": tensor " + name + " has shape " + shape_str(t->shape) +
                          ", config implies " + shape_str(expect_shape));
-  return f->read_f32(name);
+  QCAL_ASSIGN_OR_RETURN(Tensor x, f->read_f32(name));
+  // A NaN / Inf weight would surface much later as a NaN loss with no name on
+  // it: name the file and the tensor here.
+  const int64_t n = x.numel();
+  for (int64_t k = 0; k < n; ++k) {
+    if (!std::isfinite(x.data[k])) {
+      std::string at;
+      int64_t rest = k;
+      for (size_t d = x.shape.size(); d-- > 0;) {
+        const int64_t dim = std::max<int64_t>(1, x.shape[d]);
+        at = std::to_string(rest % dim) + (at.empty() ? "" : ", " + at);
+        rest /= dim;
+      }
+      return invalid_input(f->path() + ": tensor " + name + " holds a non-finite value (" +
+                           (std::isnan(x.data[k]) ? "NaN" : "Inf") + ") at [" + at + "]");
+    }
+  }
+  return x;
 }
 
 Status ModelDir::validate_fp_model() const {
@@ -199,6 +217,29 @@ Status ModelDir::validate_fp_model() const {
   }
   expect.push_back({"model.norm.weight", {H}});
   if (!c.tie_word_embeddings) expect.push_back({"lm_head.weight", {V, H}});
+  // The other way round: tensors of layers the config does not have (a
+  // config.json with fewer layers than the checkpoint would silently make a
+  // smaller model).
+  int64_t max_layer = -1;
+  std::string extra;
+  for (const auto& [name, loc] : index_) {
+    if (name.rfind("model.layers.", 0) != 0) continue;
+    const size_t dot = name.find('.', 13);
+    const std::string num =
+        name.substr(13, dot == std::string::npos ? std::string::npos : dot - 13);
+    if (num.empty() || num.size() > 9 || num.find_first_not_of("0123456789") != std::string::npos)
+      continue;
+    const int64_t l = std::stoll(num);
+    if (l >= c.num_hidden_layers && l > max_layer) {
+      max_layer = l;
+      extra = name;
+    }
+  }
+  if (max_layer >= 0)
+    return invalid_input(dir_ + ": config.json has num_hidden_layers " +
+                         std::to_string(c.num_hidden_layers) + " but the checkpoint holds layer " +
+                         std::to_string(max_layer) + " (tensor " + extra +
+                         "); the config does not describe this checkpoint");
 
   // Report several problems at once: a wrong config usually breaks many tensors.
   constexpr size_t kMaxListed = 5;

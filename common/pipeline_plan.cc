@@ -363,6 +363,8 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
         es.prefix = static_cast<int64_t>(m.prefix);
         es.options.batch = static_cast<int64_t>(std::max<u64>(in.eval_batch, 1));
         for (const auto& part : estimate_eval_memory(es).parts()) e.parts.push_back(part);
+        // The eval tokens, loaded whole before the evaluation streams.
+        e.parts.push_back({"eval data", sat_mul(sat_mul(in.eval_seqs, in.eval_T), 4)});
       }
       est[i] = e;
     } else {

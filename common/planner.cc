@@ -1,5 +1,7 @@
 #include "common/planner.h"
 
+#include "common/memory_guard.h"
+
 #include <unistd.h>
 
 #include <filesystem>
@@ -110,6 +112,9 @@ Result<Plan> plan_job(const JobSpec& spec, const PlannerLimits& limits) {
     in.eval_T = u(spec.eval->seqlen);
   }
   QCAL_RETURN_IF_ERROR(check_output(spec.output, spec.model));
+  // No estimate below can wrap around (common/memory_guard.h).
+  QCAL_RETURN_IF_ERROR(check_estimate_range(spec, c, in.calib_seqs, in.eval_seqs,
+                                            std::max<int64_t>(limits.batch, r.batch())));
   in.worker_memory_bytes = limits.worker_memory_bytes;
   in.eval_batch = u(std::max<int64_t>(1, limits.batch));
   return build_pipeline_plan(in);

@@ -38,7 +38,12 @@
 
 namespace qcal {
 
+class PathPolicy;  // common/path_policy.h
+
 struct PlannerLimits {
+  // Confinement of the spec's paths, applied by admit_job (coordinator/admission.h)
+  // before planning; nullptr = unconfined (tests, `qcal quantize`, dry runs).
+  const PathPolicy* paths = nullptr;
   // Memory of one worker (the smallest one, when they differ).
   uint64_t worker_memory_bytes = 24ull << 30;
   // Sequences per evaluation batch on the workers.

@@ -17,6 +17,8 @@
 #include "common/fsutil.h"
 #include "common/json_util.h"
 #include "common/log.h"
+#include "common/path_policy.h"
+#include "common/sanitize.h"
 
 namespace qcal {
 
@@ -98,7 +100,7 @@ class KeyChecker : public nlohmann::json_sax<json> {
   bool start_array(std::size_t) override { return true; }
   bool end_array() override { return true; }
   bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) override {
-    syntax_error = e.what();
+    syntax_error = sanitize_text(e.what(), 256);  // quotes the offending bytes
     return false;
   }
 
@@ -121,7 +123,8 @@ Status parse_json_strict(std::string_view text, json* out, const std::string& wh
       return corrupt(what + ": duplicate name '" + check.duplicate + "' in header");
     *out = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
   } catch (const std::exception& e) {
-    return corrupt(what + ": bad JSON header: " + e.what());
+    // The parser's message quotes the bytes it choked on: escaped, bounded.
+    return corrupt(what + ": bad JSON header: " + sanitize_text(e.what(), 256));
   }
   if (out->is_discarded()) return corrupt(what + ": bad JSON header (not valid JSON)");
   return Status::ok();
@@ -224,7 +227,8 @@ Result<SafetensorsHeader> parse_safetensors_header(std::string_view bytes, uint6
       h.tensors.push_back(std::move(t));
     }
   } catch (const std::exception& e) {  // defensive: nlohmann type errors must never escape
-    return corrupt(what + ": bad JSON header: " + e.what());
+    // The parser's message quotes the bytes it choked on: escaped, bounded.
+    return corrupt(what + ": bad JSON header: " + sanitize_text(e.what(), 256));
   }
 
   std::sort(h.tensors.begin(), h.tensors.end(), [](const TensorInfo& a, const TensorInfo& b) {
@@ -249,12 +253,8 @@ Result<SafetensorsHeader> parse_safetensors_header(std::string_view bytes, uint6
 // ---------------------------------------------------------------- reader
 
 Result<std::unique_ptr<SafetensorsFile>> SafetensorsFile::open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    int err = errno;
-    if (err == ENOENT) return not_found(path + ": cannot open: " + errno_str(err));
-    return io_error(path + ": cannot open: " + errno_str(err));
-  }
+  // A regular file inside the process policy's roots, never blocking on a FIFO.
+  QCAL_ASSIGN_OR_RETURN(int fd, open_input_file(path));
   struct stat st;
   if (::fstat(fd, &st) != 0) {
     int err = errno;
@@ -375,7 +375,9 @@ struct SafetensorsWriter::Impl {
       if (w < 0) {
         if (errno == EINTR) continue;
         int err = errno;
-        if (err == ENOSPC) return fail(resource_exhausted(tmp + ": write: " + errno_str(err)));
+        // kIoError: a full disk is worth a retry once space comes back.
+        if (err == ENOSPC || err == EDQUOT)
+          return fail(io_error(tmp + ": write: " + errno_str(err) + " (disk full)"));
         return fail(io_error(tmp + ": write: " + errno_str(err)));
       }
       p += w;
@@ -467,7 +469,8 @@ Status SafetensorsWriter::begin() {
   // Pad with spaces so the data buffer starts 8-byte aligned (as the reference writer does).
   header.append((8 - header.size() % 8) % 8, ' ');
 
-  m.tmp = m.path + ".tmp." + std::to_string(::getpid());
+  if (Status w = check_process_write(m.path); !w.is_ok()) return m.fail(w);
+  m.tmp = m.path + ".tmp." + staging_tag();
   m.fd = ::open(m.tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (m.fd < 0) {
     int err = errno;

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <vector>
 
+#include "common/path_policy.h"
+
 namespace qcal {
 
 struct Sha256::Impl {
@@ -51,12 +53,7 @@ std::string sha256_hex(std::string_view bytes) {
 }
 
 Result<FileDigest> sha256_file(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    int err = errno;
-    if (err == ENOENT) return not_found(path + ": no such file");
-    return io_error(path + ": open: " + std::strerror(err));
-  }
+  QCAL_ASSIGN_OR_RETURN(int fd, open_input_file(path));
   Sha256 h;
   std::vector<char> buf(4u << 20);
   for (;;) {

@@ -2,6 +2,11 @@
 //
 //   qcal-coordinator [flags]     (the table in coordinator_flags(); qcal-coordinator --help)
 //
+// --allow-read / --allow-write (repeatable): the only directories a job's
+// paths may lead into (common/path_policy.h); without any, every job is
+// refused with 403. The retention flags apply to the artifact store given by
+// --store (coordinator/retention.h).
+//
 // SIGTERM / SIGINT stop it gracefully (in-flight requests finish). All state
 // is in Redis, so a restarted coordinator carries on where this one stopped.
 // At start the open-file limit is raised to its hard limit: every client
@@ -11,11 +16,14 @@
 
 #include <csignal>
 #include <cstdio>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/flags.h"
 #include "common/log.h"
+#include "common/path_policy.h"
 #include "coordinator/server.h"
 
 namespace {
@@ -23,7 +31,8 @@ namespace {
 // The one table that parses the command line and prints --help.
 const std::vector<qcal::FlagSpec>& coordinator_flags() {
   const std::string lim = "HTTP limits (what a client that never finishes its request can hold)",
-                    pol = "Request policy";
+                    pol = "Request policy", conf = "Confinement (common/path_policy.h)",
+                    ret = "Artifact store retention (coordinator/retention.h)";
   static const std::vector<qcal::FlagSpec> kRows = {
       {"host", "ADDR", "127.0.0.1", "address to listen on", ""},
       {"port", "N", "8080", "port to listen on; 0 = any free port", ""},
@@ -51,6 +60,14 @@ const std::vector<qcal::FlagSpec>& coordinator_flags() {
       {"max-jobs-per-token", "N", "0",
        "live (queued, running, validating) jobs per token; more → 429; 0 = no quota", pol},
       {"min-schedule-interval-s", "N", "300", "schedules whose cron fires more often → 400", pol},
+      {"allow-read", "DIR", "",
+       "a root job paths may read from (models, data); repeatable. Without any --allow-read / "
+       "--allow-write every job is refused (403)",
+       conf},
+      {"allow-write", "DIR", "", "a root job outputs may be published into; repeatable", conf},
+      {"retain-succeeded-h", "H", "24", "keep a succeeded job's artifacts this long", ret},
+      {"retain-failed-h", "H", "168", "keep a failed or cancelled job's artifacts this long", ret},
+      {"sweep-interval-s", "S", "300", "how often the store is swept", ret},
   };
   return kRows;
 }
@@ -109,6 +126,15 @@ qcal::Result<qcal::CoordinatorOptions> options_from(const qcal::Flags& f) {
                         int_in("min-schedule-interval-s", 300, 0, 366 * 86400));
   o.prefix = f.str("prefix", "qcal");
   if (o.prefix.empty()) return qcal::invalid_input("--prefix: must not be empty");
+  o.allow_read = f.all("allow-read");
+  o.allow_write = f.all("allow-write");
+  for (auto [flag, out] : {std::pair{"retain-succeeded-h", &o.retention.retain_succeeded_h},
+                           std::pair{"retain-failed-h", &o.retention.retain_failed_h},
+                           std::pair{"sweep-interval-s", &o.retention.sweep_interval_s}}) {
+    QCAL_ASSIGN_OR_RETURN(*out, f.number(flag, *out));
+    if (!(*out >= 0) || !(*out <= 1e7))
+      return qcal::invalid_input(std::string("--") + flag + ": must be in [0, 1e7]");
+  }
   return o;
 }
 
@@ -149,6 +175,19 @@ int main(int argc, char** argv) {
   std::signal(SIGPIPE, SIG_IGN);
   raise_open_file_limit();
 
+  // Every file this process opens for reading (config.json, safetensors
+  // headers, token files) is confined to the roots (common/path_policy.h).
+  {
+    const auto& o = opts.value();
+    auto policy = qcal::PathPolicy::make(o.allow_read, o.allow_write, o.store_root);
+    if (!policy.is_ok()) {
+      std::fprintf(stderr, "qcal-coordinator: %s (try qcal-coordinator --help)\n",
+                   policy.status().message().c_str());
+      return 2;
+    }
+    qcal::set_process_path_policy(
+        std::make_shared<const qcal::PathPolicy>(std::move(policy).value()));
+  }
   qcal::CoordinatorServer server(std::move(opts).value());
   st = server.start();
   if (!st.is_ok()) {

@@ -9,7 +9,10 @@
 #include <map>
 #include <random>
 
+#include "common/limits.h"
 #include "common/log.h"
+#include "common/sanitize.h"
+#include "coordinator/admission.h"
 
 namespace qcal {
 
@@ -337,8 +340,11 @@ Result<ScheduleRequest> parse_schedule_request(const nlohmann::json& j) {
       if (k != "max_ppl_regression" && k != "max_kl_regression")
         return invalid_input("thresholds: unknown key '" + k +
                              "' (expected max_ppl_regression, max_kl_regression)");
-      if (!v.is_number() || v.get<double>() < 0 || !std::isfinite(v.get<double>()))
+      if (!v.is_number() || !(v.get<double>() >= 0) || !std::isfinite(v.get<double>()))
         return invalid_input("thresholds." + k + ": must be a non-negative number");
+      if (v.get<double>() > limits::kMaxRegression)
+        return invalid_input("thresholds." + k + ": must be at most " +
+                             std::to_string(static_cast<int64_t>(limits::kMaxRegression)));
       (k == "max_ppl_regression" ? r.thresholds.max_ppl_regression
                                  : r.thresholds.max_kl_regression) = v.get<double>();
     }
@@ -511,7 +517,7 @@ Result<Schedule> ScheduleStore::get(const std::string& id) {
   }
   s.next_run_at = to_int(h["next_run_at"]);
   s.created_at = to_int(h["created_at"]);
-  s.last_error = h["last_error"];
+  s.last_error = sanitize_text(h["last_error"], kMaxErrorBytes + 512);  // never fails a read
   s.baseline = h.count("baseline") ? parse_or_null(h["baseline"]) : nlohmann::json();
   auto results = as_map(replies[2]);
   for (const auto& e : replies[1].array) {
@@ -574,7 +580,8 @@ Status ScheduleStore::set_last_error(const std::string& id, const std::string& e
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'last_error', ARGV[1])
 return 1)";
-  QCAL_ASSIGN_OR_RETURN(RedisReply r, redis_.eval(kScript, {key(id)}, {error}));
+  QCAL_ASSIGN_OR_RETURN(RedisReply r,
+                        redis_.eval(kScript, {key(id)}, {sanitize_text(error, kMaxErrorBytes)}));
   (void)r;
   return Status::ok();
 }
@@ -614,8 +621,9 @@ Result<std::string> start_run(JobStore& jobs, const Schedule& s, const PlannerLi
                               std::time_t slot) {
   nlohmann::json tmpl = instantiate_template(s.job_template, s.id, slot);
   QCAL_ASSIGN_OR_RETURN(JobSpec spec, parse_job_spec(tmpl));
-  QCAL_ASSIGN_OR_RETURN(Plan plan, plan_job(spec, limits));
-  return jobs.create_job(spec, plan.tasks, s.id);
+  // The same admission as POST /v1/jobs: confined paths, plan, data headers.
+  QCAL_ASSIGN_OR_RETURN(Admission a, admit_job(spec, limits));
+  return jobs.create_job(a.spec, a.plan.tasks, s.id);
 }
 
 bool is_redis_failure(const Status& s) { return s.code() == Code::kUnavailable; }

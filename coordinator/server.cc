@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <chrono>
 #include <cmath>
@@ -18,11 +19,14 @@
 #include "common/job_store.h"
 #include "common/json_util.h"
 #include "common/log.h"
+#include "common/path_policy.h"
 #include "common/plan.h"
 #include "common/planner.h"
+#include "coordinator/admission.h"
 #include "coordinator/auth.h"
 #include "coordinator/http_front.h"
 #include "coordinator/quota.h"
+#include "coordinator/retention.h"
 #include "coordinator/schedules.h"
 
 namespace qcal {
@@ -137,28 +141,10 @@ Result<int64_t> int_param(const HttpRequest& req, const std::string& name, int64
 }
 
 // Labels are shown in every listing: bounded in count and size.
-constexpr size_t kMaxLabels = 32;
-constexpr size_t kMaxLabelKeyBytes = 64;
-constexpr size_t kMaxLabelValueBytes = 256;
 
 // A string from the request, shortened for an error message.
 std::string clip_quote(const std::string& s) {
   return "'" + (s.size() <= 64 ? s : s.substr(0, 64) + "...") + "'";
-}
-
-Status check_labels(const std::map<std::string, std::string>& labels, const std::string& where) {
-  if (labels.size() > kMaxLabels)
-    return invalid_input(where + ": " + std::to_string(labels.size()) + " labels; at most " +
-                         std::to_string(kMaxLabels));
-  for (const auto& [k, v] : labels) {
-    if (k.size() > kMaxLabelKeyBytes)
-      return invalid_input(where + "." + clip_quote(k) + ": key is " + std::to_string(k.size()) +
-                           " bytes; at most " + std::to_string(kMaxLabelKeyBytes));
-    if (v.size() > kMaxLabelValueBytes)
-      return invalid_input(where + "." + k + ": value is " + std::to_string(v.size()) +
-                           " bytes; at most " + std::to_string(kMaxLabelValueBytes));
-  }
-  return Status::ok();
 }
 
 // ------------------------------------------------------------ JSON views
@@ -333,13 +319,16 @@ struct CoordinatorServer::Impl {
 
   const CoordinatorOptions opts;
   PlannerLimits limits;
+  std::unique_ptr<PathPolicy> paths;  // set by start(); limits.paths points at it
+  StoreStats store_stats;
   TokenAuth auth;
   RedisPool pool;                    // request threads
   RedisPool ready_pool;              // /readyz and /metrics: fail fast when Redis is gone
   std::unique_ptr<HttpFront> front;  // set by start()
   std::thread bg_thread;
   boost::asio::io_context io;
-  std::unique_ptr<boost::asio::steady_timer> tick_timer, log_timer;  // used on bg_thread only
+  std::unique_ptr<boost::asio::steady_timer> tick_timer, log_timer,
+      sweep_timer;                       // used on bg_thread only
   std::atomic<bool> store_ready{false};  // JobStore::init done against this Redis
   int bound_port = 0;
 
@@ -387,6 +376,8 @@ struct CoordinatorServer::Impl {
   void background();
   void schedule_tick();
   void schedule_log();
+  void schedule_sweep();
+  Result<SweepResult> sweep_now(double now);
 
   // Handlers.
   Result<Reply> post_job(const ApiRequest& req);
@@ -405,14 +396,10 @@ struct CoordinatorServer::Impl {
 
 Result<Reply> CoordinatorServer::Impl::post_job(const ApiRequest& req) {
   QCAL_ASSIGN_OR_RETURN(json body, parse_body(req.http));
-  QCAL_ASSIGN_OR_RETURN(JobSpec spec, parse_job_spec(body));
-  QCAL_RETURN_IF_ERROR(check_labels(spec.labels, "labels"));
-  auto plan = plan_job(spec, limits);
-  if (!plan.is_ok()) {
-    // A file the spec names is missing: the request is wrong, not the URL.
-    if (plan.status().code() == Code::kNotFound) return invalid_input(plan.status().message());
-    return plan.status();
-  }
+  QCAL_ASSIGN_OR_RETURN(JobSpec parsed, parse_job_spec(body));
+  // Confinement (403), plan, data headers: coordinator/admission.h.
+  QCAL_ASSIGN_OR_RETURN(Admission admitted, admit_job(parsed, limits));
+  const Plan* plan = &admitted.plan;
   auto lease = pool.get();
   QCAL_RETURN_IF_ERROR(ensure_store(*lease));
   JobStore store(*lease, store_opts());
@@ -429,7 +416,8 @@ Result<Reply> CoordinatorServer::Impl::post_job(const ApiRequest& req) {
                              std::to_string(opts.max_jobs_per_token) +
                              " per token: wait for one to finish or cancel one");
   }
-  auto created = store.create_job(spec, plan->tasks);
+  // 409 while a live job owns the output path.
+  auto created = store.create_job(admitted.spec, plan->tasks);
   if (!slot.reservation.empty()) {
     Status s = created.is_ok()
                    ? commit_job_slot(*lease, opts.prefix, req.owner, slot.reservation, *created)
@@ -555,12 +543,8 @@ Result<Reply> CoordinatorServer::Impl::post_schedule(const ApiRequest& req) {
   // Validate the template as its first run will see it.
   auto spec = parse_job_spec(instantiate_template(sr.job_template, s.id, *next));
   if (!spec.is_ok()) return spec.status().with_context("template");
-  QCAL_RETURN_IF_ERROR(check_labels(spec->labels, "template.labels"));
-  auto plan = plan_job(*spec, limits);
-  if (!plan.is_ok())
-    return Status(
-        plan.status().code() == Code::kNotFound ? Code::kInvalidInput : plan.status().code(),
-        "template." + plan.status().message());
+  auto plan = admit_job(*spec, limits);  // confinement too (coordinator/admission.h)
+  if (!plan.is_ok()) return Status(plan.status().code(), "template." + plan.status().message());
   const std::string out = sr.job_template["output"].value("path", "");
   if (out.find("{time}") == std::string::npos && !spec->output.overwrite)
     return invalid_input("template.output.path: every run would write " + out +
@@ -676,6 +660,22 @@ Result<Reply> CoordinatorServer::Impl::metrics(const ApiRequest&) {
       m += "qcal_tasks_completed_total " + prom_number(get("tasks_completed")) + "\n";
       gauge("qcal_tasks_failed_total", "Task attempts that failed.", "counter");
       m += "qcal_tasks_failed_total " + prom_number(get("tasks_failed")) + "\n";
+    }
+    // The artifact store (coordinator/retention.h), as of the last sweep.
+    const StoreStats::Snapshot ss = store_stats.snapshot();
+    if (ss.measured) {
+      gauge("qcal_store_bytes", "Bytes of files in the artifact store (last sweep).", "gauge");
+      m += "qcal_store_bytes " + std::to_string(ss.store_bytes) + "\n";
+      gauge("qcal_store_free_bytes", "Free bytes on the store's filesystem (last sweep).", "gauge");
+      m += "qcal_store_free_bytes " + std::to_string(ss.free_bytes) + "\n";
+      gauge("qcal_store_job_dirs", "Job artifact directories kept in the store.", "gauge");
+      m += "qcal_store_job_dirs " + std::to_string(ss.job_dirs) + "\n";
+      gauge("qcal_store_reclaimed_bytes_total", "Bytes of artifacts removed by retention.",
+            "counter");
+      m += "qcal_store_reclaimed_bytes_total " + std::to_string(ss.reclaimed_bytes_total) + "\n";
+      gauge("qcal_store_removed_jobs_total", "Job artifact directories removed by retention.",
+            "counter");
+      m += "qcal_store_removed_jobs_total " + std::to_string(ss.removed_jobs_total) + "\n";
     }
     auto reg = sched.regressions_total();
     if (reg.is_ok()) {
@@ -868,15 +868,51 @@ void CoordinatorServer::Impl::schedule_log() {
   });
 }
 
+Result<SweepResult> CoordinatorServer::Impl::sweep_now(double now) {
+  if (opts.store_root.empty()) return invalid_input("no artifact store (--store) to sweep");
+  auto lease = ready_pool.get();
+  JobStore store(*lease, store_opts());
+  QCAL_ASSIGN_OR_RETURN(SweepResult r, sweep_store(store, opts.store_root, opts.retention, now));
+  store_stats.record(r);
+  return r;
+}
+
+void CoordinatorServer::Impl::schedule_sweep() {
+  sweep_timer->expires_after(
+      std::chrono::milliseconds(static_cast<int64_t>(opts.retention.sweep_interval_s * 1000)));
+  sweep_timer->async_wait([this](const boost::system::error_code& ec) {
+    if (ec) return;
+    auto r = sweep_now(now_s());
+    if (!r.is_ok()) {
+      LOG_WARN << "retention sweep failed: " << r.status().to_string();
+    } else if (r->jobs_removed > 0 || r->staging_removed > 0) {
+      LOG_INFO << "retention: removed " << r->jobs_removed << " job(s) and " << r->staging_removed
+               << " stale staging entries, " << r->bytes_removed << " bytes; store holds "
+               << r->store_bytes << " bytes";
+    }
+    schedule_sweep();
+  });
+}
+
 void CoordinatorServer::Impl::background() {
   tick_timer = std::make_unique<boost::asio::steady_timer>(io);
   log_timer = std::make_unique<boost::asio::steady_timer>(io);
+  sweep_timer = std::make_unique<boost::asio::steady_timer>(io);
   if (opts.tick_interval_s > 0) schedule_tick();
   if (opts.status_log_interval_s > 0) schedule_log();
+  if (!opts.store_root.empty() && opts.retention.sweep_interval_s > 0) {
+    // A first sweep soon after start measures the store for /metrics.
+    boost::asio::post(io, [this] {
+      auto r = sweep_now(now_s());
+      if (!r.is_ok()) LOG_WARN << "retention sweep failed: " << r.status().to_string();
+    });
+    schedule_sweep();
+  }
   auto guard = boost::asio::make_work_guard(io);
   io.run();
   tick_timer.reset();
   log_timer.reset();
+  sweep_timer.reset();
 }
 
 // ================================================================== server
@@ -894,6 +930,16 @@ Status CoordinatorServer::start() {
   {
     std::lock_guard<std::mutex> lock(d.stop_mu);
     if (d.started) return internal_error("coordinator already started");
+  }
+  {
+    auto p = PathPolicy::make(d.opts.allow_read, d.opts.allow_write, d.opts.store_root);
+    if (!p.is_ok()) return p.status();
+    d.paths = std::make_unique<PathPolicy>(std::move(p).value());
+    d.limits.paths = d.paths.get();
+    if (d.opts.allow_read.empty() && d.opts.allow_write.empty())
+      LOG_WARN << "paths: no --allow-read / --allow-write roots: every job will be refused (403)";
+    else
+      LOG_INFO << "paths: " << d.paths->describe();
   }
   if (d.auth.enabled()) {
     QCAL_RETURN_IF_ERROR(d.auth.load());
@@ -952,6 +998,8 @@ void CoordinatorServer::wait() {
 }
 
 HttpResponse CoordinatorServer::handle(const HttpRequest& req) { return impl_->on_request(req); }
+
+Result<SweepResult> CoordinatorServer::sweep(double now) { return impl_->sweep_now(now); }
 
 Result<TickReport> CoordinatorServer::tick(int64_t now) {
   auto lease = impl_->pool.get();

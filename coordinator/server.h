@@ -31,6 +31,12 @@
 // Redis: requests are validated and planned completely before the store
 // calls that commit them.
 //
+// Admission (POST /v1/jobs, POST /v1/schedules and every scheduled run) goes
+// through admit_job (coordinator/admission.h): paths confined to the
+// --allow-read / --allow-write roots (403 PERMISSION_DENIED naming the field),
+// the plan, the data files' headers; create_job then takes the output path
+// (409 CONFLICT while a live job owns it).
+//
 // State lives only in Redis (jobs, tasks, schedules, quota sets), so a
 // restarted coordinator carries on. In-process only: the HTTP counters of
 // /metrics (per process, reset on restart, as Prometheus counters may be).
@@ -40,8 +46,9 @@
 // ids and /healthz itself; the other requests run on `http_threads` handler
 // threads, each borrowing a RedisClient from a small pool (a RedisClient is
 // single-threaded). One background thread runs a Boost.Asio io_context with
-// two timers: the scheduler tick (scheduler_tick every `tick_interval_s`) and
-// a periodic status log line.
+// three timers: the scheduler tick (scheduler_tick every `tick_interval_s`), a
+// periodic status log line, and, with a store, the retention sweep
+// (coordinator/retention.h, every retention.sweep_interval_s).
 //
 // Thread safety: start/stop/wait/handle may be called from any thread; stop()
 // is idempotent and safe from a signal-waiting thread.
@@ -50,10 +57,12 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/redis.h"
 #include "common/status.h"
 #include "coordinator/http_front.h"
+#include "coordinator/retention.h"
 #include "coordinator/schedules.h"
 
 namespace qcal {
@@ -62,9 +71,13 @@ struct CoordinatorOptions {
   std::string host = "127.0.0.1";
   int port = 8080;  // 0 = any free port (see CoordinatorServer::port())
   RedisOptions redis;
-  std::string prefix = "qcal";                 // Redis key prefix
-  std::string token_file;                      // empty = authentication off (warned at start)
-  std::string store_root;                      // artifact store, reported by /readyz
+  std::string prefix = "qcal";  // Redis key prefix
+  std::string token_file;       // empty = authentication off (warned at start)
+  std::string store_root;       // artifact store: /readyz, retention sweeps, /metrics usage
+  // Confinement (common/path_policy.h): the directories jobs may read from and
+  // write outputs to. Empty: nothing is allowed (every job is refused with 403).
+  std::vector<std::string> allow_read, allow_write;
+  RetentionOptions retention;                  // sweeps run only with a store_root
   uint64_t worker_memory_bytes = 24ull << 30;  // PlannerLimits::worker_memory_bytes
   // ---- the HTTP front (coordinator/http_front.h)
   uint64_t max_body_bytes = 1ull << 20;  // larger bodies → 413, while reading (chunked too)
@@ -116,6 +129,9 @@ class CoordinatorServer {
   // Runs one scheduler tick at wall time `now` (unix seconds; tests pass a
   // time past a schedule's next_run_at), as the background thread does.
   Result<TickReport> tick(int64_t now);
+  // Runs one retention sweep at wall time `now` (tests pass a time past the
+  // retention), as the background thread does. kInvalidInput without a store.
+  Result<SweepResult> sweep(double now);
 
  private:
   struct Impl;

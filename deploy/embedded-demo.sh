@@ -9,6 +9,9 @@ bash deploy/install-deps.sh
 bash deploy/build.sh
 QCAL=${QCAL_BUILD_DIR:-build}/api/qcal
 D=out/demo
+# Outputs of an earlier run: qcal replaces only directories it published
+# (.qcal-output.json), and a run from before that marker existed has none.
+rm -rf "$D/m" "$D/q-rtn" "$D/q-gptq"
 mkdir -p "$D"
 
 $QCAL synth --out "$D/m" --layers 4 --hidden 256 --heads 8 --kv-heads 4 --intermediate 688 \

@@ -25,6 +25,9 @@ fi
 command -v redis-server >/dev/null || { echo "service-demo: redis-server missing (run deploy/install-deps.sh)" >&2; exit 1; }
 
 D=out/service-demo
+# Outputs of an earlier run: qcal replaces only directories it published
+# (.qcal-output.json), and a run from before that marker existed has none.
+rm -rf "$D/m" "$D/q-gptq"
 mkdir -p "$D"
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/qcal-demo.XXXXXX")
 PIDS=()
@@ -76,13 +79,16 @@ QCAL_TOKEN=demo-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')
 export QCAL_TOKEN
 printf '%s\n' "$QCAL_TOKEN" >"$TMP/tokens"
 chmod 600 "$TMP/tokens"
+# Jobs may read and write only under the demo's directory (common/path_policy.h).
+ROOT=$(realpath "$D")
 "$COORD" --host 127.0.0.1 --port "$PORT" --redis "redis://127.0.0.1:$REDIS_PORT" \
-  --tokens "$TMP/tokens" --store "$TMP/store" >"$TMP/coordinator.log" 2>&1 &
+  --tokens "$TMP/tokens" --store "$TMP/store" --allow-read "$ROOT" --allow-write "$ROOT" \
+  >"$TMP/coordinator.log" 2>&1 &
 PIDS+=($!)
 wait_for 20 "qcal-coordinator" "$QCAL" jobs   # answers once it serves and reaches Redis
 echo "service-demo: qcal-coordinator on $QCAL_SERVER"
 "$WORKER" --redis "redis://127.0.0.1:$REDIS_PORT" --store "$TMP/store" --worker-id demo-worker-1 \
-  >"$TMP/worker.log" 2>&1 &
+  --allow-read "$ROOT" --allow-write "$ROOT" >"$TMP/worker.log" 2>&1 &
 PIDS+=($!)
 echo "service-demo: qcal-worker demo-worker-1 started"
 
@@ -93,10 +99,11 @@ echo "service-demo: qcal-worker demo-worker-1 started"
 "$QCAL" synth-data --model "$D/m" --tokens 16384 --seed 3 --out "$D/eval.jsonl"
 
 # ---- the job: GPTQ W4 g128, evaluated against the FP model, gated
-id=$("$QCAL" submit --model "$D/m" --method gptq --w-bits 4 --group-size 128 \
-  --calib "$D/calib.jsonl" --nsamples 64 --seqlen 256 \
-  --eval-data "$D/eval.jsonl" --eval-nsamples 32 --max-ppl-increase 0.10 --max-kl 0.05 \
-  --format gptq --out "$D/q-gptq" --overwrite --labels demo=service)
+# Paths in a job spec are absolute: coordinator and workers may run elsewhere.
+id=$("$QCAL" submit --model "$ROOT/m" --method gptq --w-bits 4 --group-size 128 \
+  --calib "$ROOT/calib.jsonl" --nsamples 64 --seqlen 256 \
+  --eval-data "$ROOT/eval.jsonl" --eval-nsamples 32 --max-ppl-increase 0.10 --max-kl 0.05 \
+  --format gptq --out "$ROOT/q-gptq" --overwrite --labels demo=service)
 echo "service-demo: submitted job $id"
 echo
 status=0

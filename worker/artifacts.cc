@@ -36,7 +36,7 @@ bool is_hex64(const std::string& s) {
 // artifacts next to each other).
 std::string temp_name(const std::string& path) {
   static std::atomic<uint64_t> counter{0};
-  return path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
+  return path + ".tmp." + staging_tag() + "." + std::to_string(counter++);
 }
 
 Status make_parent(const std::string& path) {
@@ -150,7 +150,10 @@ Result<ArtifactRef> ArtifactStore::write_blob(const std::string& rel, std::strin
     if (n < 0) {
       if (errno == EINTR) continue;
       int err = errno;
-      if (err == ENOSPC) return fail(resource_exhausted(tmp + ": write: " + errno_str(err)));
+      // A full disk is retried (kIoError): space comes back as old artifacts
+      // are swept (coordinator/retention.h) and failed attempts cleaned.
+      if (err == ENOSPC || err == EDQUOT)
+        return fail(io_error(tmp + ": write: " + errno_str(err) + " (disk full)"));
       return fail(io_error(tmp + ": write: " + errno_str(err)));
     }
     off += static_cast<size_t>(n);

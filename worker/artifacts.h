@@ -86,8 +86,9 @@ class ArtifactStore {
 
   // ---- generic files
   // Writes `bytes` to root/rel atomically (parent directories created) and
-  // returns its ref. kInvalidInput for a bad `rel`; kIoError /
-  // kResourceExhausted (disk full) from the filesystem. On error nothing
+  // returns its ref. kInvalidInput for a bad `rel`; kIoError from the
+  // filesystem, a full disk included (the task is retried once space is
+  // back: failed attempts are cleaned, old jobs swept). On error nothing
   // exists at root/rel and no temporary file is left behind.
   Result<ArtifactRef> write_blob(const std::string& rel, std::string_view bytes);
   // Reads and verifies.

@@ -1,9 +1,18 @@
 // qcal-worker: claims calibration tasks from Redis and runs them.
 //
 //   qcal-worker --redis redis://host:6379 --store /shared/qcal-store
+//               [--allow-read DIR]... [--allow-write DIR]...
 //               [--worker-id ID] [--lease-ms 30000] [--block-ms 2000]
 //               [--threads N] [--prefix qcal] [--once]
+//               [--task-timeout-s 86400] [--stop-grace-s 600]
 //   mpirun -np 4 qcal-worker ...   one worker, four data-parallel ranks
+//
+// --allow-read / --allow-write (repeatable) confine what tasks may read and
+// write, as on the coordinator (common/path_policy.h): every task's paths are
+// checked again, and every file the worker opens is checked by descriptor.
+// Without them the worker refuses every task (403's message). A task running
+// past --task-timeout-s is stopped and fails; one that does not stop within
+// --stop-grace-s of a stop request makes the worker exit (status 3).
 //
 // SIGTERM / SIGINT: finish the current task, report it, exit 0. A second
 // signal exits at once (the task is reclaimed by another worker after its lease).
@@ -17,11 +26,13 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "common/flags.h"
 #include "common/log.h"
+#include "common/path_policy.h"
 #include "common/redis.h"
 #include "worker/artifacts.h"
 #include "worker/rank_group.h"
@@ -48,6 +59,16 @@ const std::vector<qcal::FlagSpec>& worker_flags() {
       {"block-ms", "N", "2000", "longest wait for a task per claim call", ""},
       {"threads", "N", "QCAL_THREADS, else all cores", "compute threads", ""},
       {"once", "", "", "exit after one task", ""},
+      {"allow-read", "DIR", "",
+       "a root tasks may read (models, data); repeatable. Without any --allow-read / "
+       "--allow-write every task is refused",
+       "Confinement (common/path_policy.h)"},
+      {"allow-write", "DIR", "", "a root tasks may publish outputs into; repeatable",
+       "Confinement (common/path_policy.h)"},
+      {"task-timeout-s", "S", "86400", "a task running longer is stopped and fails", "Limits"},
+      {"stop-grace-s", "S", "600",
+       "a task not stopping within this of a stop request makes the worker exit (status 3)",
+       "Limits"},
   };
   return kRows;
 }
@@ -103,6 +124,21 @@ int main(int argc, char** argv) {
   o.block_ms = *block;
   o.once = f.flag("once");
   o.store.prefix = f.str("prefix", "qcal");
+  auto timeout = f.number("task-timeout-s", o.task_timeout_s);
+  auto grace = f.number("stop-grace-s", o.stop_grace_s);
+  if (!timeout.is_ok()) return usage_error(timeout.status());
+  if (!grace.is_ok()) return usage_error(grace.status());
+  if (!(*timeout >= 0) || !(*grace >= 0))
+    return usage_error(invalid_input("--task-timeout-s and --stop-grace-s must be >= 0"));
+  o.task_timeout_s = *timeout;
+  o.stop_grace_s = *grace;
+  // Confinement: every task's paths, and every file this process opens.
+  auto policy = PathPolicy::make(f.all("allow-read"), f.all("allow-write"), *store_dir);
+  if (!policy.is_ok()) return usage_error(policy.status());
+  o.paths = std::make_shared<const PathPolicy>(std::move(policy).value());
+  set_process_path_policy(o.paths);
+  if (f.all("allow-read").empty() && f.all("allow-write").empty())
+    LOG_WARN << "qcal-worker: no --allow-read / --allow-write roots: every task will be refused";
   // The BLAS reads its thread count once, on first use.
   if (*threads > 0) setenv("QCAL_THREADS", std::to_string(*threads).c_str(), 1);
 

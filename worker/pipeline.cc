@@ -15,6 +15,7 @@
 #include "common/fsutil.h"
 #include "common/log.h"
 #include "common/method_registry.h"
+#include "common/path_policy.h"
 #include "common/plan.h"
 #include "common/sha256.h"
 #include "kernels/gemm.h"
@@ -26,6 +27,7 @@
 #include "worker/calib/native.h"
 #include "worker/engine/model.h"
 #include "worker/engine/qformats.h"
+#include "worker/publish.h"
 
 namespace qcal {
 
@@ -988,24 +990,6 @@ uint64_t dir_bytes(const std::string& dir) {
   return n;
 }
 
-// Publishing output.path from a task that may be re-run after a crash between
-// publishing and reporting: the intent marker (written before publishing) lets the
-// re-run replace its own earlier output. Returns the overwrite flag to use.
-Result<bool> begin_publish(const TaskContext& ctx) {
-  const std::string& out = ctx.spec.output.path;
-  bool overwrite = ctx.spec.output.overwrite;
-  const std::string marker = "jobs/" + ctx.job_id + "/" + ctx.task.id + "/publishing.json";
-  const bool marked = path_exists(ctx.store->absolute(marker));
-  if (path_exists(out) && !overwrite && marked) {
-    say(ctx, out + " exists from an earlier attempt of this task: replacing it");
-    overwrite = true;
-  }
-  if (!marked)
-    QCAL_RETURN_IF_ERROR(
-        ctx.store->write_blob(marker, nlohmann::json{{"output", out}}.dump()).status());
-  return overwrite;
-}
-
 // Copies the tokenizer / generation files of `model_dir` into `dir` (where absent).
 void copy_side_files(const std::string& model_dir, const std::string& dir) {
   std::error_code ec;
@@ -1014,7 +998,8 @@ void copy_side_files(const std::string& model_dir, const std::string& dir) {
     if (!e.is_regular_file() || name == "config.json" || name.ends_with(".safetensors") ||
         name.ends_with(".safetensors.index.json") || path_exists(join_path(dir, name)))
       continue;
-    fs::copy_file(e.path(), join_path(dir, name), ec);
+    // A regular file inside the process policy's roots (common/path_policy.h).
+    (void)copy_input_file(e.path().string(), join_path(dir, name));
   }
 }
 
@@ -1030,7 +1015,10 @@ Result<json> run_assemble(const TaskContext& ctx) {
   QCAL_ASSIGN_OR_RETURN(std::vector<ArtifactRef> refs, block_refs(ctx, L));
   if (stopping(ctx)) return cancelled("assemble before writing");
   const std::string& out = ctx.spec.output.path;
-  QCAL_ASSIGN_OR_RETURN(bool overwrite, begin_publish(ctx));
+  // Staged beside output.path and published under the fence (worker/publish.h); a
+  // re-run after a crash between publishing and reporting replaces its own output.
+  QCAL_ASSIGN_OR_RETURN(OutputPublication pub, OutputPublication::begin(ctx));
+  const std::string& dest = pub.staging();
   if (format == "native") {
     QCAL_ASSIGN_OR_RETURN(calib::NativeModel nm, native_model(ctx, k, refs));
     // +Cal's trained prefix cache replaces the FP one.
@@ -1047,7 +1035,7 @@ Result<json> run_assemble(const TaskContext& ctx) {
         nm.intact_v[l].assign(vv.begin(), vv.end());
       }
     }
-    QCAL_RETURN_IF_ERROR(calib::write_native(nm, out, overwrite));
+    QCAL_RETURN_IF_ERROR(calib::write_native(nm, dest, /*overwrite=*/false));
   } else {
     // GPTQ / compressed-tensors: the quantized linears, and the unquantized tensors of
     // the transformed model (the checkpoint's when the transform leaves them alone).
@@ -1086,7 +1074,7 @@ Result<json> run_assemble(const TaskContext& ctx) {
     }
     WriteOptions wo;
     wo.format = f;
-    wo.overwrite = overwrite;
+    wo.overwrite = false;
     wo.max_shard_bytes = static_cast<uint64_t>(ctx.spec.output.max_shard_mb) << 20;
     wo.extra_config = {{"meta", {{"qcal_recipe", r.to_json()}}}};
     if (r.gptq()) {
@@ -1095,9 +1083,9 @@ Result<json> run_assemble(const TaskContext& ctx) {
       wo.extra_config["true_sequential"] = r.b("gptq.true_sequential");
     }
     if (!changes_fp) {
-      QCAL_RETURN_IF_ERROR(write_quantized_checkpoint(k.model->dir(), qlinears, wo, out));
+      QCAL_RETURN_IF_ERROR(write_quantized_checkpoint(k.model->dir(), qlinears, wo, dest));
     } else {
-      const std::string tmp = out + ".qcal-transformed." + std::to_string(::getpid());
+      const std::string tmp = out + ".qcal-transformed." + staging_tag();
       std::error_code ec;
       fs::remove_all(tmp, ec);
       Status st = calib::write_fp_model(tm, tmp, /*overwrite=*/true);
@@ -1105,12 +1093,13 @@ Result<json> run_assemble(const TaskContext& ctx) {
       if (st.is_ok()) {
         copy_side_files(ctx.spec.model, tmp);
         auto md = ModelDir::open(tmp);
-        st = md.is_ok() ? write_quantized_checkpoint(*md.value(), qlinears, wo, out) : md.status();
+        st = md.is_ok() ? write_quantized_checkpoint(*md.value(), qlinears, wo, dest) : md.status();
       }
       fs::remove_all(tmp, ec);
       QCAL_RETURN_IF_ERROR(st);
     }
   }
+  QCAL_RETURN_IF_ERROR(pub.commit());
   const uint64_t bytes = dir_bytes(out);
   say(ctx, "wrote " + out + " (" + format + ", " + std::to_string(bytes) + " bytes, " +
                std::to_string(L) + " layers)");

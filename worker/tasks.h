@@ -1,60 +1,30 @@
-// The task runners: what a worker does with one claimed task of the DAG in
-// common/plan.h. Each runner reads its inputs from the artifact store
-// (verifying checksums), calls the same engine functions as `qcal quantize`
-// in the same order, and returns the task's result JSON. Output is therefore
-// byte-identical to quantize_model with the same recipe:
+// The task runners: what a worker (or `qcal quantize`, worker/local_runner.h)
+// does with one claimed task of a job's DAG (common/plan.h: embed, capture,
+// transform, learn, quantize, cbq-window, assemble, validate). run_task
+// dispatches: validate runs here (calib::open_eval_model + evaluate_stream on
+// the output against the FP model, then the gate); every other type is a
+// pipeline task (worker/pipeline.h). Each runner reads its inputs from the
+// artifact store (find_corrupt_input verifies them first), writes its own
+// artifacts under its attempt, and returns the task's result JSON (common/plan.h
+// lists each type's). The same tasks run the same engine code in the service
+// and in `qcal quantize`, so with the same thread count the output bytes are
+// the same.
 //
-//   capture        calib = load_token_sequences(calib.path, calib.seqlen, V,
-//                  calib.nsamples); x = model->embed(calib, 0, N) → "x"
-//                  (parallel mode: also the FP input of every window's first
-//                  layer l > 0, as "x.<l>", from a plain FP forward)
-//   calibrate      x from the dep ("x.<layer_begin>" when the dep has it, else
-//                  "x"); quantize_layer for l in [layer_begin, layer_end) →
-//                  "qlinears" and, in sequential mode, "x" (the window's
-//                  output; not written by the last window, which nobody reads)
-//   assemble       every dep's "qlinears" → write_quantized_checkpoint(
-//                  model->dir(), all, checkpoint_write_options(opts), output.path)
-//   validate       evaluate_stream(output, FP model, eval data) and the gate
-//                  (calib::open_eval_model: any format, a layer at a time)
+// Publishing: assemble writes the output into a staging directory and publishes
+// it as output.path under ctx.fence (worker/publish.h): only while this claim
+// still holds its attempt and the job still owns the path; a re-run replaces its
+// own job's earlier output (the manifest says whose it is).
 //
-// Results (JSON; artifact refs as in common/plan.h):
-//   capture   {"artifacts": {"x": A, ["x.<l>": A …]}, "sequences": N, "seqlen": T}
-//   calibrate {"artifacts": {"qlinears": A, ["x": A]}, "layers": [LayerReport…],
-//              "layer_begin": b, "layer_end": e}
-//   assemble  {"output": path, "bytes": n, "format": name, "modules": count}
-//   validate  {"report": EvalResult JSON + {"gate": {...}}, "gate_passed": bool}
-//             (no eval data: {"report": {"skipped": "..."}, "gate_passed": true})
-//
-// Calibration recipes (spec.recipe.calib; the DAGs and results of common/plan.h),
-// through worker/calib with calib_recipe_from_spec (worker/engine/recipe.h):
-//   calib          load_token_sequences; calib::calibrate_to_dir(model, calib,
-//                  recipe, output.path, params.format) — one task
-//   capture        calib::load_fp_model; cbq_prepare; save_cbq_setup →
-//                  "setup/<file>" artifacts (a directory, every file checksummed)
-//   cbq-window     load_cbq_setup; window 0: cbq_initial_state(x0), else
-//                  load_cbq_state of the previous window's "state"; ONE
-//                  cbq_run_window on the setup's FP blocks first..last;
-//                  save_cbq_state(new state, the layers this window finalized) →
-//                  "state/<file>"; result "window" = CbqWindowReport. A window
-//                  re-run (worker died) reads the same setup and previous state,
-//                  so with the same BLAS thread count its bytes are the same.
-//   assemble       load_cbq_setup; every window's finalized layers (in dep
-//                  order) → cbq_finish → write_native(output.path), published
-//                  like the weight-only assemble (intent marker, overwrite on re-run)
-//   validate       as above: a native output (calib::is_native_dir) streams
-//                  through calib::NativeCheckpoint; the gate is the same
-// The calibration runners check ctx.cancel before they start (a window runs to
-// its end once started) and run on the root rank alone.
-//
-// Ranks: calibrate runs on every rank of ctx.group together (sequences
-// sharded, Hessians all-reduced, activations gathered; the root reads and
-// writes the store and its result is the task's). The other tasks run on the
-// root alone.
+// Ranks: the task types runs_on_all_ranks names (transform, quantize,
+// cbq-window) run on every rank of ctx.group together (calibration sequences
+// sharded, gradients / Hessians / statistics all-reduced; the root reads and
+// writes the store and its result is the task's). The others run on the root.
 //
 // Errors follow status.h: kInvalidInput for a bad spec / params / data
 // (never retried), kCorrupt when an input artifact fails its checksum (see
 // find_corrupt_input), kIoError / kResourceExhausted from the store, and
-// cancelled() when ctx.cancel was set (checked before every layer).
+// cancelled() when ctx.cancel was set (checked between layers and, in a CBQ
+// window or FlatQuant block, between training steps).
 #pragma once
 
 #include <atomic>
@@ -69,6 +39,7 @@
 #include "common/job_store.h"
 #include "common/status.h"
 #include "worker/artifacts.h"
+#include "worker/publish.h"
 #include "worker/rank_group.h"
 
 namespace qcal {
@@ -85,6 +56,9 @@ struct TaskContext {
   RankGroup* group = nullptr;                 // nullptr = a single rank
   // Progress lines ("layer 3/32 ..."), e.g. to stderr and the job log. Optional.
   std::function<void(const std::string&)> log;
+  // The publishing fence of this claim (worker/publish.h); nullptr = unfenced
+  // (tests, embedded use). The tasks that write output.path publish through it.
+  PublishFence* fence = nullptr;
 };
 
 // Runs ctx.task (dispatch on its type). Not thread safe with respect to ctx.

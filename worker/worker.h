@@ -12,14 +12,27 @@
 //      broadcast as JSON), with a cancel flag that the heartbeat sets;
 //   4. report: complete_task(result), or rerun_producer when an input went
 //      bad while it was read, or fail_task(error, retryable) where
-//      retryable = the code is not kInvalidInput, kNotFound or
-//      kResourceExhausted (a bad job fails at once; I/O and Redis trouble are
-//      retried by the queue up to its attempt cap).
+//      retryable = the code is not kInvalidInput, kNotFound, kPermissionDenied,
+//      kConflict or kResourceExhausted (a bad job fails at once; I/O — a full
+//      disk included — and Redis trouble are retried by the queue up to its
+//      attempt cap).
+//   Before 2, the spec's paths are confined again (opts.paths): a path that
+//   left the roots since submission fails the task (403's message).
+//   Any exception out of a task (std::bad_alloc included) is a failed
+//   attempt with its message and the task's inputs named; the worker stays
+//   up. A task past opts.task_timeout_s is stopped and fails. After a failed
+//   or abandoned attempt its artifacts (jobs/<job>/<task>/a<attempt>/) are
+//   removed; after a success, those of the task's earlier attempts.
 //   A heartbeat every lease/3 renews the lease; when it answers false (job
 //   cancelled, or the lease was lost to another worker), or Redis stays
 //   unreachable for a whole lease, the cancel flag is set, the task stops at
 //   its next layer boundary and nothing is reported.
 // Each step logs one line to stderr and to the job's log (append_log).
+//
+// Publishing output.path goes through the claim's fence (worker/publish.h,
+// TaskContext::fence): a cancelled, reclaimed or paused worker never publishes.
+// At start, run() sweeps staging entries of dead processes of this host from
+// the store (sweep_stale_staging).
 //
 // Stopping: request_stop() lets the current task finish and report, then
 // run() returns OK. (A second signal should end the process at once — see
@@ -39,6 +52,7 @@
 #include <string>
 
 #include "common/job_store.h"
+#include "common/path_policy.h"
 #include "common/redis.h"
 #include "common/status.h"
 #include "worker/artifacts.h"
@@ -52,6 +66,16 @@ struct WorkerOptions {
   int64_t block_ms = 2000;   // longest wait for a task per claim call
   bool once = false;         // run() returns after one task was handled
   JobStoreOptions store;     // prefix, attempt cap
+  // Confinement (common/path_policy.h): every task's spec is checked again
+  // (PathPolicy::confine) before it runs; nullptr = unconfined (tests).
+  std::shared_ptr<const PathPolicy> paths;
+  // A task running longer is stopped (the cancel flag) and fails, not
+  // retried: "exceeded the worker's task timeout". <= 0: no limit.
+  double task_timeout_s = 86400;
+  // A task that does not stop within this long after it was asked to (a
+  // cancel, a lost lease, the timeout) is wedged: the worker reports the
+  // failure and exits (status 3), so its supervisor restarts it. <= 0: never.
+  double stop_grace_s = 600;
 };
 
 class Worker {

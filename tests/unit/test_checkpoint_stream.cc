@@ -166,10 +166,12 @@ std::vector<int64_t> module_shape(const ModelConfig& c, const std::string& name)
 }
 
 // One digest for a directory: SHA-256 of the lines "<file> <sha256>\n" over its
-// files in name order; `listing` receives those lines (for failure messages).
+// files in name order, the publishing manifest (.qcal-output.json: who published it
+// and when) aside; `listing` receives those lines (for failure messages).
 std::string dir_digest(const std::string& dir, std::string* listing) {
   std::vector<std::string> files;
-  for (const auto& e : fs::directory_iterator(dir)) files.push_back(e.path().filename().string());
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().filename() != ".qcal-output.json") files.push_back(e.path().filename().string());
   std::sort(files.begin(), files.end());
   std::string lines;
   for (const std::string& f : files) {

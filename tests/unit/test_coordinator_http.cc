@@ -64,6 +64,8 @@ class CoordinatorHttp : public ::testing::Test {
     o.redis = redis_->options(2.0);
     o.token_file = path("tokens");
     o.store_root = path("store");
+    o.allow_read = {*dir_};  // the fixture's models, data and outputs
+    o.allow_write = {*dir_};
     o.max_body_bytes = kMaxBody;
     o.tick_interval_s = 0;  // ticks are driven by the tests
     o.status_log_interval_s = 0;
@@ -252,17 +254,18 @@ TEST_F(CoordinatorHttp, RejectedRequestsChangeNothingInRedis) {
   s["labels"] = {{"pad", std::string(kMaxBody + 1000, 'x')}};
   expect_error(client()->Post("/v1/jobs", s.dump(), "application/json"), 413, "PAYLOAD_TOO_LARGE",
                "limit");
-  // Labels: at most 32, keys up to 64 bytes, values up to 256 bytes.
+  // Labels (the spec's caps, common/limits.h): at most 32, keys up to 63 characters,
+  // values up to 256 bytes.
   std::map<std::string, std::string> many;
   for (int i = 0; i < 33; ++i) many["k" + std::to_string(i)] = "v";
   expect_error(client()->Post("/v1/jobs", spec("out/d", many).dump(), "application/json"), 400,
-               "INVALID_INPUT", "labels: 33 labels; at most 32");
-  expect_error(client()->Post("/v1/jobs", spec("out/d", {{std::string(65, 'k'), "v"}}).dump(),
+               "INVALID_INPUT", "labels: at most 32 (got 33)");
+  expect_error(client()->Post("/v1/jobs", spec("out/d", {{std::string(64, 'k'), "v"}}).dump(),
                               "application/json"),
-               400, "INVALID_INPUT", "key is 65 bytes; at most 64");
+               400, "INVALID_INPUT", "must be 1 to 63 characters");
   expect_error(client()->Post("/v1/jobs", spec("out/d", {{"team", std::string(257, 'v')}}).dump(),
                               "application/json"),
-               400, "INVALID_INPUT", "labels.team: value is 257 bytes; at most 256");
+               400, "INVALID_INPUT", "labels.team: longer than 256 bytes (got 257)");
   // Missing and wrong tokens.
   auto r = client("")->Post("/v1/jobs", spec("out/d").dump(), "application/json");
   expect_error(r, 401, "UNAUTHENTICATED", "missing bearer token");
@@ -295,7 +298,7 @@ TEST_F(CoordinatorHttp, RejectedRequestsChangeNothingInRedis) {
                "INVALID_INPUT", "can fire 60 s apart");
   sched = {{"cron", "0 2 * * *"}, {"template", spec("out/{time}", {{"t", std::string(300, 'x')}})}};
   expect_error(client()->Post("/v1/schedules", sched.dump(), "application/json"), 400,
-               "INVALID_INPUT", "template.labels.t: value is 300 bytes");
+               "INVALID_INPUT", "template: labels.t: longer than 256 bytes (got 300)");
   // Ids the store never issues: 404, and no Redis key is built from them.
   const std::string job_id = body(client()->Get("/v1/jobs"))["jobs"][0]["id"];
   expect_error(client()->Get("/v1/jobs/" + job_id + ":tasks"), 404, "NOT_FOUND", "not a job id");
@@ -484,6 +487,8 @@ TEST_F(CoordinatorHttp, TwoCoordinatorsFireASlotOnce) {
   CoordinatorOptions o;
   o.port = 0;
   o.redis = redis_->options(2.0);
+  o.allow_read = {*dir_};
+  o.allow_write = {*dir_};
   o.tick_interval_s = 0;
   o.status_log_interval_s = 0;
   CoordinatorServer other(o);
@@ -505,6 +510,9 @@ TEST_F(CoordinatorHttp, PerTokenQuotaOfLiveJobs) {
   o.tick_interval_s = 0;
   o.status_log_interval_s = 0;
   o.max_jobs_per_token = 2;
+  o.store_root = path("store");
+  o.allow_read = {*dir_};
+  o.allow_write = {*dir_};
   CoordinatorServer quota(o);
   ASSERT_TRUE(quota.start().is_ok());
   auto post = [&](const std::string& token, const std::string& out) {

@@ -21,9 +21,11 @@ using nlohmann::json;
 
 JobSpec make_spec(const std::string& priority = "normal",
                   const std::map<std::string, std::string>& labels = {}) {
+  // One live job per output path (job_store.h): each job writes its own.
+  static int outputs = 0;
   json j = {{"model", "/m"},
             {"calib", {{"path", "/c.jsonl"}}},
-            {"output", {{"path", "/out"}}},
+            {"output", {{"path", "/out/" + std::to_string(outputs++)}}},
             {"priority", priority}};
   j["labels"] = json::object();
   for (const auto& [k, v] : labels) j["labels"][k] = v;

@@ -831,10 +831,20 @@ TEST_F(QFormatsTest, ExistingOutputWithoutOverwriteIsUntouched) {
   st = write_quantized_checkpoint(*src_, qlin, opts, src_dir_);
   EXPECT_EQ(st.code(), Code::kInvalidInput) << st.to_string();
   EXPECT_TRUE(fs::exists(src_dir_ + "/model.safetensors"));
+  // Nor over a directory qcal did not publish (issue #11), overwrite or not.
+  st = write_quantized_checkpoint(*src_, qlin, opts, out);
+  EXPECT_EQ(st.code(), Code::kPermissionDenied) << st.to_string();
+  EXPECT_EQ(ref::slurp(out + "/keep.txt"), "precious");
+  EXPECT_EQ(leftovers(), std::vector<std::string>{"out"});
+  // A qcal output (it carries .qcal-output.json) is replaced with overwrite.
+  fs::remove_all(out);
+  ASSERT_TRUE(write_quantized_checkpoint(*src_, qlin, {}, out).is_ok());
+  write_text(out + "/keep.txt", "stale");
   st = write_quantized_checkpoint(*src_, qlin, opts, out);
   ASSERT_TRUE(st.is_ok()) << st.to_string();
   EXPECT_FALSE(fs::exists(out + "/keep.txt"));
   EXPECT_TRUE(fs::exists(out + "/model.safetensors"));
+  EXPECT_TRUE(fs::exists(out + "/.qcal-output.json"));
   EXPECT_EQ(leftovers(), std::vector<std::string>{"out"});
 }
 
@@ -889,12 +899,13 @@ TEST_F(QFormatsTest, InvalidModuleLeavesNothing) {
 
 TEST_F(QFormatsTest, FailureMidWriteLeavesNoOutputOrStaging) {
   // The shards are written before the aux files are copied; a tokenizer file
-  // that is a directory makes the copy fail after the tensors are on disk.
+  // that is a directory makes the copy fail after the tensors are on disk (an
+  // input that is not a regular file: kInvalidInput, common/path_policy.h).
   fs::create_directories(src_dir_ + "/tokenizer.model");
   QuantSpec spec;
   Status st = write_quantized_checkpoint(*src_, random_model_linears(cfg_, spec, false, 4), {},
                                          root_ + "/out");
-  EXPECT_EQ(st.code(), Code::kIoError) << st.to_string();
+  EXPECT_EQ(st.code(), Code::kInvalidInput) << st.to_string();
   EXPECT_NE(st.message().find("tokenizer.model"), std::string::npos) << st.message();
   EXPECT_EQ(leftovers(), std::vector<std::string>{});
 }

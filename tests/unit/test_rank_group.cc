@@ -359,7 +359,11 @@ TEST(RankGroupMpi, WorkerBinaryUnderMpirun) {
                                          "--worker-id",
                                          "mpi-group",
                                          "--block-ms",
-                                         "100"};
+                                         "100",
+                                         "--allow-read",  // the model, data and output
+                                         dir,
+                                         "--allow-write",
+                                         dir};
   pid_t pid = fork();
   if (pid == 0) {
     std::vector<char*> argv;

@@ -18,6 +18,7 @@
 #include "common/fsutil.h"
 #include "common/job_spec.h"
 #include "common/job_store.h"
+#include "common/output_manifest.h"
 #include "common/plan.h"
 #include "tests/unit/redis_fixture.h"
 #include "common/planner.h"
@@ -101,9 +102,12 @@ std::string reference_output() {
 void expect_same_tree(const std::string& a, const std::string& b) {
   std::vector<std::string> fa, fb;
   for (const auto& e : fs::recursive_directory_iterator(a))
-    if (e.is_regular_file()) fa.push_back(fs::relative(e.path(), a).string());
+    if (e.is_regular_file() && e.path().filename() != kOutputManifestName)
+      fa.push_back(fs::relative(e.path(), a).string());
+  // The manifest names who published (job, attempt): not part of the checkpoint.
   for (const auto& e : fs::recursive_directory_iterator(b))
-    if (e.is_regular_file()) fb.push_back(fs::relative(e.path(), b).string());
+    if (e.is_regular_file() && e.path().filename() != kOutputManifestName)
+      fb.push_back(fs::relative(e.path(), b).string());
   std::sort(fa.begin(), fa.end());
   std::sort(fb.begin(), fb.end());
   ASSERT_EQ(fa, fb);
@@ -304,6 +308,87 @@ TEST_F(WorkerTest, InvalidJobFailsWithoutRetry) {
   EXPECT_EQ(w.stats().failed, 1);  // not retried
 }
 
+// ---- issue #11: a worker survives what a task throws, times out, fills the disk
+
+TEST_F(WorkerTest, AnExceptionInATaskIsAFailedAttemptAndTheWorkerStaysUp) {
+  const std::string job = create_job();
+  Worker w(worker_opts("w-throw"), redis().options(), artifacts_.get(), group_.get());
+  // std::bad_alloc out of the middle of the capture task (its artifact write).
+  artifacts_->set_fault_hook([](const std::string&) -> Status { throw std::bad_alloc(); });
+  auto r = w.run_once();
+  ASSERT_TRUE(r.is_ok() && *r);
+  auto info = store_->get_job(job);
+  ASSERT_TRUE(info.is_ok());
+  EXPECT_EQ(info->state, JobState::kFailed);
+  EXPECT_NE(info->error.find("out of memory (std::bad_alloc)"), std::string::npos) << info->error;
+  EXPECT_NE(info->error.find(calib_path()), std::string::npos) << info->error;  // names the file
+  EXPECT_EQ(w.stats().failed, 1);
+  // The same worker takes the next job.
+  artifacts_->set_fault_hook(nullptr);
+  out_ += "_2";
+  const std::string next = create_job();
+  drive(w, next);
+  EXPECT_EQ(job_state(next), JobState::kSucceeded);
+}
+
+TEST_F(WorkerTest, ATaskPastItsTimeoutIsStoppedAndFails) {
+  const std::string job = create_job();
+  WorkerOptions o = worker_opts("w-slow");
+  o.task_timeout_s = 0.3;
+  Worker w(o, redis().options(), artifacts_.get(), group_.get());
+  artifacts_->set_fault_hook([](const std::string&) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    return Status::ok();
+  });
+  auto r = w.run_once();
+  ASSERT_TRUE(r.is_ok() && *r);
+  auto info = store_->get_job(job);
+  ASSERT_TRUE(info.is_ok());
+  EXPECT_EQ(info->state, JobState::kFailed);
+  EXPECT_NE(info->error.find("task timeout"), std::string::npos) << info->error;
+}
+
+TEST_F(WorkerTest, ADiskFullAttemptIsCleanedAndTheRetrySucceeds) {
+  const std::string job = create_job();
+  Worker w(worker_opts("w-full"), redis().options(), artifacts_.get(), group_.get());
+  // The first embed attempt finds the disk full after writing its artifact.
+  int calls = 0;
+  artifacts_->set_fault_hook([&](const std::string& path) {
+    if (calls++ > 0) return Status::ok();
+    return io_error(path + ".tmp: write: No space left on device (disk full)");
+  });
+  auto r = w.run_once();
+  ASSERT_TRUE(r.is_ok() && *r);
+  EXPECT_EQ(task(job, "embed").state, TaskState::kReady);  // retried, not failed
+  const std::string a1 = artifacts_->absolute("jobs/" + job + "/embed/a1");
+  EXPECT_FALSE(fs::exists(a1)) << "attempt 1's artifacts were not cleaned";
+  drive(w, job);
+  auto info = store_->get_job(job);
+  ASSERT_TRUE(info.is_ok());
+  ASSERT_EQ(info->state, JobState::kSucceeded) << info->error;
+  EXPECT_EQ(task(job, "embed").attempts, 2);
+  expect_same_tree(out_, reference_output());
+}
+
+TEST_F(WorkerTest, APathThatLeftTheRootsFailsTheTask) {
+  // Submitted when the model was inside the roots; the worker's roots do not
+  // hold it (a changed symlink, another mount): 403's message, not retried.
+  const std::string job = create_job();
+  WorkerOptions o = worker_opts("w-confined");
+  fs::create_directories(dir() + "/elsewhere");
+  auto policy = PathPolicy::make({dir() + "/elsewhere"}, {dir() + "/elsewhere"}, "");
+  ASSERT_TRUE(policy.is_ok()) << policy.status().to_string();
+  o.paths = std::make_shared<const PathPolicy>(*policy);
+  Worker w(o, redis().options(), artifacts_.get(), group_.get());
+  auto r = w.run_once();
+  ASSERT_TRUE(r.is_ok() && *r);
+  auto info = store_->get_job(job);
+  ASSERT_TRUE(info.is_ok());
+  EXPECT_EQ(info->state, JobState::kFailed);
+  EXPECT_NE(info->error.find("PERMISSION_DENIED: model: "), std::string::npos) << info->error;
+  EXPECT_EQ(w.stats().failed, 1);
+}
+
 // ---- the binary
 
 std::string worker_binary() { return std::string(QCAL_BINARY_DIR) + "/worker/qcal-worker"; }
@@ -340,7 +425,8 @@ TEST_F(WorkerTest, BinaryOnceAndSigterm) {
   const std::string url = "127.0.0.1:" + std::to_string(redis().port());
   const std::string store = artifacts_->root();
   pid_t p = spawn({worker_binary(), "--redis", url, "--store", store, "--worker-id", "bin-1",
-                   "--block-ms", "100", "--threads", "1", "--once"});
+                   "--block-ms", "100", "--threads", "1", "--once", "--allow-read", dir(),
+                   "--allow-write", dir()});
   EXPECT_EQ(wait_exit(p, 60), 0);
   EXPECT_EQ(task(job, "embed").state, TaskState::kDone);
   EXPECT_EQ(task(job, "embed").worker, "bin-1");
@@ -349,7 +435,7 @@ TEST_F(WorkerTest, BinaryOnceAndSigterm) {
   // SIGTERM while running: finish (here: the whole remaining job, or the
   // current task) and exit 0.
   p = spawn({worker_binary(), "--redis", url, "--store", store, "--worker-id", "bin-2",
-             "--block-ms", "100", "--threads", "1"});
+             "--block-ms", "100", "--threads", "1", "--allow-read", dir(), "--allow-write", dir()});
   const auto deadline = Clock::now() + std::chrono::seconds(60);
   while (!is_terminal(job_state(job)) && Clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));

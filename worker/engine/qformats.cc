@@ -14,6 +14,7 @@
 
 #include "common/dtype.h"
 #include "common/fsutil.h"
+#include "common/path_policy.h"
 #include "common/safetensors.h"
 
 namespace qcal {
@@ -981,9 +982,8 @@ Status write_staging(const ModelDir& src, const CheckpointStream& in, const Writ
   for (const char* name : kAuxFiles) {
     const std::string from = join_path(src.dir(), name);
     if (!path_exists(from)) continue;
-    std::error_code ec;
-    fs::copy_file(from, join_path(staging, name), fs::copy_options::overwrite_existing, ec);
-    if (ec) return io_error(from + ": copy into " + staging + ": " + ec.message());
+    // A regular file inside the process policy's roots (common/path_policy.h).
+    QCAL_RETURN_IF_ERROR(copy_input_file(from, join_path(staging, name)));
   }
   return Status::ok();
 }

@@ -11,9 +11,10 @@
 #
 # Helpers (each fails the test with a message on timeout / error):
 #   start_redis / stop_redis [SIG]          $REDIS_PORT, $REDIS_URL; data in $T/redis
-#   start_coordinator [extra flags]         $PORT, $URL; token in $TOKEN
+#   start_coordinator [extra flags]         $PORT, $URL; token in $TOKEN; roots: $ALLOW
+#                                           (default: --allow-read $T --allow-write $T)
 #   stop_coordinator [SIG]
-#   start_worker NAME [extra flags]         pid in WPID[NAME]; log $T/worker-NAME.log
+#   start_worker NAME [extra flags]         pid in WPID[NAME]; log $T/worker-NAME.log; roots $ALLOW
 #   kill_worker NAME [SIG]
 #   api METHOD PATH [curl args...]          sets HTTP_CODE and HTTP_BODY (token: $API_TOKEN
 #                                           when set, else $TOKEN; API_TOKEN= sends none)
@@ -25,7 +26,8 @@
 #   running_block ID                        "task worker" of a running block task
 #                                           (quantize, transform, cbq-window), or ""
 #   make_model DIR SIZE                     SIZE small (2 layers, hidden 128) | medium (4, 256)
-#   compare_dirs A B                        same file list, every file byte-identical (cmp)
+#   compare_dirs A B                        same file list, every file byte-identical (cmp),
+#                                           the output manifest (.qcal-output.json) aside
 #   pyj EXPR                                evaluates EXPR with d = JSON read from stdin
 set -euo pipefail
 
@@ -49,6 +51,9 @@ T=$(mktemp -d "${TMPDIR:-/tmp}/qcal-$TEST_NAME.XXXXXX")
 STORE=$T/store
 mkdir -p "$STORE" "$T/redis"
 TOKEN=tok-$RANDOM$RANDOM$RANDOM
+# The directories jobs may read and write (common/path_policy.h): the test's
+# own temporary directory, unless a test sets ALLOW before starting processes.
+ALLOW=(--allow-read "$T" --allow-write "$T")
 printf '%s\n' "$TOKEN" >"$T/tokens"
 REDIS_PID="" COORD_PID=""
 declare -A WPID=()
@@ -123,7 +128,7 @@ _coord_up() {
 }
 start_coordinator() {
   "$COORD" --host 127.0.0.1 --port "$PORT" --redis "$REDIS_URL" --tokens "$T/tokens" \
-    --store "$STORE" "$@" >>"$T/coordinator.log" 2>&1 &
+    --store "$STORE" "${ALLOW[@]}" "$@" >>"$T/coordinator.log" 2>&1 &
   COORD_PID=$!
   wait_until 20 "qcal-coordinator on port $PORT" _coord_up
 }
@@ -132,8 +137,8 @@ stop_coordinator() { _stop_pid "$COORD_PID" "${1:-TERM}"; COORD_PID=""; }
 # ---------------------------------------------------------------- workers
 start_worker() {  # start_worker NAME [flags]
   local name=$1; shift
-  "$WORKER" --redis "$REDIS_URL" --store "$STORE" --worker-id "$name" --block-ms 500 "$@" \
-    >>"$T/worker-$name.log" 2>&1 &
+  "$WORKER" --redis "$REDIS_URL" --store "$STORE" --worker-id "$name" --block-ms 500 \
+    "${ALLOW[@]}" "$@" >>"$T/worker-$name.log" 2>&1 &
   WPID[$name]=$!
 }
 kill_worker() { _stop_pid "${WPID[$1]}" "${2:-TERM}"; unset "WPID[$1]"; }
@@ -206,12 +211,14 @@ compare_dirs() {  # compare_dirs A B
   local a=$1 b=$2 f n=0
   [ -d "$a" ] || fail "compare_dirs: $a is not a directory"
   [ -d "$b" ] || fail "compare_dirs: $b is not a directory"
-  diff <(cd "$a" && find . -type f | sort) <(cd "$b" && find . -type f | sort) >&2 ||
+  # The manifest names who published (job, attempt): not part of the checkpoint.
+  diff <(cd "$a" && find . -type f ! -name .qcal-output.json | sort) \
+    <(cd "$b" && find . -type f ! -name .qcal-output.json | sort) >&2 ||
     fail "$a and $b hold different files"
   while IFS= read -r f; do
     cmp "$a/$f" "$b/$f" >&2 || fail "$f differs between $a and $b"
     n=$((n + 1))
-  done < <(cd "$a" && find . -type f | sort)
+  done < <(cd "$a" && find . -type f ! -name .qcal-output.json | sort)
   [ $n -gt 0 ] || fail "$a is empty"
   note "compared $n files: byte-identical ($a vs $b)"
 }
