@@ -22,6 +22,7 @@
 #include "common/model_dir.h"
 #include "kernels/gemm.h"
 #include "common/job_spec.h"
+#include "common/method_registry.h"
 #include "common/plan.h"
 #include "worker/calib/native.h"
 #include "worker/calib/native_eval.h"
@@ -285,6 +286,59 @@ int cmd_inspect(const Flags& f) {
   return 0;
 }
 
+// ---------------------------------------------------------------- registry
+// The method registry (common/method_registry.h): every method row with its options,
+// as a table, as JSON, or as the OpenAPI schema of the recipe object (which
+// api/openapi.yaml embeds between its "generated" markers; a test keeps them equal).
+int cmd_registry(const Flags& f) {
+  const std::string cmd = "registry";
+  if (f.flag("openapi")) {
+    std::cout << recipe_openapi_yaml();
+    return 0;
+  }
+  nlohmann::json rows = nlohmann::json::array();
+  for (const MethodRow& r : method_registry()) {
+    nlohmann::json opts = nlohmann::json::array();
+    for (const OptionSpec& o : r.options) {
+      nlohmann::json j = {{"key", o.key}, {"default", o.def}, {"help", o.help}};
+      if (!o.flag.empty()) j["flag"] = "--" + o.flag;
+      if (!o.neg_flag.empty()) j["negative_flag"] = "--" + o.neg_flag;
+      if (o.type == OptType::kInt || o.type == OptType::kNum) j["range"] = {o.min, o.max};
+      if (!o.choices.empty()) j["choices"] = o.choices;
+      opts.push_back(j);
+    }
+    rows.push_back({{"name", r.name},
+                    {"kind", method_kind_name(r.kind)},
+                    {"summary", r.summary},
+                    {"block_task", r.block_task},
+                    {"whole_model", r.whole_model},
+                    {"rotates_residual", r.rotates_residual},
+                    {"independent_blocks", r.independent_blocks},
+                    {"needs", {{"fp_inputs", r.needs.fp_inputs}, {"act_stats", r.needs.act_stats}}},
+                    {"options", opts}});
+  }
+  if (f.flag("json")) {
+    std::cout << rows.dump(2) << std::endl;
+    return 0;
+  }
+  for (const nlohmann::json& r : rows) {
+    std::printf("%-14s %-15s %s\n", r["kind"].get<std::string>().c_str(),
+                r["name"].get<std::string>().c_str(), r["summary"].get<std::string>().c_str());
+    std::string traits;
+    for (const char* t : {"block_task", "whole_model", "rotates_residual"})
+      if (r[t].get<bool>()) traits += std::string(traits.empty() ? "" : ", ") + t;
+    if (!r["independent_blocks"].get<bool>())
+      traits += std::string(traits.empty() ? "" : ", ") + "chained blocks";
+    if (!traits.empty()) std::printf("%31s(%s)\n", "", traits.c_str());
+    for (const nlohmann::json& o : r["options"]) {
+      std::string flag = o.value("flag", o.value("negative_flag", std::string("")));
+      std::printf("%31s%-22s %-18s default %s\n", "", o["key"].get<std::string>().c_str(),
+                  flag.c_str(), o["default"].dump().c_str());
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 std::vector<Command> embedded_commands() {
@@ -307,6 +361,17 @@ std::vector<Command> embedded_commands() {
        "perplexity of a checkpoint, and KL / top-1 agreement against its FP model",
        "With IntactKV, every sequence must begin with the checkpoint's prefix.", eval_flags(),
        cmd_eval},
+      {"registry",
+       section,
+       "[flags]",
+       "the methods and their recipe options (the method registry)",
+       "Every method row: its kind (transform, weight solver, reconstruction, add-on), what\n"
+       "it needs captured, whether its blocks run as independent tasks, and its options\n"
+       "with flag, default and range. --openapi prints the recipe object's OpenAPI schema\n"
+       "(what api/openapi.yaml embeds).",
+       {{"json", "", "", "print the registry as JSON", ""},
+        {"openapi", "", "", "print the recipe object's OpenAPI schema (YAML)", ""}},
+       cmd_registry},
       {"inspect",
        section,
        "DIR [flags]",

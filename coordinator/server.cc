@@ -221,15 +221,13 @@ json job_detail(const JobInfo& j, const std::vector<TaskInfo>& tasks, double now
   std::stable_sort(windows.begin(), windows.end(),
                    [&](const json& a, const json& b) { return window_of(a) < window_of(b); });
   d["windows"] = windows;
-  // ETA: mean calibrate duration × the calibrate tasks left, over the windows
-  // running at once (1 in sequential mode).
+  // ETA: mean block-task duration × the block tasks left, over the ones running at
+  // once (the workers busy with this job's block tasks now; at least 1).
   json eta;
   if (is_terminal(j.state)) {
     eta = 0.0;
   } else if (cal_done > 0) {
-    const bool parallel = j.spec.is_object() && j.spec.contains("recipe") &&
-                          j.spec["recipe"].value("mode", "") == "parallel";
-    const int64_t width = parallel ? std::max<int64_t>(1, cal_running) : 1;
+    const int64_t width = std::max<int64_t>(1, cal_running);
     eta = cal_sum / static_cast<double>(cal_done) *
           std::ceil(static_cast<double>(cal_left) / static_cast<double>(width));
   }
