@@ -211,7 +211,7 @@ int terminal_columns() {
 }
 
 // The bar redrawn in place on a terminal:
-//   "[####------]  5/12 running  eta 0:42  calibrate-0003@w1  block 3 loss 1.2e-3"
+//   "[####------]  5/12 running  eta 0:42  quantize-0003@w1  block 3 loss 1.2e-3"
 // The bar's width depends only on the terminal's (10 to 30 cells, leaving
 // about 70 for the text), so it does not jump as the text changes; the line
 // is cut to fit, never wrapped (a wrapped line cannot be redrawn with \r).

@@ -97,7 +97,7 @@ bool is_job_id(std::string_view id);
 
 // One node of a job's DAG, as planned by the coordinator.
 struct TaskDef {
-  std::string id;                 // unique within the job, e.g. "calibrate-0003"
+  std::string id;                 // unique within the job, e.g. "quantize-0003"
   std::string type;               // capture | calibrate | assemble | validate
   std::vector<std::string> deps;  // ids of tasks whose results this one reads
   nlohmann::json params = nlohmann::json::object();

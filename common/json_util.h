@@ -21,7 +21,7 @@ namespace qcal {
 size_t json_nesting_exceeds(std::string_view text, int limit);
 
 // One JSON object being read, known by its dotted path in the document
-// ("recipe.gptq"): the typed readers of job_spec.cc and worker/calib/recipe.cc
+// ("recipe.gptq"): the typed readers of job_spec.cc and common/recipe.cc
 // build on it.
 class JsonFields {
  public:

@@ -1,6 +1,6 @@
 // Bounded work (issue #11): every numeric field of a job spec has a cap
 // (common/limits.h) enforced by the parser, the calibration recipe's options
-// have theirs (worker/calib/recipe.cc), and the planner's estimates cannot
+// have theirs (their method registry rows), and the planner's estimates cannot
 // wrap around (common/checked_math.h, common/memory_guard.h).
 #include <gtest/gtest.h>
 
