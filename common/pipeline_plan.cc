@@ -91,26 +91,6 @@ std::string capture_id(int64_t l) { return plan::numbered(plan::kCapture, l); }
 std::string quantize_id(int64_t l) { return plan::numbered(plan::kQuantize, l); }
 std::string window_id(int64_t w) { return plan::numbered(plan::kCbqWindow, w); }
 
-// The CBQ windows of L blocks (worker/calib/cbq.h cbq_plan; the same rule).
-struct Win {
-  int64_t first, last, finalize_last;
-};
-std::vector<Win> windows_of(int64_t L, int64_t window, int64_t overlap) {
-  std::vector<Win> plan;
-  if (L <= 0 || window < 1 || overlap < 0 || overlap >= window) return plan;
-  const int64_t stride = window - overlap;
-  for (int64_t first = 0;; first += stride) {
-    Win w;
-    w.first = first;
-    w.last = std::min<int64_t>(first + window, L) - 1;
-    const bool final_window = w.last == L - 1;
-    w.finalize_last = final_window ? L - 1 : first + stride - 1;
-    plan.push_back(w);
-    if (final_window) break;
-  }
-  return plan;
-}
-
 // What a user can change to make a refused task fit.
 std::string fit_hint(const TaskDef& t, const MemoryEstimate& m) {
   std::string largest;
@@ -247,10 +227,10 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
     const int64_t window = r.reconstruction() == "block" ? 1 : std::min<int64_t>(r.i("cbq_window"), L);
     const int64_t overlap =
         r.reconstruction() == "block" ? 0 : std::min(r.i("cbq_overlap"), window - 1);
-    const std::vector<Win> wins = windows_of(L, window, overlap);
+    const std::vector<plan::CbqWindow> wins = plan::cbq_windows(L, window, overlap);
     windows = static_cast<int64_t>(wins.size());
     for (int64_t w = 0; w < windows; ++w) {
-      const Win& win = wins[static_cast<size_t>(w)];
+      const plan::CbqWindow& win = wins[static_cast<size_t>(w)];
       TaskDef t;
       t.id = window_id(w);
       t.type = plan::kCbqWindow;

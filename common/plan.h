@@ -65,9 +65,11 @@
 // own attempt number and overwrites nothing another task relies on.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 namespace qcal::plan {
 
@@ -88,5 +90,30 @@ inline std::string numbered(const std::string& prefix, int64_t i) {
 }
 // Artifact names.
 inline std::string block_artifact(int64_t layer) { return numbered("block", layer); }
+
+// A CBQ window: blocks first..last are trained together; blocks first..finalize_last
+// are hardened after it (the next window starts at finalize_last + 1 − overlap).
+struct CbqWindow {
+  int64_t first = 0, last = 0;
+  int64_t finalize_last = 0;
+};
+// The windows over L blocks, window ≥ 1, 0 ≤ overlap < window, stride window − overlap:
+// (0,1;0)(1,2;1)(2,3;3) for L 4, window 2, overlap 1. Empty for arguments outside
+// those ranges. The one rule the planner's cbq-window tasks and the worker share.
+inline std::vector<CbqWindow> cbq_windows(int64_t L, int64_t window, int64_t overlap) {
+  std::vector<CbqWindow> plan;
+  if (L <= 0 || window < 1 || overlap < 0 || overlap >= window) return plan;
+  const int64_t stride = window - overlap;
+  for (int64_t first = 0;; first += stride) {
+    CbqWindow w;
+    w.first = first;
+    w.last = std::min<int64_t>(first + window, L) - 1;
+    const bool final_window = w.last == L - 1;
+    w.finalize_last = final_window ? L - 1 : first + stride - 1;
+    plan.push_back(w);
+    if (final_window) break;
+  }
+  return plan;
+}
 
 }  // namespace qcal::plan

@@ -515,19 +515,7 @@ BlockQuantSpec CbqOptions::block_spec(const ModelConfig& c) const {
 }
 
 std::vector<CbqWindow> cbq_plan(int64_t L, int window, int overlap) {
-  std::vector<CbqWindow> plan;
-  if (L <= 0 || window < 1 || overlap < 0 || overlap >= window) return plan;
-  const int64_t stride = window - overlap;
-  for (int64_t first = 0;; first += stride) {
-    CbqWindow w;
-    w.first = first;
-    w.last = std::min<int64_t>(first + window, L) - 1;
-    const bool final_window = w.last == L - 1;
-    w.finalize_last = final_window ? L - 1 : first + stride - 1;
-    plan.push_back(w);
-    if (final_window) break;
-  }
-  return plan;
+  return plan::cbq_windows(L, window, overlap);
 }
 
 CbqState cbq_initial_state(const std::vector<float>& x0, const CbqOptions& o) {

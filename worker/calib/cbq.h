@@ -119,6 +119,7 @@
 #include <vector>
 
 #include "common/model_config.h"
+#include "common/plan.h"
 #include "common/status.h"
 #include "kernels/grad.h"
 #include "worker/calib/activations.h"
@@ -301,11 +302,9 @@ struct CbqOptions {
   BlockQuantSpec block_spec(const ModelConfig& c) const;
 };
 
-struct CbqWindow {
-  int64_t first = 0, last = 0;  // blocks trained (inclusive)
-  int64_t finalize_last = 0;    // blocks first..finalize_last are hardened after it
-};
-// The windows for L blocks. window ≥ 1, 0 ≤ overlap < window (validate()).
+using plan::CbqWindow;  // blocks first..last trained, first..finalize_last hardened after
+// The windows for L blocks (common/plan.h cbq_windows, the planner's rule). window ≥ 1,
+// 0 ≤ overlap < window (validate()).
 std::vector<CbqWindow> cbq_plan(int64_t L, int window, int overlap);
 
 struct CbqWindowReport {
