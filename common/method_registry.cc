@@ -11,50 +11,43 @@ namespace {
 
 using nlohmann::json;
 
-OptionSpec opt_bool(std::string key, std::string flag, bool def, std::string help,
-                    std::string neg_flag = "") {
+// An option's common fields; the typed makers below add the default and range.
+OptionSpec opt(std::string key, std::string flag, OptType type, std::string help) {
   OptionSpec o;
   o.key = std::move(key);
   o.flag = std::move(flag);
-  o.type = OptType::kBool;
-  o.def = def;
+  o.type = type;
   o.help = std::move(help);
+  return o;
+}
+OptionSpec opt_bool(std::string key, std::string flag, bool def, std::string help,
+                    std::string neg_flag = "") {
+  OptionSpec o = opt(std::move(key), std::move(flag), OptType::kBool, std::move(help));
+  o.def = def;
   o.neg_flag = std::move(neg_flag);
   return o;
 }
 OptionSpec opt_int(std::string key, std::string flag, int64_t def, double lo, double hi,
                    std::string help) {
-  OptionSpec o;
-  o.key = std::move(key);
-  o.flag = std::move(flag);
-  o.type = OptType::kInt;
+  OptionSpec o = opt(std::move(key), std::move(flag), OptType::kInt, std::move(help));
   o.def = def;
   o.min = lo;
   o.max = hi;
-  o.help = std::move(help);
   return o;
 }
 OptionSpec opt_num(std::string key, std::string flag, double def, double lo, double hi,
                    std::string help) {
-  OptionSpec o;
-  o.key = std::move(key);
-  o.flag = std::move(flag);
-  o.type = OptType::kNum;
+  OptionSpec o = opt(std::move(key), std::move(flag), OptType::kNum, std::move(help));
   o.def = def;
   o.min = lo;
   o.max = hi;
-  o.help = std::move(help);
   return o;
 }
 OptionSpec opt_str(std::string key, std::string flag, std::string def,
                    std::vector<std::string> choices, std::string help) {
-  OptionSpec o;
-  o.key = std::move(key);
-  o.flag = std::move(flag);
-  o.type = OptType::kString;
+  OptionSpec o = opt(std::move(key), std::move(flag), OptType::kString, std::move(help));
   o.def = std::move(def);
   o.choices = std::move(choices);
-  o.help = std::move(help);
   return o;
 }
 

@@ -50,6 +50,12 @@ QuantSpec weight_spec(const Recipe& r) {
   return s;
 }
 
+Tensor proj_tensor(const ModelConfig& c, const std::vector<float>& W, int p) {
+  Tensor t({proj_out(c, p), proj_in(c, p)});
+  std::copy(W.begin(), W.end(), t.data.begin());
+  return t;
+}
+
 Status stream_block(const QBlock<float>& qb, const ActivationSource& src, ActivationSink* sink,
                     int64_t batch, const LinearInputHook& hook) {
   const int64_t N = src.sequences(), T = src.seqlen(), e = src.seq_elems();

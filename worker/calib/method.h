@@ -122,6 +122,10 @@ bool register_weight_solver(const std::string& name, const WeightSolverMethod* m
 // The weight quantizer of a recipe (bits, group, sym, mse clip) as the engine's QuantSpec.
 QuantSpec weight_spec(const Recipe& r);
 
+// Linear p (kProjNames order) of a block's row-major weights W as an
+// [out, in] tensor (a copy), what the engine's solvers take.
+Tensor proj_tensor(const ModelConfig& c, const std::vector<float>& W, int p);
+
 // Runs `qb` over every sequence of `src` in micro-batches of `batch` sequences,
 // reading each from the source; `sink` (may be null) receives the outputs in order;
 // `hook` sees each linear's input.

@@ -16,12 +16,6 @@
 namespace qcal::calib {
 namespace {
 
-Tensor to_tensor(const std::vector<float>& W, int64_t out, int64_t in) {
-  Tensor t({out, in});
-  std::copy(W.begin(), W.end(), t.data.begin());
-  return t;
-}
-
 int proj_index(const std::string& name) {
   for (int p = 0; p < kNumProj; ++p)
     if (name == kProjNames[p]) return p;
@@ -72,7 +66,7 @@ class Gptq : public WeightSolverMethod {
       for (int p : group) {
         const Tensor H = acc[p]->hessian();
         acc[p].reset();
-        auto res = gptq_quantize(to_tensor(dl.w.w[p], proj_out(c, p), proj_in(c, p)), H, spec, go);
+        auto res = gptq_quantize(proj_tensor(c, dl.w.w[p], p), H, spec, go);
         if (!res.is_ok())
           return res.status().with_context("layer " + std::to_string(in.layer) + " " +
                                            kProjNames[p]);

@@ -5,12 +5,6 @@
 namespace qcal::calib {
 namespace {
 
-Tensor to_tensor(const std::vector<float>& W, int64_t out, int64_t in) {
-  Tensor t({out, in});
-  std::copy(W.begin(), W.end(), t.data.begin());
-  return t;
-}
-
 class Rtn : public WeightSolverMethod {
  public:
   bool needs_inputs() const override { return false; }
@@ -19,7 +13,7 @@ class Rtn : public WeightSolverMethod {
     const ModelConfig& c = *in.c;
     const QuantSpec spec = weight_spec(*in.r);
     for (int p = 0; p < kNumProj; ++p) {
-      auto q = rtn_quantize(to_tensor(dl.w.w[p], proj_out(c, p), proj_in(c, p)), spec);
+      auto q = rtn_quantize(proj_tensor(c, dl.w.w[p], p), spec);
       if (!q.is_ok())
         return q.status().with_context("layer " + std::to_string(in.layer) + " " + kProjNames[p]);
       (*out)[p] = std::move(q).value();
