@@ -338,7 +338,8 @@ Result<nlohmann::json> job_spec_json_from_flags(const Flags& f) {
     std::map<std::string, std::string> key_flag;
     for (const FlagSpec& r : recipe_flags()) {
       const std::string key = recipe_key_of_flag(r.name);
-      if (!key.empty() && !key_flag.count(key)) key_flag[key] = r.name;
+      // The flag the user wrote (--no-act-order), else the key's first flag.
+      if (!key.empty() && (!key_flag.count(key) || f.has(r.name))) key_flag[key] = r.name;
     }
     const std::string m = parsed.status().message();
     if (m.rfind("recipe.", 0) == 0) return flag_error(parsed.status(), key_flag);

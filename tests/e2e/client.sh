@@ -101,7 +101,7 @@ expect 2 "--weight-solver rtn contradicts --method gptq" \
   $QCAL submit "${B[@]}" --method gptq --weight-solver rtn --dry-run
 expect 2 "--a-bits: must be 2, 3, 4, 6, 8 or 16 (got 5)" $QCAL submit "${B[@]}" --method quarot --a-bits 5 --dry-run
 expect 2 "--intactkv-prefix: set without intactkv" $QCAL submit "${B[@]}" --intactkv-prefix 1 --dry-run
-expect 2 "--sym: asymmetric weights are written only as GPTQ / compressed-tensors" \
+expect 2 "--asym: asymmetric weights are written only as GPTQ / compressed-tensors" \
   $QCAL submit "${B[@]}" --method flatquant --a-bits 4 --asym --dry-run
 expect 2 "--window is the number of blocks per quantize task; a reconstruction's window is --cbq-window" \
   $QCAL submit "${B[@]}" --reconstruction cbq --window 2 --dry-run
@@ -114,8 +114,8 @@ expect 2 "--format: compressed-tensors holds quantized weights only, but the rec
 expect 2 "--alpha: an option of transform smoothquant, but the recipe's transform is none" \
   $QCAL submit "${B[@]}" --method gptq --alpha 0.7 --dry-run
 expect 2 "--no-lwc: an option of transform flatquant" $QCAL submit "${B[@]}" --no-lwc --dry-run
-expect 2 "--act-order: an option of weight_solver gptq, but the recipe's weight_solver is rtn" \
-  $QCAL submit "${B[@]}" --method rtn --act-order --dry-run
+expect 2 "--no-act-order: an option of weight_solver gptq, but the recipe's weight_solver is rtn" \
+  $QCAL submit "${B[@]}" --method rtn --no-act-order --dry-run
 # submit --help tells the service's blocks per task from CBQ's window.
 help=$($QCAL submit --help)
 grep -q -- "^  --window N  *blocks per quantize task (CBQ's window: --cbq-window)" <<<"$help" ||

@@ -132,8 +132,11 @@ std::vector<uint8_t> gptq_ref_codes(const Tensor& W, const Tensor& H, const Quan
   std::vector<double> Wd(W.data.begin(), W.data.end());
   std::vector<double> Hd(H.data.begin(), H.data.end());
   std::vector<QParam> params(static_cast<size_t>(O * ((I + gs - 1) / gs)));  // (G, O)
+  // The clip search weighs column c's error by H_cc (a dead input by 1).
+  std::vector<double> cw(static_cast<size_t>(I));
+  for (int64_t i = 0; i < I; ++i) cw[i] = H.at(i, i) == 0.0f ? 1.0 : H.at(i, i);
   if (spec.group_size == -1) {
-    for (int64_t o = 0; o < O; ++o) params[o] = find_qparam(W.ptr() + o * I, I, spec);
+    for (int64_t o = 0; o < O; ++o) params[o] = find_qparam(W.ptr() + o * I, I, spec, cw.data());
   }
   for (int64_t i = 0; i < I; ++i) {
     if (Hd[i * I + i] == 0.0) {
@@ -146,7 +149,8 @@ std::vector<uint8_t> gptq_ref_codes(const Tensor& W, const Tensor& H, const Quan
       for (int64_t g = 0; g * gs < I; ++g) {
         std::vector<float> v;
         for (int64_t c = g * gs; c < std::min(I, g * gs + gs); ++c) v.push_back(Wd[o * I + c]);
-        params[g * O + o] = find_qparam(v.data(), static_cast<int64_t>(v.size()), spec);
+        params[g * O + o] =
+            find_qparam(v.data(), static_cast<int64_t>(v.size()), spec, cw.data() + g * gs);
       }
     }
   }
@@ -195,8 +199,13 @@ std::vector<uint8_t> gptq_ref_codes(const Tensor& W, const Tensor& H, const Quan
         g = j / gs;
         if (j % gs == 0) {
           std::vector<float> v;
-          for (int64_t c = j; c < std::min(I, j + gs); ++c) v.push_back(Wp[o * I + c]);
-          params[g * O + o] = find_qparam(v.data(), static_cast<int64_t>(v.size()), spec);
+          std::vector<double> vw;
+          for (int64_t c = j; c < std::min(I, j + gs); ++c) {
+            v.push_back(Wp[o * I + c]);
+            vw.push_back(cw[perm[c]]);
+          }
+          params[g * O + o] =
+              find_qparam(v.data(), static_cast<int64_t>(v.size()), spec, vw.data());
         }
       }
       const QParam p = params[g * O + o];
@@ -349,10 +358,11 @@ TEST(Gptq, FullGridBeatsNarrowOnTheSameHessian) {
 }
 
 // The MSE clip search inside GPTQ: static groups and per-channel parameters are the
-// searched ones of the original columns; per-group parameters the searched ones of
-// the error-updated columns (checked against the fp64 reference in
-// MatchesFp64Reference). The search trades range for resolution, so on a layer with
-// outliers it must not be worse than GPTQ on the plain range by more than noise.
+// searched ones of the original columns, each column's error weighted by H_cc;
+// per-group parameters the searched ones of the error-updated columns (checked
+// against the fp64 reference in MatchesFp64Reference). The search trades range for
+// resolution, so on a layer with outliers it must not be worse than GPTQ on the
+// plain range by more than noise.
 TEST(Gptq, MseClipSearchesTheGroupParameters) {
   const Layer& L = layer();
   for (int64_t gs : {int64_t{64}, int64_t{-1}}) {
@@ -366,11 +376,13 @@ TEST(Gptq, MseClipSearchesTheGroupParameters) {
     auto rp = gptq_quantize(L.W, L.H, plain, opts);
     ASSERT_TRUE(rm.is_ok() && rp.is_ok());
     const int64_t O = L.W.dim(0), I = L.W.dim(1);
+    std::vector<double> diag(static_cast<size_t>(I));
+    for (int64_t i = 0; i < I; ++i) diag[i] = L.H.at(i, i) == 0.0f ? 1.0 : L.H.at(i, i);
     const int64_t g = gs == -1 ? I : gs;
     int64_t shrunk = 0;
     for (int64_t o = 0; o < O; ++o) {
       for (int64_t c0 = 0; c0 < I; c0 += g) {
-        const QParam want = find_qparam(L.W.ptr() + o * I + c0, g, mse);
+        const QParam want = find_qparam(L.W.ptr() + o * I + c0, g, mse, diag.data() + c0);
         const QParam pl = find_qparam(L.W.ptr() + o * I + c0, g, plain);
         ASSERT_EQ(rm->qlinear.scales[(c0 / g) * O + o], want.scale);
         ASSERT_EQ(rm->qlinear.zeros[(c0 / g) * O + o], want.zero);

@@ -516,6 +516,7 @@ TEST(Recipe, ValidationNamesTheField) {
   EXPECT_TRUE(r.validate().is_ok());
   r = recipe("quarot", 4, 4, 4);
   r.with("weight_solver", "gptq").with("w_group", 32).with("gptq.act_order", true);
+  r.with("gptq.static_groups", false);
   EXPECT_NE(err(r).find("gptq.act_order"), std::string::npos);
   r.with("gptq.static_groups", true);
   EXPECT_TRUE(r.validate().is_ok());
@@ -572,6 +573,7 @@ TEST(Recipe, ValidationNamesTheField) {
   EXPECT_TRUE(r.transforms_fold());
   EXPECT_FALSE(r.folds_completely());
   r.with("weight_solver", "gptq").with("w_group", 32).with("gptq.act_order", true);
+  r.with("gptq.static_groups", false);
   EXPECT_NE(err(r).find("gptq.act_order"), std::string::npos);
 
   // What folds.

@@ -162,7 +162,7 @@ TEST(SpecFlags, EveryRecipeFlag) {
   auto bad = spec_of(args);
   ASSERT_FALSE(bad.is_ok());
   EXPECT_NE(bad.status().message().find(
-                "--act-order: an option of weight_solver gptq, but the recipe's weight_solver is rtn"),
+                "--blocksize: an option of weight_solver gptq, but the recipe's weight_solver is rtn"),
             std::string::npos)
       << bad.status().message();
   // Without them the job is accepted and the coordinator reads back the same recipe.

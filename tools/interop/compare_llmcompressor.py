@@ -8,16 +8,17 @@ Each row quantizes one model at one setting with every contender, then scores
 each output with the same evaluator, `qcal eval --fp-model FP --json` (ppl on the
 held-out tokens and mean KL(FP ‖ quantized) per token):
 
-- *qcal*: `qcal quantize --method gptq` (its defaults: no act-order, group
-  parameters from the error-updated columns, full symmetric grid);
-- *qcal act-order + static*: `--act-order --static-groups`, the column order and
-  group parameters llm-compressor uses by default (actorder "static": columns by
-  descending diag(H), groups fixed on the original columns before the solve);
-- *qcal act-order + static + mse-clip*: the same with qcal's MSE clip search of
-  every group's range (`--mse-clip`; llm-compressor's default observer is plain
-  min-max);
-- *qcal old grid*: `--w-grid narrow`, the symmetric scale absmax/(2^(b−1)−1) qcal used
-  before issue #14 (what moved);
+- *qcal*: `qcal quantize --method gptq` with its defaults (act-order with static
+  groups since issue #14: columns by descending diag(H), group parameters fixed on
+  the original columns, llm-compressor's default actorder "static"; full symmetric
+  grid);
+- *qcal + mse-clip*: the same with `--mse-clip`, qcal's clip search of every
+  group's range, each column's error weighted by its Hessian diagonal H_cc
+  (llm-compressor's default observer is plain min-max);
+- *qcal no act-order*: `--no-act-order --no-static-groups`, qcal's defaults before
+  issue #14 (group parameters from the error-updated columns);
+- *qcal old grid*: the same with `--w-grid narrow`, the symmetric scale
+  absmax/(2^(b−1)−1) qcal used before issue #14 (what the grid moved);
 - *llm-compressor*: `GPTQModifier` (llmcompressor 0.14.0.1, compressed-tensors
   0.19.0, its default actorder "static"), through tools/interop/llmc_quantize.py
   in a venv of its own (tools/interop/requirements-llmcompressor.txt).
@@ -68,9 +69,9 @@ def row_specs(babyllama):
 
 CONTENDERS = [
     ("qcal", []),
-    ("qcal act-order + static", ["--act-order", "--static-groups"]),
-    ("qcal act-order + static + mse-clip", ["--act-order", "--static-groups", "--mse-clip"]),
-    ("qcal old grid", ["--w-grid", "narrow"]),
+    ("qcal + mse-clip", ["--mse-clip"]),
+    ("qcal no act-order", ["--no-act-order", "--no-static-groups"]),
+    ("qcal old grid", ["--w-grid", "narrow", "--no-act-order", "--no-static-groups"]),
     ("llm-compressor", None),
 ]
 
@@ -228,20 +229,22 @@ def table_lines(results, a):
         "the machine was shared with other builds, so wall time is inflated and CPU time is "
         "the comparable measure. RSS = the process's peak resident set, MiB. *L0 qkv* = "
         "GPTQ loss ½tr(ΔW H ΔWᵀ) summed over layer 0's q/k/v (they see the same Hessian, "
-        "from the FP embeddings, in every qcal run), new grid / old grid. "
+        "from the FP embeddings, in every qcal run), *no act-order* / *old grid* (the same "
+        "column order, so the grid alone). "
         f"Versions: {vs or 'llm-compressor not run'}.",
         "",
-        "Contenders: **qcal** = `qcal quantize --method gptq` with its defaults; **act+static** "
-        "= `--act-order --static-groups` (llm-compressor's default order: columns by "
-        "descending diag(H), group parameters fixed on the original columns); **act+static+mse** "
-        "= the same with `--mse-clip` (each group's range by qcal's MSE clip search); "
-        "**old grid** = "
-        "`--w-grid narrow` (scale absmax/(2^(b−1)−1), qcal's symmetric grid before issue #14); "
-        "**llmc** = llm-compressor `GPTQModifier` with its defaults (actorder static, "
-        "memoryless min-max observer, fp32 scales).",
+        "Contenders: **qcal** = `qcal quantize --method gptq` with its defaults (since issue "
+        "#14: act-order with static groups, llm-compressor's default order: columns by "
+        "descending diag(H), group parameters fixed on the original columns); **+mse** = the "
+        "same with `--mse-clip` (each group's range by qcal's clip search, each column's "
+        "error weighted by H_cc); **no act-order** = `--no-act-order --no-static-groups` "
+        "(qcal's defaults before issue #14); **old grid** = the same with `--w-grid narrow` "
+        "(scale absmax/(2^(b−1)−1), qcal's symmetric grid before issue #14); **llmc** = "
+        "llm-compressor `GPTQModifier` with its defaults (actorder static, memoryless min-max "
+        "observer, fp32 scales).",
         "",
-        "| model | setting | FP ppl | qcal ppl | KL | act+static ppl | KL | act+static+mse ppl "
-        "| KL | old grid ppl | KL | llmc ppl | KL | L0 qkv new/old | qcal time / RSS "
+        "| model | setting | FP ppl | qcal ppl | KL | +mse ppl | KL | no act-order ppl "
+        "| KL | old grid ppl | KL | llmc ppl | KL | L0 qkv new/old grid | qcal time / RSS "
         "| llmc time / RSS |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -254,8 +257,8 @@ def table_lines(results, a):
         by = {r["who"]: r for r in results if (r["model"], r["setting"]) == k}
         fp = next((r["fp_ppl"] for r in by.values() if r.get("fp_ppl")), None)
         cells = [k[0], k[1], f"{fp:.4f}" if fp else ""]
-        for who in ("qcal", "qcal act-order + static", "qcal act-order + static + mse-clip",
-                    "qcal old grid", "llm-compressor"):
+        for who in ("qcal", "qcal + mse-clip", "qcal no act-order", "qcal old grid",
+                    "llm-compressor"):
             r = by.get(who)
             if r is None:
                 cells += ["", ""]
@@ -264,10 +267,11 @@ def table_lines(results, a):
             else:
                 cells += [f"error: {r['error'][:60]}", ""]
         q = by.get("qcal", {})
+        n = by.get("qcal no act-order", {})
         o = by.get("qcal old grid", {})
         l = by.get("llm-compressor", {})
-        cells.append(f"{q['l0_qkv_loss'] / o['l0_qkv_loss']:.3f}"
-                     if "l0_qkv_loss" in q and "l0_qkv_loss" in o else "")
+        cells.append(f"{n['l0_qkv_loss'] / o['l0_qkv_loss']:.3f}"
+                     if "l0_qkv_loss" in n and "l0_qkv_loss" in o else "")
         cells.append(f"{q['cpu_seconds']:.1f} ({q['seconds']:.0f}) / {q['peak_rss_mb']:.0f}"
                      if "ppl" in q else "")
         cells.append(f"{l['cpu_seconds']:.1f} ({l['seconds']:.0f}; oneshot {l.get('calib_seconds', 0):.0f})"

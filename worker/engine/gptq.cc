@@ -249,10 +249,20 @@ Result<GptqResult> gptq_quantize(const Tensor& W, const Tensor& H, const QuantSp
   ql.scales.assign(static_cast<size_t>(G * O), 0.0f);  // (G, O)
   ql.zeros.assign(static_cast<size_t>(G * O), 0);      // (G, O)
 
+  // diag(H), a dead input (H[d,d] = 0) counted as 1: the act-order key, and the
+  // weight of each column's error in the MSE clip search (spec.mse_clip), so a
+  // group's range is chosen for the inputs the layer's output depends on most.
+  std::vector<double> diag(static_cast<size_t>(I));
+  for (int64_t i = 0; i < I; ++i) {
+    const float h = H.at(i, i);
+    diag[i] = h == 0.0f ? 1.0 : static_cast<double>(h);
+  }
+  const double* cw = spec.mse_clip ? diag.data() : nullptr;
+
   // 1. Per channel: one quantizer per row from the original W.
   if (per_channel) {
     for (int64_t o = 0; o < O; ++o) {
-      const QParam p = find_qparam(W.ptr() + o * I, I, spec);
+      const QParam p = find_qparam(W.ptr() + o * I, I, spec, cw);
       ql.scales[o] = p.scale;
       ql.zeros[o] = p.zero;
     }
@@ -261,11 +271,8 @@ Result<GptqResult> gptq_quantize(const Tensor& W, const Tensor& H, const QuantSp
   // 2. Dead inputs: H[d,d] = 1 (below, when the working copy is built), W[:, d] = 0.
   std::vector<float> Wp(W.data);  // (O, I), permuted to solver order in step 4
   std::vector<char> dead(static_cast<size_t>(I), 0);
-  std::vector<double> diag(static_cast<size_t>(I));
   for (int64_t i = 0; i < I; ++i) {
-    const float h = H.at(i, i);
-    dead[i] = h == 0.0f;
-    diag[i] = dead[i] ? 1.0 : static_cast<double>(h);
+    dead[i] = H.at(i, i) == 0.0f;
     if (dead[i]) {
       for (int64_t o = 0; o < O; ++o) Wp[o * I + i] = 0.0f;
     }
@@ -276,7 +283,8 @@ Result<GptqResult> gptq_quantize(const Tensor& W, const Tensor& H, const QuantSp
     for (int64_t o = 0; o < O; ++o) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t c0 = g * gs;
-        const QParam p = find_qparam(Wp.data() + o * I + c0, std::min(gs, I - c0), spec);
+        const QParam p = find_qparam(Wp.data() + o * I + c0, std::min(gs, I - c0), spec,
+                                     cw ? cw + c0 : nullptr);
         ql.scales[g * O + o] = p.scale;
         ql.zeros[g * O + o] = p.zero;
       }
@@ -296,6 +304,8 @@ Result<GptqResult> gptq_quantize(const Tensor& W, const Tensor& H, const QuantSp
       std::copy(row.begin(), row.end(), w);
     }
   }
+  std::vector<double> dperm(static_cast<size_t>(I));  // diag(H) in solver order
+  for (int64_t j = 0; j < I; ++j) dperm[j] = diag[perm[j]];
 
   // 5-6. Damping and the upper Cholesky factor of the inverse, fp64, with retries.
   const auto t_factor = Clock::now();
@@ -404,7 +414,7 @@ Result<GptqResult> gptq_quantize(const Tensor& W, const Tensor& H, const QuantSp
                 }
                 cur[c - j] = v;
               }
-              const QParam p = find_qparam(cur.data(), jend - j, spec);
+              const QParam p = find_qparam(cur.data(), jend - j, spec, cw ? dperm.data() + j : nullptr);
               ql.scales[g * O + o] = p.scale;
               ql.zeros[g * O + o] = p.zero;
             }

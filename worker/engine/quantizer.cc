@@ -49,13 +49,15 @@ QParam params_from_range(float lo, float hi, const QuantSpec& spec) {
   return p;
 }
 
-// Σ |ŵ − w|^2.4 over x[0..n), or a value ≥ `stop` as soon as the partial sum
+// Σ weight·|ŵ − w|^2.4 over x[0..n) (weight 1 when null), or a value ≥ `stop` as soon as the partial sum
 // reaches it: terms are non-negative, so such a candidate cannot be strictly better.
-double clip_error(const float* x, int64_t n, QParam p, int maxq, double stop) {
+double clip_error(const float* x, const double* weight, int64_t n, QParam p, int maxq,
+                  double stop) {
   double err = 0.0;
   for (int64_t j = 0; j < n; ++j) {
     const float d = dequantize_code(quantize_code(x[j], p, maxq), p) - x[j];
-    err += static_cast<double>(std::pow(std::fabs(d), kClipNorm));
+    const double e = static_cast<double>(std::pow(std::fabs(d), kClipNorm));
+    err += weight ? weight[j] * e : e;
     if ((j & 7) == 7 && err >= stop) return err;
   }
   return err;
@@ -74,7 +76,7 @@ Status QuantSpec::validate() const {
   return Status::ok();
 }
 
-QParam find_qparam(const float* x, int64_t n, const QuantSpec& spec) {
+QParam find_qparam(const float* x, int64_t n, const QuantSpec& spec, const double* weight) {
   // The range always contains 0 (asymmetric) and sym only needs |x|max, which is
   // max(−lo, hi) of the same range. Comparisons skip NaN.
   float lo = 0.0f;
@@ -95,7 +97,7 @@ QParam find_qparam(const float* x, int64_t n, const QuantSpec& spec) {
   for (int i = 0; i < kClipCandidates; ++i) {
     const float shrink = static_cast<float>(1.0 - static_cast<double>(i) / kClipGrid);
     const QParam p = params_from_range(shrink * lo, shrink * hi, spec);
-    const double err = clip_error(x, n, p, maxq, best);
+    const double err = clip_error(x, weight, n, p, maxq, best);
     if (err < best) {
       best = err;
       best_p = p;
