@@ -5,8 +5,9 @@
 // generated BF16 checkpoint. Its output is byte-identical to what the
 // whole-model assemble wrote before it streamed (golden digests recorded from
 // that build, issue #10 part 2): native QuaRot W4A4KV4 with IntactKV (FP and
-// +Cal), native FlatQuant W4A4KV4, GPTQ QuaRot W4A16 (folds), weight-only
-// GPTQ (act-order), compressed-tensors SpinQuant W8 (tied, mean-subtracted
+// +Cal; and with a vocabulary of 70000, above one block of head rows and one
+// piece of lm_head rows for the prefix logits), native FlatQuant W4A4KV4, GPTQ QuaRot W4A16
+// (folds), weight-only GPTQ (act-order), compressed-tensors SpinQuant W8 (tied, mean-subtracted
 // embedding: untied on output) and weight-only asymmetric compressed-tensors.
 //
 // No input comes from calibration, so the digests change only when assemble's
@@ -58,10 +59,11 @@ struct Source {
   bool bias = false;  // q/k/v bias
   bool tied = false;  // no lm_head.weight
   int64_t layers = 3;
+  int64_t vocab = 128;
 };
 
 ModelConfig source_config(const Source& s) {
-  ModelConfig c = qcal::testing::small_config(128, 128, s.layers);
+  ModelConfig c = qcal::testing::small_config(128, s.vocab, s.layers);
   c.attention_bias = s.bias;
   c.tie_word_embeddings = s.tied;
   c.torch_dtype = DType::kBF16;
@@ -163,6 +165,15 @@ const Case kCases[] = {
      false,
      true,
      "11876c7e86c3ef13e458147e32f1ac03dc2266d712cf93e4ee6bc7fc6308c6cc"},
+    // A vocabulary above one block of head rows (4096) and one piece of prefix-logit
+    // rows (65536 at hidden 64): the head rows on their grid, lm_head by pieces.
+    {"native_quarot_w4a4kv4_intactkv_vocab70000",
+     {false, false, 3, 70000},
+     {{"transform", "quarot"}, {"w_bits", 4}, {"a_bits", 4}, {"kv_bits", 4}, {"intactkv", true}},
+     "native",
+     false,
+     true,
+     "16ff4fc0ec5633458e7dee0ba34e84075069264c0bad3d83a7a547903968272c"},
     {"native_flatquant_w4a4kv4_bias",
      {true, false},
      {{"transform", "flatquant"}, {"w_bits", 4}, {"a_bits", 4}, {"kv_bits", 4}},
