@@ -21,7 +21,6 @@
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
 #include "worker/calib/block.h"
-#include "worker/calib/fp_model.h"
 #include "worker/calib/intactkv.h"
 #include "worker/calib/method.h"
 #include "worker/calib/native.h"

@@ -13,7 +13,11 @@
 // test_eval_memory.cc does: the child fixes malloc's mmap threshold, warms up the
 // BLAS, the thread pool and the code paths (one assemble to another output), reads
 // VmRSS, resets VmHWM (/proc/self/clear_refs "5"), runs the assemble and reports
-// VmHWM − VmRSS before.
+// VmHWM − VmRSS before. Measured here: native 104.0 / 104.4 MiB (2 / 8 layers)
+// against an estimate of 104.0 MiB (the head rows' phase: a block of 4096 rows,
+// the writer's 16 MiB piece, the rotation's fp64 copies, R1); GPTQ 32.1 / 32.2 MiB
+// against 31.9 MiB (the block phase). The whole-model assemble it replaced held
+// every layer and both head matrices: it grew with depth.
 #include <gtest/gtest.h>
 #include <malloc.h>
 #include <sys/wait.h>
