@@ -3,12 +3,38 @@
 #include <algorithm>
 #include <limits>
 
+#include "common/safetensors.h"
+
 namespace qcal {
 
 namespace {
 constexpr uint64_t kF = 4;  // bytes per fp32
 uint64_t u(int64_t v) { return v > 0 ? static_cast<uint64_t>(v) : 0; }
 // The process itself: code, libraries, BLAS buffers, allocator slack.
+
+// The streaming assemble (worker/pipeline.cc run_assemble) holds, never at once, one
+// block result or one block of head rows. `block`: a result being loaded and written
+// (its file's pages and the copy: codes a byte each, scales and zeros, norms and
+// biases; the written form replaces the file's pages). `rows`: a block of kHeadRows
+// embedding / lm_head rows in fp32 (the grid of its rotation) and the writer's piece
+// (kWriteChunkBytes of fp32 rows, or of a copied tensor). `rotate`: the fp64 copies
+// the rotation by R1 makes of a block of head rows.
+constexpr uint64_t kHeadRows = 4096;  // worker/pipeline.cc kHeadRows
+struct AssemblePhases {
+  uint64_t block = 0, rows = 0, rotate = 0;
+};
+AssemblePhases assemble_phases(const MemCtx& m) {
+  AssemblePhases a;
+  const uint64_t groups =
+      m.linear_params / std::max<uint64_t>(1, m.w_group_cols > 0 ? m.w_group_cols : m.max_in);
+  a.block = sat_mul(sat_add(sat_add(m.linear_params, sat_mul(groups, 8)),
+                            sat_mul(m.block_params - m.linear_params, kF)),
+                    2);
+  const uint64_t head = sat_mul(std::min(m.V, kHeadRows), m.H);
+  a.rows = sat_add(sat_mul(head, kF), std::min(sat_mul(sat_mul(m.V, m.H), kF), kWriteChunkBytes));
+  a.rotate = sat_mul(head, 16);
+  return a;
+}
 }  // namespace
 
 uint64_t sat_mul(uint64_t a, uint64_t b) {
@@ -91,15 +117,25 @@ void memory_terms_core(const MemCtx& m, const std::string& task, std::vector<Mem
     const uint64_t chunk = sat_mul(sat_mul(m.train_micro, m.T), sat_mul(m.H, kF));
     parts->push_back({"activations", sat_mul(chunk, k + 6)});
   } else if (task == "assemble") {
-    // One block's result (codes a byte each, norms) and a chunk of embedding / lm_head rows.
-    parts->push_back({"block", sat_add(m.linear_params, sat_mul(m.block_params - m.linear_params + 1, kF))});
-    parts->push_back({"rows", sat_mul(sat_mul(std::min<uint64_t>(m.V, 8192), m.H), kF)});
+    // One block result, or the head rows beyond its bytes (the phases never overlap).
+    const AssemblePhases a = assemble_phases(m);
+    parts->push_back({"block", a.block});
+    parts->push_back({"rows", a.rows > a.block ? a.rows - a.block : 0});
   }
 }
 
 void memory_terms_rotation(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
+  if (task == "assemble") {
+    // R1 (H×H) in fp64, and what the rotation's fp64 copies add to the head rows'
+    // phase beyond the larger of the two phases (memory_terms_core).
+    const AssemblePhases a = assemble_phases(m);
+    const uint64_t without = std::max(a.block, a.rows);
+    const uint64_t with = std::max(a.block, sat_add(a.rows, a.rotate));
+    parts->push_back({"rotation", sat_add(sat_mul(sat_mul(m.H, m.H), 8), with - without)});
+    return;
+  }
   // R1 (H×H) in fp64 and the fp64 copies of a weight being rotated.
-  if (task == "quantize" || task == "cbq-window" || task == "assemble" || task == "transform")
+  if (task == "quantize" || task == "cbq-window" || task == "transform")
     parts->push_back({"rotation", sat_add(sat_mul(sat_mul(m.H, m.H), 8),
                                           sat_mul(sat_mul(std::max(m.I, m.Q), m.H), 16))});
 }

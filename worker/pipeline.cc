@@ -21,7 +21,6 @@
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
 #include "worker/calib/block.h"
-#include "worker/calib/fp_model.h"
 #include "worker/calib/intactkv.h"
 #include "worker/calib/method.h"
 #include "worker/calib/native.h"
@@ -32,12 +31,12 @@
 namespace qcal {
 
 namespace fs = std::filesystem;
-using nlohmann::json;
 using calib::ActivationSource;
 using calib::BlockInputs;
 using calib::BlockResult;
 using calib::Deployed;
 using calib::Fitted;
+using nlohmann::json;
 
 namespace {
 
@@ -73,7 +72,8 @@ std::string str_param(const TaskDef& t, const char* name) {
 }
 
 // Artifact `key` of dep `dep` (which must be among the task's deps).
-Result<ArtifactRef> dep_ref(const TaskContext& ctx, const std::string& dep, const std::string& key) {
+Result<ArtifactRef> dep_ref(const TaskContext& ctx, const std::string& dep,
+                            const std::string& key) {
   auto it = ctx.deps.find(dep);
   if (it == ctx.deps.end())
     return invalid_input("task " + ctx.task.id + ": no result for dep " + dep);
@@ -122,7 +122,8 @@ Result<ArtifactRef> write_fitted(const TaskContext& ctx, const std::string& name
   return ArtifactRef{rel, d.sha256, d.bytes};
 }
 
-Result<ArtifactRef> write_block(const TaskContext& ctx, const BlockResult& b, const ModelConfig& c) {
+Result<ArtifactRef> write_block(const TaskContext& ctx, const BlockResult& b,
+                                const ModelConfig& c) {
   const std::string rel = artifact_rel(ctx, plan::block_artifact(b.layer) + ".safetensors");
   const std::string path = ctx.store->absolute(rel);
   std::error_code ec;
@@ -222,12 +223,14 @@ Result<BlockSetup> deploy_layer(const TaskContext& ctx, const Common& k, int64_t
   BlockSetup s;
   QCAL_ASSIGN_OR_RETURN(s.w, load_block(k, l));
   if (k.trow->needs.act_stats) {
-    QCAL_ASSIGN_OR_RETURN(Fitted f, load_fitted_dep(ctx, plan::numbered(plan::kCapture, l), "stats"));
+    QCAL_ASSIGN_OR_RETURN(Fitted f,
+                          load_fitted_dep(ctx, plan::numbered(plan::kCapture, l), "stats"));
     QCAL_ASSIGN_OR_RETURN(calib::ActStats st, calib::stats_from_fitted(f, k.c));
     s.stats = std::move(st);
   }
   if (k.trow->block_task) {
-    QCAL_ASSIGN_OR_RETURN(s.fitted, load_fitted_dep(ctx, plan::numbered(k.trow->name, l), "params"));
+    QCAL_ASSIGN_OR_RETURN(s.fitted,
+                          load_fitted_dep(ctx, plan::numbered(k.trow->name, l), "params"));
   }
   BlockInputs in;
   in.c = &k.c;
@@ -275,7 +278,8 @@ Result<json> run_embed(const TaskContext& ctx) {
     }
   };
   json arts = json::object();
-  QCAL_ASSIGN_OR_RETURN(auto w, ctx.store->create_activations(artifact_rel(ctx, "x.safetensors"), N, T, H));
+  QCAL_ASSIGN_OR_RETURN(auto w,
+                        ctx.store->create_activations(artifact_rel(ctx, "x.safetensors"), N, T, H));
   const int64_t batch = std::max<int64_t>(1, r.batch());
   for (int64_t s0 = 0; s0 < N; s0 += batch) {
     if (stopping(ctx)) return cancelled("embed");
@@ -292,8 +296,8 @@ Result<json> run_embed(const TaskContext& ctx) {
     p.seqlen = static_cast<int64_t>(p.tokens.size());
     QCAL_ASSIGN_OR_RETURN(Tensor xp, model->embed(p, 0, 1));
     sub_mean(xp.ptr(), p.seqlen);
-    QCAL_ASSIGN_OR_RETURN(
-        auto pw, ctx.store->create_activations(artifact_rel(ctx, "prefix.safetensors"), 1, p.seqlen, H));
+    QCAL_ASSIGN_OR_RETURN(auto pw, ctx.store->create_activations(
+                                       artifact_rel(ctx, "prefix.safetensors"), 1, p.seqlen, H));
     QCAL_RETURN_IF_ERROR(pw->append(xp.ptr(), 1));
     QCAL_ASSIGN_OR_RETURN(ArtifactRef pr, pw->finish());
     add_ref(&arts, "prefix", pr);
@@ -310,7 +314,8 @@ Result<json> run_capture(const TaskContext& ctx) {
   const ModelConfig& c = model->config();
   const Recipe& r = ctx.spec.recipe;
   if (l < 0 || l >= c.num_hidden_layers)
-    return invalid_input("task " + ctx.task.id + ": layer " + std::to_string(l) + " outside the model");
+    return invalid_input("task " + ctx.task.id + ": layer " + std::to_string(l) +
+                         " outside the model");
   QCAL_ASSIGN_OR_RETURN(LayerWeights lw, model->load_layer(l));
   const calib::BlockWeightsT<float> w = calib::to_block_weights(lw);
   static const calib::BlockTransformsT<float> kNoT;
@@ -320,9 +325,9 @@ Result<json> run_capture(const TaskContext& ctx) {
   json arts = json::object();
   if (bool_param(ctx.task, "fp")) {
     QCAL_ASSIGN_OR_RETURN(auto in, open_acts(ctx, fp_producer(l), "x"));
-    QCAL_ASSIGN_OR_RETURN(auto out, ctx.store->create_activations(
-                                        artifact_rel(ctx, "x.safetensors"), in->sequences(),
-                                        in->seqlen(), in->width()));
+    QCAL_ASSIGN_OR_RETURN(
+        auto out, ctx.store->create_activations(artifact_rel(ctx, "x.safetensors"), in->sequences(),
+                                                in->seqlen(), in->width()));
     calib::ActStats st;
     st.init(c.hidden_size, c.intermediate_size);
     const bool stats = bool_param(ctx.task, "stats");
@@ -362,9 +367,11 @@ Result<json> run_transform(const TaskContext& ctx) {
   QCAL_ASSIGN_OR_RETURN(int64_t l, int_param(ctx.task, "layer"));
   QCAL_ASSIGN_OR_RETURN(Common k, open_common(ctx, /*need_global=*/true));
   if (l < 0 || l >= k.c.num_hidden_layers)
-    return invalid_input("task " + ctx.task.id + ": layer " + std::to_string(l) + " outside the model");
+    return invalid_input("task " + ctx.task.id + ": layer " + std::to_string(l) +
+                         " outside the model");
   QCAL_ASSIGN_OR_RETURN(calib::BlockWeightsT<float> w, load_block(k, l));
-  QCAL_ASSIGN_OR_RETURN(Fitted sf, load_fitted_dep(ctx, plan::numbered(plan::kCapture, l), "stats"));
+  QCAL_ASSIGN_OR_RETURN(Fitted sf,
+                        load_fitted_dep(ctx, plan::numbered(plan::kCapture, l), "stats"));
   QCAL_ASSIGN_OR_RETURN(calib::ActStats st, calib::stats_from_fitted(sf, k.c));
   QCAL_ASSIGN_OR_RETURN(auto x, open_acts(ctx, fp_producer(l), "x"));
   QCAL_ASSIGN_OR_RETURN(auto y, open_acts(ctx, plan::numbered(plan::kCapture, l), "x"));
@@ -543,14 +550,15 @@ Result<json> run_quantize(const TaskContext& ctx) {
       calib::ActivationSink* sink = nullptr;
       if (l + 1 == l1) {
         if (is_root(ctx) && write_x) {
-          QCAL_ASSIGN_OR_RETURN(next_file, ctx.store->create_activations(
-                                               artifact_rel(ctx, "x.safetensors"), x->sequences(),
-                                               x->seqlen(), H));
+          QCAL_ASSIGN_OR_RETURN(next_file,
+                                ctx.store->create_activations(artifact_rel(ctx, "x.safetensors"),
+                                                              x->sequences(), x->seqlen(), H));
           sink = next_file.get();
         }
       } else {
         if (scratch.path.empty()) QCAL_RETURN_IF_ERROR(make_scratch(ctx, &scratch).status());
-        QCAL_ASSIGN_OR_RETURN(next_buf, calib::ScratchActivations::create(scratch.path, x->seqlen(), H));
+        QCAL_ASSIGN_OR_RETURN(next_buf,
+                              calib::ScratchActivations::create(scratch.path, x->seqlen(), H));
         sink = next_buf.get();
       }
       const int64_t N = x->sequences(), T = x->seqlen(), batch = std::max<int64_t>(1, r.batch());
@@ -594,7 +602,8 @@ Result<json> run_quantize(const TaskContext& ctx) {
     layers.push_back(rep);
     std::ostringstream line;
     line << "layer " << l + 1 << "/" << L;
-    if (rep.contains("rel_output_error")) line << ": rel output error " << rep["rel_output_error"].get<double>();
+    if (rep.contains("rel_output_error"))
+      line << ": rel output error " << rep["rel_output_error"].get<double>();
     line << " (" << rep["seconds"].get<double>() << " s)";
     say(ctx, line.str());
   }
@@ -639,7 +648,8 @@ Result<std::vector<calib::CbqBlockParams>> carried_from_fitted(const Fitted& f) 
     };
     for (int p = 0; p < calib::kNumProj; ++p) {
       const std::string n = kProjNames[p];
-      if (!f.has(pre + "rho." + n)) return corrupt("cbq state: layer " + std::to_string(b.layer) + " lacks rho");
+      if (!f.has(pre + "rho." + n))
+        return corrupt("cbq state: layer " + std::to_string(b.layer) + " lacks rho");
       get("rho." + n, &b.rho[p]);
       get("a1." + n, &b.a1[p]);
       get("a2." + n, &b.a2[p]);
@@ -712,8 +722,8 @@ Result<json> run_window(const TaskContext& ctx) {
   std::unique_ptr<calib::RotatedSource> q_rot;
   std::vector<calib::CbqBlockParams> carried;
   const std::string prev = plan::numbered(plan::kCbqWindow, w - 1);
-  const bool has_prev = w > 0 && std::find(ctx.task.deps.begin(), ctx.task.deps.end(), prev) !=
-                                     ctx.task.deps.end();
+  const bool has_prev =
+      w > 0 && std::find(ctx.task.deps.begin(), ctx.task.deps.end(), prev) != ctx.task.deps.end();
   calib::CbqStreams io;
   io.x_fp = &fp_rot;
   if (!o.parallel) {
@@ -745,15 +755,16 @@ Result<json> run_window(const TaskContext& ctx) {
   std::unique_ptr<ArtifactStore::ActivationFileWriter> next_file;
   const calib::CbqWindow& win = plan[static_cast<size_t>(w)];
   if (!o.parallel && win.finalize_last + 1 < L && is_root(ctx)) {
-    QCAL_ASSIGN_OR_RETURN(next_file, ctx.store->create_activations(artifact_rel(ctx, "x.safetensors"),
-                                                                   fp_rot.sequences(),
-                                                                   fp_rot.seqlen(), H));
+    QCAL_ASSIGN_OR_RETURN(next_file,
+                          ctx.store->create_activations(artifact_rel(ctx, "x.safetensors"),
+                                                        fp_rot.sequences(), fp_rot.seqlen(), H));
     io.next_q = next_file.get();
   }
   std::vector<calib::CbqBlockParams> carried_out;
   std::vector<calib::CbqLayerResult> finalized;
   calib::CbqWindowReport rep;
-  Status st = calib::cbq_run_window(c, o, plan, w, ptrs, carried, io, &carried_out, &finalized, &rep);
+  Status st =
+      calib::cbq_run_window(c, o, plan, w, ptrs, carried, io, &carried_out, &finalized, &rep);
   if (!st.is_ok()) {
     if (stopping(ctx)) return cancelled(ctx.task.id + ": " + st.message());
     return st;
@@ -774,7 +785,8 @@ Result<json> run_window(const TaskContext& ctx) {
     fin.push_back(res.layer);
   }
   if (!carried_out.empty()) {
-    QCAL_ASSIGN_OR_RETURN(ArtifactRef sr, write_fitted(ctx, "state", carried_to_fitted(carried_out)));
+    QCAL_ASSIGN_OR_RETURN(ArtifactRef sr,
+                          write_fitted(ctx, "state", carried_to_fitted(carried_out)));
     add_ref(&arts, "state", sr);
   }
   if (next_file) {
@@ -904,7 +916,8 @@ Result<calib::NativeModel> native_model(const TaskContext& ctx, const Common& k,
   nm.lm_head = std::move(h.lm_head);
   for (const ArtifactRef& ref : refs) {
     QCAL_RETURN_IF_ERROR(ctx.store->verify(ref));
-    QCAL_ASSIGN_OR_RETURN(BlockResult b, calib::load_block_result(ctx.store->absolute(ref.path), c));
+    QCAL_ASSIGN_OR_RETURN(BlockResult b,
+                          calib::load_block_result(ctx.store->absolute(ref.path), c));
     nm.layers.push_back(calib::native_layer_of(b, nm.w_group));
     if (r.intactkv()) {
       nm.intact_k.push_back(std::move(b.prefix_k));
@@ -959,13 +972,14 @@ Result<json> run_intactkv_cal(const TaskContext& ctx) {
   o.steps = r.i("intactkv_cal_steps");
   o.lr = r.f("intactkv_cal_lr");
   const int64_t every = std::max<int64_t>(1, (o.steps + 15) / 16);
-  auto rep = calib::calibrate_intactkv(nm, fp_t, data, o, [&](int64_t step, int64_t steps, double loss) {
-    if (step % every == 0 || step + 1 == steps) {
-      std::ostringstream line;
-      line << "intactkv-cal " << step + 1 << "/" << steps << ": loss " << loss;
-      say(ctx, line.str());
-    }
-  });
+  auto rep =
+      calib::calibrate_intactkv(nm, fp_t, data, o, [&](int64_t step, int64_t steps, double loss) {
+        if (step % every == 0 || step + 1 == steps) {
+          std::ostringstream line;
+          line << "intactkv-cal " << step + 1 << "/" << steps << ": loss " << loss;
+          say(ctx, line.str());
+        }
+      });
   if (!rep.is_ok()) return rep.status().with_context("intactkv_cal");
   Fitted f;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
@@ -975,12 +989,24 @@ Result<json> run_intactkv_cal(const TaskContext& ctx) {
         std::vector<double>(nm.intact_v[l].begin(), nm.intact_v[l].end());
   }
   QCAL_ASSIGN_OR_RETURN(ArtifactRef ref, write_fitted(ctx, "prefix_kv", f));
-  json report = {{"loss_first", rep->loss_first}, {"loss_last", rep->loss_last},
-                 {"steps", rep->steps}, {"seconds", rep->seconds}};
-  return json{{"artifacts", {{"prefix_kv", ref.to_json()}}}, {"report", {{"intactkv_cal", report}}}};
+  json report = {{"loss_first", rep->loss_first},
+                 {"loss_last", rep->loss_last},
+                 {"steps", rep->steps},
+                 {"seconds", rep->seconds}};
+  return json{{"artifacts", {{"prefix_kv", ref.to_json()}}},
+              {"report", {{"intactkv_cal", report}}}};
 }
 
 // ---------------------------------------------------------------- assemble
+//
+// The assemble task streams (issue #10 part 2): the writers (calib::stream_native,
+// stream_quantized_checkpoint) ask for each layer when they reach it, and the block
+// result is loaded then and dropped after; the embedding and lm_head are made by
+// blocks of rows from the mapped checkpoint; the IntactKV prefix logits read lm_head
+// by blocks of rows. What it holds: one block result (and its written form), one
+// block of head rows with the rotation's fp64 buffers, R1, the writers' pieces, and
+// (IntactKV) the prefix cache and logits. The bytes are those of the whole-model
+// assemble it replaced (tests/unit/test_assemble_stream.cc).
 
 uint64_t dir_bytes(const std::string& dir) {
   uint64_t n = 0;
@@ -990,23 +1016,341 @@ uint64_t dir_bytes(const std::string& dir) {
   return n;
 }
 
-// Copies the tokenizer / generation files of `model_dir` into `dir` (where absent).
-void copy_side_files(const std::string& model_dir, const std::string& dir) {
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(model_dir, ec)) {
-    const std::string name = e.path().filename().string();
-    if (!e.is_regular_file() || name == "config.json" || name.ends_with(".safetensors") ||
-        name.ends_with(".safetensors.index.json") || path_exists(join_path(dir, name)))
-      continue;
-    // A regular file inside the process policy's roots (common/path_policy.h).
-    (void)copy_input_file(e.path().string(), join_path(dir, name));
+// The (V, H) float tensor `name` of the checkpoint; kNotFound / kInvalidInput as
+// ModelDir::read_f32.
+Result<const TensorInfo*> head_tensor(const ModelDir& dir, const std::string& name, int64_t V,
+                                      int64_t H, const SafetensorsFile** file) {
+  const TensorInfo* ti = dir.find(name, file);
+  if (!ti) return not_found(dir.dir() + ": missing tensor " + name);
+  if (ti->shape != std::vector<int64_t>{V, H})
+    return invalid_input(dir.dir() + ": tensor " + name + " has shape " + shape_str(ti->shape) +
+                         ", config implies " + shape_str({V, H}));
+  if (!is_float_dtype(ti->dtype))
+    return invalid_input(dir.dir() + ": tensor " + name + " has non-float dtype " +
+                         dtype_name(ti->dtype));
+  return ti;
+}
+
+// Rows of the output's embedding (`lm_head` false) or lm_head, as output_head() makes
+// them: the checkpoint's rows (the embedding minus each row's mean when the recipe
+// asks; lm_head.weight, or the embedding when tied and absent, times the final norm
+// when the transform folds it), rotated by R1. They are made on output_head()'s grid
+// of kHeadRows-row blocks, so that the rotation's GEMM sees the same shapes and the
+// bytes are the same; one block is kept between calls. `k` must outlive the RowFn.
+constexpr int64_t kHeadRows = 4096;
+Result<RowFn> head_rows(const Common& k, bool lm_head) {
+  const ModelConfig& c = k.c;
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  const ModelDir& dir = k.model->dir();
+  std::string name = "model.embed_tokens.weight";
+  if (lm_head && (dir.has("lm_head.weight") || !c.tie_word_embeddings)) name = "lm_head.weight";
+  const SafetensorsFile* file = nullptr;
+  QCAL_ASSIGN_OR_RETURN(const TensorInfo* ti, head_tensor(dir, name, V, H, &file));
+  auto norm = std::make_shared<std::vector<float>>();
+  if (lm_head && k.transform->folds_final_norm()) {
+    QCAL_ASSIGN_OR_RETURN(Tensor n, dir.read_f32("model.norm.weight", {H}));
+    *norm = std::move(n.data);
   }
+  const bool mean_sub = !lm_head && k.r->b("embed_mean_sub");
+  struct Block {
+    int64_t index = -1;
+    std::vector<float> rows;
+  };
+  auto blk = std::make_shared<Block>();
+  const std::vector<double>* R1 = &k.R1;
+  return RowFn([=](int64_t row0, int64_t rows, float* out) -> Status {
+    const size_t row_bytes = static_cast<size_t>(H) * dtype_size(ti->dtype);
+    for (int64_t v = row0; v < row0 + rows;) {
+      const int64_t b = v / kHeadRows, v0 = b * kHeadRows, n = std::min(kHeadRows, V - v0);
+      if (blk->index != b) {
+        blk->index = -1;
+        blk->rows.resize(static_cast<size_t>(n * H));
+        float* m = blk->rows.data();
+        to_f32(ti->dtype, file->raw(*ti).data() + static_cast<size_t>(v0) * row_bytes, m,
+               static_cast<size_t>(n * H));
+        file->release(*ti, static_cast<uint64_t>(v0) * row_bytes,
+                      static_cast<uint64_t>(v0 + n) * row_bytes);
+        if (mean_sub) {
+          for (int64_t i = 0; i < n; ++i) {
+            float* row = m + i * H;
+            double mean = 0.0;
+            for (int64_t j = 0; j < H; ++j) mean += row[j];
+            mean /= static_cast<double>(H);
+            for (int64_t j = 0; j < H; ++j) row[j] = static_cast<float>(row[j] - mean);
+          }
+        }
+        if (!norm->empty()) {
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < H; ++j)
+              m[i * H + j] = static_cast<float>(static_cast<double>(m[i * H + j]) *
+                                                static_cast<double>((*norm)[j]));
+        }
+        calib::rotate_rows(m, n, H, *R1);
+        blk->index = b;
+      }
+      const int64_t end = std::min(row0 + rows, v0 + n);
+      std::memcpy(out + (v - row0) * H, blk->rows.data() + (v - v0) * H,
+                  static_cast<size_t>((end - v) * H) * sizeof(float));
+      v = end;
+    }
+    if (row0 + rows >= V) *blk = Block();  // the last rows: nothing more to keep
+    return Status::ok();
+  });
+}
+
+// The output's final norm: the checkpoint's, ones when the transform folds it.
+Result<std::vector<float>> output_final_norm(const Common& k) {
+  const int64_t H = k.c.hidden_size;
+  if (k.transform->folds_final_norm()) return std::vector<float>(static_cast<size_t>(H), 1.0f);
+  QCAL_ASSIGN_OR_RETURN(Tensor n, k.model->dir().read_f32("model.norm.weight", {H}));
+  return std::move(n.data);
+}
+
+// The IntactKV prefix's FP logits (P, V), as prefix_logits() makes them (the
+// checkpoint's final norm, then lm_head) with lm_head read by blocks of rows. The
+// product is cut along V at multiples of 64 columns, where sgemm's values are
+// bitwise those of one call over all of V (kernels/gemm.cc, panel_begin).
+Result<std::vector<float>> prefix_logits_by_rows(const TaskContext& ctx, const Common& k) {
+  const ModelConfig& c = k.c;
+  const int64_t H = c.hidden_size, V = c.vocab_size, L = c.num_hidden_layers;
+  QCAL_ASSIGN_OR_RETURN(auto rd, open_acts(ctx, plan::numbered(plan::kCapture, L - 1), "prefix"));
+  const int64_t P = rd->seqlen();
+  std::vector<float> x(static_cast<size_t>(P * H)), xn(x.size());
+  QCAL_RETURN_IF_ERROR(rd->read(0, 1, x.data()));
+  QCAL_ASSIGN_OR_RETURN(Tensor g, k.model->final_norm());
+  rmsnorm_forward(xn.data(), x.data(), g.ptr(), P, H, static_cast<float>(c.rms_norm_eps));
+  const int64_t step =
+      std::max<int64_t>(64, static_cast<int64_t>(kWriteChunkBytes) / (H * 4) / 64 * 64);
+  std::vector<float> w(static_cast<size_t>(std::min(step, V) * H));
+  std::vector<float> logits(static_cast<size_t>(P * V));
+  for (int64_t v0 = 0; v0 < V; v0 += step) {
+    const int64_t n = std::min(step, V - v0);
+    QCAL_RETURN_IF_ERROR(k.model->lm_head_rows(v0, n, w.data()));
+    sgemm(false, true, P, n, H, 1.0f, xn.data(), H, w.data(), H, 0.0f, logits.data() + v0, V);
+  }
+  return logits;
+}
+
+// Every block result's declaration, by layer (each file verified against its ref).
+Result<std::vector<calib::BlockResultDecl>> block_decls(const TaskContext& ctx,
+                                                        const ModelConfig& c,
+                                                        const std::vector<ArtifactRef>& refs) {
+  std::vector<calib::BlockResultDecl> out;
+  for (size_t l = 0; l < refs.size(); ++l) {
+    QCAL_RETURN_IF_ERROR(ctx.store->verify(refs[l]));
+    QCAL_ASSIGN_OR_RETURN(calib::BlockResultDecl d,
+                          calib::load_block_decl(ctx.store->absolute(refs[l].path), c));
+    if (d.layer != static_cast<int64_t>(l))
+      return corrupt(refs[l].path + ": the result of layer " + std::to_string(d.layer) +
+                     " stands for layer " + std::to_string(l));
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
+Result<BlockResult> load_block_at(const TaskContext& ctx, const ModelConfig& c,
+                                  const ArtifactRef& ref) {
+  return calib::load_block_result(ctx.store->absolute(ref.path), c);
+}
+
+// native: the layers from the block results, the head by rows, the IntactKV cache
+// (the blocks' FP one, or +Cal's trained "prefix_kv") and the prefix logits.
+Status assemble_native(const TaskContext& ctx, const Common& k,
+                       const std::vector<ArtifactRef>& refs, const std::string& dest) {
+  const ModelConfig& c = k.c;
+  const Recipe& r = *k.r;
+  const int64_t L = c.num_hidden_layers, K = c.kv_dim();
+  calib::NativeModelDecl decl;
+  decl.config = c;
+  decl.recipe = r.to_json();
+  decl.w_bits = r.w_bits() < 16 ? r.w_bits() : 16;
+  decl.w_group = r.w_bits() < 16 && r.w_group() > 0 ? r.w_group() : -1;
+  if (r.intactkv()) decl.intact_prefix = r.intactkv_prefix_for(c);
+  const int64_t P = static_cast<int64_t>(decl.intact_prefix.size());
+  QCAL_ASSIGN_OR_RETURN(std::vector<calib::BlockResultDecl> decls, block_decls(ctx, c, refs));
+  for (const calib::BlockResultDecl& d : decls) {
+    if (r.intactkv() && d.prefix_rows != P)
+      return invalid_input("assemble: the IntactKV prefix cache of layer " +
+                           std::to_string(d.layer) + " has " + std::to_string(d.prefix_rows) +
+                           " rows, the prefix " + std::to_string(P) + " tokens");
+    decl.layers.push_back(d.native);
+  }
+  // +Cal's trained prefix cache replaces the FP one.
+  std::optional<Fitted> trained;
+  for (const auto& dep : ctx.task.deps) {
+    if (dep != "intactkv-cal" || !r.intactkv()) continue;
+    QCAL_ASSIGN_OR_RETURN(Fitted f, load_fitted_dep(ctx, dep, "prefix_kv"));
+    for (int64_t l = 0; l < L; ++l) {
+      const auto& kk = f.at("k." + std::to_string(l));
+      const auto& vv = f.at("v." + std::to_string(l));
+      if (static_cast<int64_t>(kk.size()) != P * K || static_cast<int64_t>(vv.size()) != P * K)
+        return corrupt("intactkv-cal: the trained cache of layer " + std::to_string(l) +
+                       " has the wrong size");
+    }
+    trained = std::move(f);
+  }
+  std::vector<std::vector<float>> intact_k(static_cast<size_t>(L)),
+      intact_v(static_cast<size_t>(L));
+  std::vector<float> final_norm, logits;
+  QCAL_ASSIGN_OR_RETURN(final_norm, output_final_norm(k));
+  calib::NativeSource src;
+  QCAL_ASSIGN_OR_RETURN(src.embed, head_rows(k, /*lm_head=*/false));
+  QCAL_ASSIGN_OR_RETURN(src.lm_head, head_rows(k, /*lm_head=*/true));
+  src.final_norm = rows_of(final_norm.data(), 1);
+  src.layer = [&](int64_t l) -> Result<calib::NativeLayer> {
+    if (stopping(ctx)) return cancelled("assemble at layer " + std::to_string(l));
+    QCAL_ASSIGN_OR_RETURN(BlockResult b, load_block_at(ctx, c, refs[static_cast<size_t>(l)]));
+    if (r.intactkv() && !trained) {
+      intact_k[static_cast<size_t>(l)] = std::move(b.prefix_k);
+      intact_v[static_cast<size_t>(l)] = std::move(b.prefix_v);
+    }
+    return calib::native_layer_of(b, decl.w_group);
+  };
+  if (r.intactkv()) {
+    src.intact_kv = [&](int64_t l, std::vector<float>* kc, std::vector<float>* vc) -> Status {
+      if (trained) {
+        const auto& kk = trained->at("k." + std::to_string(l));
+        const auto& vv = trained->at("v." + std::to_string(l));
+        kc->assign(kk.begin(), kk.end());
+        vc->assign(vv.begin(), vv.end());
+      } else {
+        *kc = std::move(intact_k[static_cast<size_t>(l)]);
+        *vc = std::move(intact_v[static_cast<size_t>(l)]);
+      }
+      return Status::ok();
+    };
+    src.intact_logits = [&](int64_t row0, int64_t rows, float* out) -> Status {
+      const int64_t V = c.vocab_size;
+      if (logits.empty()) {
+        QCAL_ASSIGN_OR_RETURN(logits, prefix_logits_by_rows(ctx, k));
+        if (static_cast<int64_t>(logits.size()) != P * V)
+          return invalid_input("assemble: the IntactKV prefix states hold " +
+                               std::to_string(logits.size() / static_cast<size_t>(V)) +
+                               " positions, the prefix " + std::to_string(P) + " tokens");
+      }
+      std::memcpy(out, logits.data() + row0 * V, static_cast<size_t>(rows * V) * sizeof(float));
+      return Status::ok();
+    };
+  }
+  return calib::stream_native(decl, src, dest, /*overwrite=*/false);
+}
+
+// GPTQ / compressed-tensors: the quantized linears from the block results, in the
+// writer's order (the module names sorted as strings, one layer's modules together:
+// one result in memory); with a transform, every unquantized tensor it changes
+// (embedding, norms, biases, lm_head) from row sources, in fp32 as the transformed
+// model's, and the config's dtype and tying updated.
+Status assemble_checkpoint(const TaskContext& ctx, const Common& k,
+                           const std::vector<ArtifactRef>& refs, const std::string& format,
+                           const std::string& dest) {
+  const ModelConfig& c = k.c;
+  const Recipe& r = *k.r;
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  const ModelDir& dir = k.model->dir();
+  QCAL_ASSIGN_OR_RETURN(CheckpointFormat f, parse_checkpoint_format(format));
+  QCAL_ASSIGN_OR_RETURN(std::vector<calib::BlockResultDecl> decls, block_decls(ctx, c, refs));
+  const int64_t group = r.w_group() > 0 ? r.w_group() : -1;
+  CheckpointStream in;
+  std::map<std::string, std::pair<int64_t, int>> where;  // module → (layer, projection)
+  for (const calib::BlockResultDecl& d : decls) {
+    if (d.w_bits >= 16) return invalid_input("assemble: " + format + " needs quantized weights");
+    for (int p = 0; p < calib::kNumProj; ++p) {
+      QuantizedLinear q = d.q[p];
+      q.spec.group_size = group;
+      const std::string m = layer_prefix(d.layer) + kProjNames[p];
+      in.linears[m] = linear_decl(q);
+      where[m] = {d.layer, p};
+    }
+  }
+  // The current layer's result; each module is handed out once.
+  int64_t held = -1;
+  BlockResult b;
+  in.provide = [&](const std::string& m) -> Result<QuantizedLinear> {
+    auto it = where.find(m);
+    if (it == where.end()) return internal_error("assemble: no module " + m);
+    const auto [l, p] = it->second;
+    if (held != l) {
+      if (stopping(ctx)) return cancelled("assemble at layer " + std::to_string(l));
+      b = BlockResult();
+      held = -1;
+      QCAL_ASSIGN_OR_RETURN(b, load_block_at(ctx, c, refs[static_cast<size_t>(l)]));
+      held = l;
+    }
+    QuantizedLinear q = std::move(b.q[p]);
+    q.spec.group_size = group;
+    return q;
+  };
+  const bool changes_fp = r.transform() != "none";
+  std::vector<float> final_norm;
+  if (changes_fp) {
+    const bool tied = c.tie_word_embeddings && !k.transform->folds_final_norm() && k.R1.empty() &&
+                      !r.b("embed_mean_sub");
+    auto add = [&](const std::string& name, std::vector<int64_t> shape, RowFn rows) {
+      in.overrides[name] = TensorOverride{DType::kF32, std::move(shape), std::move(rows)};
+    };
+    QCAL_ASSIGN_OR_RETURN(RowFn embed, head_rows(k, /*lm_head=*/false));
+    add("model.embed_tokens.weight", {V, H}, std::move(embed));
+    if (!tied || dir.has("lm_head.weight")) {
+      QCAL_ASSIGN_OR_RETURN(RowFn lm, head_rows(k, /*lm_head=*/true));
+      add("lm_head.weight", {V, H}, std::move(lm));
+    }
+    QCAL_ASSIGN_OR_RETURN(final_norm, output_final_norm(k));
+    add("model.norm.weight", {H}, rows_of(final_norm.data(), 1));
+    // A layer's norms and biases from its result (loaded by whichever of its tensors
+    // the writer reaches first: they sort among its modules).
+    auto block_rows = [&](int64_t l, std::vector<float> BlockResult::*member, int bias) {
+      return RowFn([&, l, member, bias](int64_t row0, int64_t rows, float* out) -> Status {
+        if (held != l) {
+          b = BlockResult();
+          held = -1;
+          QCAL_ASSIGN_OR_RETURN(b, load_block_at(ctx, c, refs[static_cast<size_t>(l)]));
+          held = l;
+        }
+        const std::vector<float>& v = bias >= 0 ? b.bias[static_cast<size_t>(bias)] : b.*member;
+        if (row0 + rows > static_cast<int64_t>(v.size()))
+          return corrupt("assemble: a tensor of layer " + std::to_string(l) + " is short");
+        std::memcpy(out, v.data() + row0, static_cast<size_t>(rows) * sizeof(float));
+        return Status::ok();
+      });
+    };
+    const char* bias_names[3] = {"self_attn.q_proj.bias", "self_attn.k_proj.bias",
+                                 "self_attn.v_proj.bias"};
+    for (const calib::BlockResultDecl& d : decls) {
+      const int64_t l = d.layer;
+      const std::string pre = layer_prefix(l);
+      add(pre + "input_layernorm.weight", {H}, block_rows(l, &BlockResult::input_norm, -1));
+      add(pre + "post_attention_layernorm.weight", {H}, block_rows(l, &BlockResult::post_norm, -1));
+      for (int i = 0; i < 3; ++i) {
+        const std::string name = pre + bias_names[i];
+        if (d.native.bias[static_cast<size_t>(i)]) {
+          add(name, {proj_shape(c, kProjNames[i])[0]}, block_rows(l, nullptr, i));
+        } else if (dir.has(name)) {
+          return invalid_input("assemble: the result of layer " + std::to_string(l) +
+                               " lacks the " + name + " the checkpoint has");
+        }
+      }
+    }
+    in.config_updates = {{"torch_dtype", torch_dtype_name(DType::kF32)},
+                         {"tie_word_embeddings", tied}};
+    if (dir.config_json().contains("dtype"))
+      in.config_updates["dtype"] = torch_dtype_name(DType::kF32);
+  }
+  WriteOptions wo;
+  wo.format = f;
+  wo.overwrite = false;
+  wo.max_shard_bytes = static_cast<uint64_t>(ctx.spec.output.max_shard_mb) << 20;
+  wo.extra_config = {{"meta", {{"qcal_recipe", r.to_json()}}}};
+  if (r.gptq()) {
+    wo.extra_config["damp_percent"] = r.f("gptq.percdamp");
+    wo.extra_config["static_groups"] = r.b("gptq.static_groups");
+    wo.extra_config["true_sequential"] = r.b("gptq.true_sequential");
+  }
+  return stream_quantized_checkpoint(dir, in, wo, dest);
 }
 
 Result<json> run_assemble(const TaskContext& ctx) {
   QCAL_ASSIGN_OR_RETURN(Common k, open_common(ctx, /*need_global=*/true));
   const ModelConfig& c = k.c;
-  const Recipe& r = *k.r;
   const int64_t L = c.num_hidden_layers;
   std::string format = str_param(ctx.task, "format");
   if (format.empty()) {
@@ -1020,84 +1364,9 @@ Result<json> run_assemble(const TaskContext& ctx) {
   QCAL_ASSIGN_OR_RETURN(OutputPublication pub, OutputPublication::begin(ctx));
   const std::string& dest = pub.staging();
   if (format == "native") {
-    QCAL_ASSIGN_OR_RETURN(calib::NativeModel nm, native_model(ctx, k, refs));
-    // +Cal's trained prefix cache replaces the FP one.
-    for (const auto& dep : ctx.task.deps) {
-      if (dep != "intactkv-cal") continue;
-      QCAL_ASSIGN_OR_RETURN(Fitted f, load_fitted_dep(ctx, dep, "prefix_kv"));
-      for (int64_t l = 0; l < L; ++l) {
-        const auto& kk = f.at("k." + std::to_string(l));
-        const auto& vv = f.at("v." + std::to_string(l));
-        if (kk.size() != nm.intact_k[l].size() || vv.size() != nm.intact_v[l].size())
-          return corrupt("intactkv-cal: the trained cache of layer " + std::to_string(l) +
-                         " has the wrong size");
-        nm.intact_k[l].assign(kk.begin(), kk.end());
-        nm.intact_v[l].assign(vv.begin(), vv.end());
-      }
-    }
-    QCAL_RETURN_IF_ERROR(calib::write_native(nm, dest, /*overwrite=*/false));
+    QCAL_RETURN_IF_ERROR(assemble_native(ctx, k, refs, dest));
   } else {
-    // GPTQ / compressed-tensors: the quantized linears, and the unquantized tensors of
-    // the transformed model (the checkpoint's when the transform leaves them alone).
-    QCAL_ASSIGN_OR_RETURN(CheckpointFormat f, parse_checkpoint_format(format));
-    std::map<std::string, QuantizedLinear> qlinears;
-    calib::FpModel tm;
-    const bool changes_fp = r.transform() != "none";
-    if (changes_fp) {
-      tm.config = c;
-      QCAL_ASSIGN_OR_RETURN(Head h, output_head(k));
-      tm.embed = std::move(h.embed);
-      tm.final_norm = std::move(h.final_norm);
-      tm.lm_head = std::move(h.lm_head);
-      tm.config.tie_word_embeddings = c.tie_word_embeddings && !k.transform->folds_final_norm() &&
-                                      k.R1.empty() && !r.b("embed_mean_sub");
-      tm.config.torch_dtype = DType::kF32;
-    }
-    for (int64_t l = 0; l < L; ++l) {
-      QCAL_RETURN_IF_ERROR(ctx.store->verify(refs[l]));
-      QCAL_ASSIGN_OR_RETURN(BlockResult b,
-                            calib::load_block_result(ctx.store->absolute(refs[l].path), c));
-      if (b.w_bits >= 16) return invalid_input("assemble: " + format + " needs quantized weights");
-      for (int p = 0; p < calib::kNumProj; ++p) {
-        QuantizedLinear q = b.q[p];
-        q.spec.group_size = r.w_group() > 0 ? r.w_group() : -1;
-        qlinears[layer_prefix(l) + kProjNames[p]] = std::move(q);
-      }
-      if (changes_fp) {
-        calib::BlockWeightsT<float> w;
-        w.input_norm = b.input_norm;
-        w.post_norm = b.post_norm;
-        for (int p = 0; p < calib::kNumProj; ++p) w.w[p] = b.q[p].dequantize().data;
-        w.bias = b.bias;
-        tm.layers.push_back(std::move(w));
-      }
-    }
-    WriteOptions wo;
-    wo.format = f;
-    wo.overwrite = false;
-    wo.max_shard_bytes = static_cast<uint64_t>(ctx.spec.output.max_shard_mb) << 20;
-    wo.extra_config = {{"meta", {{"qcal_recipe", r.to_json()}}}};
-    if (r.gptq()) {
-      wo.extra_config["damp_percent"] = r.f("gptq.percdamp");
-      wo.extra_config["static_groups"] = r.b("gptq.static_groups");
-      wo.extra_config["true_sequential"] = r.b("gptq.true_sequential");
-    }
-    if (!changes_fp) {
-      QCAL_RETURN_IF_ERROR(write_quantized_checkpoint(k.model->dir(), qlinears, wo, dest));
-    } else {
-      const std::string tmp = out + ".qcal-transformed." + staging_tag();
-      std::error_code ec;
-      fs::remove_all(tmp, ec);
-      Status st = calib::write_fp_model(tm, tmp, /*overwrite=*/true);
-      tm = calib::FpModel();
-      if (st.is_ok()) {
-        copy_side_files(ctx.spec.model, tmp);
-        auto md = ModelDir::open(tmp);
-        st = md.is_ok() ? write_quantized_checkpoint(*md.value(), qlinears, wo, dest) : md.status();
-      }
-      fs::remove_all(tmp, ec);
-      QCAL_RETURN_IF_ERROR(st);
-    }
+    QCAL_RETURN_IF_ERROR(assemble_checkpoint(ctx, k, refs, format, dest));
   }
   QCAL_RETURN_IF_ERROR(pub.commit());
   const uint64_t bytes = dir_bytes(out);

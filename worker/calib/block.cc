@@ -106,7 +106,8 @@ Result<std::vector<T>> read_vec(const SafetensorsFile& f, const std::string& nam
                    " elements, expected " + std::to_string(want));
   return v;
 }
-Result<json> read_meta(const SafetensorsFile& f, const std::string& key, const std::string& format) {
+Result<json> read_meta(const SafetensorsFile& f, const std::string& key,
+                       const std::string& format) {
   auto it = f.header().metadata.find(key);
   if (it == f.header().metadata.end())
     return corrupt(f.path() + ": no " + key + " metadata (not a " + format + " file)");
@@ -157,8 +158,8 @@ Status check_online(const BlockTransformsT<float>& t, const ModelConfig& c, cons
       return corrupt(at + ": an online head transform is not " + std::to_string(n) + "x" +
                      std::to_string(n));
   bool weight_side = false;
-  for (const auto* v : {&t.a1_it, &t.a2_it, &t.u1_it, &t.u2_it, &t.d1_it, &t.d2_it, &t.po_it,
-                        &t.pv, &t.pv_it, &t.ca, &t.cu, &t.cd})
+  for (const auto* v : {&t.a1_it, &t.a2_it, &t.u1_it, &t.u2_it, &t.d1_it, &t.d2_it, &t.po_it, &t.pv,
+                        &t.pv_it, &t.ca, &t.cu, &t.cd})
     weight_side = weight_side || !v->empty();
   if (weight_side) return corrupt(at + ": a weight-side transform among the online ones");
   return Status::ok();
@@ -238,7 +239,8 @@ Deployed deploy_block(const ModelConfig& c, const BlockWeightsT<float>& w,
     Vec up = qb.effective_weight(kUp, false);
     const int64_t I = c.intermediate_size, H = c.hidden_size;
     for (int64_t i = 0; i < I; ++i)
-      for (int64_t j = 0; j < H; ++j) up[static_cast<size_t>(i * H + j)] *= t.cd[static_cast<size_t>(i)];
+      for (int64_t j = 0; j < H; ++j)
+        up[static_cast<size_t>(i * H + j)] *= t.cd[static_cast<size_t>(i)];
     dl.w.w[kUp] = to_f(up);
   }
   dl.online.a1 = to_f(t.a1);
@@ -497,9 +499,10 @@ Status save_block_result(const BlockResult& b, const ModelConfig& c, const std::
     const std::string n = kProjNames[p];
     if (b.w_bits < 16) {
       const QuantizedLinear& q = b.q[p];
-      lin[n] = {{"out", q.out_features}, {"in", q.in_features}, {"bits", q.spec.bits},
-                {"group_size", q.spec.group_size}, {"sym", q.spec.sym},
-                {"mse_clip", q.spec.mse_clip}, {"act_order", q.act_order}};
+      lin[n] = {{"out", q.out_features},   {"in", q.in_features},
+                {"bits", q.spec.bits},     {"group_size", q.spec.group_size},
+                {"sym", q.spec.sym},       {"mse_clip", q.spec.mse_clip},
+                {"act_order", q.act_order}};
       add_vec(e, n + ".q", q.q);
       add_vec(e, n + ".scales", q.scales);
       zeros[p] = q.zeros;
@@ -565,8 +568,8 @@ Result<BlockResult> load_block_result(const std::string& path, const ModelConfig
       q.spec.mse_clip = lj.value("mse_clip", false);
       q.act_order = lj.value("act_order", false);
       if (q.out_features != O || q.in_features != I || q.spec.bits != b.w_bits)
-        return corrupt(at + ": " + n + " is not (" + std::to_string(O) + ", " +
-                       std::to_string(I) + ") at " + std::to_string(b.w_bits) + " bits");
+        return corrupt(at + ": " + n + " is not (" + std::to_string(O) + ", " + std::to_string(I) +
+                       ") at " + std::to_string(b.w_bits) + " bits");
       const int64_t gc = q.spec.group_size > 0 && q.spec.group_size < I ? q.spec.group_size : I;
       const int64_t G = (I + gc - 1) / gc;
       QCAL_ASSIGN_OR_RETURN(q.q, read_vec<uint8_t>(f, n + ".q", O * I));
@@ -614,6 +617,68 @@ Result<BlockResult> load_block_result(const std::string& path, const ModelConfig
   return b;
 }
 
+Result<BlockResultDecl> load_block_decl(const std::string& path, const ModelConfig& c) {
+  auto opened = SafetensorsFile::open(path);
+  if (!opened.is_ok()) return corrupt(opened.status().message());
+  const SafetensorsFile& f = **opened;
+  QCAL_ASSIGN_OR_RETURN(json meta, read_meta(f, kBlockMeta, kBlockFormat));
+  BlockResultDecl d;
+  if (!meta.contains("layer") || !meta["layer"].is_number_integer() || !meta.contains("w_bits") ||
+      !meta["w_bits"].is_number_integer() || !meta.contains("act") || !meta["act"].is_array() ||
+      meta["act"].size() != kNumProj)
+    return corrupt(path + ": qcal.block metadata lacks layer / w_bits / act");
+  d.layer = meta["layer"].get<int64_t>();
+  d.w_bits = meta["w_bits"].get<int>();
+  if (d.layer < 0 || d.layer >= c.num_hidden_layers)
+    return corrupt(path + ": layer " + std::to_string(d.layer) + " outside the model");
+  const std::string at = path + " (layer " + std::to_string(d.layer) + ")";
+  for (int p = 0; p < kNumProj; ++p) {
+    QCAL_ASSIGN_OR_RETURN(d.native.act[p], act_from_json(meta["act"][p], at));
+  }
+  QCAL_ASSIGN_OR_RETURN(d.native.k, act_from_json(meta.value("k", json()), at));
+  QCAL_ASSIGN_OR_RETURN(d.native.v, act_from_json(meta.value("v", json()), at));
+  if (d.w_bits < 16) {
+    for (int p = 0; p < kNumProj; ++p) {
+      const std::string n = kProjNames[p];
+      const json* lj =
+          meta.contains("linears") && meta["linears"].is_object() && meta["linears"].contains(n)
+              ? &meta["linears"][n]
+              : nullptr;
+      if (!lj || !lj->is_object()) return corrupt(at + ": no entry for " + n);
+      QuantizedLinear& q = d.q[p];
+      q.out_features = lj->value("out", int64_t{0});
+      q.in_features = lj->value("in", int64_t{0});
+      q.spec.bits = lj->value("bits", 0);
+      q.spec.group_size = lj->value("group_size", int64_t{-1});
+      q.spec.sym = lj->value("sym", true);
+      q.spec.mse_clip = lj->value("mse_clip", false);
+      q.act_order = lj->value("act_order", false);
+      const int64_t O = proj_out(c, p), I = proj_in(c, p);
+      if (q.out_features != O || q.in_features != I || q.spec.bits != d.w_bits)
+        return corrupt(at + ": " + n + " is not (" + std::to_string(O) + ", " + std::to_string(I) +
+                       ") at " + std::to_string(d.w_bits) + " bits");
+    }
+  }
+  // The tensor list: biases, the activation-side online transforms, the prefix.
+  auto numel = [&](const std::string& name) -> int64_t {
+    const TensorInfo* t = f.find(name);
+    return t ? Tensor::count(t->shape) : 0;
+  };
+  const char* bias_names[3] = {"q_bias", "k_bias", "v_bias"};
+  for (int i = 0; i < 3; ++i) d.native.bias[i] = numel(bias_names[i]) > 0;
+  for (const char* name : {"a1", "a2", "u1", "u2", "d1", "d2", "po", "pk", "pk_it"}) {
+    const int64_t n = numel(std::string("online.") + name);
+    if (n == 0) continue;
+    const int64_t s = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(n))));
+    d.native.online[name] = s * s == n ? s : 0;
+  }
+  const int64_t K = c.kv_dim(), pk = numel("prefix_k");
+  if (pk != numel("prefix_v") || pk % K != 0)
+    return corrupt(at + ": IntactKV prefix K/V sizes do not match");
+  d.prefix_rows = pk / K;
+  return d;
+}
+
 // ---------------------------------------------------------------- fitted state
 
 const std::vector<double>& Fitted::at(const std::string& name) const {
@@ -629,7 +694,8 @@ Status save_fitted(const Fitted& f, const std::string& path) {
     names.push_back({name, v.size()});
     add_vec(e, name, v);
   }
-  const json meta = {{"format", kFittedFormat}, {"version", 1}, {"meta", f.meta}, {"arrays", names}};
+  const json meta = {
+      {"format", kFittedFormat}, {"version", 1}, {"meta", f.meta}, {"arrays", names}};
   return write_st(path, e, kFittedMeta, meta);
 }
 
@@ -665,7 +731,8 @@ Result<ActStats> stats_from_fitted(const Fitted& f, const ModelConfig& c) {
   const std::pair<const char*, int64_t> want[] = {{"attn", H}, {"mlp", H}, {"down", I}};
   for (const auto& [n, size] : want)
     if (!f.has(n) || static_cast<int64_t>(f.at(n).size()) != size)
-      return corrupt(std::string("activation statistics: '") + n + "' missing or of the wrong size");
+      return corrupt(std::string("activation statistics: '") + n +
+                     "' missing or of the wrong size");
   ActStats s;
   s.attn = to_f(f.at("attn"));
   s.mlp = to_f(f.at("mlp"));

@@ -98,7 +98,7 @@ struct BlockResult {
   BlockTransformsT<float> online;            // activation side only (NativeLayer::online)
   std::array<NativeActQuant, kNumProj> act;
   NativeActQuant k, v;
-  std::vector<float> prefix_k, prefix_v;  // IntactKV: (P, K) each, or empty
+  std::vector<float> prefix_k, prefix_v;             // IntactKV: (P, K) each, or empty
   nlohmann::json report = nlohmann::json::object();  // the task's per-layer numbers
 };
 // A NativeLayer of the result (symmetric codes packed; `w_group` −1 or the group size).
@@ -109,6 +109,24 @@ BlockResult block_result(int64_t layer, const Deployed& dl,
 // Atomic (temporary file, fsync, rename). Loading checks every shape against `c`.
 Status save_block_result(const BlockResult& b, const ModelConfig& c, const std::string& path);
 Result<BlockResult> load_block_result(const std::string& path, const ModelConfig& c);
+
+// What a block result's file declares, read from its metadata and tensor list
+// only (no tensor data is copied): what the streaming assemble must know of
+// every layer before it writes (worker/pipeline.cc).
+struct BlockResultDecl {
+  int64_t layer = -1;
+  int w_bits = 16;
+  // w_bits < 16: each linear's out/in features, spec and act_order; no codes,
+  // scales, zeros or g_idx.
+  std::array<QuantizedLinear, kNumProj> q;
+  // The declaration native_layer_of(b) satisfies (the online transforms of
+  // NativeLayer::online present, with their sides; 0 = not square).
+  NativeLayerDecl native;
+  int64_t prefix_rows = 0;  // IntactKV: P of prefix_k / prefix_v (0 = absent)
+};
+// Errors as load_block_result's for the metadata (kCorrupt naming the file and
+// field); the tensor values are checked when the result is loaded.
+Result<BlockResultDecl> load_block_decl(const std::string& path, const ModelConfig& c);
 
 // ---- A method's fitted state: named fp64 arrays and a JSON object, stored as one
 // safetensors file (qcal.fitted v1). Small (FlatQuant: the Kronecker factors,
