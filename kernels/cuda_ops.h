@@ -162,15 +162,15 @@ Status rope_bwd(CudaContext& ctx, float* dx, int64_t T, int64_t heads, int64_t d
 // pk, pv, dpk, dpv (P, n_kv·d); probs (n_h, T, P+T) saved, masked entries 0.
 // cuBLAS strided-batched GEMMs around a row-softmax kernel; the scores are
 // computed for the full (T, P+T) square (the causal half is then overwritten).
-Status attention_fwd(CudaContext& ctx, float* out, const float* q, const float* pk,
-                     const float* pv, int64_t P, const float* k, const float* v, int64_t T,
-                     int64_t n_h, int64_t n_kv, int64_t d, float* probs);
+Status attention_fwd(CudaContext& ctx, float* out, const float* q, const float* pk, const float* pv,
+                     int64_t P, const float* k, const float* v, int64_t T, int64_t n_h,
+                     int64_t n_kv, int64_t d, float* probs);
 // dq, dk, dv overwritten; dpk, dpv accumulated (either may be null). Scratch:
 // n_h·T·(P+T) floats from the context.
 Status attention_bwd(CudaContext& ctx, float* dq, float* dpk, float* dpv, float* dk, float* dv,
-                     const float* dout, const float* q, const float* pk, const float* pv,
-                     int64_t P, const float* k, const float* v, const float* probs, int64_t T,
-                     int64_t n_h, int64_t n_kv, int64_t d);
+                     const float* dout, const float* q, const float* pk, const float* pv, int64_t P,
+                     const float* k, const float* v, const float* probs, int64_t T, int64_t n_h,
+                     int64_t n_kv, int64_t d);
 
 // ---- SwiGLU: out = silu(g) ⊙ u over n elements (out may alias g or u).
 Status swiglu_fwd(CudaContext& ctx, float* out, const float* g, const float* u, int64_t n);
@@ -196,10 +196,10 @@ Status kron_bwd(CudaContext& ctx, float* dx, float* dL, float* dR, const float* 
 // beta_max / beta_min: ClipMode::kLearned parameters, n_beta = 1 (LAC) or rows·G
 // (LWC), device memory; null for kFixed.
 struct DeviceFakeQuantSaved {
-  DeviceArray<float> scale, zero;          // (rows·G)
-  DeviceArray<int64_t> amax_at, amin_at;   // (rows·G) column of the max/min, −1: 0-widened
-  DeviceArray<float> raw_max, raw_min;     // (rows·G) before clipping
-  int64_t groups = 0;                      // rows·G of the forward that filled it
+  DeviceArray<float> scale, zero;         // (rows·G)
+  DeviceArray<int64_t> amax_at, amin_at;  // (rows·G) column of the max/min, −1: 0-widened
+  DeviceArray<float> raw_max, raw_min;    // (rows·G) before clipping
+  int64_t groups = 0;                     // rows·G of the forward that filled it
 };
 // y (rows, cols) = fq(x); y may alias x. `saved` is (re)allocated to rows·G and
 // filled (it may be null when no backward follows). bits ≥ 16: y = x.
@@ -210,8 +210,8 @@ Status fake_quant_fwd(CudaContext& ctx, const FakeQuantSpec& s, float* y, const 
 // the sum over all groups, in a fixed order). kIdentity or bits ≥ 16: dx = dy.
 // `saved` must come from the forward with the same spec, x and shape (its size is checked).
 Status fake_quant_bwd(CudaContext& ctx, const FakeQuantSpec& s, float* dx, float* dbeta_max,
-                      float* dbeta_min, const float* dy, const float* x, int64_t rows,
-                      int64_t cols, const float* beta_max, const float* beta_min, int64_t n_beta,
+                      float* dbeta_min, const float* dy, const float* x, int64_t rows, int64_t cols,
+                      const float* beta_max, const float* beta_min, int64_t n_beta,
                       const DeviceFakeQuantSaved& saved);
 
 // ---- AdamW step over one flat parameter tensor, fp64 masters as the CPU engine

@@ -96,8 +96,7 @@ Status attention_bwd(CudaContext&, float*, float*, float*, float*, float*, const
 Status swiglu_fwd(CudaContext&, float*, const float*, const float*, int64_t) {
   return none("swiglu_fwd");
 }
-Status swiglu_bwd(CudaContext&, float*, float*, const float*, const float*, const float*,
-                  int64_t) {
+Status swiglu_bwd(CudaContext&, float*, float*, const float*, const float*, const float*, int64_t) {
   return none("swiglu_bwd");
 }
 Status kron_fwd(CudaContext&, float*, const float*, const float*, const float*, int64_t, int64_t,

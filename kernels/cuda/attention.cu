@@ -47,8 +47,8 @@ __global__ void causal_softmax_kernel(float* probs, int64_t n_rows, int64_t T, i
 }
 
 // ds (rows of S) holds dP on entry: dS = P ⊙ (dP − rowsum(dP ⊙ P)), zero where masked.
-__global__ void causal_softmax_bwd_kernel(float* ds, const float* probs, int64_t n_rows,
-                                          int64_t T, int64_t P, int64_t S) {
+__global__ void causal_softmax_bwd_kernel(float* ds, const float* probs, int64_t n_rows, int64_t T,
+                                          int64_t P, int64_t S) {
   __shared__ double sd[32];
   for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
     const int64_t t = row % T, valid = P + t + 1;
@@ -65,8 +65,8 @@ __global__ void causal_softmax_bwd_kernel(float* ds, const float* probs, int64_t
   }
 }
 
-Status check_attention(const char* what, int64_t P, int64_t T, int64_t n_h, int64_t n_kv,
-                       int64_t d, bool have_prefix) {
+Status check_attention(const char* what, int64_t P, int64_t T, int64_t n_h, int64_t n_kv, int64_t d,
+                       bool have_prefix) {
   if (T < 0 || P < 0 || d < 0 || n_kv <= 0 || n_h <= 0 || n_h % n_kv != 0) {
     return invalid_input(std::string(what) + ": bad shape (T " + std::to_string(T) + ", P " +
                          std::to_string(P) + ", n_h " + std::to_string(n_h) + ", n_kv " +
@@ -81,9 +81,9 @@ Status check_attention(const char* what, int64_t P, int64_t T, int64_t n_h, int6
 
 }  // namespace
 
-Status attention_fwd(CudaContext& ctx, float* out, const float* q, const float* pk,
-                     const float* pv, int64_t P, const float* k, const float* v, int64_t T,
-                     int64_t n_h, int64_t n_kv, int64_t d, float* probs) {
+Status attention_fwd(CudaContext& ctx, float* out, const float* q, const float* pk, const float* pv,
+                     int64_t P, const float* k, const float* v, int64_t T, int64_t n_h,
+                     int64_t n_kv, int64_t d, float* probs) {
   const char* what = "attention_fwd";
   QCAL_RETURN_IF_ERROR(check_attention(what, P, T, n_h, n_kv, d, pk && pv));
   if (T == 0) return Status::ok();
@@ -104,7 +104,7 @@ Status attention_fwd(CudaContext& ctx, float* out, const float* q, const float* 
                                               d, 0.0f, Ph + P, S, g * T * S, n_kv));
   }
   causal_softmax_kernel<<<grid_for(n_h * T), kSoftmaxThreads, 0, m.stream>>>(probs, n_h * T, T, P,
-                                                                            S);
+                                                                             S);
   QCAL_RETURN_IF_ERROR(launch_status(what));
   for (int64_t r = 0; r < g; ++r) {
     const float* Ph = probs + r * T * S;
@@ -122,9 +122,9 @@ Status attention_fwd(CudaContext& ctx, float* out, const float* q, const float* 
 }
 
 Status attention_bwd(CudaContext& ctx, float* dq, float* dpk, float* dpv, float* dk, float* dv,
-                     const float* dout, const float* q, const float* pk, const float* pv,
-                     int64_t P, const float* k, const float* v, const float* probs, int64_t T,
-                     int64_t n_h, int64_t n_kv, int64_t d) {
+                     const float* dout, const float* q, const float* pk, const float* pv, int64_t P,
+                     const float* k, const float* v, const float* probs, int64_t T, int64_t n_h,
+                     int64_t n_kv, int64_t d) {
   const char* what = "attention_bwd";
   QCAL_RETURN_IF_ERROR(check_attention(what, P, T, n_h, n_kv, d, pk && pv));
   if (T == 0) return Status::ok();
@@ -147,8 +147,8 @@ Status attention_bwd(CudaContext& ctx, float* dq, float* dpk, float* dpv, float*
     QCAL_RETURN_IF_ERROR(gemm_strided_batched(ctx, false, true, T, T, d, 1.0f, dO, qs, g * d, v, ks,
                                               d, 0.0f, dSh + P, S, g * T * S, n_kv));
   }
-  causal_softmax_bwd_kernel<<<grid_for(n_h * T), kSoftmaxThreads, 0, m.stream>>>(dS, probs,
-                                                                                n_h * T, T, P, S);
+  causal_softmax_bwd_kernel<<<grid_for(n_h * T), kSoftmaxThreads, 0, m.stream>>>(dS, probs, n_h * T,
+                                                                                 T, P, S);
   QCAL_RETURN_IF_ERROR(launch_status(what));
   for (int64_t r = 0; r < g; ++r) {
     const float* dSh = dS + r * T * S;
@@ -168,12 +168,12 @@ Status attention_bwd(CudaContext& ctx, float* dq, float* dpk, float* dpv, float*
     // dK_j (+)= scale · dS_hᵀ Q_h;  dV_j (+)= P_hᵀ dO_h
     QCAL_RETURN_IF_ERROR(gemm_strided_batched(ctx, true, false, T, d, T, scale, dSh + P, S,
                                               g * T * S, Q, qs, g * d, first, dk, ks, d, n_kv));
-    QCAL_RETURN_IF_ERROR(gemm_strided_batched(ctx, true, false, T, d, T, 1.0f, Ph + P, S,
-                                              g * T * S, dO, qs, g * d, first, dv, ks, d, n_kv));
+    QCAL_RETURN_IF_ERROR(gemm_strided_batched(ctx, true, false, T, d, T, 1.0f, Ph + P, S, g * T * S,
+                                              dO, qs, g * d, first, dv, ks, d, n_kv));
     // The prefix columns into dPK / dPV, accumulated.
     if (P > 0 && dpk) {
-      QCAL_RETURN_IF_ERROR(gemm_strided_batched(ctx, true, false, P, d, T, scale, dSh, S,
-                                                g * T * S, Q, qs, g * d, 1.0f, dpk, ks, d, n_kv));
+      QCAL_RETURN_IF_ERROR(gemm_strided_batched(ctx, true, false, P, d, T, scale, dSh, S, g * T * S,
+                                                Q, qs, g * d, 1.0f, dpk, ks, d, n_kv));
     }
     if (P > 0 && dpv) {
       QCAL_RETURN_IF_ERROR(gemm_strided_batched(ctx, true, false, P, d, T, 1.0f, Ph, S, g * T * S,

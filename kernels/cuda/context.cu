@@ -28,7 +28,8 @@ Status cublas_status(cublasStatus_t s, const char* what) {
   if (s == CUBLAS_STATUS_ALLOC_FAILED) {
     return resource_exhausted(std::string(what) + ": cuBLAS could not allocate");
   }
-  return internal_error(std::string(what) + ": cuBLAS status " + std::to_string(static_cast<int>(s)));
+  return internal_error(std::string(what) + ": cuBLAS status " +
+                        std::to_string(static_cast<int>(s)));
 }
 
 Status launch_status(const char* what) { return cuda_status(cudaGetLastError(), what); }
@@ -207,8 +208,7 @@ Status check_gemm(const char* what, bool ta, bool tb, int64_t M, int64_t N, int6
                   int64_t ldb, int64_t ldc) {
   if (!fits_int(M) || !fits_int(N) || !fits_int(K)) {
     return invalid_input(std::string(what) + ": shape (" + std::to_string(M) + ", " +
-                         std::to_string(N) + ", " + std::to_string(K) +
-                         ") negative or past 2^31");
+                         std::to_string(N) + ", " + std::to_string(K) + ") negative or past 2^31");
   }
   const int64_t need_a = std::max<int64_t>(1, ta ? M : K);
   const int64_t need_b = std::max<int64_t>(1, tb ? K : N);
@@ -235,8 +235,7 @@ Status gemm(CudaContext& ctx, bool trans_a, bool trans_b, int64_t M, int64_t N, 
   return cublas_status(
       cublasSgemm(m.blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
                   static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B,
-                  static_cast<int>(ldb), A, static_cast<int>(lda), &beta, C,
-                  static_cast<int>(ldc)),
+                  static_cast<int>(ldb), A, static_cast<int>(lda), &beta, C, static_cast<int>(ldc)),
       "gemm: cublasSgemm");
 }
 
@@ -256,11 +255,11 @@ Status gemm_strided_batched(CudaContext& ctx, bool trans_a, bool trans_b, int64_
   CudaContext::Impl& m = ctx.impl();
   QCAL_RETURN_IF_ERROR(cuda_status(cudaSetDevice(m.device), "gemm: cudaSetDevice"));
   return cublas_status(
-      cublasSgemmStridedBatched(
-          m.blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-          static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B,
-          static_cast<int>(ldb), stride_b, A, static_cast<int>(lda), stride_a, &beta, C,
-          static_cast<int>(ldc), stride_c, static_cast<int>(batch)),
+      cublasSgemmStridedBatched(m.blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(N),
+                                static_cast<int>(M), static_cast<int>(K), &alpha, B,
+                                static_cast<int>(ldb), stride_b, A, static_cast<int>(lda), stride_a,
+                                &beta, C, static_cast<int>(ldc), stride_c, static_cast<int>(batch)),
       "gemm_strided_batched: cublasSgemmStridedBatched");
 }
 

@@ -16,11 +16,11 @@ namespace {
 
 struct FqArgs {
   int64_t rows, cols, gs, G;
-  float qmin, qmax;        // integer grid
-  double qmax_d;           // the same, for the fp64 gradient factors
-  float clip_ratio;        // kFixed
+  float qmin, qmax;  // integer grid
+  double qmax_d;     // the same, for the fp64 gradient factors
+  float clip_ratio;  // kFixed
   float min_scale;
-  int64_t n_beta;          // kLearned: 1 (LAC) or rows·G (LWC)
+  int64_t n_beta;  // kLearned: 1 (LAC) or rows·G (LWC)
   bool sym, lwc_range, learned;
 };
 
@@ -156,8 +156,8 @@ __global__ void fq_bwd_kernel(FqArgs a, float* dx, const float* dy, const float*
     const float* dyg = dy + r * a.cols + c0;
     float* dxr = dx + r * a.cols;
     const float raw_max = raw_max_a[idx], raw_min = raw_min_a[idx];
-    const Range gp = group_range(a, raw_max, raw_min, beta_max, beta_min,
-                                 a.learned && a.n_beta == 1 ? 0 : idx);
+    const Range gp =
+        group_range(a, raw_max, raw_min, beta_max, beta_min, a.learned && a.n_beta == 1 ? 0 : idx);
     const float sc = scale[idx], z = zero[idx];
     double ds = 0.0, dxmax = 0.0, dxmin = 0.0;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
@@ -335,8 +335,8 @@ Status fake_quant_fwd(CudaContext& ctx, const FakeQuantSpec& s, float* y, const 
 }
 
 Status fake_quant_bwd(CudaContext& ctx, const FakeQuantSpec& s, float* dx, float* dbeta_max,
-                      float* dbeta_min, const float* dy, const float* x, int64_t rows,
-                      int64_t cols, const float* beta_max, const float* beta_min, int64_t n_beta,
+                      float* dbeta_min, const float* dy, const float* x, int64_t rows, int64_t cols,
+                      const float* beta_max, const float* beta_min, int64_t n_beta,
                       const DeviceFakeQuantSaved& saved) {
   const char* what = "fake_quant_bwd";
   if (rows < 0 || cols < 0) return invalid_input("fake_quant_bwd: negative shape");
@@ -363,8 +363,8 @@ Status fake_quant_bwd(CudaContext& ctx, const FakeQuantSpec& s, float* dx, float
     gb = static_cast<float*>(scratch);
   }
   fq_bwd_kernel<<<grid_for(groups), threads_for(a.gs), 0, m.stream>>>(
-      a, dx, dy, x, beta_max, beta_min, saved.scale.data(), saved.zero.data(),
-      saved.amax_at.data(), saved.amin_at.data(), saved.raw_max.data(), saved.raw_min.data(), gb,
+      a, dx, dy, x, beta_max, beta_min, saved.scale.data(), saved.zero.data(), saved.amax_at.data(),
+      saved.amin_at.data(), saved.raw_max.data(), saved.raw_min.data(), gb,
       gb ? gb + groups : nullptr);
   QCAL_RETURN_IF_ERROR(launch_status(what));
   if (!want_beta) return Status::ok();

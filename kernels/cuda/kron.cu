@@ -63,7 +63,8 @@ Status kron_fwd(CudaContext& ctx, float* y, const float* x, const float* L, cons
     QCAL_ASSIGN_OR_RETURN(void* scratch,
                           m.scratch_at_least(static_cast<size_t>(N) * sizeof(float)));
     float* w = static_cast<float*>(scratch);
-    QCAL_RETURN_IF_ERROR(gemm(ctx, false, false, rows * n1, n2, n2, 1.0f, x, n2, R, n2, 0.0f, w, n2));
+    QCAL_RETURN_IF_ERROR(
+        gemm(ctx, false, false, rows * n1, n2, n2, 1.0f, x, n2, R, n2, 0.0f, w, n2));
     Z = w;
   }
   // Y_t = Lᵀ Z_t
@@ -96,7 +97,8 @@ Status kron_bwd(CudaContext& ctx, float* dx, float* dL, float* dR, const float* 
     }
     QCAL_RETURN_IF_ERROR(rows_to_n1(ctx, w2, Z, rows, n1, n2));
     QCAL_RETURN_IF_ERROR(rows_to_n1(ctx, w1, dy, rows, n1, n2));
-    QCAL_RETURN_IF_ERROR(gemm(ctx, false, true, n1, n1, cols, 1.0f, w2, cols, w1, cols, 1.0f, dL, n1));
+    QCAL_RETURN_IF_ERROR(
+        gemm(ctx, false, true, n1, n1, cols, 1.0f, w2, cols, w1, cols, 1.0f, dL, n1));
   }
   if (!want_r && !dx) return Status::ok();
   const float* M = dy;  // M_t = L dY_t

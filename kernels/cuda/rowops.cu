@@ -136,8 +136,7 @@ Status rope(CudaContext& ctx, float* x, int64_t T, int64_t heads, int64_t d, int
             double theta, double sign, const char* what) {
   if (T < 0 || heads < 0 || d < 0 || d % 2 != 0) {
     return invalid_input(std::string(what) + ": bad shape (T " + std::to_string(T) + ", heads " +
-                         std::to_string(heads) + ", d " + std::to_string(d) +
-                         "); d must be even");
+                         std::to_string(heads) + ", d " + std::to_string(d) + "); d must be even");
   }
   if (!(theta > 0.0)) return invalid_input(std::string(what) + ": theta must be > 0");
   if (T == 0 || heads == 0 || d == 0) return Status::ok();
@@ -149,16 +148,15 @@ Status rope(CudaContext& ctx, float* x, int64_t T, int64_t heads, int64_t d, int
     inv_freq[i] = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(d));
   const size_t freq_bytes = static_cast<size_t>(half) * sizeof(double);
   const size_t table = static_cast<size_t>(T * half);
-  QCAL_ASSIGN_OR_RETURN(void* scratch,
-                        m.scratch_at_least(freq_bytes + 2 * table * sizeof(float)));
+  QCAL_ASSIGN_OR_RETURN(void* scratch, m.scratch_at_least(freq_bytes + 2 * table * sizeof(float)));
   double* d_freq = static_cast<double*>(scratch);
   float* cs = reinterpret_cast<float*>(static_cast<char*>(scratch) + freq_bytes);
   float* sn = cs + table;
   QCAL_RETURN_IF_ERROR(cuda_status(
       cudaMemcpyAsync(d_freq, inv_freq.data(), freq_bytes, cudaMemcpyHostToDevice, m.stream),
       what));
-  rope_table_kernel<<<grid_for((T * half + 255) / 256), 256, 0, m.stream>>>(cs, sn, d_freq, T,
-                                                                            half, pos0, sign);
+  rope_table_kernel<<<grid_for((T * half + 255) / 256), 256, 0, m.stream>>>(cs, sn, d_freq, T, half,
+                                                                            pos0, sign);
   QCAL_RETURN_IF_ERROR(launch_status(what));
   rope_rotate_kernel<<<grid_for((T * heads * half + 255) / 256), 256, 0, m.stream>>>(x, cs, sn, T,
                                                                                      heads, d);
@@ -318,7 +316,7 @@ Status adamw_step(CudaContext& ctx, double* p, double* m, double* v, const doubl
   if (n == 0) return Status::ok();
   QCAL_RETURN_IF_ERROR(enter(ctx, "adamw_step"));
   adamw_kernel<<<grid_for((n + 255) / 256), 256, 0, ctx.impl().stream>>>(p, m, v, g, n,
-                                                                        adamw_consts(step));
+                                                                         adamw_consts(step));
   return launch_status("adamw_step");
 }
 
