@@ -207,11 +207,12 @@ if [ -d "$CARRY" ]; then
     root=$BUILD/blas-root
     rm -rf "$root" && mkdir -p "$root"
     for deb in "$CARRY"/debs/*.deb; do
-      if command -v dpkg-deb >/dev/null; then
+      if command -v dpkg-deb >/dev/null && [ -z "${QCAL_GPU_CHECK_NO_DPKG:-}" ]; then
         dpkg-deb -x "$deb" "$root" || fail "unpacking $deb"
-      else  # ar + tar: a .deb is an ar archive holding data.tar.*
-        (cd "$root" && ar p "$deb" "$(ar t "$deb" | grep '^data.tar')" | tar -x --auto-compress -f - 2>/dev/null ||
-          ar p "$deb" data.tar.xz | tar -xJ) || fail "unpacking $deb (no dpkg-deb)"
+      else  # a .deb is an ar archive holding data.tar.{xz,zst,gz}
+        member=$(cd "$BUILD" && ar t "$deb" | grep '^data\.tar') || fail "no data.tar in $deb"
+        (cd "$BUILD" && ar x "$deb" "$member" && tar -xf "$member" -C "$root" && rm -f "$member") ||
+          fail "unpacking $deb (ar + tar)"
       fi
     done
     # libopenblas.so.0 (linked by path) and the libgfortran / libquadmath it loads.
