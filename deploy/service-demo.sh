@@ -29,8 +29,9 @@
 #   QCAL_BUILD_DIR=build-x bash deploy/service-demo.sh
 #
 # Outputs (checkpoints, each finished job as JSON, the table) stay in
-# out/service-demo/; Redis data, the artifact store and the logs live in a
-# temporary directory that is removed at the end (QCAL_KEEP_TMP=1 keeps it).
+# out/service-demo/ (QCAL_DEMO_OUT=DIR: there instead); Redis data, the
+# artifact store and the logs live in a temporary directory that is removed at
+# the end (QCAL_KEEP_TMP=1 keeps it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${QCAL_BUILD_DIR:-build}
@@ -47,7 +48,7 @@ command -v python3 >/dev/null || { echo "service-demo: python3 missing (run depl
 # MODEL CALIB EVAL SEQLEN DATA_ROOT ABOUT NSAMPLES, DEMO_JOBS, DEMO_GATE, demo_table
 . deploy/demo-lib.sh
 
-D=out/service-demo
+D=${QCAL_DEMO_OUT:-out/service-demo}
 # Outputs of an earlier run (also the earlier demo's generated model): qcal
 # replaces only directories it published (.qcal-output.json).
 rm -rf "$D/m" "$D"/q-* "$D"/job-*.json "$D/report.json" "$D/table.txt"
