@@ -22,7 +22,9 @@
 #   QCAL_7B_HIDDEN 4096  QCAL_7B_INTERMEDIATE 11008  QCAL_7B_HEADS 32  QCAL_7B_VOCAB 32000
 #   QCAL_7B_LAYERS "2 8"   the two depths (the first is also the 1-vs-2-worker one)
 #   QCAL_7B_NSAMPLES 4  QCAL_7B_SEQLEN 64  QCAL_7B_EPOCHS 1  QCAL_7B_CALI_BSZ 2
-#   QCAL_THREADS 1 (each worker)   TMPDIR (the models: ~3.3 GB at 8 layers, bf16)
+#   QCAL_THREADS 1 (each worker)
+#   TMPDIR: the models (1.3 + 3.6 GB, bf16) and one run's artifacts and output
+#   (≤ 3 GB; each run's are removed once measured): ~8 GB free at the 7B shape
 # A rehearsal at a small width:
 #   QCAL_7B_HIDDEN 512 QCAL_7B_INTERMEDIATE 1376 QCAL_7B_HEADS 8 QCAL_7B_VOCAB 4096 bench/service_7b.sh
 # Results are written to $QCAL_7B_RESULTS (default bench-service_7b.txt) too.
@@ -155,11 +157,13 @@ print(json.dumps({"L": L, "N": N, "span": span, "job_s": job[1] - job[0],
                   "hwm_kb": hwm, "rss_kb": rss,
                   "task_s": {t["id"]: round(t["end"] - t["start"], 1) for t in tasks}}))
 PY
+  rm -rf "${T:?}/out-$L-$N" "${STORE:?}/jobs/$id"  # disk: keep one run's at a time
 }
 
 L1=${LAYERS[0]} L2=${LAYERS[1]}
 run "$L1" 1
 run "$L1" 2
+rm -rf "${T:?}/m$L1"
 run "$L2" 2
 
 python3 - "$T" "$L1" "$L2" <<'PY' | tee -a "$RESULTS"
@@ -169,18 +173,19 @@ runs = {k: json.load(open(f"{T}/run-{k}.json")) for k in (f"{L1}-1", f"{L1}-2", 
 mb = lambda kb: kb / 1024
 block = ("embed", "capture", "transform", "quantize")
 print()
-print("%-7s %-7s %-6s %10s %10s %12s %12s %12s %12s" % ("layers", "workers", "worker", "VmHWM_MB",
-      "blocks_MB", "assemble_MB", "validate_MB", "job_s", "transform_span_s"))
+print("%-7s %-7s %-6s %9s %9s %10s %12s %11s %11s %12s %8s %17s" % ("layers", "workers", "worker",
+      "VmHWM_MB", "blocks_MB", "capture_MB", "transform_MB", "quantize_MB", "assemble_MB",
+      "validate_MB", "job_s", "transform_span_s"))
+opt = lambda rs, t: "%.0f" % mb(rs[t]) if t in rs else "-"
 peak_blocks = {}
 for k, r in runs.items():
     for w in sorted(r["hwm_kb"]):
         rs = r["rss_kb"].get(w, {})
         b = max([rs.get(t, 0) for t in block])
         peak_blocks.setdefault(k, []).append(b)
-        print("%-7d %-7d %-6s %10.0f %10.0f %12s %12s %12.0f %12.1f" % (r["L"], r["N"], w,
-              mb(r["hwm_kb"][w]), mb(b),
-              "%.0f" % mb(rs["assemble"]) if "assemble" in rs else "-",
-              "%.0f" % mb(rs["validate"]) if "validate" in rs else "-", r["job_s"], r["span"]))
+        print("%-7d %-7d %-6s %9.0f %9.0f %10s %12s %11s %11s %12s %8.0f %17.1f" % (r["L"], r["N"], w,
+              mb(r["hwm_kb"][w]), mb(b), opt(rs, "capture"), opt(rs, "transform"),
+              opt(rs, "quantize"), opt(rs, "assemble"), opt(rs, "validate"), r["job_s"], r["span"]))
 print()
 for k, r in runs.items():
     print("L=%d N=%d transform tasks (s, worker): %s" % (r["L"], r["N"], ", ".join(
