@@ -146,8 +146,9 @@ std::vector<MethodRow> build() {
          opt_num("spin_lr", "spin-lr", 1.5, 1e-9, 100.0, "peak learning rate"),
          opt_int("spin_bsz", "spin-bsz", 4, 1, 4096, "sequences per step"),
          opt_int("spin_holdout", "spin-holdout", 8, 0, 4096,
-                 "calibration sequences held out to score the rotations; the best-scoring "
-                 "(the initial QuaRot ones included) are kept (0: keep the last)")});
+                 "calibration sequences held out to score the rotations: the best of those "
+                 "significantly better than the initial (QuaRot) ones is kept, else the "
+                 "initial (0: keep the last)")});
     r.rotates_residual = true;
     r.whole_model = true;
     r.memory = memory_terms_spinquant;

@@ -113,27 +113,28 @@ struct TrainGraph {
   }
 };
 
-// Mean cross-entropy of sequences [first, first + n) of `seqs` through the graph
-// (batches of `bsz`, no gradients).
-double heldout_loss(TrainGraph& g, const FpModel& base, const std::vector<double>& R1,
-                    const std::vector<std::vector<double>>& R2, const TokenSequences& seqs,
-                    int64_t first, int64_t n, int64_t bsz) {
+// Cross-entropy of each sequence [first, first + n) of `seqs` through the graph
+// (no gradients).
+std::vector<double> heldout_losses(TrainGraph& g, const FpModel& base,
+                                   const std::vector<double>& R1,
+                                   const std::vector<std::vector<double>>& R2,
+                                   const TokenSequences& seqs, int64_t first, int64_t n) {
   const FpModel m = g.rotated(base, R1, R2);
-  double sum = 0.0;
-  for (int64_t s = 0; s < n; s += bsz) {
-    const int64_t b = std::min(bsz, n - s);
-    sum += static_cast<double>(b) *
-           fp_model_loss(m, seqs.seq(first + s), b, seqs.seqlen, nullptr, &g.plans);
-  }
-  return sum / static_cast<double>(n);
+  std::vector<double> out(static_cast<size_t>(n));
+  for (int64_t s = 0; s < n; ++s)
+    out[static_cast<size_t>(s)] =
+        fp_model_loss(m, seqs.seq(first + s), 1, seqs.seqlen, nullptr, &g.plans);
+  return out;
 }
 
 // The learning loop (fp64 Stiefel masters R1, R2 in place). The last spin_holdout
 // calibration sequences are held out: the rotations are scored on them before the
 // first step (the QuaRot initialization), every tenth of the run and after the
-// last step, and the best-scoring rotations are kept, so the result is never worse
-// than QuaRot's on held-out data of the training objective (report: spin_heldout,
-// spin_kept_step, spin_fallback = the initialization was kept).
+// last step; the best-scoring rotations among those significantly better than the
+// initialization are kept, else the initialization, so the result is never worse
+// than QuaRot's on held-out data of the training objective (report: spin_heldout
+// [{step, loss, significant}], spin_kept_step, spin_fallback = the initialization
+// was kept).
 Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const Recipe& r,
                        std::vector<double>* R1, std::vector<std::vector<double>>* R2,
                        nlohmann::json* report, const ProgressFn& progress) {
@@ -165,17 +166,38 @@ Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const
   std::vector<std::vector<double>> best_R2 = *R2;
   double best = 0.0;
   int64_t best_step = 0;
+  std::vector<double> init;  // per held-out sequence, at step 0
   auto score = [&](int64_t step) {
     if (held <= 0) return;
-    const double h = heldout_loss(graph, base, *R1, *R2, calib, ntrain, held, B);
-    if (report) (*report)["spin_heldout"].push_back({{"step", step}, {"loss", h}});
-    LOG_INFO << "spinquant: held-out loss " << h << " after " << step << " steps";
-    // A later step must beat the best by more than float noise (1e-6 relative): with
-    // the quantizers off every rotation scores the same and the initialization stays.
-    if (step == 0 || (std::isfinite(h) && h < best - 1e-6 * std::fabs(best))) {
-      best = h, best_step = step;
-      best_R1 = *R1, best_R2 = *R2;
+    const std::vector<double> ls = heldout_losses(graph, base, *R1, *R2, calib, ntrain, held);
+    double h = 0.0;
+    for (double x : ls) h += x / static_cast<double>(held);
+    bool significant = false;
+    if (step == 0) {
+      init = ls;
+      best = h;
+    } else {
+      // Kept only when better than the initialization by more than noise: the mean
+      // per-sequence gain must exceed twice its standard error (and 1e-6 relative,
+      // float noise: with the quantizers off every rotation scores the same).
+      double gain = 0.0, var = 0.0;
+      for (size_t i = 0; i < ls.size(); ++i) gain += (init[i] - ls[i]) / static_cast<double>(held);
+      for (size_t i = 0; i < ls.size(); ++i) {
+        const double e = init[i] - ls[i] - gain;
+        var += e * e / static_cast<double>(std::max<int64_t>(held - 1, 1));
+      }
+      const double se = std::sqrt(var / static_cast<double>(held));
+      significant = std::isfinite(h) && gain > 2.0 * se && gain > 1e-6 * std::fabs(best);
+      if (significant && h < best) {
+        best = h, best_step = step;
+        best_R1 = *R1, best_R2 = *R2;
+      }
     }
+    if (report)
+      (*report)["spin_heldout"].push_back(
+          {{"step", step}, {"loss", h}, {"significant", significant}});
+    LOG_INFO << "spinquant: held-out loss " << h << " after " << step << " steps"
+             << (significant ? " (significantly below the start)" : "");
   };
   score(0);
 
