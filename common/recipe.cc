@@ -305,6 +305,11 @@ Status Recipe::validate_fields() const {
     return invalid_input(
         "lora_rank: must be >= 1 with weight_solver lora-rounding (learned step sizes with "
         "round to nearest only is weight_solver rtn)");
+  if (t == "spinquant" && ws == "gptq" && a_bits() == 16 && kv_bits() == 16 && w_bits() < 16)
+    return invalid_input(
+        "transform: spinquant with weight_solver gptq and a_bits = kv_bits = 16 is refused: "
+        "rotations learned for round-to-nearest weights measured worse than QuaRot's once GPTQ "
+        "rounds them (docs/SPINQUANT.md); use quarot with gptq, or spinquant with rtn");
   if (b("embed_mean_sub") && t != "quarot" && t != "spinquant")
     return invalid_input("embed_mean_sub: only with transform quarot or spinquant");
   // A method's option given while the method is not in the recipe does nothing: refused

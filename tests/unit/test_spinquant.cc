@@ -106,7 +106,7 @@ TEST(SpinQuant, ZeroStepsDeployQuaRotBitForBit) {
     std::string solver;
   };
   for (const Case& c : {Case{4, 4, 4, "rtn"}, Case{4, 4, 4, "gptq"}, Case{4, 16, 4, "gptq"},
-                        Case{4, 16, 16, "rtn"}, Case{4, 16, 16, "gptq"}}) {
+                        Case{4, 16, 16, "rtn"}}) {
     const std::string tag = "w" + std::to_string(c.w) + "a" + std::to_string(c.a) + "kv" +
                             std::to_string(c.kv) + "-" + c.solver;
     SCOPED_TRACE(tag);
