@@ -58,9 +58,9 @@ void add_a_bt(std::vector<double>& dR, const std::vector<float>& A, const std::v
 // deploy_rotated deploys them (R4 and the cross-head Hadamard unless the recipe
 // folds everything, R3 when K is quantized) and the recipe's quantizers with the
 // identity STE and fixed clips, weights included (RTN at w_bits) whatever the final
-// weight solver: the reference trains at W16 when GPTQ follows (§4.2, §10.4), which
-// measured worse here (docs/SPINQUANT.md: the W16 objective's gains did not carry
-// over to the deployed model on the real model).
+// weight solver. The reference trains at W16 when GPTQ follows (§4.2, §10.4); here
+// the W16-trained rotations landed behind QuaRot + GPTQ on the real model, the
+// W4-trained ones never did (docs/SPINQUANT.md).
 struct TrainGraph {
   std::vector<BlockTransformsT<float>> tf;
   std::vector<BlockClipT<float>> clips;
