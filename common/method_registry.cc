@@ -137,7 +137,11 @@ std::vector<MethodRow> build() {
         "whole model in one process",
         {opt_int("spin_steps", "spin-steps", 100, 0, 100000, "Cayley SGD steps"),
          opt_num("spin_lr", "spin-lr", 1.5, 1e-9, 100.0, "peak learning rate"),
-         opt_int("spin_bsz", "spin-bsz", 4, 1, 4096, "sequences per step")});
+         opt_int("spin_bsz", "spin-bsz", 4, 1, 4096, "sequences per step"),
+         opt_int("spin_holdout", "spin-holdout", 8, 0, 4096,
+                 "calibration sequences held out to score the rotations: the best of those "
+                 "significantly better than the initial (QuaRot) ones is kept, else the "
+                 "initial (0: keep the last)")});
     r.rotates_residual = true;
     r.whole_model = true;
     r.memory = memory_terms_spinquant;

@@ -307,8 +307,9 @@ Status Recipe::validate_fields() const {
         "round to nearest only is weight_solver rtn)");
   if (t == "spinquant" && ws == "gptq" && a_bits() == 16 && kv_bits() == 16 && w_bits() < 16)
     return invalid_input(
-        "transform: spinquant with weight_solver gptq trains its rotations at W16 (methods.md "
-        "§4.2); with a_bits = kv_bits = 16 there is nothing to train them on (use quarot, or rtn)");
+        "transform: spinquant with weight_solver gptq and a_bits = kv_bits = 16 is refused: "
+        "rotations learned for round-to-nearest weights measured worse than QuaRot's once GPTQ "
+        "rounds them (docs/SPINQUANT.md); use quarot with gptq, or spinquant with rtn");
   if (b("embed_mean_sub") && t != "quarot" && t != "spinquant")
     return invalid_input("embed_mean_sub: only with transform quarot or spinquant");
   // A method's option given while the method is not in the recipe does nothing: refused

@@ -14,7 +14,7 @@ Deployed deploy_rotated(const BlockInputs& in, const std::vector<double>& R1,
   rotate_block(w, c, R1);
   BlockTransformsT<double> t;
   // V/O: pv per head on the V output, folded; on the o input as (po ⊗ pv)⁻ᵀ with the
-  // cross-head po online (QuaRot §3.2 step 4). SpinQuant's R2 needs no po.
+  // cross-head po online (QuaRot §3.2 step 4; SpinQuant keeps it too, rotation.h).
   t.pv = R2;
   t.pv_it = R2;  // orthogonal
   if (!fold && heads_online) {
