@@ -16,7 +16,7 @@ wheels; reused while the requirements file is unchanged). Cases:
 | case               | qcal writes                        | loaders                  |
 |--------------------|------------------------------------|--------------------------|
 | gptq-v1-sym        | GPTQ, checkpoint_format gptq       | transformers, gptqmodel  |
-| gptq-v1-sym-act    | the same with act-order (g_idx)    | transformers, gptqmodel  |
+| gptq-v1-sym-act    | act-order, dynamic groups (g_idx)  | transformers, gptqmodel  |
 | gptq-v2-asym       | GPTQ, checkpoint_format gptq_v2    | transformers, gptqmodel  |
 | ct-sym             | compressed-tensors pack-quantized  | transformers (packed and dequantize=True) |
 | ct-asym            | the same with zero points          | transformers dequantize=True |
@@ -58,7 +58,7 @@ TOL = {"float32": 1e-6, "float16 weights": 2e-5, "float16": 3e-4}
 CASES = [
     # name, qcal quantize flags, loaders
     ("gptq-v1-sym", ["--format", "gptq"], ["transformers", "gptqmodel"]),
-    ("gptq-v1-sym-act", ["--format", "gptq", "--act-order"], ["transformers", "gptqmodel"]),
+    ("gptq-v1-sym-act", ["--format", "gptq", "--act-order", "--no-static-groups"], ["transformers", "gptqmodel"]),
     ("gptq-v2-asym", ["--format", "gptq", "--asym"], ["transformers", "gptqmodel"]),
     ("ct-sym", ["--format", "compressed-tensors"], ["transformers", "transformers-dequantize"]),
     # transformers' default (packed) layout cannot load asymmetric compressed-tensors:
