@@ -162,7 +162,9 @@ void memory_terms_flatquant(const MemCtx& m, const std::string& task,
 }
 
 void memory_terms_gptq(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
-  if (task != "quantize") return;
+  // cbq-window: gptq with a reconstruction rounds each fresh block of the window with
+  // GPTQ first (cbq.h CbqOptions::gptq_init), one block's Hessians at a time.
+  if (task != "quantize" && task != "cbq-window") return;
   // One fp32 Hessian per linear of the largest true-sequential group (q/k/v: 3·H², or
   // down's I²), and the solver's fp32 copy, fp64 factor and fp32 inverse of the largest.
   const uint64_t groups = std::max({sat_mul(3 * m.H, m.H), sat_mul(m.Q, m.Q), sat_mul(m.I, m.I)});

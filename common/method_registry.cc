@@ -76,7 +76,8 @@ std::vector<MethodRow> build() {
         {opt_str("transform", "transform", "none", transforms,
                  "the transform (or give it as --method)"),
          opt_str("weight_solver", "weight-solver", "rtn", solvers,
-                 "rounds the final weights (lora-rounding needs a reconstruction)"),
+                 "rounds the final weights (lora-rounding needs a reconstruction; gptq with a "
+                 "reconstruction: LoRA-Rounding started from GPTQ's solution)"),
          opt_str("reconstruction", "reconstruction", "none", recons,
                  "block reconstruction after the transform (block = CBQ windows of 1)"),
          opt_int("w_bits", "w-bits", 4, 2, 16, "weight bits: 2, 3, 4, 8, or 16 (unquantized)"),

@@ -268,7 +268,7 @@ Status Recipe::validate_fields() const {
   // groups (non-monotone g_idx) only fit with static groups. GPTQ / compressed-tensors take
   // them as they are.
   if (ws == "gptq" && b("gptq.act_order") && w_group() > 0 && !b("gptq.static_groups") &&
-      w_bits() < 16 && !folds_completely())
+      w_bits() < 16 && !folds_completely() && !recon)
     return invalid_input(
         "gptq.act_order: with w_group > 0 the native format needs gptq.static_groups "
         "(one scale per group of consecutive columns)");
@@ -285,11 +285,9 @@ Status Recipe::validate_fields() const {
     return invalid_input(
         "weight_solver: lora-rounding learns the rounding inside a block reconstruction; set "
         "reconstruction to block or cbq");
-  if (recon && ws == "gptq")
-    return invalid_input("reconstruction: " + reconstruction() +
-                         " learns the weights' step sizes and rounding itself and would discard "
-                         "gptq's solution; use weight_solver rtn (learned step sizes, round to "
-                         "nearest) or lora-rounding");
+  // weight_solver gptq with a reconstruction: GPTQ rounds each block first and the
+  // reconstruction's LoRA-Rounding and step sizes start from that solution (cbq.h
+  // CbqOptions::gptq_init), so the window's initial loss is GPTQ's.
   if (recon && w_bits() == 16)
     return invalid_input("reconstruction: " + reconstruction() +
                          " learns the step sizes and rounding of quantized weights; it needs "

@@ -90,7 +90,7 @@ class Recipe {
   std::vector<int32_t> intactkv_prefix_for(const ModelConfig& c) const;
 
   // Rejects combinations that make no sense, naming the key and why (lora-rounding
-  // without a reconstruction, gptq with one, an IntactKV prefix without intactkv,
+  // without a reconstruction, an IntactKV prefix without intactkv,
   // nothing quantized, ...). Ranges are checked by set().
   Status validate() const;
   // The same without the "nothing is quantized" check (the transform-only

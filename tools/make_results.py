@@ -3,7 +3,7 @@
 trained fixtures (tests/fixtures/grammar-tiny and its outlier-injected variant).
 
     tools/make_results.py [--qcal build/api/qcal] [--out docs/RESULTS.md] [--jobs 2]
-                          [--sections 1,2,3]
+                          [--sections 1,2,3,4]
 
 Section 1: each cell is one `qcal quantize --method M --weight-solver S ...` followed
 by `qcal eval --fp-model FP --json` on the held-out split. Section 2 (issue #5):
@@ -11,7 +11,9 @@ block reconstruction, CBQ windows and LoRA-Rounding, each with and without Intac
 run `--jobs` at a time (QCAL_THREADS=1 each). Uses only the standard library; runs
 in a few minutes on 2 cores. Section 3: the attention-sink diagnostic of every
 fixture, transforms combined with reconstruction, and IntactKV (+Cal) on the sink
-fixture.
+fixture. Section 4 (issue #12): the real pretrained model ../shared/models/babyllama-tok361
+at W4A4KV4, W4A16 and W2A16: RTN, GPTQ, QuaRot, SpinQuant, FlatQuant (RTN and GPTQ
+weights), CBQ (and from GPTQ) and the composition FlatQuant + CBQ + IntactKV from GPTQ.
 
 Each section sits between `<!-- make_results: section N -->` markers in the output;
 a run replaces only the sections it was asked for and keeps the rest of the page
@@ -61,6 +63,35 @@ CBQ_ROWS = [("RTN, no reconstruction", ["--method", "rtn"]),
             ("CBQ + LoRA-Rounding", ["--weight-solver", "lora-rounding", "--reconstruction", "cbq"])]
 
 
+# Section 4 (issue #12): the real pretrained model ../shared/models/babyllama-tok361
+# (TinyStories LLaMA: hidden 128, 5 layers, 8/4 heads, intermediate 352, vocab 361),
+# its own calibration (64 × 256) and held-out (32 × 256) samples.
+REAL_MODEL = os.path.join(os.path.dirname(ROOT), "shared", "models", "babyllama-tok361")
+REAL_SETTINGS = [("W4A4KV4", ["--w-bits", "4", "--a-bits", "4", "--kv-bits", "4"]),
+                 ("W4A16", ["--w-bits", "4"]),
+                 ("W2A16", ["--w-bits", "2"])]
+
+
+def real_rows(fq_epochs):
+    fq = ["--method", "flatquant", "--epochs", fq_epochs]
+    return [("RTN", ["--method", "rtn"]),
+            ("GPTQ", ["--method", "gptq"]),
+            ("QuaRot + GPTQ", ["--method", "quarot", "--weight-solver", "gptq"]),
+            ("SpinQuant + GPTQ", ["--method", "spinquant", "--weight-solver", "gptq"]),
+            ("FlatQuant + RTN", fq + ["--weight-solver", "rtn"]),
+            ("FlatQuant + GPTQ", fq + ["--weight-solver", "gptq"]),
+            ("CBQ + LoRA-Rounding", ["--weight-solver", "lora-rounding", "--reconstruction", "cbq"]),
+            ("CBQ + LoRA-Rounding from GPTQ", ["--weight-solver", "gptq", "--reconstruction", "cbq"]),
+            ("FlatQuant + CBQ (from GPTQ) + IntactKV",
+             fq + ["--weight-solver", "gptq", "--reconstruction", "cbq", "--intactkv"])]
+
+
+# The composed row and the rows of its components (the page checks it against them).
+REAL_COMPOSED = "FlatQuant + CBQ (from GPTQ) + IntactKV"
+REAL_COMPONENTS = ["GPTQ", "FlatQuant + RTN", "FlatQuant + GPTQ", "CBQ + LoRA-Rounding",
+                   "CBQ + LoRA-Rounding from GPTQ"]
+
+
 def run(cmd, env=None):
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -75,11 +106,14 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "RESULTS.md"))
     ap.add_argument("--nsamples", default="64")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--sections", default="1,2,3")
+    ap.add_argument("--sections", default="1,2,3,4")
     ap.add_argument("--jobs", type=int, default=2, help="parallel runs in section 2")
     ap.add_argument("--cbq-nsamples", default="32")
     ap.add_argument("--cbq-epochs", default="8")
     ap.add_argument("--json-out", default=os.path.join(tempfile.gettempdir(), "qcal_results.json"))
+    ap.add_argument("--real-nsamples", default="64", help="section 4 calibration sequences")
+    ap.add_argument("--real-fq-epochs", default="15", help="section 4 FlatQuant epochs")
+    ap.add_argument("--real-cbq-epochs", default="20", help="section 4 CBQ epochs per window")
     a = ap.parse_args()
     sections = a.sections.split(",")
     data = os.path.join(ROOT, "tests", "fixtures", "grammar-data")
@@ -90,8 +124,11 @@ def main():
     fp = {}
     cbq_rows = {}
     s3 = {}
+    s4 = {}
     try:
-        for fx, desc in CBQ_FIXTURES:
+        if "4" in sections:
+            s4 = run_section4(a, tmp)
+        for fx, desc in (CBQ_FIXTURES if set(sections) & {"1", "2", "3"} else []):
             model = os.path.join(ROOT, "tests", "fixtures", fx)
             out, err, _ = run([a.qcal, "eval", "--model", model, "--data", evald, "--seqlen", seqlen, "--json"])
             fp[fx] = json.loads(out)["ppl"] if out else float("nan")
@@ -135,6 +172,8 @@ def main():
         generated["2"] = cbq_section_lines(a, cbq_rows, fp, seqlen)
     if "3" in sections:
         generated["3"] = section3_lines(a, s3, fp, seqlen)
+    if "4" in sections:
+        generated["4"] = section4_lines(a, s4)
     splice(a.out, generated)
     path = a.json_out  # the raw numbers, for notes; not committed
     out = {}
@@ -142,6 +181,7 @@ def main():
     out.update({"cbq|" + "|".join(k): v for k, v in cbq_rows.items()})
     out.update({"s3|" + "|".join(k): v for k, v in s3.items() if k[0] != "sinks"})
     out.update({"sinks|" + k[1]: v for k, v in s3.items() if k[0] == "sinks"})
+    out.update({"real|" + "|".join(k): v for k, v in s4.items()})
     json.dump(out, open(path, "w"), indent=1)
     print("raw numbers in", path)
 
@@ -375,6 +415,64 @@ def cbq_section_lines(a, rows, fp, seqlen):
         lines += fixture_tables(rows, fx, f"{desc}. FP perplexity: **{fp[fx]:.3f}**.",
                                 CBQ_SETTINGS, [n for n, _ in CBQ_ROWS],
                                 [("plain", ""), ("intactkv", "+ IntactKV: ")])
+    return lines
+
+
+def run_section4(a, tmp):
+    """Issue #12: every (setting, recipe) cell on the real pretrained model."""
+    calib = os.path.join(REAL_MODEL, "samples_64x256.u32")
+    evald = os.path.join(REAL_MODEL, "samples_32x256.u32")
+    cells = []
+    for setting, sflags in REAL_SETTINGS:
+        for name, rflags in real_rows(a.real_fq_epochs):
+            flags = sflags + rflags
+            if "--reconstruction" in flags:
+                flags += ["--cbq-epochs", a.real_cbq_epochs]
+            cells.append((("babyllama-tok361", setting, name, "plain"), REAL_MODEL, flags))
+    b = argparse.Namespace(**vars(a))
+    b.nsamples = b.cbq_nsamples = a.real_nsamples
+    rows = run_cells(b, tmp, calib, evald, "256", cells)
+    out, err, _ = run([a.qcal, "eval", "--model", REAL_MODEL, "--data", evald, "--seqlen", "256",
+                       "--json"])
+    rows[("fp",)] = json.loads(out) if out else {"error": err[0]}
+    return rows
+
+
+def section4_lines(a, rows):
+    fp = rows.get(("fp",), {})
+    names = [n for n, _ in real_rows(a.real_fq_epochs)]
+    lines = ["## Issue #12: the real pretrained model (babyllama-tok361)", "",
+             "`../shared/models/babyllama-tok361`: a TinyStories LLaMA (hidden 128, 5 layers, "
+             "8 query / 4 K/V heads, intermediate 352 = 11·32, vocab 361), calibrated on "
+             f"{a.real_nsamples} of its 64 calibration sequences of 256 tokens and evaluated "
+             "on its 32 held-out sequences (`qcal eval --fp-model`; IntactKV rows with the "
+             "IntactKV protocol, every sequence begins with BOS). FP perplexity: "
+             + (f"**{fp['ppl']:.4f}**." if "ppl" in fp else "not measured.") +
+             " Weights symmetric per output channel (no groups), activations per token, K/V "
+             "asymmetric per head. QuaRot / SpinQuant: online Hadamards of order 352 by the "
+             f"Paley construction (44·8). FlatQuant: {a.real_fq_epochs} epochs. CBQ: windows "
+             f"of 2 blocks, overlap 1, {a.real_cbq_epochs} epochs per window, LoRA-Rounding "
+             "rank 16, CFP kept per block only where it lowers the block's RTN output error. "
+             "*from GPTQ* (`--weight-solver gptq --reconstruction cbq`): GPTQ rounds each "
+             "block of a window first and the LoRA-Rounding and step sizes start from its "
+             "solution; a window whose training ends above its start keeps the start. "
+             "*IntactKV* with CBQ: the windows train against the FP BOS cache the output "
+             "carries. Seconds: wall time of `qcal quantize` with one thread on a shared "
+             "machine (2 jobs at a time).", ""]
+    for setting, _ in REAL_SETTINGS:
+        lines += [f"#### {setting}", ""]
+        lines += table_lines(rows, "babyllama-tok361", setting, names, [("plain", "")])
+        kl = {n: rows.get(("babyllama-tok361", setting, n, "plain"), {}).get("kl") for n in names}
+        comp = kl.get(REAL_COMPOSED)
+        parts = {n: kl[n] for n in REAL_COMPONENTS if kl.get(n) is not None}
+        if comp is not None and parts:
+            best = min(parts, key=parts.get)
+            verdict = "no worse than" if comp <= parts[best] else "WORSE than"
+            line = (f"Composed KL {comp:.4f} is {verdict} its best component ({best}, "
+                    f"{parts[best]:.4f}; ratio {comp / parts[best]:.3f})")
+            if kl.get("FlatQuant + GPTQ"):
+                line += f"; {comp / kl['FlatQuant + GPTQ']:.3f} × FlatQuant + GPTQ's"
+            lines += [line + ".", ""]
     return lines
 
 

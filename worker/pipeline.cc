@@ -712,6 +712,30 @@ Result<json> run_window(const TaskContext& ctx) {
     setups.push_back(std::move(s));
   }
   o.needs_online = false;
+  // IntactKV: the window trains against the FP pivot cache the output carries (cbq.h
+  // CbqOptions::prefix_len), when every calibration sequence begins with the prefix.
+  bool with_prefix = false;
+  if (r.intactkv()) {
+    const std::vector<int32_t> prefix = r.intactkv_prefix_for(c);
+    QCAL_ASSIGN_OR_RETURN(TokenSequences calib, load_calib_data(ctx, c.vocab_size));
+    with_prefix = static_cast<int64_t>(prefix.size()) < calib.seqlen;
+    for (int64_t s = 0; with_prefix && s < calib.count(); ++s)
+      with_prefix = std::equal(prefix.begin(), prefix.end(), calib.seq(s));
+    if (!with_prefix)
+      say(ctx,
+          "the calibration sequences do not all begin with the IntactKV prefix: the window "
+          "trains without the FP prefix cache");
+  }
+  if (with_prefix) {
+    o.prefix_k.assign(static_cast<size_t>(L), {});
+    o.prefix_v.assign(static_cast<size_t>(L), {});
+    for (int64_t l = first; l <= last; ++l) {
+      QCAL_ASSIGN_OR_RETURN(std::vector<float> xp, prefix_states(ctx, k, l));
+      o.prefix_len = static_cast<int64_t>(xp.size()) / H;
+      calib::prefix_kv(c, setups[static_cast<size_t>(l - first)].dl, xp.data(), o.prefix_len,
+                       &o.prefix_k[static_cast<size_t>(l)], &o.prefix_v[static_cast<size_t>(l)]);
+    }
+  }
   std::vector<calib::BlockWeightsT<float>*> ptrs;
   for (auto& b : blocks) ptrs.push_back(&b);
   // Inputs: FP activations of the window's first block (rotated into the model's basis);
@@ -770,16 +794,26 @@ Result<json> run_window(const TaskContext& ctx) {
     return st;
   }
   if (!is_root(ctx)) return json::object();
-  json arts = json::object(), fin = json::array();
+  json arts = json::object(), fin = json::array(), cfp = json::array();
   for (const calib::CbqLayerResult& res : finalized) {
     const BlockSetup& s = setups[static_cast<size_t>(res.layer - first)];
     BlockResult b = window_block_result(res, s.dl);
-    if (r.intactkv()) {
+    if (with_prefix) {
+      b.prefix_k = o.prefix_k[static_cast<size_t>(res.layer)];
+      b.prefix_v = o.prefix_v[static_cast<size_t>(res.layer)];
+    } else if (r.intactkv()) {
       QCAL_ASSIGN_OR_RETURN(std::vector<float> xp, prefix_states(ctx, k, res.layer));
       calib::prefix_kv(c, s.dl, xp.data(), static_cast<int64_t>(xp.size()) / H, &b.prefix_k,
                        &b.prefix_v);
     }
-    b.report = {{"window", w}};
+    b.report = {{"window", w},
+                {"cfp_kept", res.cfp_kept},
+                {"cfp_err_with", res.cfp_err_with},
+                {"cfp_err_without", res.cfp_err_without}};
+    cfp.push_back({{"layer", res.layer},
+                   {"kept", res.cfp_kept},
+                   {"err_with", res.cfp_err_with},
+                   {"err_without", res.cfp_err_without}});
     QCAL_ASSIGN_OR_RETURN(ArtifactRef br, write_block(ctx, b, c));
     add_ref(&arts, plan::block_artifact(res.layer), br);
     fin.push_back(res.layer);
@@ -796,13 +830,25 @@ Result<json> run_window(const TaskContext& ctx) {
   std::ostringstream line;
   line << "window " << w + 1 << "/" << plan.size() << " (layers " << first << ".." << last
        << "): loss " << rep.loss_first << " -> " << rep.loss_last << ", hardened "
-       << rep.loss_hard_init << " -> " << rep.loss_hard << " (" << rep.seconds << " s)";
+       << rep.loss_hard_init << (rep.gptq_init ? " (gptq)" : "") << " -> " << rep.loss_hard
+       << (rep.reverted ? " (kept the initial parameters: trained " : "")
+       << (rep.reverted ? std::to_string(rep.loss_hard_trained) + ")" : "") << " (" << rep.seconds
+       << " s)";
   say(ctx, line.str());
-  json wj = {{"window", rep.window},       {"first", rep.first},
-             {"last", rep.last},           {"loss_first", rep.loss_first},
-             {"loss_last", rep.loss_last}, {"loss_hard_init", rep.loss_hard_init},
-             {"loss_hard", rep.loss_hard}, {"steps", rep.steps},
-             {"seconds", rep.seconds}};
+  json wj = {{"window", rep.window},
+             {"first", rep.first},
+             {"last", rep.last},
+             {"loss_first", rep.loss_first},
+             {"loss_last", rep.loss_last},
+             {"loss_hard_init", rep.loss_hard_init},
+             {"loss_hard", rep.loss_hard},
+             {"steps", rep.steps},
+             {"seconds", rep.seconds},
+             {"loss_hard_trained", rep.loss_hard_trained},
+             {"reverted", rep.reverted},
+             {"gptq_init", rep.gptq_init},
+             {"intactkv_prefix", with_prefix},
+             {"cfp", cfp}};
   return json{{"artifacts", arts}, {"window", wj}, {"finalized", fin}};
 }
 
@@ -1392,8 +1438,14 @@ calib::CbqOptions cbq_options_for(const Recipe& r, const ModelConfig& c, int64_t
   o.window = static_cast<int>(std::clamp<int64_t>(window, 1, L));
   o.overlap = static_cast<int>(std::clamp<int64_t>(overlap, 0, o.window - 1));
   o.parallel = r.parallel();
-  o.lora_rounding = r.weight_solver() == "lora-rounding";
+  // gptq + a reconstruction: LoRA-Rounding initialized from GPTQ's solution (cbq.h
+  // CbqOptions::gptq_init).
+  o.gptq_init = r.weight_solver() == "gptq";
+  o.lora_rounding = r.weight_solver() == "lora-rounding" || o.gptq_init;
   o.rank = o.lora_rounding ? static_cast<int>(r.i("lora_rank")) : 0;
+  o.gptq.percdamp = r.f("gptq.percdamp");
+  o.gptq.blocksize = r.i("gptq.blocksize");
+  o.gptq.act_order = r.b("gptq.act_order");
   o.v0_follows_scale = true;  // cbq.h: measured better at W4A16, W2A16 and W4A4KV4
   o.cfp = r.b("cfp");
   o.epochs = static_cast<int>(std::clamp<int64_t>(r.i("cbq_epochs"), 1, 1000000));

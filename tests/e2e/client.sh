@@ -95,8 +95,8 @@ expect 2 "unknown flag --w-bitz" $QCAL submit "${B[@]}" --w-bitz 4
 expect 2 "--spec and --cbq-window are exclusive" $QCAL submit --spec "$T/s.json" --cbq-window 2
 expect 2 "--spec and --intactkv are exclusive" $QCAL submit --spec "$T/s.json" --intactkv
 expect 2 "--spec and --method are exclusive" $QCAL submit --spec "$T/s.json" --method flatquant
-expect 2 "--reconstruction: cbq learns the weights' step sizes and rounding itself and would discard gptq" \
-  $QCAL submit "${B[@]}" --reconstruction cbq --weight-solver gptq --dry-run
+expect 2 "--weight-solver: lora-rounding learns the rounding inside a block reconstruction" \
+  $QCAL submit "${B[@]}" --weight-solver lora-rounding --dry-run
 expect 2 "--weight-solver rtn contradicts --method gptq" \
   $QCAL submit "${B[@]}" --method gptq --weight-solver rtn --dry-run
 expect 2 "--a-bits: must be 2, 3, 4, 6, 8 or 16 (got 5)" $QCAL submit "${B[@]}" --method quarot --a-bits 5 --dry-run

@@ -619,6 +619,64 @@ TEST(CbqSynth, WindowStateResumes) {
     for (int p = 0; p < kNumProj; ++p) EXPECT_EQ(a[l].w[p], b[l].w[p]) << l << " " << p;
 }
 
+TEST(CbqSynth, GptqInitStartsAtGptqAndKeepBestNeverEndsWorse) {
+  // gptq_init: the windows start from GPTQ's rounding (hardened loss below RTN's start
+  // on the same inputs), and with keep_best no window ends above its start.
+  Fixture& f = fx();
+  const ModelConfig& c = f.fp.config;
+  CbqOptions o = w2_options();
+  o.epochs = 2;
+  o.v0_follows_scale = true;
+  std::vector<BlockWeightsT<float>> a = f.fp.layers, b = f.fp.layers;
+  auto rtn = cbq_calibrate(c, a, f.x_calib, f.n_calib, kT, o, nullptr);
+  o.gptq_init = true;
+  if (const char* m = std::getenv("QCAL_CBQ_GPTQ_MARGIN")) o.gptq_margin = std::atof(m);
+  if (const char* e = std::getenv("QCAL_CBQ_GPTQ_EPOCHS")) o.epochs = std::atoi(e);
+  auto gq = cbq_calibrate(c, b, f.x_calib, f.n_calib, kT, o, nullptr);
+  ASSERT_TRUE(rtn.is_ok() && gq.is_ok()) << gq.status().to_string();
+  const CbqWindowReport &w0r = rtn->windows[0], &w0g = gq->windows[0];
+  std::printf("W2A16 g32 window 0 hardened start: RTN %.4e, GPTQ %.4e; end %.4e / %.4e\n",
+              w0r.loss_hard_init, w0g.loss_hard_init, w0r.loss_hard, w0g.loss_hard);
+  EXPECT_FALSE(w0r.gptq_init);
+  EXPECT_TRUE(w0g.gptq_init);
+  EXPECT_LT(w0g.loss_hard_init, 0.8 * w0r.loss_hard_init);
+  for (const auto& w : gq->windows) {
+    EXPECT_TRUE(std::isfinite(w.loss_hard));
+    EXPECT_LE(w.loss_hard, w.loss_hard_init * 1.001) << "window " << w.window;
+  }
+  // A learning rate that wrecks the rounding: the initial parameters are kept.
+  CbqOptions bad = o;
+  bad.lr_lora = 50.0;
+  bad.lr_scale = 2.0;
+  std::vector<BlockWeightsT<float>> d = f.fp.layers;
+  auto rb = cbq_calibrate(c, d, f.x_calib, f.n_calib, kT, bad, nullptr);
+  ASSERT_TRUE(rb.is_ok()) << rb.status().to_string();
+  bool any = false;
+  for (const auto& w : rb->windows) {
+    any = any || w.reverted;
+    if (w.reverted) {
+      EXPECT_GT(w.loss_hard_trained, w.loss_hard_init) << "window " << w.window;
+    }
+    EXPECT_LE(w.loss_hard, w.loss_hard_init * 1.001) << "window " << w.window;
+  }
+  EXPECT_TRUE(any);
+}
+
+TEST(CbqSynth, IntactKvPrefixIsChecked) {
+  Fixture& f = fx();
+  const ModelConfig& c = f.fp.config;
+  CbqOptions o = w2_options();
+  o.prefix_len = 1;
+  EXPECT_EQ(o.validate(c).code(), Code::kInvalidInput);  // no K/V
+  o.prefix_k.assign(static_cast<size_t>(c.num_hidden_layers), std::vector<float>(3, 0.0f));
+  o.prefix_v = o.prefix_k;
+  const Status s = o.validate(c);
+  EXPECT_EQ(s.code(), Code::kInvalidInput);
+  EXPECT_NE(s.message().find("prefix K/V of layer 0"), std::string::npos) << s.to_string();
+  o.prefix_len = 0;
+  EXPECT_EQ(o.validate(c).code(), Code::kInvalidInput);  // K/V without a length
+}
+
 TEST(CbqSynth, NonFiniteIsReportedWithWindowAndStep) {
   Fixture& f = fx();
   CbqOptions o = w2_options();

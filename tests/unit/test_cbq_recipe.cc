@@ -90,8 +90,6 @@ double eval_kl(const NativeModel& m, int64_t seqs = -1) {
 TEST(CbqRecipe, NonsenseCombinationsAreRejectedWithAReason) {
   expect_rejected(recon("none", "lora-rounding").validate(), "weight_solver",
                   "set reconstruction to block or cbq");
-  expect_rejected(recon("cbq", "gptq").validate(), "reconstruction", "discard gptq's solution");
-  expect_rejected(recon("block", "gptq").validate(), "reconstruction", "use weight_solver rtn");
   expect_rejected(recon("cbq", "rtn").with("w_bits", 16).with("a_bits", 4).validate(),
                   "reconstruction", "needs w_bits 2, 3, 4 or 8");
   expect_rejected(recon("cbq", "lora-rounding").with("w_mse_clip", true).validate(), "w_mse_clip",
@@ -115,8 +113,9 @@ TEST(CbqRecipe, NonsenseCombinationsAreRejectedWithAReason) {
 
   // Combinations that make sense: every transform with a reconstruction and rtn /
   // lora-rounding; rank 0 with rtn; IntactKV; parallel mode.
+  // gptq with a reconstruction: LoRA-Rounding started from GPTQ's solution.
   for (const char* t : {"none", "smoothquant", "quarot", "spinquant", "flatquant"})
-    for (const char* ws : {"rtn", "lora-rounding"})
+    for (const char* ws : {"rtn", "lora-rounding", "gptq"})
       for (const char* rc : {"block", "cbq"}) {
         Recipe ok = recon(rc, ws)
                         .with("transform", t)
@@ -247,6 +246,15 @@ TEST(CbqRecipe, OptionsFollowTheRecipe) {
   EXPECT_EQ(o.rank, 6);
   EXPECT_FALSE(o.cfp);
   EXPECT_TRUE(o.parallel);
+  EXPECT_FALSE(o.gptq_init);
+  EXPECT_TRUE(o.validate(c).is_ok()) << err(o.validate(c));
+  // gptq + a reconstruction: LoRA-Rounding of lora_rank, initialized from GPTQ.
+  r.with("weight_solver", "gptq").with("gptq.percdamp", 0.05);
+  o = cbq_options_for(r, c, 3, 2);
+  EXPECT_TRUE(o.gptq_init);
+  EXPECT_TRUE(o.lora_rounding);
+  EXPECT_EQ(o.rank, 6);
+  EXPECT_DOUBLE_EQ(o.gptq.percdamp, 0.05);
   EXPECT_TRUE(o.validate(c).is_ok()) << err(o.validate(c));
 }
 
@@ -441,12 +449,10 @@ TEST(CbqPipeline, W2A16ReconstructionsBeatRtn) {
     const char* ws;
     double kl = 0;
   };
-  std::vector<Row> rows = {{"none (RTN)", "none", "rtn"},
-                           {"none (GPTQ)", "none", "gptq"},
-                           {"block, rtn", "block", "rtn"},
-                           {"block, lora-rounding", "block", "lora-rounding"},
-                           {"cbq(2,1), rtn", "cbq", "rtn"},
-                           {"cbq(2,1), lora-rounding", "cbq", "lora-rounding"}};
+  std::vector<Row> rows = {
+      {"none (RTN)", "none", "rtn"},   {"none (GPTQ)", "none", "gptq"},
+      {"block, rtn", "block", "rtn"},  {"block, lora-rounding", "block", "lora-rounding"},
+      {"cbq(2,1), rtn", "cbq", "rtn"}, {"cbq(2,1), lora-rounding", "cbq", "lora-rounding"}};
   std::printf("W2A16 g32, KL vs FP (nats/token):\n");
   for (Row& row : rows) {
     Recipe r = recon(row.rc, row.ws).with("w_bits", 2).with("w_group", 32).with("lora_rank", 16);

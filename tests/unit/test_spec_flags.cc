@@ -213,8 +213,12 @@ TEST(SpecFlags, EarlierWeightOnlySpellings) {
 }
 
 TEST(SpecFlags, Errors) {
-  expect_error({"--reconstruction", "cbq", "--weight-solver", "gptq"}, "discard gptq");
-  expect_error({"--method", "gptq", "--reconstruction", "cbq"}, "discard gptq");
+  // gptq with a reconstruction: LoRA-Rounding started from GPTQ's solution (issue #12).
+  for (const JobSpec& s : {accepted({"--reconstruction", "cbq", "--weight-solver", "gptq"}),
+                           accepted({"--method", "gptq", "--reconstruction", "cbq"})}) {
+    EXPECT_EQ(s.recipe.weight_solver(), "gptq");
+    EXPECT_EQ(s.recipe.reconstruction(), "cbq");
+  }
   expect_error({"--method", "quarot", "--a-bits", "5"}, "--a-bits");
   expect_error({"--method", "lora-rounding"}, "reconstruction");
   expect_error({"--method", "smoothquant", "--weight-solver", "lora-rounding"}, "reconstruction");

@@ -442,8 +442,8 @@ double window_loss(const T* h_fp, const T* h_q, int64_t rows, int64_t H, T* d_hq
   template std::vector<int8_t> lora_round_codes<T>(                                                \
       const LoraRoundSpec&, const LoraRoundParams<T>&, const T*, int64_t, int64_t);                \
   template int64_t cfp_truncate_weights<T>(T*, int64_t, int64_t, double, double);                  \
-  template double window_loss<T>(const T*, const T*, int64_t, int64_t, T*, double*, double*);   \
-  template void window_loss_acc<T>(const T*, const T*, int64_t, int64_t, T*, double, double*,     \
+  template double window_loss<T>(const T*, const T*, int64_t, int64_t, T*, double*, double*);      \
+  template void window_loss_acc<T>(const T*, const T*, int64_t, int64_t, T*, double, double*,      \
                                    double*);
 QCAL_CBQ_INSTANTIATE(float)
 QCAL_CBQ_INSTANTIATE(double)
@@ -480,6 +480,25 @@ Status CbqOptions::validate(const ModelConfig& c) const {
     return bad(
         "the recipe keeps transforms online but the options carry none (build them with "
         "cbq_options(recipe, setup))");
+  if (prefix_len < 0) return bad("prefix_len must be >= 0");
+  if (prefix_len == 0 && (!prefix_k.empty() || !prefix_v.empty()))
+    return bad("prefix K/V given with prefix_len 0");
+  if (prefix_len > 0) {
+    const int64_t L = c.num_hidden_layers;
+    if (static_cast<int64_t>(prefix_k.size()) != L || static_cast<int64_t>(prefix_v.size()) != L)
+      return bad("the IntactKV prefix K/V must have one entry per layer (" + std::to_string(L) +
+                 "), got " + std::to_string(prefix_k.size()) + " / " +
+                 std::to_string(prefix_v.size()));
+    const size_t n = static_cast<size_t>(prefix_len * c.kv_dim());
+    for (int64_t l = 0; l < L; ++l)  // empty: a layer no window of this call trains
+      if ((prefix_k[l].size() != n && !prefix_k[l].empty()) ||
+          prefix_v[l].size() != prefix_k[l].size())
+        return bad("the IntactKV prefix K/V of layer " + std::to_string(l) +
+                   " is not prefix_len x n_kv*head_dim");
+  }
+  if (gptq_init &&
+      (!(gptq.percdamp >= 0) || gptq.blocksize < 1 || !(gptq_margin > 0) || !(gptq_margin < 0.5)))
+    return bad("gptq init: percdamp must be >= 0, blocksize >= 1 and gptq_margin in (0, 0.5)");
   return Status::ok();
 }
 
@@ -617,6 +636,12 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   if (!io.x_fp || (!o.parallel && !io.x_q))
     return invalid_input("cbq: window " + std::to_string(wi) + " has no input activations");
   const int64_t N = io.x_fp->sequences(), T = io.x_fp->seqlen();
+  // IntactKV: the quantized branch runs tokens [P:] of every sequence after the FP
+  // prefix cache; the targets and the loss cover those Tq positions.
+  const int64_t P = o.prefix_len, Tq = T - P;
+  if (P > 0 && Tq < 1)
+    return invalid_input("cbq: the IntactKV prefix of " + std::to_string(P) +
+                         " tokens leaves nothing of sequences of " + std::to_string(T));
   if (N < 1 || T < 1 || io.x_fp->width() != H ||
       (!o.parallel && (io.x_q->sequences() != N || io.x_q->seqlen() != T || io.x_q->width() != H)))
     return invalid_input("cbq: window inputs are not N x T x H activations of the same size");
@@ -644,6 +669,9 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   }
   const std::string where = "cbq: window " + std::to_string(wi) + " (layers " +
                             std::to_string(win.first) + ".." + std::to_string(win.last) + ")";
+  for (int64_t l = win.first; P > 0 && l <= win.last; ++l)
+    if (o.prefix_k[static_cast<size_t>(l)].empty())
+      return invalid_input(where + ": no IntactKV prefix K/V for layer " + std::to_string(l));
 
   // Online transforms of block j of the window (identity when the options have none).
   auto online_of = [&](int64_t j) -> const BlockTransformsT<float>* {
@@ -655,21 +683,33 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   const bool smooth = o.cfp && o.cfp_acts && o.a_bits < 16;
   const int64_t bsz = std::min(o.bsz, N);
   const size_t chunk_n = static_cast<size_t>(bsz * T * H);
+  // Drops the first P rows of each of nb sequences of T rows (in place, to nb·Tq rows).
+  auto strip = [&](float* buf, int64_t nseq) {
+    if (P == 0) return;
+    for (int64_t s2 = 0; s2 < nseq; ++s2)
+      std::copy(buf + (s2 * T + P) * H, buf + (s2 + 1) * T * H, buf + s2 * Tq * H);
+  };
+  auto set_prefix = [&](QBlock<float>& qb, int64_t j) {
+    if (P > 0)
+      qb.set_prefix(o.prefix_k[static_cast<size_t>(win.first + j)].data(),
+                    o.prefix_v[static_cast<size_t>(win.first + j)].data(), P);
+  };
 
   // ---- FP pass through the window, bsz sequences at a time: the targets (kept in a
   // scratch file or memory), the next window's FP input, CFP's statistics.
   std::unique_ptr<ActivationBuffer> target;
   if (io.scratch_dir.empty()) {
-    target = std::make_unique<MemoryActivations>(T, H);
+    target = std::make_unique<MemoryActivations>(Tq, H);
   } else {
-    QCAL_ASSIGN_OR_RETURN(target, ScratchActivations::create(io.scratch_dir, T, H));
+    QCAL_ASSIGN_OR_RETURN(target, ScratchActivations::create(io.scratch_dir, Tq, H));
   }
   std::vector<ChanMax> cmax(static_cast<size_t>(k));
   {
     std::vector<std::unique_ptr<QBlock<float>>> fpb;
     std::vector<LinearInputHook> hooks(static_cast<size_t>(k));
     for (int64_t j = 0; j < k; ++j) {
-      fpb.push_back(std::make_unique<QBlock<float>>(c, layers[j], online_of(j), &kNoQuant, &kNoClip));
+      fpb.push_back(
+          std::make_unique<QBlock<float>>(c, layers[j], online_of(j), &kNoQuant, &kNoClip));
       if (!smooth) continue;
       ChanMax& cm = cmax[j];
       cm.attn.assign(static_cast<size_t>(H), 0.0);
@@ -695,10 +735,112 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
         if (j + 1 == nfin && io.next_fp) QCAL_RETURN_IF_ERROR(io.next_fp->append(b.data(), nb));
         a.swap(b);
       }
+      strip(a.data(), nb);
       QCAL_RETURN_IF_ERROR(target->append(a.data(), nb));
     }
   }
   const ActivationSource& xin_all = o.parallel ? *io.x_fp : *io.x_q;
+
+  // ---- CFP per block: the processed weights, then (cfp_decide) kept only where they
+  // lower the block's RTN output error on its FP inputs.
+  std::vector<CbqLayerResult> cfp_info(static_cast<size_t>(k));
+  std::vector<BlockWeightsT<float>> cfp_base(static_cast<size_t>(k));
+  std::vector<char> cfp_changed(static_cast<size_t>(k), 0);
+  for (int64_t j = 0; j < k; ++j) {
+    CbqLayerResult& info = cfp_info[j];
+    BlockWeightsT<float>& w = cfp_base[j];
+    w = *layers[j];
+    if (o.cfp && o.cfp_weights)
+      for (int p = 0; p < kNumProj; ++p) {
+        const auto shape = proj_shape(c, kProjNames[p]);
+        info.cfp_truncated[p] =
+            cfp_truncate_weights(w.w[p].data(), shape[0], shape[1], o.cfp_lambda1, o.cfp_lambda2);
+        if (info.cfp_truncated[p] > 0) cfp_changed[j] = 1;
+      }
+    if (smooth) {
+      // Not on an input that an online transform mixes (the fold would not be exact).
+      const BlockTransformsT<float>& t = *online_of(j);
+      if (t.a1.empty() && t.a2.empty())
+        info.smooth_attn = cfp_act_scales(cmax[j].attn, o.cfp_lambda1, o.cfp_lambda2,
+                                          o.cfp_act_alpha, &info.outlier_channels[0]);
+      if (t.u1.empty() && t.u2.empty())
+        info.smooth_mlp = cfp_act_scales(cmax[j].mlp, o.cfp_lambda1, o.cfp_lambda2, o.cfp_act_alpha,
+                                         &info.outlier_channels[1]);
+      if (t.d1.empty() && t.d2.empty())
+        info.smooth_down = cfp_act_scales(cmax[j].down, o.cfp_lambda1, o.cfp_lambda2,
+                                          o.cfp_act_alpha, &info.outlier_channels[2]);
+      for (const auto& ch : info.outlier_channels)
+        if (!ch.empty()) cfp_changed[j] = 1;
+      fold_smoothing(w, info.smooth_attn, info.smooth_mlp, info.smooth_down, H, I);
+    }
+  }
+  if (o.cfp && o.cfp_decide &&
+      std::any_of(cfp_changed.begin(), cfp_changed.end(), [](char x) { return x != 0; })) {
+    // RTN weights of both variants on the initial grid; the initial activation clips.
+    LoraRoundSpec rspec = spec;
+    rspec.rank = 0;
+    auto rtn_block = [&](const BlockWeightsT<float>& src) {
+      BlockWeightsT<float> out = src;
+      for (int p = 0; p < kNumProj; ++p) {
+        const auto shape = proj_shape(c, kProjNames[p]);
+        LoraRoundParams<float> lp;
+        lp.scale = lora_round_init_scale(rspec, src.w[p].data(), shape[0], shape[1]);
+        lora_round_fwd(rspec, lp, src.w[p].data(), shape[0], shape[1], out.w[p].data(), true);
+      }
+      return out;
+    };
+    const BlockClipT<float> clip0 = learn_clip
+                                        ? cast_clip<float>(init_clip_params<double>(qspec, c, 4.0))
+                                        : BlockClipT<float>();
+    std::vector<BlockWeightsT<float>> q_with(static_cast<size_t>(k)),
+        q_without(static_cast<size_t>(k));
+    std::vector<std::unique_ptr<QBlock<float>>> fpb, qw, qo;
+    for (int64_t j = 0; j < k; ++j) {
+      fpb.push_back(
+          std::make_unique<QBlock<float>>(c, layers[j], online_of(j), &kNoQuant, &kNoClip));
+      if (!cfp_changed[j]) {
+        qw.emplace_back();
+        qo.emplace_back();
+        continue;
+      }
+      q_with[j] = rtn_block(cfp_base[j]);
+      q_without[j] = rtn_block(*layers[j]);
+      qw.push_back(std::make_unique<QBlock<float>>(c, &q_with[j], online_of(j), &qspec, &clip0));
+      qo.push_back(std::make_unique<QBlock<float>>(c, &q_without[j], online_of(j), &qspec, &clip0));
+    }
+    std::vector<float> a(chunk_n), b(chunk_n), y(chunk_n);
+    for (int64_t b0 = 0; b0 < N; b0 += bsz) {
+      const int64_t nb2 = std::min(bsz, N - b0);
+      const int64_t n = nb2 * T * H;
+      QCAL_RETURN_IF_ERROR(io.x_fp->read(b0, nb2, a.data()));
+      for (int64_t j = 0; j < k; ++j) {
+        fpb[j]->forward(a.data(), b.data(), nb2, T);
+        if (cfp_changed[j]) {
+          for (int v = 0; v < 2; ++v) {
+            (v == 0 ? qw : qo)[j]->forward(a.data(), y.data(), nb2, T);
+            double e = 0.0;
+            for (int64_t i = 0; i < n; ++i) {
+              const double d = static_cast<double>(y[i]) - b[i];
+              e += d * d;
+            }
+            (v == 0 ? cfp_info[j].cfp_err_with : cfp_info[j].cfp_err_without) += e;
+          }
+        }
+        a.swap(b);
+      }
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      CbqLayerResult& info = cfp_info[j];
+      if (!cfp_changed[j] || info.cfp_err_with < info.cfp_err_without) continue;
+      // CFP does not help this block: the unprocessed weights.
+      const double ew = info.cfp_err_with, eo = info.cfp_err_without;
+      info = CbqLayerResult();
+      info.cfp_kept = false;
+      info.cfp_err_with = ew;
+      info.cfp_err_without = eo;
+      cfp_base[j] = *layers[j];
+    }
+  }
 
   // ---- Blocks: CFP, parameters (carried or fresh).
   std::vector<BlockWork> bw(static_cast<size_t>(k));
@@ -706,28 +848,9 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   for (int64_t j = 0; j < k; ++j) {
     BlockWork& b = bw[j];
     b.layer = win.first + j;
-    b.base = *layers[j];
+    b.base = std::move(cfp_base[j]);
+    b.info = std::move(cfp_info[j]);
     b.info.layer = b.layer;
-    if (o.cfp && o.cfp_weights)
-      for (int p = 0; p < kNumProj; ++p) {
-        const auto shape = proj_shape(c, kProjNames[p]);
-        b.info.cfp_truncated[p] = cfp_truncate_weights(b.base.w[p].data(), shape[0], shape[1],
-                                                       o.cfp_lambda1, o.cfp_lambda2);
-      }
-    if (smooth) {
-      // Not on an input that an online transform mixes (the fold would not be exact).
-      const BlockTransformsT<float>& t = *online_of(j);
-      if (t.a1.empty() && t.a2.empty())
-        b.info.smooth_attn = cfp_act_scales(cmax[j].attn, o.cfp_lambda1, o.cfp_lambda2,
-                                            o.cfp_act_alpha, &b.info.outlier_channels[0]);
-      if (t.u1.empty() && t.u2.empty())
-        b.info.smooth_mlp = cfp_act_scales(cmax[j].mlp, o.cfp_lambda1, o.cfp_lambda2,
-                                           o.cfp_act_alpha, &b.info.outlier_channels[1]);
-      if (t.d1.empty() && t.d2.empty())
-        b.info.smooth_down = cfp_act_scales(cmax[j].down, o.cfp_lambda1, o.cfp_lambda2,
-                                            o.cfp_act_alpha, &b.info.outlier_channels[2]);
-      fold_smoothing(b.base, b.info.smooth_attn, b.info.smooth_mlp, b.info.smooth_down, H, I);
-    }
     b.cur = b.base;
     const bool is_carried = j < n_carry;
     if (is_carried) {
@@ -805,13 +928,16 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   };
   auto make_blocks = [&](std::vector<std::unique_ptr<QBlock<float>>>* qbs) {
     qbs->clear();
-    for (int64_t j = 0; j < k; ++j)
+    for (int64_t j = 0; j < k; ++j) {
       qbs->push_back(
           std::make_unique<QBlock<float>>(c, &bw[j].cur, online_of(j), &qspec, &clipf[j]));
+      set_prefix(*qbs->back(), j);
+    }
   };
   // The quantized chain over every sequence, bsz at a time: E against the targets, and
-  // the outputs after `nout` blocks into `sink` (may be null).
-  std::vector<float> ca(chunk_n), cb(chunk_n), ct(chunk_n);
+  // the outputs after `nout` blocks into `sink` (may be null). With a prefix the sink's
+  // rows 0..P−1 of each sequence are the window input's (the next window strips them).
+  std::vector<float> ca(chunk_n), cb(chunk_n), ct(chunk_n), cfull;
   auto run_all = [&](int64_t nout, ActivationSink* sink, double* e) -> Status {
     std::vector<std::unique_ptr<QBlock<float>>> qbs;
     make_blocks(&qbs);
@@ -819,25 +945,128 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
     for (int64_t b0 = 0; b0 < N; b0 += bsz) {
       const int64_t nb = std::min(bsz, N - b0);
       QCAL_RETURN_IF_ERROR(xin_all.read(b0, nb, ca.data()));
+      if (P > 0 && sink) cfull.assign(ca.begin(), ca.begin() + nb * T * H);
+      strip(ca.data(), nb);
       for (int64_t j = 0; j < k; ++j) {
-        qbs[j]->forward(ca.data(), cb.data(), nb, T);
+        qbs[j]->forward(ca.data(), cb.data(), nb, Tq);
         ca.swap(cb);
-        if (j + 1 == nout && sink) QCAL_RETURN_IF_ERROR(sink->append(ca.data(), nb));
+        if (j + 1 == nout && sink) {
+          if (P == 0) {
+            QCAL_RETURN_IF_ERROR(sink->append(ca.data(), nb));
+          } else {
+            for (int64_t s2 = 0; s2 < nb; ++s2)
+              std::copy(ca.begin() + s2 * Tq * H, ca.begin() + (s2 + 1) * Tq * H,
+                        cfull.begin() + (s2 * T + P) * H);
+            QCAL_RETURN_IF_ERROR(sink->append(cfull.data(), nb));
+          }
+        }
       }
       if (e) {
         QCAL_RETURN_IF_ERROR(target->read(b0, nb, ct.data()));
-        window_loss_acc(ct.data(), ca.data(), nb * T, H, static_cast<float*>(nullptr), 0.0, &sm,
+        window_loss_acc(ct.data(), ca.data(), nb * Tq, H, static_cast<float*>(nullptr), 0.0, &sm,
                         &sk);
       }
     }
-    if (e) *e = (sm + sk) * (1.0 / static_cast<double>(N * T));
+    if (e) *e = (sm + sk) * (1.0 / static_cast<double>(N * Tq));
     return Status::ok();
   };
   sync();
   sync_clip();
   quantize_weights(true);
+  bool gptq_done = false;
+  if (o.gptq_init && n_carry < k) {
+    // ---- GPTQ initialization of the fresh blocks, in order (CbqOptions::gptq_init).
+    QuantSpec gspec;
+    gspec.bits = o.w_bits;
+    gspec.group_size = o.w_group;
+    gspec.sym = true;
+    gspec.narrow = o.gptq_narrow;
+    GptqOptions go = o.gptq;
+    if (o.w_group > 0 && go.act_order) go.static_groups = true;
+    const std::vector<std::vector<int>> groups = {{kQ, kK, kV}, {kO}, {kGate, kUp}, {kDown}};
+    for (int64_t j = n_carry; j < k; ++j) {
+      BlockWork& b = bw[j];
+      BlockWeightsT<float> wq = b.base;  // earlier groups GPTQ-quantized (true-sequential)
+      for (const auto& group : groups) {
+        std::array<std::unique_ptr<HessianAccumulator>, kNumProj> acc;
+        for (int p : group)
+          acc[p] = std::make_unique<HessianAccumulator>(proj_shape(c, kProjNames[p])[1]);
+        LinearInputHook hook = [&](const std::string& proj, const float* xin, int64_t rows,
+                                   int64_t cols) {
+          for (int p : group)
+            if (proj == kProjNames[p] && cols == acc[p]->cols())
+              acc[p]->add_batch(xin, rows, rows / Tq);
+        };
+        std::vector<std::unique_ptr<QBlock<float>>> chain;
+        for (int64_t i = 0; i < j; ++i) {
+          chain.push_back(
+              std::make_unique<QBlock<float>>(c, &bw[i].cur, online_of(i), &qspec, &clipf[i]));
+          set_prefix(*chain.back(), i);
+        }
+        QBlock<float> qb(c, &wq, online_of(j), &qspec, &clipf[j]);
+        set_prefix(qb, j);
+        for (int64_t b0 = 0; b0 < N; b0 += bsz) {
+          const int64_t nb2 = std::min(bsz, N - b0);
+          QCAL_RETURN_IF_ERROR(xin_all.read(b0, nb2, ca.data()));
+          strip(ca.data(), nb2);
+          for (auto& q : chain) {
+            q->forward(ca.data(), cb.data(), nb2, Tq);
+            ca.swap(cb);
+          }
+          qb.forward(ca.data(), cb.data(), nb2, Tq, nullptr, hook);
+        }
+        for (int p : group) {
+          LinearWork& lw = b.lin[p];
+          Tensor Wt({lw.R, lw.C});
+          std::copy(b.base.w[p].begin(), b.base.w[p].end(), Wt.data.begin());
+          auto res = gptq_quantize(Wt, acc[p]->hessian(), gspec, go);
+          acc[p].reset();
+          if (!res.is_ok())
+            return res.status().with_context(where + ": gptq init of layer " +
+                                             std::to_string(b.layer) + " " + kProjNames[p]);
+          const QuantizedLinear& ql = res->qlinear;
+          const int64_t G = spec.groups(lw.C), gc = spec.group_cols(lw.C);
+          if (ql.num_groups() != G)
+            return internal_error(where + ": gptq init gave " + std::to_string(ql.num_groups()) +
+                                  " groups, expected " + std::to_string(G));
+          for (int64_t cc = 0; cc < lw.C; ++cc)
+            if (ql.g_idx[static_cast<size_t>(cc)] != cc / gc)
+              return internal_error(where + ": gptq init groups are not consecutive columns");
+          // Step sizes = GPTQ's scales; the base moved into GPTQ's rounding cell.
+          std::vector<float> s0f(static_cast<size_t>(lw.R * G));
+          for (int64_t r = 0; r < lw.R; ++r)
+            for (int64_t g = 0; g < G; ++g)
+              s0f[r * G + g] = std::max(ql.scales[g * lw.R + r], 1e-5f);
+          std::vector<float>& W = b.base.w[p];
+          for (int64_t r = 0; r < lw.R; ++r)
+            for (int64_t cc = 0; cc < lw.C; ++cc) {
+              const int64_t g = cc / gc;
+              const double s2 = s0f[r * G + g];
+              const double q = static_cast<double>(ql.q[r * lw.C + cc]) - ql.zeros[g * lw.R + r];
+              const double v = std::clamp(static_cast<double>(W[r * lw.C + cc]) / s2,
+                                          q - 0.5 + o.gptq_margin, q + 0.5 - o.gptq_margin);
+              W[r * lw.C + cc] = static_cast<float>(s2 * v);
+            }
+          lw.s0.assign(s0f.begin(), s0f.end());
+          const uint64_t seed = o.seed * 0x100000001b3ull + static_cast<uint64_t>(b.layer) * 7919u +
+                                static_cast<uint64_t>(p);
+          lw.lp = lora_round_init(spec, W.data(), lw.R, lw.C, s0f, o.init, seed);
+          b.prm.rho[p].assign(lw.s0.size(), 0.0);
+          b.prm.a1[p].assign(lw.lp.a1.begin(), lw.lp.a1.end());
+          b.prm.a2[p].assign(lw.lp.a2.begin(), lw.lp.a2.end());
+          wq.w[p] = ql.dequantize().data;
+        }
+      }
+      sync();
+      quantize_weights(true);  // block j at GPTQ's solution: the next block's input
+    }
+    gptq_done = true;
+  }
   double loss_hard_init = 0.0;
   QCAL_RETURN_IF_ERROR(run_all(0, nullptr, &loss_hard_init));
+  std::vector<CbqBlockParams> init_prm;  // keep_best
+  if (o.keep_best)
+    for (const BlockWork& b : bw) init_prm.push_back(b.prm);
 
   // ---- Optimizers (fresh per window).
   AdamWOptions ao;
@@ -897,7 +1126,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
     // One forward/backward of the whole minibatch on one rank: exactly the arithmetic of
     // the single-process trainer; otherwise micro-batches and ranks sum their parts.
     const bool single = ranks == 1 && r1 - r0 <= micro;
-    const double grad_scale = 1.0 / static_cast<double>(B * T);
+    const double grad_scale = 1.0 / static_cast<double>(B * Tq);
     sync();
     sync_clip();
     quantize_weights(o.hard_ste);
@@ -907,30 +1136,33 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
     double sm = 0.0, sk = 0.0, am = 0.0, ak = 0.0;
     for (int64_t m0 = r0; m0 < r1; m0 += micro) {
       const int64_t mb = std::min(micro, r1 - m0);
-      const size_t n = static_cast<size_t>(mb * T * H);
+      const size_t n = static_cast<size_t>(mb * Tq * H);
       std::vector<std::unique_ptr<BlockTape<float>>> tapes;
-      acts[0].resize(n);
+      acts[0].resize(static_cast<size_t>(mb * T * H));
       QCAL_RETURN_IF_ERROR(xin_all.read(m0, mb, acts[0].data()));
+      strip(acts[0].data(), mb);
+      acts[0].resize(n);
       tgt.resize(n);
       QCAL_RETURN_IF_ERROR(target->read(m0, mb, tgt.data()));
       for (int64_t j = 0; j < k; ++j) {
         tapes.push_back(make_tape<float>());
         acts[j + 1].resize(n);
-        qbs[j]->forward(acts[j].data(), acts[j + 1].data(), mb, T, tapes.back().get());
+        qbs[j]->forward(acts[j].data(), acts[j + 1].data(), mb, Tq, tapes.back().get());
       }
       dy.resize(n);
-      window_loss_acc(tgt.data(), acts[k].data(), mb * T, H, dy.data(), grad_scale, &sm, &sk);
+      window_loss_acc(tgt.data(), acts[k].data(), mb * Tq, H, dy.data(), grad_scale, &sm, &sk);
       if (o.aug_loss) {
         // FP window (original weights) on the quantized branch's input.
         std::vector<float> a = acts[0];
         y_aug.resize(n);
         for (int64_t j = 0; j < k; ++j) {
           QBlock<float> fb(c, layers[j], online_of(j), &kNoQuant, &kNoClip);
-          fb.forward(a.data(), y_aug.data(), mb, T);
+          set_prefix(fb, j);
+          fb.forward(a.data(), y_aug.data(), mb, Tq);
           a.swap(y_aug);
         }
         d_aug.resize(n);
-        window_loss_acc(a.data(), acts[k].data(), mb * T, H, d_aug.data(), grad_scale, &am, &ak);
+        window_loss_acc(a.data(), acts[k].data(), mb * Tq, H, d_aug.data(), grad_scale, &am, &ak);
         for (size_t i = 0; i < n; ++i) dy[i] += d_aug[i];
       }
       if (single) {
@@ -1062,50 +1294,74 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
                               " are not finite after training");
 
   // ---- Hardening: codes, fp16 scales, dequantized weights.
-  sync();
-  sync_clip();
   const int half = 1 << (o.w_bits - 1);
-  for (int64_t j = 0; j < k; ++j) {
-    BlockWork& b = bw[j];
-    for (int p = 0; p < kNumProj; ++p) {
-      LinearWork& lw = b.lin[p];
-      const std::vector<int8_t> q = lora_round_codes(spec, lw.lp, b.base.w[p].data(), lw.R, lw.C);
-      const int64_t G = spec.groups(lw.C), gc = spec.group_cols(lw.C);
-      QuantizedLinear& ql = b.info.q[p];
-      ql.out_features = lw.R;
-      ql.in_features = lw.C;
-      ql.spec.bits = o.w_bits;
-      ql.spec.group_size = G > 1 ? gc : -1;
-      ql.spec.sym = true;
-      ql.q.resize(q.size());
-      ql.scales.resize(static_cast<size_t>(G * lw.R));
-      ql.zeros.assign(static_cast<size_t>(G * lw.R), half);
-      ql.g_idx.resize(static_cast<size_t>(lw.C));
-      for (int64_t i = 0; i < lw.C; ++i) ql.g_idx[i] = static_cast<int32_t>(i / gc);
-      for (int64_t r = 0; r < lw.R; ++r)
-        for (int64_t g = 0; g < G; ++g) {
-          float s = std::max(lw.lp.scale[r * G + g], 1e-5f);
-          s = std::min(f16_to_f32(f32_to_f16(s)), 65504.0f);
-          ql.scales[g * lw.R + r] = s;
-        }
-      for (size_t e = 0; e < q.size(); ++e) ql.q[e] = static_cast<uint8_t>(q[e] + half);
-      std::vector<float>& w = b.cur.w[p];
-      for (int64_t r = 0; r < lw.R; ++r)
-        for (int64_t i = 0; i < lw.C; ++i)
-          w[r * lw.C + i] =
-              dequantize_code(ql.q[r * lw.C + i], {ql.scales[(i / gc) * lw.R + r], half});
-      if (!finite_all_t(w)) return internal_error(where + ": quantized weights are not finite");
+  auto harden = [&]() -> Status {
+    sync();
+    sync_clip();
+    for (int64_t j = 0; j < k; ++j) {
+      BlockWork& b = bw[j];
+      for (int p = 0; p < kNumProj; ++p) {
+        LinearWork& lw = b.lin[p];
+        const std::vector<int8_t> q = lora_round_codes(spec, lw.lp, b.base.w[p].data(), lw.R, lw.C);
+        const int64_t G = spec.groups(lw.C), gc = spec.group_cols(lw.C);
+        QuantizedLinear& ql = b.info.q[p];
+        ql.out_features = lw.R;
+        ql.in_features = lw.C;
+        ql.spec.bits = o.w_bits;
+        ql.spec.group_size = G > 1 ? gc : -1;
+        ql.spec.sym = true;
+        ql.q.resize(q.size());
+        ql.scales.resize(static_cast<size_t>(G * lw.R));
+        ql.zeros.assign(static_cast<size_t>(G * lw.R), half);
+        ql.g_idx.resize(static_cast<size_t>(lw.C));
+        for (int64_t i = 0; i < lw.C; ++i) ql.g_idx[i] = static_cast<int32_t>(i / gc);
+        for (int64_t r = 0; r < lw.R; ++r)
+          for (int64_t g = 0; g < G; ++g) {
+            float s = std::max(lw.lp.scale[r * G + g], 1e-5f);
+            s = std::min(f16_to_f32(f32_to_f16(s)), 65504.0f);
+            ql.scales[g * lw.R + r] = s;
+          }
+        for (size_t e = 0; e < q.size(); ++e) ql.q[e] = static_cast<uint8_t>(q[e] + half);
+        std::vector<float>& w = b.cur.w[p];
+        for (int64_t r = 0; r < lw.R; ++r)
+          for (int64_t i = 0; i < lw.C; ++i)
+            w[r * lw.C + i] =
+                dequantize_code(ql.q[r * lw.C + i], {ql.scales[(i / gc) * lw.R + r], half});
+        if (!finite_all_t(w)) return internal_error(where + ": quantized weights are not finite");
+      }
+      for (int p = 0; p < kNumProj; ++p)
+        b.info.act_clip[p] = o.a_bits >= 16 ? 1.0
+                             : learn_clip   ? sigmoid(b.prm.clip.act_max[p][0])
+                                            : o.a_clip;
+      b.info.k_clip = o.kv_bits >= 16 ? 1.0 : learn_clip ? sigmoid(b.prm.clip.k_max[0]) : o.kv_clip;
+      b.info.v_clip = o.kv_bits >= 16 ? 1.0 : learn_clip ? sigmoid(b.prm.clip.v_max[0]) : o.kv_clip;
     }
-    for (int p = 0; p < kNumProj; ++p)
-      b.info.act_clip[p] = o.a_bits >= 16 ? 1.0
-                           : learn_clip   ? sigmoid(b.prm.clip.act_max[p][0])
-                                          : o.a_clip;
-    b.info.k_clip = o.kv_bits >= 16 ? 1.0 : learn_clip ? sigmoid(b.prm.clip.k_max[0]) : o.kv_clip;
-    b.info.v_clip = o.kv_bits >= 16 ? 1.0 : learn_clip ? sigmoid(b.prm.clip.v_max[0]) : o.kv_clip;
+    return Status::ok();
+  };
+  QCAL_RETURN_IF_ERROR(harden());
+  // The hardened loss (keep_best: the initial parameters when training made it worse),
+  // and the next window's quantized-branch input (sequential).
+  ActivationSink* next_q = o.parallel ? nullptr : io.next_q;
+  if (o.keep_best) {
+    QCAL_RETURN_IF_ERROR(run_all(0, nullptr, &rep.loss_hard_trained));
+    if (!std::isfinite(rep.loss_hard_trained))
+      return internal_error(where + ": hardened loss is not finite");
+    if (rep.loss_hard_trained > loss_hard_init) {
+      for (int64_t j = 0; j < k; ++j) bw[j].prm = init_prm[j];
+      rep.reverted = true;
+      QCAL_RETURN_IF_ERROR(harden());
+    }
+    if (rep.reverted || next_q) {
+      QCAL_RETURN_IF_ERROR(run_all(nfin, next_q, &rep.loss_hard));
+    } else {
+      rep.loss_hard = rep.loss_hard_trained;
+    }
+  } else {
+    QCAL_RETURN_IF_ERROR(run_all(nfin, next_q, &rep.loss_hard));
+    rep.loss_hard_trained = rep.loss_hard;
   }
-  // The hardened loss, and the next window's quantized-branch input (sequential).
-  QCAL_RETURN_IF_ERROR(run_all(nfin, o.parallel ? nullptr : io.next_q, &rep.loss_hard));
   if (!std::isfinite(rep.loss_hard)) return internal_error(where + ": hardened loss is not finite");
+  rep.gptq_init = gptq_done;
 
   // ---- Commit.
   if (carried_out) {

@@ -124,6 +124,7 @@
 #include "kernels/grad.h"
 #include "worker/calib/activations.h"
 #include "worker/calib/qblock.h"
+#include "worker/engine/gptq.h"
 #include "worker/engine/quantizer.h"
 
 namespace qcal::calib {
@@ -274,6 +275,15 @@ struct CbqOptions {
   bool cfp_weights = true;  // per-row truncation of weight outliers
   bool cfp_acts = true;     // outlier-channel smoothing (only when a_bits < 16)
   double cfp_lambda1 = 1.5, cfp_lambda2 = 16.0, cfp_act_alpha = 0.5;
+  // Keep CFP on a block only where it lowers that block's quantized output error on the
+  // calibration data: per block, ‖B_fp(x) − B_q(x)‖² summed over the FP inputs x of the
+  // block, B_q with round-to-nearest weights on the initial grid and the window's
+  // activation / K/V quantizers, with and without the block's CFP (truncation and
+  // smoothing); CbqLayerResult::cfp_kept / cfp_err_* record the decision. The FP
+  // inputs are the same in every window that contains the block, so a carried block
+  // gets the same decision. Costs one more FP pass over the window and two quantized
+  // forwards per block.
+  bool cfp_decide = true;
   // Training (AdamW, weight decay 0, cosine to 1e-3·lr, fresh per window).
   int epochs = 20;
   int64_t bsz = 4;                                        // sequences per step
@@ -294,6 +304,46 @@ struct CbqOptions {
   // Set for recipes that keep transforms online: cbq_run_window then refuses options
   // whose `online` does not have L entries (methods.h cbq_options(recipe, setup)).
   bool needs_online = false;
+  // IntactKV (methods.md §6): the FP pivot cache the deployed model carries, per model
+  // layer (L entries of (prefix_len, n_kv·d) each: K after RoPE and P_k, V; block.h
+  // prefix_kv), or empty. With a prefix every sequence must begin with the prefix
+  // tokens (the caller checks the ids); the quantized branch then runs each sequence's
+  // tokens [P:] after that FP cache (QBlock::set_prefix, positions from P), exactly as
+  // the deployed model is evaluated, and the loss covers positions P..T−1 (the FP
+  // target there equals the FP model's with its own prefix: causal attention). Without
+  // it the quantized branch would be trained against its own quantized BOS K/V, which
+  // the deployed model never uses.
+  int64_t prefix_len = 0;
+  std::vector<std::vector<float>> prefix_k, prefix_v;
+  // GPTQ initialization ("gptq + block/cbq"): before training, every block the window
+  // trains for the first time is rounded by GPTQ (true-sequential groups, Hessians of
+  // the quantized branch's inputs through the window's earlier blocks at their initial
+  // hardened state, activation / K/V quantizers and online transforms as trained), and
+  // the reconstruction starts from that solution: step sizes s0 = GPTQ's scales, and
+  // the base W the rounding is learned on moved into GPTQ's rounding cell,
+  //   W' = s0·clamp(W/s0, q − 0.5 + m, q + 0.5 − m)   (q: GPTQ's signed code, m =
+  //   gptq_margin),
+  // so that round-to-nearest of W'/s0 (what the hardened LoRA-Rounding starts from,
+  // kResidual) is exactly GPTQ's code: the window's initial hardened loss is GPTQ's.
+  // The margin keeps the weights GPTQ moved out of their RTN cell (its error
+  // compensation) off the cell boundary, where the LoRA offsets and step-size changes
+  // would flip them back first.
+  // `gptq` carries percdamp / blocksize / act_order (static groups are forced with
+  // w_group > 0, the reconstruction's groups being consecutive columns).
+  bool gptq_init = false;
+  GptqOptions gptq;
+  // In (0, 0.5). Measured: synthetic W2A16 g32 window 0 at 4 epochs (test_cbq.cc) ends
+  // at 0.113 / 0.104 / 0.112 with m = 0.01 / 0.25 / 0.4, but tests/unit/test_compose.cc's
+  // composed recipe (grammar-tiny W4A4KV4) gives KL 0.0063 with 0.01 and 0.0068 with
+  // 0.25: 0.01 is kept.
+  double gptq_margin = 0.01;
+  bool gptq_narrow =
+      true;  // GPTQ's grid: absmax/(2^(b−1) − 1) (the trainer's) or 2·absmax/(2^b − 1)
+  // Keep the window's initial parameters when training ends with a higher hardened
+  // loss over the calibration set than they had (CbqWindowReport::reverted): the
+  // window's calibration objective never ends worse than its initialization (RTN,
+  // GPTQ, or the carried state). Costs one more quantized pass over the window.
+  bool keep_best = true;
 
   // kInvalidInput naming the field (bits, window/overlap, group not positive, ...).
   Status validate(const ModelConfig& c) const;
@@ -315,6 +365,12 @@ struct CbqWindowReport {
   double loss_hard_init = 0, loss_hard = 0;
   int64_t steps = 0;
   double seconds = 0;
+  // keep_best: training ended above loss_hard_init and the initial parameters were
+  // kept (loss_hard is then theirs, with the fp16 scales); loss_hard_trained is the
+  // trained parameters' hardened loss either way.
+  bool reverted = false;
+  double loss_hard_trained = 0;
+  bool gptq_init = false;  // the fresh blocks started from GPTQ's solution
 };
 
 // Trained parameters of one block, carried from a window to the next (fp64 masters).
@@ -347,6 +403,10 @@ struct CbqLayerResult {
   std::array<double, kNumProj> act_clip{};
   double k_clip = 1.0, v_clip = 1.0;
   std::array<int64_t, kNumProj> cfp_truncated{};  // weights truncated by CFP
+  // cfp_decide: whether the block kept its CFP, and the block's summed squared output
+  // error (RTN weights) with and without it (0 when CFP changed nothing or is off).
+  bool cfp_kept = true;
+  double cfp_err_with = 0, cfp_err_without = 0;
   // Activation smoothing folded into the returned weights (empty = none): attention
   // input (H, into input_norm), MLP input (H, into post_norm), down input (I, into
   // up_proj rows). x ← x / s there.

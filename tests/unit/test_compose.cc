@@ -1,0 +1,110 @@
+// labels: slow
+// Issue #12 part 1: a composed recipe is at least as good as its best component. On the
+// trained fixture tests/fixtures/grammar-tiny, W4A4KV4 per channel, 16 × 128
+// calibration tokens, KL to FP on 8 held-out sequences (IntactKV models with the
+// IntactKV protocol: the FP prefix cache and logits):
+//   components  FlatQuant + GPTQ; CBQ(2, 1) + LoRA-Rounding; GPTQ + IntactKV
+//   composed    FlatQuant + CBQ(2, 1) with LoRA-Rounding started from GPTQ's solution
+//               (weight_solver gptq) + IntactKV, the windows trained against the FP
+//               prefix cache
+// and the composed KL must be ≤ 1.02 × the best component's. The windows' hardened
+// calibration losses never end above their GPTQ start (keep_best).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "common/data.h"
+#include "common/recipe.h"
+#include "tests/unit/test_util.h"
+#include "worker/calib/fp_model.h"
+#include "worker/calib/intactkv.h"
+#include "worker/calib/native.h"
+#include "worker/engine/model.h"
+#include "worker/local_runner.h"
+
+namespace qcal::calib {
+namespace {
+
+using nlohmann::json;
+
+std::string fixture(const std::string& rel) {
+  return std::string(QCAL_SOURCE_DIR) + "/tests/fixtures/" + rel;
+}
+
+constexpr int64_t kT = 128;
+
+Recipe w4a4kv4() {
+  return Recipe()
+      .with("w_bits", 4)
+      .with("a_bits", 4)
+      .with("kv_bits", 4)
+      .with("epochs", 4)      // FlatQuant
+      .with("cbq_epochs", 6)  // CBQ
+      .with("lora_rank", 8)
+      .with("seed", 1);
+}
+
+TEST(Compose, FlatQuantCbqIntactKvGptqIsNoWorseThanItsBestComponent) {
+  auto fp = load_fp_model(fixture("grammar-tiny"));
+  ASSERT_TRUE(fp.is_ok()) << fp.status().to_string();
+  const int64_t V = fp->config.vocab_size;
+  auto calib = load_token_sequences(fixture("grammar-data/calib.u32"), kT, V, 16);
+  auto eval = load_token_sequences(fixture("grammar-data/eval.u32"), kT, V, 8);
+  ASSERT_TRUE(calib.is_ok() && eval.is_ok());
+  for (int64_t s = 0; s < calib->count(); ++s) ASSERT_EQ(calib->seq(s)[0], 1) << "BOS";
+  auto ref = LlamaModel::open(fixture("grammar-tiny"));
+  ASSERT_TRUE(ref.is_ok()) << ref.status().to_string();
+
+  struct Row {
+    const char* name;
+    Recipe r;
+    double kl = 0;
+    json report = json::object();
+  };
+  std::vector<Row> rows = {
+      {"FlatQuant + GPTQ",
+       w4a4kv4().with("transform", "flatquant").with("weight_solver", "gptq"),
+       0,
+       {}},
+      {"CBQ(2,1) + LoRA-Rounding",
+       w4a4kv4().with("reconstruction", "cbq").with("weight_solver", "lora-rounding"),
+       0,
+       {}},
+      {"GPTQ + IntactKV", w4a4kv4().with("weight_solver", "gptq").with("intactkv", true), 0, {}},
+      {"FlatQuant + GPTQ-init CBQ + IntactKV",
+       w4a4kv4()
+           .with("transform", "flatquant")
+           .with("weight_solver", "gptq")
+           .with("reconstruction", "cbq")
+           .with("intactkv", true),
+       0,
+       {}}};
+  std::printf("grammar-tiny W4A4KV4, KL vs FP on 8 held-out sequences:\n");
+  for (Row& row : rows) {
+    auto nm = qcal::calibrate(fp.value(), calib.value(), row.r, &row.report);
+    ASSERT_TRUE(nm.is_ok()) << row.name << ": " << nm.status().to_string();
+    auto ev = evaluate_native(nm.value(), eval.value(), ref->get(), 4);
+    ASSERT_TRUE(ev.is_ok()) << row.name << ": " << ev.status().to_string();
+    ASSERT_TRUE(ev->kl.has_value());
+    row.kl = *ev->kl;
+    std::printf("  %-40s %.4f\n", row.name, row.kl);
+    ASSERT_TRUE(std::isfinite(row.kl)) << row.name;
+  }
+  const json& windows = rows[3].report["windows"];
+  ASSERT_EQ(windows.size(), 3u) << rows[3].report.dump();
+  for (const json& w : windows) {
+    EXPECT_TRUE(w["gptq_init"].get<bool>()) << w.dump();
+    EXPECT_TRUE(w["intactkv_prefix"].get<bool>()) << w.dump();
+    EXPECT_LE(w["loss_hard"].get<double>(), w["loss_hard_init"].get<double>() * 1.001) << w.dump();
+  }
+  double best = rows[0].kl;
+  for (size_t i = 1; i + 1 < rows.size(); ++i) best = std::min(best, rows[i].kl);
+  EXPECT_LE(rows.back().kl, best * 1.02) << "best component " << best;
+}
+
+}  // namespace
+}  // namespace qcal::calib
