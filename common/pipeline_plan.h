@@ -35,10 +35,11 @@
 
 namespace qcal {
 
-// One task's estimate, by component (name → bytes), in a stable order.
+// One task's estimate, by component (name → bytes), in a stable order. Parts named
+// "phase/name" are held during that phase only (common/memory_model.h).
 struct MemoryEstimate {
   std::vector<std::pair<std::string, uint64_t>> parts;
-  uint64_t total() const;
+  uint64_t total() const;  // the peak: parts held throughout + the largest phase
   // "weights 3.4 GiB, activations 32.0 GiB, ..."
   std::string describe() const;
   nlohmann::json to_json() const;  // {"total": n, "weights": n, ...}
