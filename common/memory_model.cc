@@ -93,10 +93,11 @@ uint64_t block_train_bytes(const MemCtx& m, uint64_t tokens, bool transformed_we
 }
 
 // One deploy of a block (worker/calib/block.cc deploy_block): the fp64 copy of the
-// block, one linear's fp64 effective weight and its fp32 conversion.
+// block and, for one linear at a time, the effective weight's two fp64 stages
+// (QBlock::effective_weight; its fp32 conversion comes after the first is freed).
 uint64_t deploy_block_bytes(const MemCtx& m) {
   const uint64_t largest = std::max(sat_mul(m.I, m.H), sat_mul(m.Q, m.H));
-  return sat_add(sat_mul(m.block_params, 8), sat_mul(largest, 12));
+  return sat_add(sat_mul(m.block_params, 8), sat_mul(largest, 16));
 }
 
 void memory_terms_core(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
@@ -106,13 +107,14 @@ void memory_terms_core(const MemCtx& m, const std::string& task, std::vector<Mem
   if (task == "embed") {
     parts->push_back({"tokens", sat_mul(sat_mul(m.N, m.T), 4)});
     parts->push_back({"activations", sat_mul(sat_mul(mt, m.H), kF)});
-    // Embedding rows read through the mmap: the pages of the (V, H) bf16 table that
-    // N·T uniformly drawn tokens touch, table·(1 − e^(−tokens / pages)) (rows of
-    // H < 2048 share a page; real text, drawing frequent tokens, touches fewer).
+    // Embedding rows read through the mmap: the 64 KiB fault-around windows of the
+    // (V, H) bf16 table that N·T uniformly drawn tokens touch, table·(1 − e^(−tokens /
+    // windows)) (a cached file maps 16 pages around each fault; real text, drawing
+    // frequent tokens, touches fewer).
     const double table = static_cast<double>(sat_mul(m.V, sat_mul(m.H, 2)));
-    const double pages = std::max(1.0, table / 4096.0);
+    const double windows = std::max(1.0, table / 65536.0);
     const double touched =
-        table * (1.0 - std::exp(-static_cast<double>(sat_mul(m.N, m.T)) / pages));
+        table * (1.0 - std::exp(-static_cast<double>(sat_mul(m.N, m.T)) / windows));
     parts->push_back({"embeddings", static_cast<uint64_t>(std::min(table, touched))});
   } else if (task == "capture") {
     parts->push_back({"weights", block});
