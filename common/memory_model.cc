@@ -107,14 +107,14 @@ void memory_terms_core(const MemCtx& m, const std::string& task, std::vector<Mem
   if (task == "embed") {
     parts->push_back({"tokens", sat_mul(sat_mul(m.N, m.T), 4)});
     parts->push_back({"activations", sat_mul(sat_mul(mt, m.H), kF)});
-    // Embedding rows read through the mmap: the 64 KiB fault-around windows of the
-    // (V, H) bf16 table that N·T uniformly drawn tokens touch, table·(1 − e^(−tokens /
-    // windows)) (a cached file maps 16 pages around each fault; real text, drawing
+    // Embedding rows read through the mmap: the pages of the (V, H) bf16 table that
+    // N·T uniformly drawn tokens touch, table·(1 − e^(−tokens / pages)) (rows of
+    // H < 2048 share a page; measured with the file cached; real text, drawing
     // frequent tokens, touches fewer).
     const double table = static_cast<double>(sat_mul(m.V, sat_mul(m.H, 2)));
-    const double windows = std::max(1.0, table / 65536.0);
+    const double pages = std::max(1.0, table / 4096.0);
     const double touched =
-        table * (1.0 - std::exp(-static_cast<double>(sat_mul(m.N, m.T)) / windows));
+        table * (1.0 - std::exp(-static_cast<double>(sat_mul(m.N, m.T)) / pages));
     parts->push_back({"embeddings", static_cast<uint64_t>(std::min(table, touched))});
   } else if (task == "capture") {
     parts->push_back({"weights", block});
