@@ -19,7 +19,9 @@
 // pages of the checkpoint's mmap count: they are resident while read); it is
 // compared with the estimate less its "process" part (kProcessBaseBytes: the
 // process itself, which this test binary's "before" does not measure). Every task
-// type but assemble (being rewritten to stream) must be within ±25%.
+// type but assemble (being rewritten to stream) must be within ±25% (embed: at
+// most 25% above, at least 75% of its estimate less the mapped embedding pages,
+// which are the page cache's and vary between runs).
 #include <gtest/gtest.h>
 #include <malloc.h>
 #include <sys/wait.h>
@@ -369,7 +371,13 @@ TEST(MemoryModel, EveryTaskTypeStaysWithinItsEstimate) {
     // The assemble task is being rewritten to stream (its terms are that rewrite's):
     // reported above, not held to the bound here.
     if (r.type == "assemble") continue;
-    EXPECT_TRUE(ratio >= 0.75 && ratio <= 1.25)
+    // The embedding table's pages are the page cache's (mapped, reclaimable): how many
+    // are resident varies between runs, so that part bounds from above only.
+    const uint64_t floor =
+        r.estimate - std::min(r.estimate, r.parts.value("embeddings", uint64_t{0}));
+    EXPECT_TRUE(ratio <= 1.25 &&
+                static_cast<double>(r.measured) >= 0.75 * static_cast<double>(floor) &&
+                (ratio >= 0.75 || r.type == "embed"))
         << r.size << " " << r.job << " " << r.task << ": measured " << r.measured << " B, estimate "
         << r.estimate << " B, ratio " << ratio;
   }
