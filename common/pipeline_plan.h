@@ -16,8 +16,9 @@
 //   [intactkv-cal]                                   +Cal (whole model, after the blocks)
 //   assemble → validate
 // Memory: each task's estimate is the sum of the core row's terms and those of the
-// recipe's methods (common/memory_model.h). Training tasks stream their minibatches
-// in micro-batches of params.micro sequences, chosen here as the largest that keeps
+// recipe's methods (common/memory_model.h). Training tasks stream their minibatches,
+// and quantize tasks their forwards (GPTQ's Hessians, the output check), in
+// micro-batches of params.micro sequences, chosen here as the largest that keeps
 // the task within `target_fraction` of a worker (results change only by float
 // summation order).
 #pragma once
