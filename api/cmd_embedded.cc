@@ -1,10 +1,13 @@
 // The embedded, single-process commands of `qcal` (cmd_embedded.h): synth,
-// synth-data, quantize, eval, inspect. Every command validates its flags
+// synth-data, quantize, plan, eval, inspect. Every command validates its flags
 // before doing work and reports errors as "qcal <command>: error: <what went
 // wrong>" with exit code 2 for bad input (invalid, missing or corrupt input)
 // and 1 for everything else.
 #include "api/cmd_embedded.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -24,6 +27,7 @@
 #include "common/job_spec.h"
 #include "common/method_registry.h"
 #include "common/plan.h"
+#include "common/planner.h"
 #include "worker/calib/native.h"
 #include "worker/calib/native_eval.h"
 #include "worker/engine/eval.h"
@@ -197,6 +201,98 @@ int cmd_quantize(const Flags& f) {
   return 0;
 }
 
+// ---------------------------------------------------------------- plan
+// The plan `qcal quantize` (and the coordinator, for workers of --memory-gb) makes of
+// the same flags, without running it: every check of the planner (common/planner.h),
+// then the summary (tasks, critical path, peak task, store bytes) and each task
+// type's largest estimate by part (common/memory_model.h).
+std::vector<FlagSpec> plan_flags() {
+  const std::string run = "This plan";
+  return concat_flags(spec_flags(),
+                      {
+                          {"memory-gb", "X", "physical memory",
+                           "the memory of one worker (tasks are sized to 0.8 of it)", run},
+                          {"tasks", "", "", "also list every task with its estimate", run},
+                          {"json", "", "", "print the plan (summary and tasks) as JSON", run},
+                      });
+}
+
+int cmd_plan(const Flags& f) {
+  const std::string cmd = "plan";
+  CLI_ASSIGN(cmd, nlohmann::json spec_json, job_spec_json_from_flags(f));
+  CLI_ASSIGN(cmd, JobSpec spec, parse_job_spec(spec_json));
+  PlannerLimits limits;
+  if (f.has("memory-gb")) {
+    CLI_ASSIGN(cmd, double gb, f.number("memory-gb", 0));
+    if (!(gb > 0) || gb > 1e9) return cli_fail(cmd, invalid_input("--memory-gb must be positive"));
+    limits.worker_memory_bytes = static_cast<uint64_t>(gb * 1073741824.0);
+  } else {
+    limits.worker_memory_bytes = static_cast<uint64_t>(::sysconf(_SC_PHYS_PAGES)) *
+                                 static_cast<uint64_t>(::sysconf(_SC_PAGE_SIZE));
+  }
+  CLI_ASSIGN(cmd, Plan p, plan_job(spec, limits));
+  const nlohmann::json& sum = p.summary;
+  if (f.flag("json")) {
+    nlohmann::json tasks = nlohmann::json::array();
+    for (const TaskDef& t : p.tasks)
+      tasks.push_back({{"id", t.id},
+                       {"type", t.type},
+                       {"deps", t.deps},
+                       {"params", t.params},
+                       {"mem_bytes", t.mem_bytes}});
+    std::cout << nlohmann::json{{"summary", sum}, {"tasks", tasks}}.dump() << std::endl;
+    return 0;
+  }
+  auto bytes = [&](const char* key) { return format_bytes(sum[key].get<uint64_t>()); };
+  std::printf("%s, %lld layers, format %s, %llu calibration sequences\n",
+              sum["method"].get<std::string>().c_str(),
+              static_cast<long long>(sum["layers"].get<int64_t>()),
+              sum["format"].get<std::string>().c_str(),
+              static_cast<unsigned long long>(sum["calib_sequences"].get<uint64_t>()));
+  std::printf("  tasks          %zu\n", p.tasks.size());
+  std::printf("  critical path  %lld tasks\n",
+              static_cast<long long>(sum["critical_path"].get<int64_t>()));
+  std::printf("  peak task      %s, %s of %s per worker\n",
+              sum["peak"]["task"].get<std::string>().c_str(),
+              format_bytes(sum["peak"]["bytes"].get<uint64_t>()).c_str(),
+              bytes("worker_memory_bytes").c_str());
+  std::printf("  store          %s (artifacts and output)\n", bytes("store_bytes").c_str());
+  // Each task type: how many, and its largest estimate by part.
+  std::vector<std::string> types;
+  for (const TaskDef& t : p.tasks)
+    if (std::find(types.begin(), types.end(), t.type) == types.end()) types.push_back(t.type);
+  std::printf("\n  %-12s %6s  %-20s %10s  %s\n", "type", "tasks", "largest", "estimate",
+              "parts (phase/part: held during that phase only)");
+  for (const std::string& type : types) {
+    const TaskDef* big = nullptr;
+    size_t n = 0;
+    for (const TaskDef& t : p.tasks)
+      if (t.type == type) {
+        ++n;
+        if (!big || t.mem_bytes > big->mem_bytes) big = &t;
+      }
+    std::string parts;
+    const nlohmann::json& e = sum["estimates"][big->id];
+    for (auto it = e.begin(); it != e.end(); ++it) {
+      if (it.key() == "total") continue;
+      if (!parts.empty()) parts += ", ";
+      parts += it.key() + " " + format_bytes(it.value().get<uint64_t>());
+    }
+    std::printf("  %-12s %6zu  %-20s %10s  %s\n", type.c_str(), n, big->id.c_str(),
+                format_bytes(big->mem_bytes).c_str(), parts.c_str());
+  }
+  if (f.flag("tasks")) {
+    std::printf("\n");
+    for (const TaskDef& t : p.tasks) {
+      std::string deps;
+      for (const std::string& d : t.deps) deps += (deps.empty() ? "" : " ") + d;
+      std::printf("  %-20s %10s  <- %s\n", t.id.c_str(), format_bytes(t.mem_bytes).c_str(),
+                  deps.empty() ? "-" : deps.c_str());
+    }
+  }
+  return 0;
+}
+
 // ---------------------------------------------------------------- eval
 // Any checkpoint kind, streamed layer by layer (worker/calib/native_eval.h
 // open_eval_model, worker/engine/eval.h evaluate_stream); with IntactKV every
@@ -357,6 +453,14 @@ std::vector<Command> embedded_commands() {
        "weights, else a native qcal checkpoint (docs/NATIVE_FORMAT.md); --format chooses.\n"
        "Threads: QCAL_THREADS (default: all cores).",
        quantize_flags(), cmd_quantize},
+      {"plan", section, "--model DIR --calib FILE --out DIR [flags]",
+       "show the plan of a job (tasks, critical path, memory, store) without running it",
+       "The planner's view of the job the same flags describe (`qcal quantize`, `qcal submit`):\n"
+       "every check the coordinator makes before accepting it, then the task count, the\n"
+       "critical path, the peak task's memory estimate, the store space, and each task\n"
+       "type's largest estimate by part. --memory-gb sizes the workers (as the coordinator's\n"
+       "--worker-mem-gb); a job that does not fit is refused with the numbers.",
+       plan_flags(), cmd_plan},
       {"eval", section, "--model DIR --data FILE [flags]",
        "perplexity of a checkpoint, and KL / top-1 agreement against its FP model",
        "With IntactKV, every sequence must begin with the checkpoint's prefix.", eval_flags(),

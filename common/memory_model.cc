@@ -1,7 +1,9 @@
 #include "common/memory_model.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <string>
 
 #include "common/safetensors.h"
 
@@ -47,6 +49,33 @@ uint64_t sat_add(uint64_t a, uint64_t b) {
   return s < a ? std::numeric_limits<uint64_t>::max() : s;
 }
 
+std::string mem_phase_of(const std::string& part) {
+  const size_t slash = part.find('/');
+  return slash == std::string::npos ? std::string() : part.substr(0, slash);
+}
+
+uint64_t mem_peak(const std::vector<MemPart>& parts) {
+  uint64_t held = 0;
+  std::vector<std::pair<std::string, uint64_t>> phases;
+  for (const auto& [name, bytes] : parts) {
+    const std::string ph = mem_phase_of(name);
+    if (ph.empty()) {
+      held = sat_add(held, bytes);
+      continue;
+    }
+    auto it =
+        std::find_if(phases.begin(), phases.end(), [&](const auto& p) { return p.first == ph; });
+    if (it == phases.end()) {
+      phases.push_back({ph, bytes});
+    } else {
+      it->second = sat_add(it->second, bytes);
+    }
+  }
+  uint64_t most = 0;
+  for (const auto& [ph, bytes] : phases) most = std::max(most, bytes);
+  return sat_add(held, most);
+}
+
 MemCtx mem_ctx(const ModelConfig& c) {
   MemCtx m;
   m.L = u(c.num_hidden_layers);
@@ -58,16 +87,18 @@ MemCtx mem_ctx(const ModelConfig& c) {
   m.n_heads = u(c.num_attention_heads);
   m.n_kv = u(c.num_key_value_heads);
   m.head_dim = u(c.head_dim);
-  m.linear_params = sat_add(sat_add(sat_mul(2 * m.Q, m.H), sat_mul(2 * m.K, m.H)),
-                            sat_mul(3 * m.I, m.H));
+  m.linear_params =
+      sat_add(sat_add(sat_mul(2 * m.Q, m.H), sat_mul(2 * m.K, m.H)), sat_mul(3 * m.I, m.H));
   m.block_params = m.linear_params + 2 * m.H + (c.attention_bias ? m.Q + 2 * m.K : 0);
   m.max_in = std::max({m.H, m.Q, m.I});
   return m;
 }
 
-uint64_t block_forward_bytes(const MemCtx& m, uint64_t tokens) {
+uint64_t block_forward_bytes(const MemCtx& m, uint64_t tokens, bool quantized) {
   // h, h̃, q, k, v, attention out, o, gate, up, z per token; one sequence's scores.
-  const uint64_t per_token = 4 * m.H + 3 * m.Q + 3 * m.K + 3 * m.I;
+  uint64_t per_token = 4 * m.H + 3 * m.Q + 3 * m.K + 3 * m.I;
+  // q/k/v/gate/up inputs (5·H), the transformed h̃ and m̃, o's and down's inputs, z̃.
+  if (quantized) per_token += 7 * m.H + m.Q + 2 * m.I;
   return sat_add(sat_mul(sat_mul(tokens, per_token), kF),
                  sat_mul(sat_mul(m.n_heads, sat_mul(m.T, m.T)), kF));
 }
@@ -87,6 +118,14 @@ uint64_t block_train_bytes(const MemCtx& m, uint64_t tokens, bool transformed_we
   return b;
 }
 
+// One deploy of a block (worker/calib/block.cc deploy_block): the fp64 copy of the
+// block and, for one linear at a time, the effective weight's two fp64 stages
+// (QBlock::effective_weight; its fp32 conversion comes after the first is freed).
+uint64_t deploy_block_bytes(const MemCtx& m) {
+  const uint64_t largest = std::max(sat_mul(m.I, m.H), sat_mul(m.Q, m.H));
+  return sat_add(sat_mul(m.block_params, 8), sat_mul(largest, 16));
+}
+
 void memory_terms_core(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
   const uint64_t mt = sat_mul(m.micro, m.T);
   const uint64_t block = sat_mul(m.block_params, kF);
@@ -94,28 +133,43 @@ void memory_terms_core(const MemCtx& m, const std::string& task, std::vector<Mem
   if (task == "embed") {
     parts->push_back({"tokens", sat_mul(sat_mul(m.N, m.T), 4)});
     parts->push_back({"activations", sat_mul(sat_mul(mt, m.H), kF)});
-    // Embedding rows touched through the mmap (the whole table at most).
-    parts->push_back({"embeddings", sat_mul(std::min(m.V, sat_mul(m.N, m.T)), sat_mul(m.H, 2))});
+    // Embedding rows read through the mmap: the pages of the (V, H) bf16 table that
+    // N·T uniformly drawn tokens touch, table·(1 − e^(−tokens / pages)) (rows of
+    // H < 2048 share a page; measured with the file cached; real text, drawing
+    // frequent tokens, touches fewer).
+    const double table = static_cast<double>(sat_mul(m.V, sat_mul(m.H, 2)));
+    const double pages = std::max(1.0, table / 4096.0);
+    const double touched =
+        table * (1.0 - std::exp(-static_cast<double>(sat_mul(m.N, m.T)) / pages));
+    parts->push_back({"embeddings", static_cast<uint64_t>(std::min(table, touched))});
   } else if (task == "capture") {
     parts->push_back({"weights", block});
     parts->push_back({"activations", sat_mul(sat_mul(2 * mt, m.H), kF)});
     parts->push_back({"forward", block_forward_bytes(m, mt)});
   } else if (task == "transform") {
     parts->push_back({"weights", block});
-    parts->push_back({"activations", sat_mul(sat_mul(sat_mul(4, m.train_micro), m.T),
-                                             sat_mul(m.H, kF))});
+    parts->push_back(
+        {"activations", sat_mul(sat_mul(sat_mul(4, m.train_micro), m.T), sat_mul(m.H, kF))});
   } else if (task == "quantize") {
-    // The checkpoint's and the deployed weights, the quantized copy (a byte per code).
-    parts->push_back({"weights", sat_add(sat_mul(block, 2), m.linear_params)});
-    parts->push_back({"activations", sat_mul(sat_mul(3 * mt, m.H), kF)});
-    parts->push_back({"forward", block_forward_bytes(m, mt)});
+    // Held through the task: the deployed weights. Deploying: the checkpoint's block
+    // while the deployed one is built (freed after). Rounding: the deployed FP copy
+    // (the output check, IntactKV's prefix), the codes (a byte each) and the block
+    // result's copy of them (a solver's phases repeat these: see memory_terms_gptq).
+    parts->push_back({"weights", block});
+    parts->push_back({"deploy/checkpoint", block});
+    parts->push_back({"round/fp copy", block});
+    parts->push_back({"round/codes", sat_mul(m.linear_params, 2)});
   } else if (task == "cbq-window") {
     const uint64_t k = std::max<uint64_t>(1, m.window);
-    // Per block: the FP weights, the CFP base, Ŵ; per linear V0 and the weight gradients.
-    parts->push_back({"weights", sat_mul(k, sat_add(sat_mul(block, 3),
-                                                    sat_mul(m.linear_params, 2 * kF)))});
+    // Per block: the window's copy of the deployed weights, the CFP base and Ŵ, the
+    // deployed linears again with IntactKV (its prefix reads them); per linear V0 and
+    // the weight gradients.
+    const uint64_t copies = m.prefix > 0 ? 4 : 3;
+    parts->push_back(
+        {"weights", sat_mul(k, sat_add(sat_mul(block, copies), sat_mul(m.linear_params, 2 * kF)))});
+    parts->push_back({"deploy/checkpoint", block});
     const uint64_t chunk = sat_mul(sat_mul(m.train_micro, m.T), sat_mul(m.H, kF));
-    parts->push_back({"activations", sat_mul(chunk, k + 6)});
+    parts->push_back({"train/activations", sat_mul(chunk, k + 6)});
   } else if (task == "assemble") {
     // One block result, or the head rows beyond its bytes (the phases never overlap).
     const AssemblePhases a = assemble_phases(m);
@@ -134,56 +188,100 @@ void memory_terms_rotation(const MemCtx& m, const std::string& task, std::vector
     parts->push_back({"rotation", sat_add(sat_mul(sat_mul(m.H, m.H), 8), with - without)});
     return;
   }
-  // R1 (H×H) in fp64 and the fp64 copies of a weight being rotated.
-  if (task == "quantize" || task == "cbq-window" || task == "transform")
-    parts->push_back({"rotation", sat_add(sat_mul(sat_mul(m.H, m.H), 8),
-                                          sat_mul(sat_mul(std::max(m.I, m.Q), m.H), 16))});
+  // R1 (H×H) in fp64; deploying a block: deploy_block's fp64 copy (the rotated fp32
+  // copy becomes the deployed weights).
+  if (task == "quantize" || task == "cbq-window") {
+    parts->push_back({"rotation", sat_mul(sat_mul(m.H, m.H), 8)});
+    parts->push_back({"deploy/rotation", deploy_block_bytes(m)});
+  } else if (task == "transform") {
+    parts->push_back({"rotation", sat_mul(sat_mul(m.H, m.H), 8)});
+  }
 }
 
-void memory_terms_spinquant(const MemCtx& m, const std::string& task,
-                            std::vector<MemPart>* parts) {
+void memory_terms_spinquant(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
   memory_terms_rotation(m, task, parts);
   if (task != "learn") return;
   // The whole model in fp32 three times (base, rotated copy, gradients), its tape for a
   // batch of spin_bsz sequences through every layer, and R1 with its gradient in fp64.
   const uint64_t model = sat_mul(sat_add(sat_mul(m.L, m.block_params), sat_mul(2 * m.V, m.H)), kF);
   parts->push_back({"model", sat_mul(model, 3)});
-  parts->push_back({"tape", sat_mul(m.L, block_train_bytes(m, sat_mul(m.train_micro, m.T), false))});
+  parts->push_back(
+      {"tape", sat_mul(m.L, block_train_bytes(m, sat_mul(m.train_micro, m.T), false))});
   parts->push_back({"logits", sat_mul(sat_mul(sat_mul(m.train_micro, m.T), m.V), 2 * kF)});
   parts->push_back({"rotation", sat_mul(sat_mul(m.H, m.H), 3 * 8)});
 }
 
-void memory_terms_flatquant(const MemCtx& m, const std::string& task,
-                            std::vector<MemPart>* parts) {
-  if (task == "transform")
-    parts->push_back({"training", block_train_bytes(m, sat_mul(m.train_micro, m.T), true)});
+void memory_terms_flatquant(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
+  if (task == "transform") {
+    const uint64_t tokens = sat_mul(m.train_micro, m.T);
+    parts->push_back({"training", block_train_bytes(m, tokens, true)});
+    // Measured (tests/unit/test_memory_model.cc): its backward also holds the
+    // probabilities' and the scores' gradients, (n_h, T, T) each per sequence.
+    const uint64_t seqs = m.T > 0 ? (tokens + m.T - 1) / m.T : 0;
+    parts->push_back(
+        {"attention grads", sat_mul(sat_mul(seqs, sat_mul(m.n_heads, sat_mul(m.T, m.T))), 2 * kF)});
+  }
+  // The fp64 reparameterization of a block (deploy_block).
   if (task == "quantize" || task == "cbq-window")
-    parts->push_back({"deploy", sat_mul(m.linear_params, 2 * 8)});  // fp64 reparameterization
+    parts->push_back({"deploy/reparameterization", deploy_block_bytes(m)});
 }
 
 void memory_terms_gptq(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
   // cbq-window: gptq with a reconstruction rounds each fresh block of the window with
-  // GPTQ first (cbq.h CbqOptions::gptq_init), one block's Hessians at a time.
-  if (task != "quantize" && task != "cbq-window") return;
-  // One fp32 Hessian per linear of the largest true-sequential group (q/k/v: 3·H², or
-  // down's I²), and the solver's fp32 copy, fp64 factor and fp32 inverse of the largest.
-  const uint64_t groups = std::max({sat_mul(3 * m.H, m.H), sat_mul(m.Q, m.Q), sat_mul(m.I, m.I)});
-  parts->push_back({"hessian", sat_mul(groups, kF)});
-  parts->push_back({"solver", sat_mul(sat_mul(m.max_in, m.max_in), 16)});
+  // GPTQ first (cbq.h CbqOptions::gptq_init), one block's Hessians at a time: one fp32
+  // Hessian per linear of the largest true-sequential group and the solver's buffers.
+  if (task == "cbq-window") {
+    const uint64_t groups = std::max({sat_mul(3 * m.H, m.H), sat_mul(m.Q, m.Q), sat_mul(m.I, m.I)});
+    parts->push_back({"hessian", sat_mul(groups, kF)});
+    parts->push_back({"solver", sat_mul(sat_mul(m.max_in, m.max_in), 16)});
+    return;
+  }
+  if (task != "quantize") return;
+  const uint64_t mt = sat_mul(m.micro, m.T);
+  // Streaming the block for a group's Hessians: the micro-batch in and out, the
+  // forward's working set, one fp32 Hessian sum per linear of the largest
+  // true-sequential group (q/k/v: 3·H², o: Q², gate/up: 2·H², down: I²).
+  // Each phase also holds the deployed FP copy and the codes of the linears done.
+  const uint64_t fp_copy = sat_mul(m.block_params, kF);
+  const uint64_t group = std::max({sat_mul(3 * m.H, m.H), sat_mul(m.Q, m.Q), sat_mul(m.I, m.I)});
+  parts->push_back({"stream/fp copy", fp_copy});
+  parts->push_back({"stream/codes", m.linear_params});
+  parts->push_back({"stream/activations", sat_mul(sat_mul(2 * mt, m.H), kF)});
+  const bool aq = m.a_bits < 16;
+  parts->push_back({"stream/forward", block_forward_bytes(m, mt, aq)});
+  parts->push_back({"stream/hessian", sat_mul(group, kF)});
+  // Solving the widest linear (worker/engine/gptq.h): H with its fp64 factor, then the
+  // factor with the fp32 U (12·in²), the solver's copy of W and its codes; for q the
+  // Hessians of k and v wait.
+  const uint64_t down = sat_add(sat_mul(sat_mul(m.I, m.I), 12), sat_mul(sat_mul(m.I, m.H), 6));
+  const uint64_t q =
+      sat_add(sat_mul(sat_mul(m.H, m.H), 12 + 2 * kF), sat_mul(sat_mul(m.Q, m.H), 6));
+  parts->push_back({"solve/fp copy", fp_copy});
+  parts->push_back({"solve/codes", m.linear_params});
+  parts->push_back({"solve/solver", std::max(down, q)});
+  // The output check: the input, quantized and FP outputs of a micro-batch, and a forward.
+  parts->push_back({"check/fp copy", fp_copy});
+  parts->push_back({"check/codes", sat_mul(m.linear_params, 2)});
+  parts->push_back({"check/activations", sat_mul(sat_mul(3 * mt, m.H), kF)});
+  parts->push_back({"check/forward", block_forward_bytes(m, mt, aq)});
 }
 
 void memory_terms_cbq(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
   if (task != "cbq-window") return;
   const uint64_t k = std::max<uint64_t>(1, m.window);
-  parts->push_back({"training", sat_mul(k, block_train_bytes(m, sat_mul(m.train_micro, m.T), false))});
+  parts->push_back(
+      {"train/training", sat_mul(k, block_train_bytes(m, sat_mul(m.train_micro, m.T), false))});
 }
 
 void memory_terms_intactkv(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
   if (task == "learn") {
-    // +Cal: the float weights of the quantized model and of its FP twin, one sequence's
-    // residual streams through every layer and one layer's tape.
-    const uint64_t model = sat_mul(sat_add(sat_mul(m.L, m.block_params), sat_mul(2 * m.V, m.H)), kF);
-    parts->push_back({"model", sat_mul(model, 2)});
+    // +Cal: the float weights of the quantized model and of its FP twin (measured by
+    // tests/unit/test_memory_model.cc: four fp32 copies of the model at the peak, not
+    // the two these need), one sequence's residual streams through every layer and one
+    // layer's tape.
+    const uint64_t model =
+        sat_mul(sat_add(sat_mul(m.L, m.block_params), sat_mul(2 * m.V, m.H)), kF);
+    parts->push_back({"model", sat_mul(model, 4)});
     parts->push_back({"streams", sat_mul(sat_mul(m.L + 1, m.T), sat_mul(m.H, kF))});
     parts->push_back({"tape", block_train_bytes(m, m.T, false)});
   }

@@ -70,6 +70,7 @@ struct MemCtx {
   uint64_t window = 1;         // blocks in a CBQ window (1 for other tasks)
   uint64_t prefix = 0;         // IntactKV prefix tokens (0 without IntactKV)
   uint64_t w_bits = 4, w_group_cols = 0;  // group columns (0 = per channel)
+  uint64_t a_bits = 16;                   // activations (< 16: quantized forwards)
 };
 
 // One named part of a task's peak memory, in bytes.

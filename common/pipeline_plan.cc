@@ -1,12 +1,11 @@
 #include "common/pipeline_plan.h"
 
-#include "common/eval_memory.h"
-
 #include <algorithm>
 #include <cstdio>
 #include <map>
 #include <set>
 
+#include "common/eval_memory.h"
 #include "common/memory_model.h"
 #include "common/method_registry.h"
 #include "common/plan.h"
@@ -27,11 +26,7 @@ std::string format_bytes(uint64_t bytes) {
   return buf;
 }
 
-uint64_t MemoryEstimate::total() const {
-  uint64_t t = 0;
-  for (const auto& [name, bytes] : parts) t = sat_add(t, bytes);
-  return t;
-}
+uint64_t MemoryEstimate::total() const { return mem_peak(parts); }
 
 std::string MemoryEstimate::describe() const {
   std::string s;
@@ -58,11 +53,11 @@ u64 u(int64_t v) { return v > 0 ? static_cast<u64>(v) : 0; }
 // The rows a recipe uses: core, its transform, weight solver, reconstruction, and
 // intactkv when on.
 std::vector<const MethodRow*> recipe_rows(const Recipe& r) {
-  std::vector<const MethodRow*> rows = {find_method_row("core", MethodKind::kCore),
-                                        find_method_row(r.transform(), MethodKind::kTransform),
-                                        find_method_row(r.weight_solver(), MethodKind::kWeightSolver),
-                                        find_method_row(r.reconstruction(),
-                                                        MethodKind::kReconstruction)};
+  std::vector<const MethodRow*> rows = {
+      find_method_row("core", MethodKind::kCore),
+      find_method_row(r.transform(), MethodKind::kTransform),
+      find_method_row(r.weight_solver(), MethodKind::kWeightSolver),
+      find_method_row(r.reconstruction(), MethodKind::kReconstruction)};
   if (r.intactkv()) rows.push_back(find_method_row("intactkv", MethodKind::kAddon));
   rows.erase(std::remove(rows.begin(), rows.end(), nullptr), rows.end());
   return rows;
@@ -98,7 +93,7 @@ std::string fit_hint(const TaskDef& t, const MemoryEstimate& m) {
   for (const auto& [name, bytes] : m.parts)
     if (bytes > most) {
       most = bytes;
-      largest = name;
+      largest = name.substr(name.find('/') + 1);  // without its phase
     }
   if (t.type == plan::kLearn)
     return "it learns over the whole model in one process (" + t.id +
@@ -152,14 +147,18 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
     add(t);
   }
   // Producer of X_l (FP input of layer l) and of the prefix states entering l.
-  auto fp_producer = [&](int64_t l) { return l == 0 ? std::string(plan::kEmbed) : capture_id(l - 1); };
+  auto fp_producer = [&](int64_t l) {
+    return l == 0 ? std::string(plan::kEmbed) : capture_id(l - 1);
+  };
   if (need_capture) {
     for (int64_t l = 0; l < L; ++l) {
       TaskDef t;
       t.id = capture_id(l);
       t.type = plan::kCapture;
       t.deps = {fp_producer(l)};
-      t.params = {{"layer", l}, {"fp", need_fp || need_stats}, {"stats", need_stats},
+      t.params = {{"layer", l},
+                  {"fp", need_fp || need_stats},
+                  {"stats", need_stats},
                   {"prefix", r.intactkv()}};
       add(t);
     }
@@ -224,7 +223,8 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
       add(t);
     }
   } else {
-    const int64_t window = r.reconstruction() == "block" ? 1 : std::min<int64_t>(r.i("cbq_window"), L);
+    const int64_t window =
+        r.reconstruction() == "block" ? 1 : std::min<int64_t>(r.i("cbq_window"), L);
     const int64_t overlap =
         r.reconstruction() == "block" ? 0 : std::min(r.i("cbq_overlap"), window - 1);
     const std::vector<plan::CbqWindow> wins = plan::cbq_windows(L, window, overlap);
@@ -243,12 +243,9 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
       if (w > 0 && chained) deps.insert(window_id(w - 1));
       if (w == 0 && !parallel) deps.insert(plan::kEmbed);
       t.deps.assign(deps.begin(), deps.end());
-      t.params = {{"window", w},
-                  {"first", win.first},
-                  {"last", win.last},
-                  {"finalize_last", win.finalize_last},
-                  {"window_size", window},
-                  {"overlap", overlap}};
+      t.params = {{"window", w},           {"first", win.first},
+                  {"last", win.last},      {"finalize_last", win.finalize_last},
+                  {"window_size", window}, {"overlap", overlap}};
       producers.push_back(t.id);
       add(t);
     }
@@ -294,16 +291,18 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
   m.micro = std::max<u64>(1, std::min(u(r.batch()), m.N));
   m.prefix = r.intactkv() ? r.intactkv_prefix_for(c).size() : 0;
   m.w_bits = static_cast<u64>(r.w_bits());
+  m.a_bits = static_cast<u64>(std::max(1, r.a_bits()));
   m.w_group_cols = r.w_group() > 0 ? u(r.w_group()) : 0;
-  const u64 target = static_cast<u64>(static_cast<double>(in.worker_memory_bytes) * in.target_fraction);
+  const u64 target =
+      static_cast<u64>(static_cast<double>(in.worker_memory_bytes) * in.target_fraction);
   const u64 train_bsz = std::max<u64>(1, std::min(u(r.i("cali_bsz")), m.N));
   const u64 spin_bsz = std::max<u64>(1, std::min(u(r.i("spin_bsz")), m.N));
   std::vector<MemoryEstimate> est(plan.tasks.size());
   for (size_t i = 0; i < plan.tasks.size(); ++i) {
     TaskDef& t = plan.tasks[i];
     MemCtx mc = m;
-    if (t.type == plan::kCbqWindow) mc.window = u(t.params["last"].get<int64_t>() -
-                                                  t.params["first"].get<int64_t>() + 1);
+    if (t.type == plan::kCbqWindow)
+      mc.window = u(t.params["last"].get<int64_t>() - t.params["first"].get<int64_t>() + 1);
     if (t.type == plan::kValidate) {
       mc.T = std::max<u64>(in.eval_T, 2);
       mc.micro = std::max<u64>(1, std::min(in.eval_batch, std::max<u64>(in.eval_seqs, 1)));
@@ -312,8 +311,8 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
                         (t.type == plan::kLearn && t.id == "spinquant");
     if (trains) {
       // The largest micro-batch (≤ the minibatch and recipe.batch) that fits the target.
-      const u64 cap = t.id == "spinquant" ? spin_bsz
-                                          : std::max<u64>(1, std::min(train_bsz, u(r.batch())));
+      const u64 cap =
+          t.id == "spinquant" ? spin_bsz : std::max<u64>(1, std::min(train_bsz, u(r.batch())));
       u64 pick = 1;
       for (u64 cand = cap; cand >= 1; --cand) {
         mc.train_micro = cand;
@@ -326,6 +325,15 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
       if (t.id != "spinquant") t.params["micro"] = pick;
     } else if (t.type == plan::kLearn) {
       mc.train_micro = 1;
+    } else if (t.type == plan::kQuantize && mc.micro > 1 &&
+               estimate(rows, mc, t.type).total() > target) {
+      // A forward's micro-batch (GPTQ's Hessian stream and the output check): the
+      // largest ≤ recipe.batch that fits the target.
+      for (u64 cand = mc.micro - 1; cand >= 1; --cand) {
+        mc.micro = cand;
+        if (estimate(rows, mc, t.type).total() <= target) break;
+      }
+      t.params["micro"] = mc.micro;
     }
     if (t.type == plan::kValidate) {
       // The streaming evaluator's own estimate (common/eval_memory.h).
@@ -357,9 +365,22 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
     if (est[i].total() > est[peak].total()) peak = i;
   if (est[peak].total() > in.worker_memory_bytes) {
     const TaskDef& t = plan.tasks[peak];
+    std::string hint = fit_hint(t, est[peak]);
+    if (t.type == plan::kCbqWindow) {
+      // Whether a shorter window would do: a one-block window at one sequence.
+      MemCtx one = m;
+      one.window = 1;
+      one.train_micro = 1;
+      const u64 b = estimate(rows, one, t.type).total();
+      hint = b <= in.worker_memory_bytes
+                 ? "lower recipe.cbq_window (a one-block window needs " + format_bytes(b) + ")"
+                 : "even a one-block window needs " + format_bytes(b) +
+                       ": this model needs workers with more memory, or a recipe without "
+                       "block reconstruction";
+    }
     return resource_exhausted(t.id + " needs " + format_bytes(est[peak].total()) + " (" +
                               est[peak].describe() + ") but workers have " +
-                              format_bytes(in.worker_memory_bytes) + "; " + fit_hint(t, est[peak]));
+                              format_bytes(in.worker_memory_bytes) + "; " + hint);
   }
 
   // ---- Summary: critical path, store space.
@@ -378,7 +399,8 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
   if (recon && !parallel) store = sat_add(store, sat_mul(x_bytes, u(windows)));
   // Block results (a byte per code + scales) and the output checkpoint (packed codes,
   // the unquantized embedding / lm_head in fp32 at most).
-  const u64 blocks = sat_mul(u(L), sat_add(m.linear_params, sat_mul(m.block_params - m.linear_params, 4)));
+  const u64 blocks =
+      sat_mul(u(L), sat_add(m.linear_params, sat_mul(m.block_params - m.linear_params, 4)));
   const u64 packed = sat_mul(u(L), m.linear_params * std::min<u64>(m.w_bits, 16) / 8);
   store = sat_add(store, blocks);
   store = sat_add(store, sat_add(packed, sat_mul(sat_mul(2 * m.V, m.H), 4)));

@@ -16,8 +16,9 @@
 //   [intactkv-cal]                                   +Cal (whole model, after the blocks)
 //   assemble → validate
 // Memory: each task's estimate is the sum of the core row's terms and those of the
-// recipe's methods (common/memory_model.h). Training tasks stream their minibatches
-// in micro-batches of params.micro sequences, chosen here as the largest that keeps
+// recipe's methods (common/memory_model.h). Training tasks stream their minibatches,
+// and quantize tasks their forwards (GPTQ's Hessians, the output check), in
+// micro-batches of params.micro sequences, chosen here as the largest that keeps
 // the task within `target_fraction` of a worker (results change only by float
 // summation order).
 #pragma once
@@ -35,10 +36,11 @@
 
 namespace qcal {
 
-// One task's estimate, by component (name → bytes), in a stable order.
+// One task's estimate, by component (name → bytes), in a stable order. Parts named
+// "phase/name" are held during that phase only (common/memory_model.h).
 struct MemoryEstimate {
   std::vector<std::pair<std::string, uint64_t>> parts;
-  uint64_t total() const;
+  uint64_t total() const;  // the peak: parts held throughout + the largest phase
   // "weights 3.4 GiB, activations 32.0 GiB, ..."
   std::string describe() const;
   nlohmann::json to_json() const;  // {"total": n, "weights": n, ...}

@@ -448,7 +448,10 @@ Result<json> run_quantize(const TaskContext& ctx) {
   const std::string input = str_param(ctx.task, "input");
   QCAL_ASSIGN_OR_RETURN(Common k, open_common(ctx, /*need_global=*/true));
   const ModelConfig& c = k.c;
-  const Recipe& r = *k.r;
+  // The recipe's micro-batch, or the planner's smaller one for this task.
+  Recipe r = *k.r;
+  if (ctx.task.params.contains("micro") && ctx.task.params["micro"].is_number_integer())
+    r.with("batch", std::max<int64_t>(1, ctx.task.params["micro"].get<int64_t>()));
   const int64_t L = c.num_hidden_layers, H = c.hidden_size;
   if (l0 < 0 || l1 <= l0 || l1 > L)
     return invalid_input("task " + ctx.task.id + ": layers [" + std::to_string(l0) + ", " +
@@ -494,11 +497,13 @@ Result<json> run_quantize(const TaskContext& ctx) {
     const double tl = steady_seconds();
     QCAL_ASSIGN_OR_RETURN(BlockSetup s, deploy_layer(ctx, k, l));
     Deployed& dl = s.dl;
+    // The checkpoint's weights are deploy's input only: the solvers read dl.
+    s.w = calib::BlockWeightsT<float>();
     BlockInputs in;
     in.c = &c;
     in.r = &r;
     in.layer = l;
-    in.w = &s.w;
+    in.w = nullptr;
     in.stats = s.stats ? &*s.stats : nullptr;
     in.global = k.global ? &*k.global : nullptr;
     in.R1 = &k.R1;
@@ -708,7 +713,13 @@ Result<json> run_window(const TaskContext& ctx) {
   for (int64_t l = first; l <= last; ++l) {
     QCAL_ASSIGN_OR_RETURN(BlockSetup s, deploy_layer(ctx, k, l));
     o.online[static_cast<size_t>(l)] = s.dl.online;
+    // The window trains its own copy of the deployed weights. The checkpoint's are
+    // deploy's input only; the deployed linears are read again only by IntactKV's
+    // prefix (the results take dl's norms and biases).
+    s.w = calib::BlockWeightsT<float>();
     blocks.push_back(s.dl.w);
+    if (!r.intactkv())
+      for (auto& wp : s.dl.w.w) wp = std::vector<float>();
     setups.push_back(std::move(s));
   }
   o.needs_online = false;

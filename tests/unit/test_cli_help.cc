@@ -202,7 +202,7 @@ TEST(CliHelp, TablesAreWellFormed) {
     EXPECT_EQ(find_command(c.name), &c);
   }
   EXPECT_EQ(find_command("no-such-command"), nullptr);
-  for (const char* n : {"synth", "synth-data", "quantize", "eval", "inspect", "synth-grammar",
+  for (const char* n : {"synth", "synth-data", "quantize", "plan", "eval", "inspect", "synth-grammar",
                         "train-lm", "inject-outliers", "sinks", "submit", "status", "wait", "jobs",
                         "cancel", "logs", "report", "schedules", "help", "version"})
     EXPECT_EQ(names.count(n), 1u) << n;
@@ -226,7 +226,7 @@ TEST(CliHelp, UsageNamesEveryFlag) {
 // quantize and submit take the recipe rows; their tables parse exactly the
 // flag sets the recipe readers know (api/spec_flags.h, from the method registry).
 TEST(CliHelp, RecipeRowsInQuantizeAndSubmit) {
-  for (const char* name : {"quantize", "submit"}) {
+  for (const char* name : {"quantize", "plan", "submit"}) {
     const Command* c = find_command(name);
     ASSERT_NE(c, nullptr);
     const std::set<std::string> valued = valued_flag_names(c->flags),

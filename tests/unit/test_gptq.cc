@@ -639,6 +639,39 @@ TEST(Gptq, FallsBackToRtnWhenDampingDoesNotHelp) {
   EXPECT_EQ(r->qlinear.scales, rtn->scales);
 }
 
+// The overload that takes the Hessian (and releases it once factored) gives the same
+// result bit for bit, also through damping retries and the RTN fallback (which read H
+// again before the release).
+TEST(Gptq, TakingTheHessianGivesTheSameResult) {
+  const Layer& L = layer();
+  struct Case {
+    Tensor H;
+    double percdamp;
+    int retries;
+  };
+  const Case cases[] = {{L.H, 0.01, 3}, {not_pd_hessian(), 1e-6, 4}, {not_pd_hessian(), 1e-6, 1}};
+  for (const Case& c : cases) {
+    QuantSpec spec;
+    GptqOptions opts;
+    opts.act_order = true;
+    opts.percdamp = c.percdamp;
+    opts.max_damp_retries = c.retries;
+    testing::internal::CaptureStderr();
+    auto ref = gptq_quantize(L.W, c.H, spec, opts);
+    Tensor owned = c.H;
+    auto r = gptq_quantize(L.W, std::move(owned), spec, opts);
+    testing::internal::GetCapturedStderr();
+    ASSERT_TRUE(ref.is_ok() && r.is_ok());
+    EXPECT_EQ(r->qlinear.q, ref->qlinear.q);
+    EXPECT_EQ(r->qlinear.scales, ref->qlinear.scales);
+    EXPECT_EQ(r->qlinear.g_idx, ref->qlinear.g_idx);
+    EXPECT_EQ(r->loss, ref->loss);
+    EXPECT_TRUE(std::isfinite(r->loss));
+    EXPECT_EQ(r->fell_back_to_rtn, ref->fell_back_to_rtn);
+    EXPECT_EQ(r->percdamp_used, ref->percdamp_used);
+  }
+}
+
 TEST(Gptq, RejectsBadInput) {
   const Layer& L = layer();
   QuantSpec spec;

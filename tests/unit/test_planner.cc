@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 #include "common/data.h"
 #include "common/fsutil.h"
@@ -196,13 +197,35 @@ TEST_F(Planner, MemoryEstimatesDoNotGrowWithTheCalibrationSet) {
   EXPECT_LT(task(small, "embed").mem_bytes, task(big, "embed").mem_bytes);
   const auto& est = big.summary["estimates"]["quantize-0001"];
   EXPECT_TRUE(est.contains("weights"));
-  EXPECT_TRUE(est.contains("forward"));
+  EXPECT_TRUE(est.contains("deploy/reparameterization"));
+  EXPECT_FALSE(est.contains("stream/forward"));  // RTN reads no activations
   EXPECT_EQ(task(big, "quantize-0001").mem_bytes, est["total"].get<uint64_t>());
-  // GPTQ adds its Hessians to the quantize tasks.
+  // GPTQ adds its phases to the quantize tasks: streaming for the Hessians, solving.
   s.recipe.with("weight_solver", "gptq");
   Plan g = plan_ok(s);
-  EXPECT_TRUE(g.summary["estimates"]["quantize-0001"].contains("hessian"));
-  EXPECT_FALSE(big.summary["estimates"]["quantize-0001"].contains("hessian"));
+  const auto& ge = g.summary["estimates"]["quantize-0001"];
+  EXPECT_TRUE(ge.contains("stream/hessian"));
+  EXPECT_TRUE(ge.contains("solve/solver"));
+  EXPECT_FALSE(est.contains("stream/hessian"));
+  // The peak: the parts held throughout plus the largest phase, not the sum of all.
+  uint64_t held = 0, all = 0;
+  std::map<std::string, uint64_t> phases;
+  for (auto it = ge.begin(); it != ge.end(); ++it) {
+    if (it.key() == "total") continue;
+    const uint64_t b = it.value().get<uint64_t>();
+    all += b;
+    const size_t slash = it.key().find('/');
+    if (slash == std::string::npos) {
+      held += b;
+    } else {
+      phases[it.key().substr(0, slash)] += b;
+    }
+  }
+  uint64_t most = 0;
+  for (const auto& [ph, b] : phases) most = std::max(most, b);
+  EXPECT_EQ(ge["total"].get<uint64_t>(), held + most);
+  EXPECT_LT(ge["total"].get<uint64_t>(), all);
+  EXPECT_EQ(phases.size(), 5u) << ge.dump();  // deploy, round, stream, solve, check
 }
 
 TEST_F(Planner, RefusesAPlanThatDoesNotFitWithTheNumbers) {

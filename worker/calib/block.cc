@@ -218,8 +218,15 @@ void ActStats::merge(const ActStats& o) {
 Deployed deploy_block(const ModelConfig& c, const BlockWeightsT<float>& w,
                       const BlockTransformsT<double>& t, const BlockQuantSpec& wq,
                       const BlockClipT<double>& clip) {
+  return deploy_block(c, BlockWeightsT<float>(w), t, wq, clip);
+}
+
+Deployed deploy_block(const ModelConfig& c, BlockWeightsT<float>&& w_in,
+                      const BlockTransformsT<double>& t, const BlockQuantSpec& wq,
+                      const BlockClipT<double>& clip) {
   Deployed dl;
-  dl.w = w;
+  dl.w = std::move(w_in);
+  const BlockWeightsT<float>& w = dl.w;  // its biases are read before they change
   const BlockWeightsT<double> wd = cast_weights<double>(w);
   QBlock<double> qb(c, &wd, &t, &wq, &clip);
   for (int p = 0; p < kNumProj; ++p) dl.w.w[p] = to_f(qb.effective_weight(p, /*quantized=*/false));

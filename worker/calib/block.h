@@ -54,6 +54,10 @@ struct Deployed {
 Deployed deploy_block(const ModelConfig& c, const BlockWeightsT<float>& w,
                       const BlockTransformsT<double>& t, const BlockQuantSpec& wq,
                       const BlockClipT<double>& clip);
+// The same, taking `w` (its buffers become dl.w): no copy of the block is held.
+Deployed deploy_block(const ModelConfig& c, BlockWeightsT<float>&& w,
+                      const BlockTransformsT<double>& t, const BlockQuantSpec& wq,
+                      const BlockClipT<double>& clip);
 // The BlockQuantSpec a recipe uses during calibration (training: learned clips) and in
 // the deployed model.
 BlockQuantSpec block_quant_spec(const Recipe& r, const ModelConfig& c, bool training);

@@ -970,10 +970,17 @@ std::vector<T> QBlock<T>::effective_weight(int p, bool quantized) const {
   BlockTape<T> tp;
   weight_forward<T>(cx, p, tp.lin[p], tp, nullptr);
   const int64_t R = cx.rows(p), C = cx.cols(p);
-  const typename BlockTape<T>::Lin& lt = tp.lin[p];
+  typename BlockTape<T>::Lin& lt = tp.lin[p];
   const FakeQuantSpec& ws = cx.q.w[p];
-  if (quantized || !ws.on()) return std::vector<T>(lt.w4p, lt.w4p + R * C);
-  std::vector<T> out(lt.w3p, lt.w3p + R * C);
+  // The tape's own (R, C) weight is returned, not copied (a deploy of a 405B block's
+  // down_proj holds 2 fp64 copies of it, not 4).
+  lt.w2 = std::vector<T>();
+  const bool w3_own = lt.w3p == lt.w3.data() && lt.w3.size() == static_cast<size_t>(R * C);
+  if (quantized || !ws.on()) {
+    if (lt.w4p == lt.w3p && w3_own) return std::move(lt.w3);
+    return std::vector<T>(lt.w4p, lt.w4p + R * C);
+  }
+  std::vector<T> out = w3_own ? std::move(lt.w3) : std::vector<T>(lt.w3p, lt.w3p + R * C);
   if (!ws.lwc_range) return out;
   // LWC: clamp each (row, group) to [min·σ(β_min), max·σ(β_max)] (FlatQuant bakes it in).
   const Beta<T> b = cx.wbeta(p);

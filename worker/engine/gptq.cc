@@ -203,8 +203,27 @@ bool cholesky_lower(double* A, int64_t n) {
 // GPTQ
 // ---------------------------------------------------------------------------
 
+namespace {
+Result<GptqResult> gptq_solve(const Tensor& W, const Tensor& H, Tensor* release_h,
+                              const QuantSpec& spec, const GptqOptions& opts);
+}  // namespace
+
 Result<GptqResult> gptq_quantize(const Tensor& W, const Tensor& H, const QuantSpec& spec,
                                  const GptqOptions& opts) {
+  return gptq_solve(W, H, nullptr, spec, opts);
+}
+
+Result<GptqResult> gptq_quantize(const Tensor& W, Tensor&& H, const QuantSpec& spec,
+                                 const GptqOptions& opts) {
+  Tensor owned = std::move(H);
+  return gptq_solve(W, owned, &owned, spec, opts);
+}
+
+namespace {
+// `release_h` (when set) is H's owner: emptied once the factor is built (H is not
+// read after that).
+Result<GptqResult> gptq_solve(const Tensor& W, const Tensor& H, Tensor* release_h,
+                              const QuantSpec& spec, const GptqOptions& opts) {
   const auto t_start = Clock::now();
   QCAL_RETURN_IF_ERROR(spec.validate());
   if (!(opts.percdamp >= 0.0) || !std::isfinite(opts.percdamp)) {
@@ -358,6 +377,7 @@ Result<GptqResult> gptq_quantize(const Tensor& W, const Tensor& H, const QuantSp
     return res;
   }
   res.percdamp_used = percdamp;
+  if (release_h) *release_h = Tensor();  // H is not read below
 
   // The loop runs in fp32 on U's upper triangle (row j: Hinv[j, j:]).
   std::vector<float> U(static_cast<size_t>(I * I), 0.0f);
@@ -451,7 +471,11 @@ Result<GptqResult> gptq_quantize(const Tensor& W, const Tensor& H, const QuantSp
   res.loss = 0.5 * loss;
   if (!std::isfinite(res.loss)) {
     // Cannot happen with a finite W and a successful factorization short of an
-    // fp32 overflow; keep the layer usable rather than write garbage.
+    // fp32 overflow; keep the layer usable rather than write garbage (the RTN
+    // fallback's loss needs H: without it, the error names the layer's shapes).
+    if (release_h)
+      return internal_error("gptq: non-finite error feedback for " + shapes +
+                            " (an fp32 overflow); use recipe.weight_solver rtn for this model");
     QCAL_RETURN_IF_ERROR(fall_back_to_rtn(
         W, H, spec, opts, "gptq: non-finite error feedback for " + shapes + "; falling back to RTN",
         &res));
@@ -482,5 +506,6 @@ Result<GptqResult> gptq_quantize(const Tensor& W, const Tensor& H, const QuantSp
   res.profile.total_s = seconds_since(t_start);
   return res;
 }
+}  // namespace
 
 }  // namespace qcal

@@ -105,6 +105,13 @@ struct GptqResult {
 // Thread safety: reentrant; uses the BLAS threads and as many worker threads.
 Result<GptqResult> gptq_quantize(const Tensor& W, const Tensor& H, const QuantSpec& spec,
                                  const GptqOptions& opts);
+// The same, taking the Hessian: it is released once the factor of its inverse is
+// built, so the solver's peak is 12·I² bytes (H with the fp64 factor, then the
+// factor with the fp32 U) instead of 16·I² (common/memory_model.cc counts 12).
+// The one difference: a non-finite error feedback (an fp32 overflow) is
+// kInternal instead of the RTN fallback, whose loss needs H.
+Result<GptqResult> gptq_quantize(const Tensor& W, Tensor&& H, const QuantSpec& spec,
+                                 const GptqOptions& opts);
 
 // In-place Cholesky of a symmetric positive-definite row-major matrix A (n, n):
 // on success the lower triangle holds L with A = L Lᵀ and the strict upper

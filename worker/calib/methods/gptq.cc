@@ -7,11 +7,12 @@
 // Data parallel: each rank accumulates its shard of the sequences; the raw sums
 // and sample counts are summed across the group before the solver, so a group
 // computes one rank's Hessian up to the order of that sum.
+#include "worker/engine/gptq.h"
+
 #include <memory>
 
 #include "common/log.h"
 #include "worker/calib/method.h"
-#include "worker/engine/gptq.h"
 
 namespace qcal::calib {
 namespace {
@@ -64,9 +65,14 @@ class Gptq : public WeightSolverMethod {
         }
       }
       for (int p : group) {
-        const Tensor H = acc[p]->hessian();
+        Tensor H = acc[p]->hessian();
         acc[p].reset();
-        auto res = gptq_quantize(proj_tensor(c, dl.w.w[p], p), H, spec, go);
+        // The solver takes the Hessian (released once factored) and the weight itself
+        // (dl.w.w[p] is replaced by the dequantized codes below): no copies held.
+        Tensor W;
+        W.shape = {proj_out(c, p), proj_in(c, p)};
+        W.data = std::move(dl.w.w[p]);
+        auto res = gptq_quantize(W, std::move(H), spec, go);
         if (!res.is_ok())
           return res.status().with_context("layer " + std::to_string(in.layer) + " " +
                                            kProjNames[p]);

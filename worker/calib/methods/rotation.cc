@@ -34,7 +34,7 @@ Deployed deploy_rotated(const BlockInputs& in, const std::vector<double>& R1,
   }
   static const BlockClipT<double> kNoClip;
   BlockQuantSpec off;  // the effective weights need no quantizer
-  Deployed dl = deploy_block(c, w, t, off, kNoClip);
+  Deployed dl = deploy_block(c, std::move(w), t, off, kNoClip);
   dl.q = deployed_spec(r, c, nullptr);
   return dl;
 }
