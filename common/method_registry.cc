@@ -174,12 +174,13 @@ std::vector<MethodRow> build() {
         {opt_num("gptq.percdamp", "damp", 0.01, 0.0, 1.0, "damping, a fraction of mean diag(H)"),
          opt_int("gptq.blocksize", "blocksize", 128, 1, 65536, "columns per lazy-update block"),
          opt_bool("gptq.act_order", "act-order", true,
-                  "quantize columns by decreasing diag(H) (on by default, as llm-compressor's "
-                  "actorder \"static\")",
+                  "quantize columns by decreasing diag(H) (default: on for weight-only recipes, "
+                  "as llm-compressor's actorder \"static\"; off when activations or the KV "
+                  "cache are quantized)",
                   "no-act-order"),
          opt_bool("gptq.static_groups", "static-groups", true,
-                  "group parameters fixed on the original columns before the walk (on by "
-                  "default; with act-order the output keeps the plain group order)",
+                  "group parameters fixed on the original columns before the walk (default: as "
+                  "act-order; with act-order the output keeps the plain group order)",
                   "no-static-groups"),
          opt_bool("gptq.true_sequential", "", true,
                   "q/k/v → o → gate/up → down, each on the quantized outputs before it",

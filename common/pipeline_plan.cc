@@ -296,7 +296,10 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
   const u64 target =
       static_cast<u64>(static_cast<double>(in.worker_memory_bytes) * in.target_fraction);
   const u64 train_bsz = std::max<u64>(1, std::min(u(r.i("cali_bsz")), m.N));
-  const u64 spin_bsz = std::max<u64>(1, std::min(u(r.i("spin_bsz")), m.N));
+  // SpinQuant trains on the sequences it does not hold out (spinquant.cc: the last
+  // min(spin_holdout, N − 1) score the rotations), spin_bsz of them at a time.
+  const u64 spin_train = m.N - std::min(u(r.i("spin_holdout")), m.N > 0 ? m.N - 1 : 0);
+  const u64 spin_bsz = std::max<u64>(1, std::min(u(r.i("spin_bsz")), spin_train));
   std::vector<MemoryEstimate> est(plan.tasks.size());
   for (size_t i = 0; i < plan.tasks.size(); ++i) {
     TaskDef& t = plan.tasks[i];

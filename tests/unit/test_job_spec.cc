@@ -374,3 +374,29 @@ TEST(JobSpec, PriorityNames) {
 
 }  // namespace
 }  // namespace qcal
+
+// GPTQ's column order when the recipe does not say: act-order with static groups for
+// weight-only recipes, the stored order when activations or the KV cache are
+// quantized; what the user gives is kept; the resolved values survive the round trip.
+TEST(JobSpec, GptqColumnOrderDefaultsByRecipe) {
+  auto order = [](const nlohmann::json& j) {
+    auto r = qcal::recipe_from_json(j);
+    EXPECT_TRUE(r.is_ok()) << r.status().message();
+    if (!r.is_ok()) return std::string("?");
+    auto again = qcal::recipe_from_json(r->to_json());
+    EXPECT_TRUE(again.is_ok());
+    EXPECT_EQ(again->b("gptq.act_order"), r->b("gptq.act_order"));
+    return std::string(r->b("gptq.act_order") ? "act" : "stored") +
+           (r->b("gptq.static_groups") ? "+static" : "");
+  };
+  EXPECT_EQ(order({{"weight_solver", "gptq"}, {"w_bits", 4}}), "act+static");
+  EXPECT_EQ(order({{"method", "gptq"}, {"w_bits", 4}}), "act+static");  // the earlier form
+  EXPECT_EQ(order({{"transform", "quarot"}, {"weight_solver", "gptq"}}), "act+static");
+  EXPECT_EQ(order({{"transform", "quarot"}, {"weight_solver", "gptq"}, {"a_bits", 4}}), "stored");
+  EXPECT_EQ(order({{"weight_solver", "gptq"}, {"kv_bits", 4}}), "stored");
+  EXPECT_EQ(order({{"weight_solver", "gptq"}, {"a_bits", 4}, {"gptq", {{"act_order", true}}}}),
+            "act");
+  // Not a GPTQ recipe: the options keep their defaults (and are not refused).
+  EXPECT_EQ(order({{"transform", "quarot"}, {"weight_solver", "rtn"}, {"a_bits", 4}}),
+            "act+static");
+}
