@@ -41,24 +41,12 @@
 namespace qcal {
 namespace {
 
+using qcal::testing::proc_status_bytes;
+
 using namespace qcal::assemble_fixture;
 using qcal::testing::TempDir;
 
 constexpr const char* kChildEnv = "QCAL_ASSEMBLE_MEMORY_CHILD";
-
-// A line "VmRSS:  1234 kB" of /proc/self/status, in bytes (0 if absent).
-uint64_t proc_status_bytes(const std::string& key) {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind(key + ":", 0) == 0) {
-      std::istringstream s(line.substr(key.size() + 1));
-      uint64_t kb = 0;
-      s >> kb;
-      return kb * 1024;
-    }
-  return 0;
-}
 
 ModelConfig model_config(int64_t layers, int64_t vocab) {
   ModelConfig c;

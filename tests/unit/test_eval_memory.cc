@@ -39,22 +39,10 @@
 namespace qcal {
 namespace {
 
+using qcal::testing::proc_status_bytes;
+
 constexpr const char* kChildEnv = "QCAL_EVAL_MEMORY_CHILD";
 constexpr int64_t kSeqlen = 128, kSequences = 8;
-
-// A line "VmRSS:  1234 kB" of /proc/self/status, in bytes (0 if absent).
-uint64_t proc_status_bytes(const std::string& key) {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind(key + ":", 0) == 0) {
-      std::istringstream s(line.substr(key.size() + 1));
-      uint64_t kb = 0;
-      s >> kb;
-      return kb * 1024;
-    }
-  return 0;
-}
 
 ModelConfig model_config(int64_t layers) {
   ModelConfig c;

@@ -54,23 +54,11 @@
 namespace qcal {
 namespace {
 
+using qcal::testing::proc_status_bytes;
+
 using nlohmann::json;
 
 constexpr const char* kChildEnv = "QCAL_MEMORY_MODEL_CHILD";
-
-// A line "VmRSS:  1234 kB" of /proc/self/status, in bytes (0 if absent).
-uint64_t proc_status_bytes(const std::string& key) {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind(key + ":", 0) == 0) {
-      std::istringstream s(line.substr(key.size() + 1));
-      uint64_t kb = 0;
-      s >> kb;
-      return kb * 1024;
-    }
-  return 0;
-}
 
 // Touches every page of every file-backed executable mapping (this binary and its
 // libraries): code is the process's, not the first task that runs it.

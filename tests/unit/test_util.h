@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <limits>
 #include <string>
 #include <vector>
@@ -16,6 +18,20 @@
 #include "common/model_config.h"
 
 namespace qcal::testing {
+
+// A line "VmRSS:  1234 kB" of /proc/self/status, in bytes (0 if absent).
+inline uint64_t proc_status_bytes(const std::string& key) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(key + ":", 0) == 0) {
+      std::istringstream s(line.substr(key.size() + 1));
+      uint64_t kb = 0;
+      s >> kb;
+      return kb * 1024;
+    }
+  return 0;
+}
 
 // A fresh temporary directory `<tmp>/<prefix>XXXXXX`, removed with its
 // contents at scope exit.
