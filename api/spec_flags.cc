@@ -79,8 +79,7 @@ const RecipeRows& recipe_rows() {
          "lora-rounding); without it and --weight-solver: gptq, or rtn with a transform, or "
          "lora-rounding with a reconstruction",
          alias},
-        {"window", "N", "1",
-         "blocks per quantize task (CBQ's window: --cbq-window)", alias},
+        {"window", "N", "1", "blocks per quantize task (CBQ's window: --cbq-window)", alias},
         {"overlap", "N", "0", "must be 0 (overlapping windows are CBQ's --cbq-overlap)", alias},
         {"cbq-parallel", "", "", "the same as --mode parallel", alias}};
     for (const MethodRow& row : method_registry()) {

@@ -61,7 +61,6 @@ MethodRow row(std::string name, MethodKind kind, std::string summary,
   return r;
 }
 
-
 std::vector<MethodRow> build() {
   std::vector<MethodRow> rows;
   const std::vector<std::string> transforms = {"none", "smoothquant", "quarot", "spinquant",
@@ -132,17 +131,17 @@ std::vector<MethodRow> build() {
     rows.push_back(std::move(r));
   }
   {
-    MethodRow r = row(
-        "spinquant", MethodKind::kTransform,
-        "rotations R1/R2 learned through the fake-quantized model by Cayley SGD (§4); "
-        "whole model in one process",
-        {opt_int("spin_steps", "spin-steps", 100, 0, 100000, "Cayley SGD steps"),
-         opt_num("spin_lr", "spin-lr", 1.5, 1e-9, 100.0, "peak learning rate"),
-         opt_int("spin_bsz", "spin-bsz", 4, 1, 4096, "sequences per step"),
-         opt_int("spin_holdout", "spin-holdout", 8, 0, 4096,
-                 "calibration sequences held out to score the rotations: the best of those "
-                 "significantly better than the initial (QuaRot) ones is kept, else the "
-                 "initial (0: keep the last)")});
+    MethodRow r =
+        row("spinquant", MethodKind::kTransform,
+            "rotations R1/R2 learned through the fake-quantized model by Cayley SGD (§4); "
+            "whole model in one process",
+            {opt_int("spin_steps", "spin-steps", 100, 0, 100000, "Cayley SGD steps"),
+             opt_num("spin_lr", "spin-lr", 1.5, 1e-9, 100.0, "peak learning rate"),
+             opt_int("spin_bsz", "spin-bsz", 4, 1, 4096, "sequences per step"),
+             opt_int("spin_holdout", "spin-holdout", 8, 0, 4096,
+                     "calibration sequences held out to score the rotations: the best of those "
+                     "significantly better than the initial (QuaRot) ones is kept, else the "
+                     "initial (0: keep the last)")});
     r.rotates_residual = true;
     r.whole_model = true;
     r.memory = memory_terms_spinquant;
@@ -228,8 +227,15 @@ std::vector<MethodRow> build() {
         "intactkv", MethodKind::kAddon,
         "IntactKV: the FP K/V cache of a pivot prefix, kept unquantized (§6); +Cal trains it",
         {opt_bool("intactkv", "intactkv", false, "keep the FP K/V cache of the prefix"),
-         OptionSpec{"intactkv_prefix", "intactkv-prefix", OptType::kIds, json::array(), 0,
-                    2147483647.0, {}, "prefix token ids (default [bos_token_id])", ""},
+         OptionSpec{"intactkv_prefix",
+                    "intactkv-prefix",
+                    OptType::kIds,
+                    json::array(),
+                    0,
+                    2147483647.0,
+                    {},
+                    "prefix token ids (default [bos_token_id])",
+                    ""},
          opt_bool("intactkv_cal", "intactkv-cal", false,
                   "train the cache against the FP layer outputs (+Cal, whole model)"),
          opt_int("intactkv_cal_steps", "intactkv-cal-steps", 160, 1, 100000000, "+Cal steps"),

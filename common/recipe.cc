@@ -40,8 +40,8 @@ std::string shown(const json& v) {
 // The earlier weight-only form's keys (see recipe.h).
 const std::vector<std::string>& legacy_keys() {
   static const std::vector<std::string> k = {
-      "method", "w_bits", "group_size", "sym",  "act_order", "static_groups", "damp",
-      "mse_clip", "true_sequential", "mode", "window", "overlap", "seed"};
+      "method",   "w_bits",          "group_size", "sym",    "act_order", "static_groups", "damp",
+      "mse_clip", "true_sequential", "mode",       "window", "overlap",   "seed"};
   return k;
 }
 bool is_legacy_key(const std::string& k) {
@@ -143,8 +143,8 @@ Status Recipe::set(const std::string& key, const json& v) {
       }
       if (!ok) return invalid_input(key + ": must be an integer (got " + shown(v) + ")");
       if (d < o->min || d > o->max)
-        return invalid_input(key + ": must be in [" + num(o->min) + ", " + num(o->max) +
-                             "] (got " + shown(v) + ")");
+        return invalid_input(key + ": must be in [" + num(o->min) + ", " + num(o->max) + "] (got " +
+                             shown(v) + ")");
       if (key == "w_group" && d == 0)
         return invalid_input(key + ": must be -1 (per channel) or positive (got 0)");
       val = v.is_number_integer() ? json(v.get<int64_t>()) : json(static_cast<int64_t>(d));
@@ -154,8 +154,8 @@ Status Recipe::set(const std::string& key, const json& v) {
       if (!v.is_number()) return invalid_input(key + ": must be a number (got " + shown(v) + ")");
       const double d = v.get<double>();
       if (!std::isfinite(d) || d < o->min || d > o->max)
-        return invalid_input(key + ": must be in [" + num(o->min) + ", " + num(o->max) +
-                             "] (got " + shown(v) + ")");
+        return invalid_input(key + ": must be in [" + num(o->min) + ", " + num(o->max) + "] (got " +
+                             shown(v) + ")");
       val = d;
       break;
     }
@@ -165,8 +165,7 @@ Status Recipe::set(const std::string& key, const json& v) {
       if (!o->choices.empty() &&
           std::find(o->choices.begin(), o->choices.end(), s) == o->choices.end()) {
         std::string list;
-        for (size_t k = 0; k < o->choices.size(); ++k)
-          list += (k ? ", " : "") + o->choices[k];
+        for (size_t k = 0; k < o->choices.size(); ++k) list += (k ? ", " : "") + o->choices[k];
         return invalid_input(key + ": unknown '" + s + "' (expected " + list + ")");
       }
       val = s;
@@ -181,9 +180,9 @@ Status Recipe::set(const std::string& key, const json& v) {
         const std::string at = key + "[" + std::to_string(k) + "]";
         if (!e.is_number_integer())
           return invalid_input(at + ": must be an integer (got " + shown(e) + ")");
-        if (e.is_number_unsigned() ? e.get<uint64_t>() > static_cast<uint64_t>(o->max)
-                                   : (e.get<int64_t>() < 0 ||
-                                      static_cast<double>(e.get<int64_t>()) > o->max))
+        if (e.is_number_unsigned()
+                ? e.get<uint64_t>() > static_cast<uint64_t>(o->max)
+                : (e.get<int64_t>() < 0 || static_cast<double>(e.get<int64_t>()) > o->max))
           return invalid_input(at + ": must be a token id in [0, " + num(o->max) + "] (got " +
                                shown(e) + ")");
         arr.push_back(e.get<int64_t>());
@@ -236,16 +235,14 @@ bool Recipe::narrow_grid() const {
 
 Status Recipe::validate_fields() const {
   if (!w_bits_ok(w_bits()))
-    return invalid_input("w_bits: must be 2, 3, 4, 8 or 16 (got " + std::to_string(w_bits()) +
-                         ")");
+    return invalid_input("w_bits: must be 2, 3, 4, 8 or 16 (got " + std::to_string(w_bits()) + ")");
   if (!act_bits_ok(a_bits()))
     return invalid_input("a_bits: must be 2, 3, 4, 6, 8 or 16 (got " + std::to_string(a_bits()) +
                          ")");
   if (!act_bits_ok(kv_bits()))
-    return invalid_input("kv_bits: must be 2, 3, 4, 6, 8 or 16 (got " +
-                         std::to_string(kv_bits()) + ")");
-  if (w_group() == 0)
-    return invalid_input("w_group: must be -1 (per channel) or positive (got 0)");
+    return invalid_input("kv_bits: must be 2, 3, 4, 6, 8 or 16 (got " + std::to_string(kv_bits()) +
+                         ")");
+  if (w_group() == 0) return invalid_input("w_group: must be -1 (per channel) or positive (got 0)");
   const bool recon = reconstructs();
   const std::string& ws = weight_solver();
   const std::string& t = transform();
@@ -275,7 +272,8 @@ Status Recipe::validate_fields() const {
   if (!intactkv() && !ids("intactkv_prefix").empty())
     return invalid_input("intactkv_prefix: set without intactkv (turn intactkv on)");
   if (b("intactkv_cal")) {
-    if (!intactkv()) return invalid_input("intactkv_cal: trains the IntactKV cache; turn intactkv on");
+    if (!intactkv())
+      return invalid_input("intactkv_cal: trains the IntactKV cache; turn intactkv on");
     if (w_bits() == 16 && a_bits() == 16 && kv_bits() == 16)
       return invalid_input(
           "intactkv_cal: w_bits, a_bits, kv_bits all 16: the model equals the FP one, there is "
@@ -327,8 +325,8 @@ Status Recipe::validate_fields() const {
       active = &reconstruction(), what = "reconstruction";
     }
     if (active && *active != row->name)
-      return invalid_input(key + ": an option of " + what + " " + row->name + ", but the recipe's " +
-                           what + " is " + *active);
+      return invalid_input(key + ": an option of " + what + " " + row->name +
+                           ", but the recipe's " + what + " is " + *active);
   }
   return Status::ok();
 }
@@ -347,10 +345,9 @@ Status Recipe::validate_for(const ModelConfig& c, bool allow_partial_groups) con
   const int64_t H = c.hidden_size, I = c.intermediate_size, Qd = c.q_dim();
   if (w_bits() < 16 && w_group() > 0 && !allow_partial_groups) {
     const int64_t g = w_group();
-    const std::pair<const char*, int64_t> dims[] = {
-        {"q/k/v/gate/up_proj (hidden_size)", H},
-        {"o_proj (num_attention_heads*head_dim)", Qd},
-        {"down_proj (intermediate_size)", I}};
+    const std::pair<const char*, int64_t> dims[] = {{"q/k/v/gate/up_proj (hidden_size)", H},
+                                                    {"o_proj (num_attention_heads*head_dim)", Qd},
+                                                    {"down_proj (intermediate_size)", I}};
     for (const auto& [name, n] : dims) {
       if (n % g == 0 || g >= n) continue;  // whole groups, or one group per row
       // The group sizes that divide every input width: the divisors of their gcd (and any
@@ -464,13 +461,18 @@ Result<Recipe> recipe_from_json(const json& j, const std::string& where) {
     // The earlier weight-only form: GPTQ W4 g128 by default.
     QCAL_RETURN_IF_ERROR(at(r.set("weight_solver", "gptq")));
     QCAL_RETURN_IF_ERROR(at(r.set("w_group", 128)));
-    const std::pair<const char*, const char*> map[] = {
-        {"method", "weight_solver"}, {"w_bits", "w_bits"},
-        {"group_size", "w_group"},   {"sym", "w_sym"},
-        {"act_order", "gptq.act_order"}, {"static_groups", "gptq.static_groups"},
-        {"damp", "gptq.percdamp"},   {"mse_clip", "w_mse_clip"},
-        {"true_sequential", "gptq.true_sequential"}, {"mode", "mode"},
-        {"window", "blocks_per_task"}, {"seed", "seed"}};
+    const std::pair<const char*, const char*> map[] = {{"method", "weight_solver"},
+                                                       {"w_bits", "w_bits"},
+                                                       {"group_size", "w_group"},
+                                                       {"sym", "w_sym"},
+                                                       {"act_order", "gptq.act_order"},
+                                                       {"static_groups", "gptq.static_groups"},
+                                                       {"damp", "gptq.percdamp"},
+                                                       {"mse_clip", "w_mse_clip"},
+                                                       {"true_sequential", "gptq.true_sequential"},
+                                                       {"mode", "mode"},
+                                                       {"window", "blocks_per_task"},
+                                                       {"seed", "seed"}};
     // That form carried the GPTQ keys with method rtn too (ignored there): checked, not kept.
     const auto m = j.find("method");
     const bool rtn = m != j.end() && *m == "rtn";
@@ -491,7 +493,9 @@ Result<Recipe> recipe_from_json(const json& j, const std::string& where) {
       if (!it->is_number_integer() || it->get<int64_t>() != 0)
         return invalid_input(pre +
                              "overlap: rtn / gptq calibrate disjoint blocks (overlap must be 0, "
-                             "got " + shown(*it) + "); overlapping windows are CBQ's: "
+                             "got " +
+                             shown(*it) +
+                             "); overlapping windows are CBQ's: "
                              "reconstruction cbq with cbq_window / cbq_overlap");
     }
     resolve_gptq_order(r);
@@ -523,7 +527,8 @@ Result<Recipe> recipe_from_json(const json& j, const std::string& where) {
       return invalid_input(pre + k + ": unknown recipe key");
   for (const auto& [k, v] : items) {
     if (k == "method") {
-      if (!v.is_string()) return invalid_input(pre + "method: must be a string (got " + shown(v) + ")");
+      if (!v.is_string())
+        return invalid_input(pre + "method: must be a string (got " + shown(v) + ")");
       const std::string m = v.get<std::string>();
       const auto t = method_names(MethodKind::kTransform);
       const auto w = method_names(MethodKind::kWeightSolver);
@@ -555,8 +560,10 @@ Result<Recipe> recipe_from_json(const json& j, const std::string& where) {
     if (!find_option(k)) {
       const std::string hint = legacy_hint(k);
       if (!hint.empty())
-        return invalid_input(pre + k + ": a key of the weight-only recipe form, which cannot be "
-                             "mixed with the keys of the one recipe; " + hint);
+        return invalid_input(pre + k +
+                             ": a key of the weight-only recipe form, which cannot be "
+                             "mixed with the keys of the one recipe; " +
+                             hint);
       return invalid_input(pre + k + ": unknown recipe key");
     }
     QCAL_RETURN_IF_ERROR(at(r.set(k, v)));

@@ -215,8 +215,12 @@ json with_recipe(const json& recipe) {
 }
 
 TEST(JobSpec, RecipeRoundTripsThroughTheStoredForm) {
-  const json cbq = {{"weight_solver", "lora-rounding"}, {"w_bits", 2},        {"w_group", 32},
-                    {"reconstruction", "cbq"},          {"cbq_window", 2},    {"cbq_overlap", 1},
+  const json cbq = {{"weight_solver", "lora-rounding"},
+                    {"w_bits", 2},
+                    {"w_group", 32},
+                    {"reconstruction", "cbq"},
+                    {"cbq_window", 2},
+                    {"cbq_overlap", 1},
                     {"cbq_epochs", 3}};
   auto r = parse_job_spec(with_recipe(cbq));
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
@@ -235,9 +239,14 @@ TEST(JobSpec, RecipeRoundTripsThroughTheStoredForm) {
 }
 
 TEST(JobSpec, TheWeightOnlyFormMapsOntoTheOneRecipe) {
-  auto r = parse_job_spec(with_recipe({{"method", "gptq"}, {"w_bits", 3}, {"group_size", 64},
-                                       {"sym", false}, {"damp", 0.05}, {"act_order", true},
-                                       {"true_sequential", false}, {"window", 2}}));
+  auto r = parse_job_spec(with_recipe({{"method", "gptq"},
+                                       {"w_bits", 3},
+                                       {"group_size", 64},
+                                       {"sym", false},
+                                       {"damp", 0.05},
+                                       {"act_order", true},
+                                       {"true_sequential", false},
+                                       {"window", 2}}));
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
   EXPECT_EQ(r->recipe.weight_solver(), "gptq");
   EXPECT_EQ(r->recipe.w_group(), 64);
@@ -342,7 +351,9 @@ TEST(JobSpec, NonsenseRecipesAreRefusedNamingTheField) {
       {{{"w_bits", 16}, {"a_bits", 16}, {"kv_bits", 16}},
        "recipe.w_bits, a_bits, kv_bits",
        "nothing to quantize"},
-      {{{"weight_solver", "lora-rounding"}, {"a_bits", 8}}, "recipe.weight_solver", "reconstruction"},
+      {{{"weight_solver", "lora-rounding"}, {"a_bits", 8}},
+       "recipe.weight_solver",
+       "reconstruction"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.recipe.dump());

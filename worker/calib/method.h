@@ -106,17 +106,15 @@ const WeightSolverMethod* weight_solver_method(const std::string& name);
 // Registration (one line at the end of a method's file).
 bool register_transform(const std::string& name, const TransformMethod* m);
 bool register_weight_solver(const std::string& name, const WeightSolverMethod* m);
-#define QCAL_REGISTER_TRANSFORM(name, Type)            \
-  namespace {                                          \
-  const Type kTransformImpl;                           \
-  const bool kTransformRegistered =                    \
-      ::qcal::calib::register_transform(name, &kTransformImpl); \
+#define QCAL_REGISTER_TRANSFORM(name, Type)                                                   \
+  namespace {                                                                                 \
+  const Type kTransformImpl;                                                                  \
+  const bool kTransformRegistered = ::qcal::calib::register_transform(name, &kTransformImpl); \
   }
-#define QCAL_REGISTER_WEIGHT_SOLVER(name, Type)              \
-  namespace {                                                \
-  const Type kSolverImpl;                                    \
-  const bool kSolverRegistered =                             \
-      ::qcal::calib::register_weight_solver(name, &kSolverImpl); \
+#define QCAL_REGISTER_WEIGHT_SOLVER(name, Type)                                             \
+  namespace {                                                                               \
+  const Type kSolverImpl;                                                                   \
+  const bool kSolverRegistered = ::qcal::calib::register_weight_solver(name, &kSolverImpl); \
   }
 
 // The weight quantizer of a recipe (bits, group, sym, mse clip) as the engine's QuantSpec.

@@ -302,8 +302,8 @@ Result<GptqResult> gptq_solve(const Tensor& W, const Tensor& H, Tensor* release_
     for (int64_t o = 0; o < O; ++o) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t c0 = g * gs;
-        const QParam p = find_qparam(Wp.data() + o * I + c0, std::min(gs, I - c0), spec,
-                                     cw ? cw + c0 : nullptr);
+        const QParam p =
+            find_qparam(Wp.data() + o * I + c0, std::min(gs, I - c0), spec, cw ? cw + c0 : nullptr);
         ql.scales[g * O + o] = p.scale;
         ql.zeros[g * O + o] = p.zero;
       }
@@ -434,7 +434,8 @@ Result<GptqResult> gptq_solve(const Tensor& W, const Tensor& H, Tensor* release_
                 }
                 cur[c - j] = v;
               }
-              const QParam p = find_qparam(cur.data(), jend - j, spec, cw ? dperm.data() + j : nullptr);
+              const QParam p =
+                  find_qparam(cur.data(), jend - j, spec, cw ? dperm.data() + j : nullptr);
               ql.scales[g * O + o] = p.scale;
               ql.zeros[g * O + o] = p.zero;
             }

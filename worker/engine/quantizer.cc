@@ -49,8 +49,8 @@ QParam params_from_range(float lo, float hi, const QuantSpec& spec) {
   return p;
 }
 
-// Σ weight·|ŵ − w|^2.4 over x[0..n) (weight 1 when null), or a value ≥ `stop` as soon as the partial sum
-// reaches it: terms are non-negative, so such a candidate cannot be strictly better.
+// Σ weight·|ŵ − w|^2.4 over x[0..n) (weight 1 when null), or a value ≥ `stop` as soon as the
+// partial sum reaches it: terms are non-negative, so such a candidate cannot be strictly better.
 double clip_error(const float* x, const double* weight, int64_t n, QParam p, int maxq,
                   double stop) {
   double err = 0.0;
