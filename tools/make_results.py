@@ -399,7 +399,8 @@ def cbq_section_lines(a, rows, fp, seqlen):
              "windows* trains windows of 2 consecutive blocks with an overlap of 1 (the paper's "
              "default) with the same parameters; *CBQ + LoRA-Rounding* adds the learned "
              "low-rank rounding (rank 16). All reconstructions use coarse-to-fine preprocessing "
-             "(CFP). IntactKV keeps the FP K/V cache of BOS (every evaluation sequence begins "
+             "(CFP), its weight truncation kept per block only where it lowers the block's "
+             "output error (issue #12). IntactKV keeps the FP K/V cache of BOS (every evaluation sequence begins "
              "with it). Weights are symmetric per output channel unless a group is named; "
              "activations per token, K/V asymmetric per head.", "",
              f"**Reduced budget** (to keep this script short on 2 cores): {a.cbq_nsamples} "
