@@ -67,7 +67,7 @@ URL=http://127.0.0.1:$PORT
 TOKEN=hostile-$RANDOM$RANDOM
 echo "$TOKEN" >"$T/tokens"
 "$COORD" --host 127.0.0.1 --port "$PORT" --redis "redis://127.0.0.1:$RP" --tokens "$T/tokens" \
-  --store "$T/store" >"$T/coordinator.log" 2>&1 &
+  --store "$T/store" --allow-read "$T" --allow-write "$T" >"$T/coordinator.log" 2>&1 &
 PIDS+=($!)
 wait_for curl -sf "$URL/readyz"
 
@@ -108,7 +108,8 @@ if [ "${QCAL_HOSTILE_BEYOND_CAP:-1}" = 1 ]; then
   "$HOSTILE" --port "$PORT" --token "$TOKEN" --mode idle --conns 1000 --seconds "$SECONDS_PER_RUN"
   PORT2=$(free_port)
   "$COORD" --host 127.0.0.1 --port "$PORT2" --redis "redis://127.0.0.1:$RP" --tokens "$T/tokens" \
-    --store "$T/store" --max-connections-per-ip 256 >"$T/coordinator2.log" 2>&1 &
+    --store "$T/store" --allow-read "$T" --allow-write "$T" --max-connections-per-ip 256 \
+    >"$T/coordinator2.log" 2>&1 &
   PIDS+=($!)
   wait_for curl -sf "http://127.0.0.1:$PORT2/readyz"
   sleep 1

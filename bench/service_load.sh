@@ -62,7 +62,7 @@ URL=http://127.0.0.1:$PORT
 TOKEN=load-$RANDOM$RANDOM
 echo "$TOKEN" >"$T/tokens"
 "$COORD" --host 127.0.0.1 --port "$PORT" --redis "redis://127.0.0.1:$RP" --tokens "$T/tokens" \
-  --store "$T/store" >"$T/coordinator.log" 2>&1 &
+  --store "$T/store" --allow-read "$T" --allow-write "$T" >"$T/coordinator.log" 2>&1 &
 PIDS+=($!)
 wait_for curl -sf "$URL/readyz"
 
