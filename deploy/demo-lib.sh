@@ -66,7 +66,7 @@ DEMO_JOBS=(
   "gptq-w4|--method gptq --w-bits 4 --group-size -1 --format gptq"
   "rtn-w4a4kv4|--method rtn --w-bits 4 --a-bits 4 --kv-bits 4"
   "flatquant-intactkv|--transform flatquant --weight-solver gptq --w-bits 4 --a-bits 4 --kv-bits 4 --epochs $DEMO_EPOCHS --intactkv"
-  "flatquant-cbq-intactkv|--transform flatquant --reconstruction cbq --cbq-window 2 --cbq-overlap 1 --w-bits 4 --a-bits 4 --kv-bits 4 --epochs $DEMO_EPOCHS --cbq-epochs $DEMO_CBQ_EPOCHS --intactkv"
+  "flatquant-cbq-intactkv|--transform flatquant --weight-solver gptq --reconstruction cbq --cbq-window 2 --cbq-overlap 1 --w-bits 4 --a-bits 4 --kv-bits 4 --epochs $DEMO_EPOCHS --cbq-epochs $DEMO_CBQ_EPOCHS --intactkv"
 )
 DEMO_GATE=(--max-ppl-increase "$MAX_PPL" --max-kl "$MAX_KL")
 

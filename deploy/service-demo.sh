@@ -11,8 +11,9 @@
 #   FlatQuant W4A4KV4 + IntactKV      learned affine transforms per block, GPTQ
 #                                     weights, the FP K/V cache of BOS kept
 #   FlatQuant + CBQ(2,1) + IntactKV   FlatQuant, then CBQ windows of 2 blocks
-#                                     (overlap 1) learning the step sizes and
-#                                     clip ratios, round to nearest
+#                                     (overlap 1) starting from GPTQ's solution,
+#                                     learning the rounding, step sizes and clip
+#                                     ratios against the FP BOS cache
 #
 # Every job has the same eval data and the same gate (--max-ppl-increase,
 # --max-kl); the job fails when its result exceeds either bound. The demo

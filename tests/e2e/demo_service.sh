@@ -33,7 +33,7 @@ import json, math, sys
 d = sys.argv[1]
 names = ["gptq-w4", "rtn-w4a4kv4", "flatquant-intactkv", "flatquant-cbq-intactkv"]
 recipes = ["GPTQ W4", "RTN W4A4KV4", "FlatQuant + GPTQ + IntactKV W4A4KV4",
-           "FlatQuant + CBQ(2,1) + RTN + IntactKV W4A4KV4"]
+           "FlatQuant + CBQ(2,1) + GPTQ + IntactKV W4A4KV4"]
 formats = ["gptq", "native", "native", "native"]
 table = open(d + "/table.txt").read().splitlines()
 rows = [l for l in table if any(l.startswith(r + "  ") for r in recipes)]
