@@ -113,8 +113,15 @@ uint64_t block_train_bytes(const MemCtx& m, uint64_t tokens, bool transformed_we
   b = sat_add(b, sat_mul(sat_mul(seqs, sat_mul(m.n_heads, sat_mul(m.T, m.T))), kF));
   // The backward's gradients of the same activations (dx of every stage, reused).
   b = sat_add(b, sat_mul(sat_mul(tokens, 2 * m.H + m.Q + 2 * m.I), kF));
-  // Weights: transformed, LWC-clipped and fake-quantized copies and their gradients.
-  b = sat_add(b, sat_mul(sat_mul(m.linear_params, transformed_weights ? 4 : 2), kF));
+  // Weights (qblock.cc weight_forward): the fake-quantized copy W4 and, when transforms
+  // act on the weights, the transformed W3 (otherwise W3 is the caller's weights). The
+  // weight path's row chunks (the dW chunk, its swap buffer and the diagonal's rows:
+  // qblock.cc chunk_rows, about 4M elements each) are reused across linears. Measured
+  // (tests/unit/test_memory_model.cc, h1024w: weights dominate): these copies, not the
+  // four this term used to count.
+  b = sat_add(b, sat_mul(sat_mul(m.linear_params, transformed_weights ? 2 : 1), kF));
+  const uint64_t largest = std::max({sat_mul(m.I, m.H), sat_mul(m.Q, m.H)});
+  b = sat_add(b, sat_mul(sat_mul(std::min<uint64_t>(largest, uint64_t{1} << 22), 3), kF));
   return b;
 }
 
@@ -161,13 +168,16 @@ void memory_terms_core(const MemCtx& m, const std::string& task, std::vector<Mem
     parts->push_back({"round/codes", sat_mul(m.linear_params, 2)});
   } else if (task == "cbq-window") {
     const uint64_t k = std::max<uint64_t>(1, m.window);
-    // Per block: the window's copy of the deployed weights, the CFP base and Ŵ, the
-    // deployed linears again with IntactKV (its prefix reads them); per linear V0 and
-    // the weight gradients.
-    const uint64_t copies = m.prefix > 0 ? 4 : 3;
-    parts->push_back(
-        {"weights", sat_mul(k, sat_add(sat_mul(block, copies), sat_mul(m.linear_params, 2 * kF)))});
+    // Deploying a block: the checkpoint's block while its deployed copy is built, beside
+    // the blocks of the window deployed before it (the method's deploy terms add its
+    // working copies). Training: per block the deployed weights (the FP targets, the
+    // IntactKV prefix), the CFP base and Ŵ, and per linear the weight gradient (LoRA's
+    // V0 and step sizes are per row·group or rank-sized). Measured (h1024w: weights
+    // dominate) 4.7–5.1 block copies per block with the tape's W4 (memory_terms_cbq).
     parts->push_back({"deploy/checkpoint", block});
+    parts->push_back({"deploy/blocks before", sat_mul(k - 1, block)});
+    parts->push_back(
+        {"train/weights", sat_mul(k, sat_add(sat_mul(block, 3), sat_mul(m.linear_params, kF)))});
     const uint64_t chunk = sat_mul(sat_mul(m.train_micro, m.T), sat_mul(m.H, kF));
     parts->push_back({"train/activations", sat_mul(chunk, k + 6)});
   } else if (task == "assemble") {

@@ -208,7 +208,7 @@ Result<Common> open_common(const TaskContext& ctx, bool need_global) {
 
 Result<calib::BlockWeightsT<float>> load_block(const Common& k, int64_t l) {
   QCAL_ASSIGN_OR_RETURN(LayerWeights w, k.model->load_layer(l));
-  return calib::to_block_weights(w);
+  return calib::to_block_weights(std::move(w));
 }
 
 // The deployed FP form of layer l: the checkpoint's weights under the transform (its
@@ -317,7 +317,7 @@ Result<json> run_capture(const TaskContext& ctx) {
     return invalid_input("task " + ctx.task.id + ": layer " + std::to_string(l) +
                          " outside the model");
   QCAL_ASSIGN_OR_RETURN(LayerWeights lw, model->load_layer(l));
-  const calib::BlockWeightsT<float> w = calib::to_block_weights(lw);
+  const calib::BlockWeightsT<float> w = calib::to_block_weights(std::move(lw));
   static const calib::BlockTransformsT<float> kNoT;
   static const calib::BlockQuantSpec kNoQ;
   static const calib::BlockClipT<float> kNoC;

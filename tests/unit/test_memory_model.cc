@@ -19,9 +19,10 @@
 // pages of the checkpoint's mmap count: they are resident while read); it is
 // compared with the estimate less its "process" part (kProcessBaseBytes: the
 // process itself, which this test binary's "before" does not measure). Every task
-// type but assemble (being rewritten to stream) must be within ±25% (embed: at
-// most 25% above, at least 75% of its estimate less the mapped embedding pages,
-// which are the page cache's and vary between runs).
+// type but assemble (being rewritten to stream) must be within ±25%, or at most
+// 8 MiB above where the estimate is a few MiB (embed: at most that above, at least
+// 75% of its estimate less the mapped embedding pages, which are the page cache's
+// and vary between runs).
 #include <gtest/gtest.h>
 #include <malloc.h>
 #include <sys/wait.h>
@@ -194,13 +195,19 @@ Measured run_child(const json& req, const std::string& req_path) {
 
 // ---- The models and jobs.
 
+// Two sizes where activations weigh about as much as the weights (256 tokens a
+// sequence), and one where the weights dominate, as at 70B (a block of 72 MiB in
+// fp32, 32 tokens a sequence): the weight copies each task holds are measured there.
 struct Size {
   const char* name;
   int64_t H, I, heads, kv_heads;
+  int64_t calib_seqs, calib_T;
 };
-constexpr Size kSizes[] = {{"h256", 256, 768, 4, 2}, {"h512", 512, 1536, 8, 4}};
+constexpr Size kSizes[] = {{"h256", 256, 768, 4, 2, 8, 256},
+                           {"h512", 512, 1536, 8, 4, 8, 256},
+                           {"h1024w", 1024, 5632, 8, 4, 2, 32}};
 constexpr int64_t kLayers = 3, kVocab = 8192;
-constexpr int64_t kCalibSeqs = 8, kCalibT = 256, kEvalSeqs = 8, kEvalT = 128;
+constexpr int64_t kEvalSeqs = 8, kEvalT = 128;
 
 ModelConfig config_of(const Size& s) {
   ModelConfig c;
@@ -281,7 +288,8 @@ TEST(MemoryModel, EveryTaskTypeStaysWithinItsEstimate) {
       for (size_t i = 0; i < t.size(); i += static_cast<size_t>(T)) t[i] = 1;
       return t;
     };
-    write_u32(calib, with_bos(synth_tokens(kCalibSeqs * kCalibT, kVocab, 11), kCalibT));
+    write_u32(calib,
+              with_bos(synth_tokens(size.calib_seqs * size.calib_T, kVocab, 11), size.calib_T));
     write_u32(eval, with_bos(synth_tokens(kEvalSeqs * kEvalT, kVocab, 12), kEvalT));
     for (const Job& job : kJobs) {
       // QCAL_MEMORY_MODEL_JOBS=a,b: only these jobs (to iterate on one term).
@@ -295,7 +303,7 @@ TEST(MemoryModel, EveryTaskTypeStaysWithinItsEstimate) {
       auto recipe = recipe_from_json(job.recipe);
       ASSERT_TRUE(recipe.is_ok()) << job.name << ": " << recipe.status().to_string();
       spec.recipe = *recipe;
-      spec.calib = {calib, kCalibSeqs, kCalibT};
+      spec.calib = {calib, size.calib_seqs, size.calib_T};
       spec.eval = DataSpec{eval, kEvalSeqs, kEvalT};
       spec.output.path = tmp.sub("out-" + tag);
       PlannerLimits limits;
@@ -363,8 +371,11 @@ TEST(MemoryModel, EveryTaskTypeStaysWithinItsEstimate) {
     // are resident varies between runs, so that part bounds from above only.
     const uint64_t floor =
         r.estimate - std::min(r.estimate, r.parts.value("embeddings", uint64_t{0}));
-    EXPECT_TRUE(ratio <= 1.25 &&
-                static_cast<double>(r.measured) >= 0.75 * static_cast<double>(floor) &&
+    // A few MiB are below what the estimate resolves (the embed task of h1024w reads 64
+    // tokens: 0.5 MiB estimated, 5.4 MiB measured, the reader's buffers): an absolute
+    // slack of 8 MiB above.
+    const bool under = ratio <= 1.25 || r.measured <= r.estimate + (8ull << 20);
+    EXPECT_TRUE(under && static_cast<double>(r.measured) >= 0.75 * static_cast<double>(floor) &&
                 (ratio >= 0.75 || r.type == "embed"))
         << r.size << " " << r.job << " " << r.task << ": measured " << r.measured << " B, estimate "
         << r.estimate << " B, ratio " << ratio;

@@ -198,7 +198,6 @@ TEST_F(PlanLarge, LayerWiseRecipesFitWith64GiBTasks) {
   std::printf("| model | recipe | tasks | critical path (tasks) | peak task | store |\n");
   for (const Shape* s : {&k70B, &k405B})
     for (const Case* c : {&kGptq, &kFlatGptq, &kQuaRot}) {
-      if (s == &k405B && c == &kFlatGptq) continue;  // below
       const Plan p = plan_row(*s, *c);
       EXPECT_EQ(over_64(p), std::vector<std::string>{}) << s->name << " " << c->name;
       EXPECT_GE(p.summary["peak"]["bytes"].get<uint64_t>(), 1 * kGiB);
@@ -208,21 +207,20 @@ TEST_F(PlanLarge, LayerWiseRecipesFitWith64GiBTasks) {
   EXPECT_EQ(cbq.summary["windows"].get<int64_t>(), 79);
 }
 
-// 405B FlatQuant: accepted on 80 GiB workers, but each block's transform task needs
-// more than 64 GiB, its training holding the block's linears four times in fp32
-// (transformed, clipped, fake-quantized, gradient: 47.5 GiB at 405B).
-TEST_F(PlanLarge, FlatQuantOf405BNeedsMoreThan64GiBPerTransformTask) {
+// 405B FlatQuant: a block's transform task holds its linears three times in fp32 (the
+// checkpoint's, the transformed W3 and the fake-quantized W4: 35.6 GiB at 405B) beside
+// the training's activations, under 64 GiB.
+TEST_F(PlanLarge, FlatQuantOf405BTransformTasksFit) {
   const Plan p = plan_row(k405B, kFlatGptq);
-  const std::vector<std::string> over = over_64(p);
-  ASSERT_EQ(over.size(), 126u);
-  for (const std::string& id : over) EXPECT_EQ(id.rfind("flatquant-", 0), 0u) << id;
   const json& e = p.summary["estimates"]["flatquant-0000"];
-  EXPECT_GT(e["training"].get<uint64_t>(), 48 * kGiB);
-  EXPECT_LE(e["total"].get<uint64_t>(), 80 * kGiB);
+  std::printf("405B flatquant-0000: %s\n", e.dump().c_str());
+  EXPECT_GT(e["total"].get<uint64_t>(), 36 * kGiB);
+  EXPECT_LE(e["total"].get<uint64_t>(), 64 * kGiB);
 }
 
-// 405B CBQ: refused, even a one-block window exceeding the workers (the window's fp32
-// copies of each block: the deployed weights, the CFP base, Ŵ, V0 and gradients).
+// 405B CBQ(2, 1): refused with the numbers (a window's fp32 copies of each block: the
+// deployed weights, the CFP base, Ŵ and the weight gradients), naming the window that
+// fits the workers.
 TEST_F(PlanLarge, CbqOf405BIsRefusedWithTheNumbers) {
   auto plan = plan_job(spec(k405B, kFlatCbq.recipe), limits());
   ASSERT_FALSE(plan.is_ok());
@@ -230,9 +228,9 @@ TEST_F(PlanLarge, CbqOf405BIsRefusedWithTheNumbers) {
   const std::string& m = plan.status().message();
   std::printf("405B %s: %s\n", kFlatCbq.name, m.c_str());
   EXPECT_EQ(m.rfind("cbq-window-0000 needs ", 0), 0u) << m;
-  EXPECT_NE(m.find("weights "), std::string::npos) << m;
+  EXPECT_NE(m.find("train/weights "), std::string::npos) << m;
   EXPECT_NE(m.find("but workers have 80.0 GiB"), std::string::npos) << m;
-  EXPECT_NE(m.find("even a one-block window needs "), std::string::npos) << m;
+  EXPECT_NE(m.find("lower recipe.cbq_window (a one-block window needs "), std::string::npos) << m;
 }
 
 TEST_F(PlanLarge, WholeModelTasksAreRefusedWithTheNumbers) {

@@ -8,10 +8,6 @@
 #include "worker/calib/fp_model.h"
 
 #include <algorithm>
-
-#include "kernels/grad.h"
-
-#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <memory>
@@ -21,6 +17,7 @@
 #include "common/fsutil.h"
 #include "common/model_dir.h"
 #include "common/safetensors.h"
+#include "kernels/grad.h"
 #include "worker/engine/model.h"
 
 namespace qcal::calib {
@@ -121,7 +118,7 @@ Result<FpModel> load_fp_model(const std::string& dir) {
   m.layers.reserve(static_cast<size_t>(c.num_hidden_layers));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     QCAL_ASSIGN_OR_RETURN(LayerWeights w, lm->load_layer(l));
-    m.layers.push_back(to_block_weights(w));
+    m.layers.push_back(to_block_weights(std::move(w)));
   }
   return m;
 }
@@ -303,7 +300,6 @@ double fp_model_loss(const FpModel& m, const int32_t* tokens, int64_t B, int64_t
   accumulate(&grads->lm_head, d_head);
   return loss;
 }
-
 
 namespace {
 using Vec = std::vector<double>;

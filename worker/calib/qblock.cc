@@ -1014,14 +1014,14 @@ std::vector<T> QBlock<T>::effective_bias(int p) const {
 
 // ---------------------------------------------------------------- conversions
 
-BlockWeightsT<float> to_block_weights(const LayerWeights& w) {
+BlockWeightsT<float> to_block_weights(LayerWeights w) {
   BlockWeightsT<float> b;
-  b.input_norm = w.input_norm.data;
-  b.post_norm = w.post_norm.data;
-  for (int p = 0; p < kNumProj; ++p) b.w[p] = w.proj(kProjNames[p]).data;
-  b.bias[0] = w.q_bias.data;
-  b.bias[1] = w.k_bias.data;
-  b.bias[2] = w.v_bias.data;
+  b.input_norm = std::move(w.input_norm.data);
+  b.post_norm = std::move(w.post_norm.data);
+  for (int p = 0; p < kNumProj; ++p) b.w[p] = std::move(w.proj(kProjNames[p]).data);
+  b.bias[0] = std::move(w.q_bias.data);
+  b.bias[1] = std::move(w.k_bias.data);
+  b.bias[2] = std::move(w.v_bias.data);
   return b;
 }
 

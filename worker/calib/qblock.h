@@ -72,7 +72,8 @@ struct BlockWeightsT {
   std::array<std::vector<T>, kNumProj> w;  // HF [out, in]
   std::array<std::vector<T>, 3> bias;      // q, k, v; empty when absent
 };
-BlockWeightsT<float> to_block_weights(const LayerWeights& w);
+// Moves the tensors' data (pass an rvalue: a block is not held twice).
+BlockWeightsT<float> to_block_weights(LayerWeights w);
 LayerWeights to_layer_weights(const BlockWeightsT<float>& w, const ModelConfig& c);
 template <typename T, typename U>
 BlockWeightsT<T> cast_weights(const BlockWeightsT<U>& w);
