@@ -72,6 +72,7 @@ CONTENDERS = [
     ("qcal + mse-clip", ["--mse-clip"]),
     ("qcal no act-order", ["--no-act-order", "--no-static-groups"]),
     ("qcal old grid", ["--w-grid", "narrow", "--no-act-order", "--no-static-groups"]),
+    ("qcal narrow + mse-clip", ["--w-grid", "narrow", "--mse-clip"]),
     ("llm-compressor", None),
 ]
 
@@ -239,14 +240,16 @@ def table_lines(results, a):
         "same with `--mse-clip` (each group's range by qcal's clip search, each column's "
         "error weighted by H_cc); **no act-order** = `--no-act-order --no-static-groups` "
         "(qcal's defaults before issue #14); **old grid** = the same with `--w-grid narrow` "
-        "(scale absmax/(2^(b−1)−1), qcal's symmetric grid before issue #14); **llmc** = "
+        "(scale absmax/(2^(b−1)−1), qcal's symmetric grid before issue #14); **narrow + mse** "
+        "= the defaults with `--w-grid narrow --mse-clip`; **best / llmc** = the lowest KL of "
+        "the qcal columns over llm-compressor's (≤ 1: qcal at least as good); **llmc** = "
         "llm-compressor `GPTQModifier` with its defaults (actorder static, memoryless min-max "
         "observer, fp32 scales).",
         "",
         "| model | setting | FP ppl | qcal ppl | KL | +mse ppl | KL | no act-order ppl "
-        "| KL | old grid ppl | KL | llmc ppl | KL | L0 qkv new/old grid | qcal time / RSS "
-        "| llmc time / RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| KL | old grid ppl | KL | narrow + mse ppl | KL | llmc ppl | KL | best / llmc "
+        "| L0 qkv new/old grid | qcal time / RSS | llmc time / RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = []
     for r in results:
@@ -257,8 +260,9 @@ def table_lines(results, a):
         by = {r["who"]: r for r in results if (r["model"], r["setting"]) == k}
         fp = next((r["fp_ppl"] for r in by.values() if r.get("fp_ppl")), None)
         cells = [k[0], k[1], f"{fp:.4f}" if fp else ""]
-        for who in ("qcal", "qcal + mse-clip", "qcal no act-order", "qcal old grid",
-                    "llm-compressor"):
+        qcal_cols = ("qcal", "qcal + mse-clip", "qcal no act-order", "qcal old grid",
+                     "qcal narrow + mse-clip")
+        for who in qcal_cols + ("llm-compressor",):
             r = by.get(who)
             if r is None:
                 cells += ["", ""]
@@ -270,6 +274,8 @@ def table_lines(results, a):
         n = by.get("qcal no act-order", {})
         o = by.get("qcal old grid", {})
         l = by.get("llm-compressor", {})
+        best = min((by[w]["kl"] for w in qcal_cols if "kl" in by.get(w, {})), default=None)
+        cells.append(f"{best / l['kl']:.3f}" if best is not None and l.get("kl") else "")
         cells.append(f"{n['l0_qkv_loss'] / o['l0_qkv_loss']:.3f}"
                      if "l0_qkv_loss" in n and "l0_qkv_loss" in o else "")
         cells.append(f"{q['cpu_seconds']:.1f} ({q['seconds']:.0f}) / {q['peak_rss_mb']:.0f}"
