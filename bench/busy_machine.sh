@@ -35,8 +35,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# ~6 M parameters: 4 × (4·512² + 3·512·1376) + 2 × 512·2048.
-$QCAL synth --out "$W/m" --layers 4 --hidden 512 --heads 8 --intermediate 1376 --vocab 2048 \
+# ~6 M parameters: 4 × (4·512² + 3·512·1408) + 2 × 512·2048 (1408 = 11·128: the
+# group size divides every linear, as the planner requires).
+$QCAL synth --out "$W/m" --layers 4 --hidden 512 --heads 8 --intermediate 1408 --vocab 2048 \
   --seed 1 --overwrite >/dev/null
 $QCAL synth-data --model "$W/m" --tokens 65536 --seed 2 --out "$W/calib.jsonl" >/dev/null
 

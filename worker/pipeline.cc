@@ -431,8 +431,12 @@ Result<json> run_learn(const TaskContext& ctx) {
     if (i % std::max<int64_t>(1, n / 10) == 0 || i + 1 == n)
       say(ctx, stage + " " + std::to_string(i + 1) + "/" + std::to_string(n));
   };
+  in.rank = ctx.group ? ctx.group->rank() : 0;
+  in.ranks = ctx.group ? ctx.group->size() : 1;
+  in.sum = sum_fn(ctx);
   json report = json::object();
   QCAL_ASSIGN_OR_RETURN(Fitted f, t->learn(in, &report));
+  if (!is_root(ctx)) return json::object();
   QCAL_ASSIGN_OR_RETURN(ArtifactRef ref, write_fitted(ctx, "rotations", f));
   return json{{"artifacts", {{"rotations", ref.to_json()}}}, {"report", report}};
 }
@@ -1028,6 +1032,9 @@ Result<json> run_intactkv_cal(const TaskContext& ctx) {
   calib::IntactKvCalOptions o;
   o.steps = r.i("intactkv_cal_steps");
   o.lr = r.f("intactkv_cal_lr");
+  o.rank = ctx.group ? ctx.group->rank() : 0;
+  o.ranks = ctx.group ? ctx.group->size() : 1;
+  o.sum = sum_fn(ctx);
   const int64_t every = std::max<int64_t>(1, (o.steps + 15) / 16);
   auto rep =
       calib::calibrate_intactkv(nm, fp_t, data, o, [&](int64_t step, int64_t steps, double loss) {
@@ -1038,6 +1045,7 @@ Result<json> run_intactkv_cal(const TaskContext& ctx) {
         }
       });
   if (!rep.is_ok()) return rep.status().with_context("intactkv_cal");
+  if (!is_root(ctx)) return json::object();
   Fitted f;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     f.arrays["k." + std::to_string(l)] =
@@ -1466,7 +1474,8 @@ calib::CbqOptions cbq_options_for(const Recipe& r, const ModelConfig& c, int64_t
 }
 
 bool runs_on_all_ranks(const std::string& type) {
-  return type == plan::kTransform || type == plan::kQuantize || type == plan::kCbqWindow;
+  return type == plan::kTransform || type == plan::kLearn || type == plan::kQuantize ||
+         type == plan::kCbqWindow;
 }
 
 Result<std::vector<TaskInput>> pipeline_task_inputs(const TaskContext& ctx) {

@@ -15,7 +15,7 @@
 // still holds its attempt and the job still owns the path; a re-run replaces its
 // own job's earlier output (the manifest says whose it is).
 //
-// Ranks: the task types runs_on_all_ranks names (transform, quantize,
+// Ranks: the task types runs_on_all_ranks names (transform, learn, quantize,
 // cbq-window) run on every rank of ctx.group together (calibration sequences
 // sharded, gradients / Hessians / statistics all-reduced; the root reads and
 // writes the store and its result is the task's). The others run on the root.

@@ -571,29 +571,47 @@ Result<IntactKvCalReport> calibrate_intactkv(
       gr.prefix_v.assign(static_cast<size_t>(P * K), 0.0f);
     }
     double loss = 0.0;
+    const bool parallel = o.ranks > 1 && o.sum;
+    const int64_t a0 = parallel ? o.accum * o.rank / o.ranks : 0,
+                  a1 = parallel ? o.accum * (o.rank + 1) / o.ranks : o.accum;
     for (int64_t a = 0; a < o.accum; ++a) {
-      const int64_t s = next_seq();
+      const int64_t s = next_seq();  // every rank draws every sequence (the same order)
+      if (a < a0 || a >= a1) continue;
       const double ls =
           seq_objective<float>(qc, data.seq(s) + P, Tn, H, targets_of(s), &grads, nullptr, work);
-      if (!std::isfinite(ls))
+      // (In a group every rank reaches the sum: a non-finite loss fails there, on all.)
+      if (!std::isfinite(ls) && !parallel)
         return fail(step, std::string("loss is ") + (std::isnan(ls) ? "NaN" : "inf") +
                               " on sequence " + std::to_string(s));
       loss += ls;
     }
-    loss /= static_cast<double>(o.accum);
-    // The mean gradient over the accumulated sequences, clipped to the global norm.
-    double norm2 = 0.0;
+    // The mean gradient over the accumulated sequences (summed across the ranks first),
+    // clipped to the global norm.
     for (int64_t l = 0; l < L; ++l) {
       const std::vector<float>* src[2] = {&grads[l].prefix_k, &grads[l].prefix_v};
       for (int j = 0; j < 2; ++j) {
         std::vector<double>& d = g[2 * l + j];
         d.resize(src[j]->size());
-        for (size_t i = 0; i < d.size(); ++i) {
-          d[i] = static_cast<double>((*src[j])[i]) / static_cast<double>(o.accum);
-          norm2 += d[i] * d[i];
-        }
+        for (size_t i = 0; i < d.size(); ++i) d[i] = static_cast<double>((*src[j])[i]);
       }
     }
+    if (parallel) {
+      std::vector<double> buf(1, loss);
+      for (const auto& d : g) buf.insert(buf.end(), d.begin(), d.end());
+      QCAL_RETURN_IF_ERROR(o.sum(buf.data(), static_cast<int64_t>(buf.size())));
+      loss = buf[0];
+      size_t at = 1;
+      for (auto& d : g)
+        for (double& e : d) e = buf[at++];
+      if (!std::isfinite(loss)) return fail(step, "the loss summed over the ranks is not finite");
+    }
+    loss /= static_cast<double>(o.accum);
+    double norm2 = 0.0;
+    for (auto& d : g)
+      for (double& e : d) {
+        e /= static_cast<double>(o.accum);
+        norm2 += e * e;
+      }
     const double norm = std::sqrt(norm2);
     if (!std::isfinite(norm)) return fail(step, "the gradient norm is not finite");
     const double coef = o.max_grad_norm / (norm + 1e-6);

@@ -112,6 +112,12 @@ struct IntactKvCalOptions {
   int64_t steps = 160, accum = 16;
   double lr = 2e-4, warmup_ratio = 0.03, max_grad_norm = 0.3, weight_decay = 0;
   uint64_t seed = 42;
+  // Data parallel: every rank draws the same sequences; each computes its share of a
+  // step's `accum` ones, and `sum` (in-place sum of doubles across the ranks) adds the
+  // losses and prefix gradients before the step. Empty / one rank: the single-process
+  // arithmetic.
+  int rank = 0, ranks = 1;
+  std::function<Status(double* data, int64_t n)> sum;
 };
 struct IntactKvCalReport {
   double loss_first = 0, loss_last = 0;  // mean objective of the first / last step's sequences

@@ -65,6 +65,9 @@ struct WholeModelInputs {
   const TokenSequences* calib = nullptr;
   const Recipe* r = nullptr;
   ProgressFn progress;
+  // Data parallel, as BlockInputs: each step's sequences split over the ranks.
+  int rank = 0, ranks = 1;
+  SumFn sum;
 };
 
 class TransformMethod {

@@ -135,9 +135,16 @@ std::vector<double> heldout_losses(TrainGraph& g, const FpModel& base,
 // than QuaRot's on held-out data of the training objective (report: spin_heldout
 // [{step, loss, significant}], spin_kept_step, spin_fallback = the initialization
 // was kept).
+//
+// Data parallel (rank of ranks, `sum` adding doubles across them; empty: one rank):
+// each step's B sequences and the held-out ones are split over the ranks; the loss and
+// ∂R1, ∂R2, each weighted by the rank's share of the sequences, are summed before the
+// Stiefel step, so every rank takes the same step (one rank: the arithmetic is that of
+// the single-process loop, unchanged).
 Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const Recipe& r,
                        std::vector<double>* R1, std::vector<std::vector<double>>* R2,
-                       nlohmann::json* report, const ProgressFn& progress) {
+                       nlohmann::json* report, const ProgressFn& progress, int rank, int ranks,
+                       const SumFn& sum) {
   const ModelConfig& c = folded.config;
   const int64_t H = c.hidden_size, I = c.intermediate_size, d = c.head_dim;
   const int64_t L = c.num_hidden_layers, V = c.vocab_size;
@@ -167,9 +174,21 @@ Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const
   double best = 0.0;
   int64_t best_step = 0;
   std::vector<double> init;  // per held-out sequence, at step 0
-  auto score = [&](int64_t step) {
-    if (held <= 0) return;
-    const std::vector<double> ls = heldout_losses(graph, base, *R1, *R2, calib, ntrain, held);
+  const bool parallel = ranks > 1 && sum;
+  auto score = [&](int64_t step) -> Status {
+    if (held <= 0) return Status::ok();
+    std::vector<double> ls;
+    if (parallel) {
+      // This rank's share of the held-out sequences; the others' entries are 0 here.
+      const int64_t h0 = held * rank / ranks, h1 = held * (rank + 1) / ranks;
+      ls.assign(static_cast<size_t>(held), 0.0);
+      const std::vector<double> part =
+          heldout_losses(graph, base, *R1, *R2, calib, ntrain + h0, h1 - h0);
+      std::copy(part.begin(), part.end(), ls.begin() + h0);
+      QCAL_RETURN_IF_ERROR(sum(ls.data(), held));
+    } else {
+      ls = heldout_losses(graph, base, *R1, *R2, calib, ntrain, held);
+    }
     double h = 0.0;
     for (double x : ls) h += x / static_cast<double>(held);
     bool significant = false;
@@ -198,8 +217,9 @@ Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const
           {{"step", step}, {"loss", h}, {"significant", significant}});
     LOG_INFO << "spinquant: held-out loss " << h << " after " << step << " steps"
              << (significant ? " (significantly below the start)" : "");
+    return Status::ok();
   };
-  score(0);
+  QCAL_RETURN_IF_ERROR(score(0));
 
   Rng rng(r.seed() ^ 0x5e1f5e1full);
   std::vector<int32_t> tokens(static_cast<size_t>(B * T));
@@ -211,49 +231,71 @@ Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const
       std::copy(s, s + T, tokens.begin() + b * T);
       next_seq = (next_seq + 1) % ntrain;
     }
-    FpModel m = graph.rotated(base, *R1, *R2);
-    FpModelGrads g;
-    const double loss = fp_model_loss(m, tokens.data(), B, T, &g, &graph.plans);
+    // This rank's sequences of the step (all of them on one rank).
+    const int64_t s0 = parallel ? B * rank / ranks : 0, s1 = parallel ? B * (rank + 1) / ranks : B;
+    std::vector<double> dR1(static_cast<size_t>(H * H), 0.0);
+    std::vector<std::vector<double>> dR2(static_cast<size_t>(L),
+                                         std::vector<double>(static_cast<size_t>(d * d), 0.0));
+    double loss = 0.0;
+    if (s1 > s0) {
+      FpModel m = graph.rotated(base, *R1, *R2);
+      FpModelGrads g;
+      loss = fp_model_loss(m, tokens.data() + s0 * T, s1 - s0, T, &g, &graph.plans);
+      // ∂R1 from every rotated weight of the model (W0 = the unrotated base weights).
+      add_at_b(dR1, base.embed, g.embed, V, H);
+      add_at_b(dR1, base.lm_head, g.lm_head, V, H);
+      for (int64_t l = 0; l < L; ++l) {
+        const auto& w0 = base.layers[static_cast<size_t>(l)].w;
+        const auto& dw = g.layers[static_cast<size_t>(l)].w.w;
+        for (int p : {kQ, kK, kV, kGate, kUp}) {
+          const int64_t rows = static_cast<int64_t>(w0[p].size()) / H;
+          add_at_b(dR1, w0[p], dw[p], rows, H);
+        }
+        for (int p : {kO, kDown}) {
+          const int64_t cols = static_cast<int64_t>(w0[p].size()) / H;
+          add_a_bt(dR1, w0[p], dw[p], H, cols);
+        }
+        const auto& gt = g.layers[static_cast<size_t>(l)].t;
+        std::vector<double>& d2 = dR2[static_cast<size_t>(l)];
+        for (size_t i = 0; i < d2.size(); ++i) {
+          if (!gt.pv.empty()) d2[i] += gt.pv[i];
+          if (!gt.pv_it.empty()) d2[i] += gt.pv_it[i];
+        }
+      }
+    }
+    if (parallel) {
+      // The mean over the step's sequences: each rank's mean weighted by its share.
+      const double w = static_cast<double>(s1 - s0) / static_cast<double>(B);
+      std::vector<double> buf;
+      buf.reserve(1 + dR1.size() + static_cast<size_t>(L * d * d));
+      buf.push_back(loss * w);
+      for (double x : dR1) buf.push_back(x * w);
+      for (const auto& d2 : dR2)
+        for (double x : d2) buf.push_back(x * w);
+      QCAL_RETURN_IF_ERROR(sum(buf.data(), static_cast<int64_t>(buf.size())));
+      size_t o = 0;
+      loss = buf[o++];
+      for (double& x : dR1) x = buf[o++];
+      for (auto& d2 : dR2)
+        for (double& x : d2) x = buf[o++];
+    }
     if (!std::isfinite(loss))
       return invalid_input("spinquant: step " + std::to_string(step) + ": loss is " +
                            std::to_string(loss) + " (lower --spin-lr)");
     if (report) (*report)["spin_loss"].push_back(loss);
     if (progress) progress("spinquant", step, steps);
-
-    // ∂R1 from every rotated weight of the model (W0 = the unrotated base weights).
-    std::vector<double> dR1(static_cast<size_t>(H * H), 0.0);
-    add_at_b(dR1, base.embed, g.embed, V, H);
-    add_at_b(dR1, base.lm_head, g.lm_head, V, H);
-    for (int64_t l = 0; l < L; ++l) {
-      const auto& w0 = base.layers[static_cast<size_t>(l)].w;
-      const auto& dw = g.layers[static_cast<size_t>(l)].w.w;
-      for (int p : {kQ, kK, kV, kGate, kUp}) {
-        const int64_t rows = static_cast<int64_t>(w0[p].size()) / H;
-        add_at_b(dR1, w0[p], dw[p], rows, H);
-      }
-      for (int p : {kO, kDown}) {
-        const int64_t cols = static_cast<int64_t>(w0[p].size()) / H;
-        add_a_bt(dR1, w0[p], dw[p], H, cols);
-      }
-    }
     const double lr = cosine_lr(r.f("spin_lr"), 0.0, step, steps);
     stiefel_sgd_step(*R1, dR1, H, lr, rng.below(101) == 0);
-    for (int64_t l = 0; l < L; ++l) {
-      const auto& gt = g.layers[static_cast<size_t>(l)].t;
-      std::vector<double> dR2(static_cast<size_t>(d * d), 0.0);
-      for (size_t i = 0; i < dR2.size(); ++i) {
-        if (!gt.pv.empty()) dR2[i] += gt.pv[i];
-        if (!gt.pv_it.empty()) dR2[i] += gt.pv_it[i];
-      }
-      stiefel_sgd_step((*R2)[static_cast<size_t>(l)], dR2, d, lr, rng.below(101) == 0);
-    }
+    for (int64_t l = 0; l < L; ++l)
+      stiefel_sgd_step((*R2)[static_cast<size_t>(l)], dR2[static_cast<size_t>(l)], d, lr,
+                       rng.below(101) == 0);
     if (step % 10 == 0 || step + 1 == steps)
       LOG_INFO << "spinquant: step " << step << " loss " << loss << " lr " << lr;
     return Status::ok();
   };
   for (int64_t step = 0; step < steps; ++step) {
     QCAL_RETURN_IF_ERROR(train_step(step));
-    if ((step + 1) % every == 0 || step + 1 == steps) score(step + 1);
+    if ((step + 1) % every == 0 || step + 1 == steps) QCAL_RETURN_IF_ERROR(score(step + 1));
   }
   if (held > 0) {
     *R1 = std::move(best_R1);
@@ -277,7 +319,8 @@ class SpinQuant : public TransformMethod {
     fold_norms(m, r.b("embed_mean_sub"));
     std::vector<double> R1;
     std::vector<std::vector<double>> R2;
-    QCAL_RETURN_IF_ERROR(spinquant_learn(m, *in.calib, r, &R1, &R2, report, in.progress));
+    QCAL_RETURN_IF_ERROR(
+        spinquant_learn(m, *in.calib, r, &R1, &R2, report, in.progress, in.rank, in.ranks, in.sum));
     Fitted f;
     f.arrays["R1"] = std::move(R1);
     for (size_t l = 0; l < R2.size(); ++l) f.arrays["R2." + std::to_string(l)] = std::move(R2[l]);
