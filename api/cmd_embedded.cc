@@ -21,13 +21,13 @@
 #include "common/data.h"
 #include "common/flags.h"
 #include "common/fsutil.h"
-#include "common/log.h"
-#include "common/model_dir.h"
-#include "kernels/gemm.h"
 #include "common/job_spec.h"
+#include "common/log.h"
 #include "common/method_registry.h"
+#include "common/model_dir.h"
 #include "common/plan.h"
 #include "common/planner.h"
+#include "kernels/gemm.h"
 #include "worker/calib/native.h"
 #include "worker/calib/native_eval.h"
 #include "worker/engine/eval.h"
@@ -175,8 +175,8 @@ int cmd_quantize(const Flags& f) {
   o.keep_store = f.flag("keep-store");
   o.log = [](const std::string& line) { LOG_INFO << line; };
   LOG_INFO << "quantize " << spec.model << ": " << spec.recipe.display_name() << " w"
-           << spec.recipe.w_bits() << " a" << spec.recipe.a_bits() << " kv"
-           << spec.recipe.kv_bits() << ", " << blas_threads() << " threads";
+           << spec.recipe.w_bits() << " a" << spec.recipe.a_bits() << " kv" << spec.recipe.kv_bits()
+           << ", " << blas_threads() << " threads";
   CLI_ASSIGN(cmd, LocalRunResult res, run_job_locally(spec, o));
   nlohmann::json j = res.report();
   j["out"] = spec.output.path;
@@ -192,11 +192,22 @@ int cmd_quantize(const Flags& f) {
   } else {
     double worst = 0;
     for (const auto& l : j["layers"])
-      if (l.contains("rel_output_error")) worst = std::max(worst, l["rel_output_error"].get<double>());
+      if (l.contains("rel_output_error"))
+        worst = std::max(worst, l["rel_output_error"].get<double>());
     std::printf("wrote %s (%s, %zu tasks) in %.1f s", spec.output.path.c_str(),
                 j.value("format", "").c_str(), res.plan.tasks.size(), res.seconds);
     if (worst > 0) std::printf("; worst layer rel. output error %.3g", worst);
     std::printf("\n");
+  }
+  // The gate, as the service fails the job: exit 3 naming what it exceeded.
+  if (j.contains("eval") && j["eval"].contains("gate") &&
+      !j["eval"]["gate"].value("passed", true)) {
+    std::string why;
+    for (const auto& v : j["eval"]["gate"].value("violations", nlohmann::json::array()))
+      why += (why.empty() ? "" : "; ") + v.get<std::string>();
+    std::fprintf(stderr, "qcal %s: the gate failed: %s (the output is at %s)\n", cmd.c_str(),
+                 terminal_safe(why).c_str(), spec.output.path.c_str());
+    return 3;
   }
   return 0;
 }
@@ -451,7 +462,9 @@ std::vector<Command> embedded_commands() {
        "this process (so the output is byte-identical to the service's). Weight-only rtn/gptq\n"
        "is the recipe without a transform. The output is GPTQ when everything folds into the\n"
        "weights, else a native qcal checkpoint (docs/NATIVE_FORMAT.md); --format chooses.\n"
-       "Threads: QCAL_THREADS (default: all cores).",
+       "Threads: QCAL_THREADS (default: all cores). Exit status: 0 done, 1 or 2 an error\n"
+       "(nothing written), 3 the gate (--max-ppl-increase, --max-kl) failed: the output\n"
+       "and --report are written, as the service keeps a failed job's output.",
        quantize_flags(), cmd_quantize},
       {"plan", section, "--model DIR --calib FILE --out DIR [flags]",
        "show the plan of a job (tasks, critical path, memory, store) without running it",

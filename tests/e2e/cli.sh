@@ -76,5 +76,19 @@ expect_err "w-bits\|bits" $QCAL quantize --model "$T/m" $Q --w-bits 5 --out "$T/
 expect_err "4 and 8\|4 or 8" $QCAL quantize --model "$T/m" --method rtn --w-bits 2 \
   --calib "$T/calib.jsonl" --nsamples 4 --seqlen 128 --format compressed-tensors --out "$T/x2" --quiet
 [ ! -e "$T/x5" ] && [ ! -e "$T/x2" ] || fail "a failed quantize left an output directory"
+
+# A failed gate exits 3, names what it exceeded, and keeps the output and report (as the
+# service keeps a failed job's output); a passed gate exits 0.
+set +e
+out=$($QCAL quantize --model "$T/m" --method rtn $Q --format gptq --out "$T/gated" \
+  --eval-data "$T/eval.jsonl" --eval-nsamples 4 --max-kl 0 --report "$T/gated.json" 2>&1)
+rc=$?
+set -e
+[ $rc -eq 3 ] || fail "a failed gate exited $rc, expected 3: $out"
+echo "$out" | grep -q "the gate failed: kl .* > max 0" || fail "the gate's message: $out"
+[ -f "$T/gated/model.safetensors" ] && [ -f "$T/gated.json" ] || fail "a failed gate lost the output"
+[ "$(json 'd["eval"]["gate"]["passed"]' <"$T/gated.json")" = False ] || fail "report: gate passed"
+$QCAL quantize --model "$T/m" --method rtn $Q --format gptq --out "$T/gated2" \
+  --eval-data "$T/eval.jsonl" --eval-nsamples 4 --max-kl 10 >/dev/null || fail "a passed gate failed"
 ls "$T" | grep -q partial && fail "a staging directory was left behind"
 echo "e2e cli: 1 passed, 0 failed"
