@@ -114,6 +114,9 @@ def main():
     ap.add_argument("--real-nsamples", default="64", help="section 4 calibration sequences")
     ap.add_argument("--real-fq-epochs", default="15", help="section 4 FlatQuant epochs")
     ap.add_argument("--real-cbq-epochs", default="20", help="section 4 CBQ epochs per window")
+    ap.add_argument("--real-composed-cbq", default="",
+                    help="section 4: the composed row's CBQ as EPOCHS,WINDOW,OVERLAP (default: "
+                         "--real-cbq-epochs, windows of 2, overlap 1, as the other CBQ rows)")
     a = ap.parse_args()
     sections = a.sections.split(",")
     data = os.path.join(ROOT, "tests", "fixtures", "grammar-data")
@@ -427,7 +430,10 @@ def run_section4(a, tmp):
     for setting, sflags in REAL_SETTINGS:
         for name, rflags in real_rows(a.real_fq_epochs):
             flags = sflags + rflags
-            if "--reconstruction" in flags:
+            if name == REAL_COMPOSED and a.real_composed_cbq:
+                e, w, o = a.real_composed_cbq.split(",")
+                flags += ["--cbq-epochs", e, "--cbq-window", w, "--cbq-overlap", o]
+            elif "--reconstruction" in flags:
                 flags += ["--cbq-epochs", a.real_cbq_epochs]
             cells.append((("babyllama-tok361", setting, name, "plain"), REAL_MODEL, flags))
     b = argparse.Namespace(**vars(a))
@@ -458,7 +464,10 @@ def section4_lines(a, rows):
              "block of a window first and the LoRA-Rounding and step sizes start from its "
              "solution; a window whose training ends above its start keeps the start. "
              "*IntactKV* with CBQ: the windows train against the FP BOS cache the output "
-             "carries. Seconds: wall time of `qcal quantize` with one thread on a shared "
+             "carries. " + (
+                 "The composed row's CBQ: {} epochs per window, windows of {} blocks, overlap "
+                 "{}. ".format(*a.real_composed_cbq.split(",")) if a.real_composed_cbq else "") +
+             "Seconds: wall time of `qcal quantize` with one thread on a shared "
              "machine (2 jobs at a time).", ""]
     for setting, _ in REAL_SETTINGS:
         lines += [f"#### {setting}", ""]
