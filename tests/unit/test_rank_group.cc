@@ -271,6 +271,21 @@ TEST_P(RankGroupMpi, TwoRanksMatchOneRank) {
     EXPECT_GT(codes, 0);
     EXPECT_LE(static_cast<double>(flips), max_flip_share * static_cast<double>(codes));
   };
+  // The fitted artifact `key` of both runs: every array present in both, same sizes,
+  // their largest difference into *d.
+  auto compare_fitted = [&](const char* key, MaxDiff* d) {
+    auto fa =
+        calib::load_fitted(store.absolute(ArtifactRef::from_json((*one)["artifacts"][key])->path));
+    auto fb =
+        calib::load_fitted(store.absolute(ArtifactRef::from_json(two["artifacts"][key])->path));
+    ASSERT_TRUE(fa.is_ok() && fb.is_ok());
+    ASSERT_EQ(fa->arrays.size(), fb->arrays.size());
+    for (const auto& [name, v] : fa->arrays) {
+      ASSERT_TRUE(fb->has(name)) << name;
+      ASSERT_EQ(v.size(), fb->at(name).size()) << name;
+      d->add(fb->at(name).data(), v.data(), v.size());
+    }
+  };
   if (std::string(c.task).rfind("quantize", 0) == 0) {
     double worst = 0;
     compare_blocks(1e-3, &worst);
@@ -285,36 +300,18 @@ TEST_P(RankGroupMpi, TwoRanksMatchOneRank) {
     std::printf("%s: output activations max |Δ| %.3g (rel %.3g)\n", c.name, x.abs, x.rel);
     EXPECT_LE(x.rel, 1e-3);
   } else if (std::string(c.task).rfind("flatquant", 0) == 0) {
-    auto fa = calib::load_fitted(
-        store.absolute(ArtifactRef::from_json((*one)["artifacts"]["params"])->path));
-    auto fb = calib::load_fitted(
-        store.absolute(ArtifactRef::from_json(two["artifacts"]["params"])->path));
-    ASSERT_TRUE(fa.is_ok() && fb.is_ok());
-    ASSERT_EQ(fa->arrays.size(), fb->arrays.size());
     MaxDiff d;
-    for (const auto& [name, v] : fa->arrays) {
-      ASSERT_TRUE(fb->has(name)) << name;
-      ASSERT_EQ(v.size(), fb->at(name).size()) << name;
-      d.add(fb->at(name).data(), v.data(), v.size());
-    }
+    compare_fitted("params", &d);
+    if (::testing::Test::HasFatalFailure()) return;
     std::printf("%s: fitted parameters max |Δ| %.3g (rel %.3g); loss %.6g vs %.6g\n", c.name, d.abs,
                 d.rel, (*one)["report"]["loss_last"].get<double>(),
                 two["report"]["loss_last"].get<double>());
     EXPECT_LE(d.rel, 1e-3);
   } else if (std::string(c.task) == "spinquant" || std::string(c.task) == "intactkv-cal") {
     const char* key = std::string(c.task) == "spinquant" ? "rotations" : "prefix_kv";
-    auto fa =
-        calib::load_fitted(store.absolute(ArtifactRef::from_json((*one)["artifacts"][key])->path));
-    auto fb =
-        calib::load_fitted(store.absolute(ArtifactRef::from_json(two["artifacts"][key])->path));
-    ASSERT_TRUE(fa.is_ok() && fb.is_ok());
-    ASSERT_EQ(fa->arrays.size(), fb->arrays.size());
     MaxDiff d;
-    for (const auto& [name, v] : fa->arrays) {
-      ASSERT_TRUE(fb->has(name)) << name;
-      ASSERT_EQ(v.size(), fb->at(name).size()) << name;
-      d.add(fb->at(name).data(), v.data(), v.size());
-    }
+    compare_fitted(key, &d);
+    if (::testing::Test::HasFatalFailure()) return;
     std::printf("%s: learned %s max |Δ| %.3g (rel %.3g)\n", c.name, key, d.abs, d.rel);
     EXPECT_LE(d.rel, 1e-4);
     if (std::string(c.task) == "spinquant") {
