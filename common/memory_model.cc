@@ -12,6 +12,8 @@ namespace qcal {
 namespace {
 constexpr uint64_t kF = 4;  // bytes per fp32
 uint64_t u(int64_t v) { return v > 0 ? static_cast<uint64_t>(v) : 0; }
+// Elements of the block's largest linear (gate / up / down, or q / o).
+uint64_t largest_linear(const MemCtx& m) { return std::max(sat_mul(m.I, m.H), sat_mul(m.Q, m.H)); }
 // The process itself: code, libraries, BLAS buffers, allocator slack.
 
 // The streaming assemble (worker/pipeline.cc run_assemble) holds, never at once, one
@@ -120,8 +122,7 @@ uint64_t block_train_bytes(const MemCtx& m, uint64_t tokens, bool transformed_we
   // (tests/unit/test_memory_model.cc, h1024w: weights dominate): these copies, not the
   // four this term used to count.
   b = sat_add(b, sat_mul(sat_mul(m.linear_params, transformed_weights ? 2 : 1), kF));
-  const uint64_t largest = std::max({sat_mul(m.I, m.H), sat_mul(m.Q, m.H)});
-  b = sat_add(b, sat_mul(sat_mul(std::min<uint64_t>(largest, uint64_t{1} << 22), 3), kF));
+  b = sat_add(b, sat_mul(sat_mul(std::min<uint64_t>(largest_linear(m), uint64_t{1} << 22), 3), kF));
   return b;
 }
 
@@ -129,8 +130,7 @@ uint64_t block_train_bytes(const MemCtx& m, uint64_t tokens, bool transformed_we
 // block and, for one linear at a time, the effective weight's two fp64 stages
 // (QBlock::effective_weight; its fp32 conversion comes after the first is freed).
 uint64_t deploy_block_bytes(const MemCtx& m) {
-  const uint64_t largest = std::max(sat_mul(m.I, m.H), sat_mul(m.Q, m.H));
-  return sat_add(sat_mul(m.block_params, 8), sat_mul(largest, 16));
+  return sat_add(sat_mul(m.block_params, 8), sat_mul(largest_linear(m), 16));
 }
 
 void memory_terms_core(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
