@@ -279,8 +279,15 @@ void memory_terms_gptq(const MemCtx& m, const std::string& task, std::vector<Mem
 void memory_terms_cbq(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {
   if (task != "cbq-window") return;
   const uint64_t k = std::max<uint64_t>(1, m.window);
-  parts->push_back(
-      {"train/training", sat_mul(k, block_train_bytes(m, sat_mul(m.train_micro, m.T), false))});
+  const uint64_t tokens = sat_mul(m.train_micro, m.T);
+  parts->push_back({"train/training", sat_mul(k, block_train_bytes(m, tokens, false))});
+  if (m.head && m.V > 0) {
+    // The logit loss (cbq.cc head_loss_acc): the FP final norm and lm_head, and per chunk
+    // of rc ≤ max(1, 2^22 / V) rows two logit arrays and four normalized / gradient rows.
+    parts->push_back({"head", sat_mul(sat_add(sat_mul(m.V, m.H), m.H), kF)});
+    const uint64_t rc = std::max<uint64_t>(1, std::min(tokens, (uint64_t{1} << 22) / m.V));
+    parts->push_back({"train/head logits", sat_mul(rc, sat_mul(sat_add(2 * m.V, 4 * m.H), kF))});
+  }
 }
 
 void memory_terms_intactkv(const MemCtx& m, const std::string& task, std::vector<MemPart>* parts) {

@@ -213,6 +213,8 @@ std::vector<MethodRow> build() {
         {opt_int("cbq_window", "cbq-window", 2, 1, 4096, "blocks trained jointly"),
          opt_int("cbq_overlap", "cbq-overlap", 1, 0, 4095, "blocks shared with the next window"),
          opt_int("cbq_epochs", "cbq-epochs", 20, 1, 1000000, "passes per window"),
+         opt_num("cbq_logit_loss", "cbq-logit-loss", 0.0, 0.0, 1e6,
+                 "weight of the next-token KL in the last window's loss (0: off)"),
          opt_bool("cfp", "", true, "coarse-to-fine preprocessing (§7.3)", "no-cfp")});
     r.needs.fp_inputs = true;
     r.needs.act_stats = true;

@@ -37,11 +37,11 @@ enum class OptType { kBool, kInt, kNum, kString, kIds };
 
 // One recipe key.
 struct OptionSpec {
-  std::string key;          // JSON key; dotted = nested ("gptq.percdamp")
-  std::string flag;         // CLI flag without "--" ("damp"); empty = JSON only
+  std::string key;   // JSON key; dotted = nested ("gptq.percdamp")
+  std::string flag;  // CLI flag without "--" ("damp"); empty = JSON only
   OptType type = OptType::kNum;
-  nlohmann::json def;       // default value
-  double min = 0, max = 0;  // inclusive caps for kInt / kNum (and each id of kIds)
+  nlohmann::json def;                // default value
+  double min = 0, max = 0;           // inclusive caps for kInt / kNum (and each id of kIds)
   std::vector<std::string> choices;  // kString: the allowed values (empty = any)
   std::string help;                  // one line, for --help and OpenAPI
   // kBool with a flag: the flag sets it to true; `neg_flag` (e.g. "no-lwc")
@@ -61,23 +61,24 @@ struct MemCtx {
   uint64_t L = 0, H = 0, I = 0, Q = 0, K = 0, V = 0;  // layers, hidden, intermediate,
                                                       // n_h·d, n_kv·d, vocab
   uint64_t n_heads = 0, n_kv = 0, head_dim = 0;
-  uint64_t block_params = 0;   // the seven linears + norms (+ q/k/v bias)
-  uint64_t linear_params = 0;  // the seven linears
-  uint64_t max_in = 0;         // largest linear input width
-  uint64_t N = 0, T = 0;       // calibration sequences × tokens
-  uint64_t micro = 1;          // sequences per forward micro-batch
-  uint64_t train_micro = 1;    // sequences per training forward/backward micro-batch
-  uint64_t window = 1;         // blocks in a CBQ window (1 for other tasks)
-  uint64_t prefix = 0;         // IntactKV prefix tokens (0 without IntactKV)
+  uint64_t block_params = 0;              // the seven linears + norms (+ q/k/v bias)
+  uint64_t linear_params = 0;             // the seven linears
+  uint64_t max_in = 0;                    // largest linear input width
+  uint64_t N = 0, T = 0;                  // calibration sequences × tokens
+  uint64_t micro = 1;                     // sequences per forward micro-batch
+  uint64_t train_micro = 1;               // sequences per training forward/backward micro-batch
+  uint64_t window = 1;                    // blocks in a CBQ window (1 for other tasks)
+  uint64_t prefix = 0;                    // IntactKV prefix tokens (0 without IntactKV)
   uint64_t w_bits = 4, w_group_cols = 0;  // group columns (0 = per channel)
   uint64_t a_bits = 16;                   // activations (< 16: quantized forwards)
+  bool head = false;  // a CBQ window that ends the model and trains the logit loss
 };
 
 // One named part of a task's peak memory, in bytes.
 using MemPart = std::pair<std::string, uint64_t>;
 // A method's contribution to a task of type `task_type` (common/plan.h names).
-using MemoryTerms = std::function<void(const MemCtx& m, const std::string& task_type,
-                                       std::vector<MemPart>* parts)>;
+using MemoryTerms =
+    std::function<void(const MemCtx& m, const std::string& task_type, std::vector<MemPart>* parts)>;
 
 struct MethodRow {
   std::string name;  // "flatquant"

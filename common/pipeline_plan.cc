@@ -304,8 +304,11 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
   for (size_t i = 0; i < plan.tasks.size(); ++i) {
     TaskDef& t = plan.tasks[i];
     MemCtx mc = m;
-    if (t.type == plan::kCbqWindow)
+    if (t.type == plan::kCbqWindow) {
       mc.window = u(t.params["last"].get<int64_t>() - t.params["first"].get<int64_t>() + 1);
+      mc.head =
+          t.params["last"].get<int64_t>() + 1 == c.num_hidden_layers && r.f("cbq_logit_loss") > 0;
+    }
     if (t.type == plan::kValidate) {
       mc.T = std::max<u64>(in.eval_T, 2);
       mc.micro = std::max<u64>(1, std::min(in.eval_batch, std::max<u64>(in.eval_seqs, 1)));

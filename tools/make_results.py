@@ -115,8 +115,9 @@ def main():
     ap.add_argument("--real-fq-epochs", default="15", help="section 4 FlatQuant epochs")
     ap.add_argument("--real-cbq-epochs", default="20", help="section 4 CBQ epochs per window")
     ap.add_argument("--real-composed-cbq", default="",
-                    help="section 4: the composed row's CBQ as EPOCHS,WINDOW,OVERLAP (default: "
-                         "--real-cbq-epochs, windows of 2, overlap 1, as the other CBQ rows)")
+                    help="section 4: the composed row's CBQ as EPOCHS,WINDOW,OVERLAP[,LOGIT] "
+                         "(LOGIT: --cbq-logit-loss; default: --real-cbq-epochs, windows of 2, "
+                         "overlap 1, no logit loss, as the other CBQ rows)")
     a = ap.parse_args()
     sections = a.sections.split(",")
     data = os.path.join(ROOT, "tests", "fixtures", "grammar-data")
@@ -431,8 +432,10 @@ def run_section4(a, tmp):
         for name, rflags in real_rows(a.real_fq_epochs):
             flags = sflags + rflags
             if name == REAL_COMPOSED and a.real_composed_cbq:
-                e, w, o = a.real_composed_cbq.split(",")
+                e, w, o, *lg = a.real_composed_cbq.split(",")
                 flags += ["--cbq-epochs", e, "--cbq-window", w, "--cbq-overlap", o]
+                if lg:
+                    flags += ["--cbq-logit-loss", lg[0]]
             elif "--reconstruction" in flags:
                 flags += ["--cbq-epochs", a.real_cbq_epochs]
             cells.append((("babyllama-tok361", setting, name, "plain"), REAL_MODEL, flags))
@@ -443,6 +446,18 @@ def run_section4(a, tmp):
                        "--json"])
     rows[("fp",)] = json.loads(out) if out else {"error": err[0]}
     return rows
+
+
+def composed_cbq_text(spec):
+    """The page's sentence for --real-composed-cbq (empty when not given)."""
+    if not spec:
+        return ""
+    e, w, o, *lg = spec.split(",")
+    text = f"The composed row's CBQ: {e} epochs per window, windows of {w} blocks, overlap {o}"
+    if lg:
+        text += (f", and the last window's loss adds {lg[0]} × the next-token KL of the model's "
+                 "head (`--cbq-logit-loss`)")
+    return text + ". "
 
 
 def section4_lines(a, rows):
@@ -464,9 +479,7 @@ def section4_lines(a, rows):
              "block of a window first and the LoRA-Rounding and step sizes start from its "
              "solution; a window whose training ends above its start keeps the start. "
              "*IntactKV* with CBQ: the windows train against the FP BOS cache the output "
-             "carries. " + (
-                 "The composed row's CBQ: {} epochs per window, windows of {} blocks, overlap "
-                 "{}. ".format(*a.real_composed_cbq.split(",")) if a.real_composed_cbq else "") +
+             "carries. " + composed_cbq_text(a.real_composed_cbq) +
              "Seconds: wall time of `qcal quantize` with one thread on a shared "
              "machine (2 jobs at a time).", ""]
     for setting, _ in REAL_SETTINGS:

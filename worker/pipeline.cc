@@ -692,6 +692,40 @@ BlockResult window_block_result(const calib::CbqLayerResult& res, const Deployed
   return b;
 }
 
+// m (rows, H) ← m·R1 by chunks of rows (fp64, cast once); nothing when R1 is empty.
+void rotate_rows_by_chunks(std::vector<float>* m, int64_t rows, int64_t H,
+                           const std::vector<double>& R1) {
+  if (R1.empty()) return;
+  const int64_t chunk = 4096;
+  for (int64_t v0 = 0; v0 < rows; v0 += chunk)
+    calib::rotate_rows(m->data() + v0 * H, std::min(chunk, rows - v0), H, R1);
+}
+
+// The final norm and lm_head of the output: the checkpoint's (lm_head.weight, or the
+// embedding when tied and absent), the final norm folded into lm_head for transforms
+// that fold it, lm_head rotated by the transform's residual rotation (all fp32).
+Status output_lm_head(const Common& k, std::vector<float>* final_norm,
+                      std::vector<float>* lm_head) {
+  const ModelConfig& c = k.c;
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  const ModelDir& dir = k.model->dir();
+  QCAL_ASSIGN_OR_RETURN(Tensor n, dir.read_f32("model.norm.weight", {H}));
+  Result<Tensor> lm = dir.read_f32("lm_head.weight", {V, H});
+  if (!lm.is_ok() && c.tie_word_embeddings) lm = dir.read_f32("model.embed_tokens.weight", {V, H});
+  if (!lm.is_ok()) return lm.status();
+  *final_norm = std::move(n.data);
+  *lm_head = std::move(lm->data);
+  if (k.transform->folds_final_norm()) {
+    for (int64_t v = 0; v < V; ++v)
+      for (int64_t j = 0; j < H; ++j)
+        (*lm_head)[v * H + j] = static_cast<float>(static_cast<double>((*lm_head)[v * H + j]) *
+                                                   static_cast<double>((*final_norm)[j]));
+    std::fill(final_norm->begin(), final_norm->end(), 1.0f);
+  }
+  rotate_rows_by_chunks(lm_head, V, H, k.R1);
+  return Status::ok();
+}
+
 Result<json> run_window(const TaskContext& ctx) {
   QCAL_ASSIGN_OR_RETURN(int64_t w, int_param(ctx.task, "window"));
   QCAL_ASSIGN_OR_RETURN(int64_t first, int_param(ctx.task, "first"));
@@ -750,6 +784,12 @@ Result<json> run_window(const TaskContext& ctx) {
       calib::prefix_kv(c, setups[static_cast<size_t>(l - first)].dl, xp.data(), o.prefix_len,
                        &o.prefix_k[static_cast<size_t>(l)], &o.prefix_v[static_cast<size_t>(l)]);
     }
+  }
+  // The last window's logit loss (cbq.h CbqOptions::head): the output's FP head.
+  if (last + 1 == L && o.head_weight > 0) {
+    auto head = std::make_shared<calib::CbqHead>();
+    QCAL_RETURN_IF_ERROR(output_lm_head(k, &head->norm, &head->lm_head));
+    o.head = std::move(head);
   }
   std::vector<calib::BlockWeightsT<float>*> ptrs;
   for (auto& b : blocks) ptrs.push_back(&b);
@@ -897,29 +937,19 @@ Result<std::vector<ArtifactRef>> block_refs(const TaskContext& ctx, int64_t L) {
   return out;
 }
 
-// The embedding, final norm and lm_head of the output: the checkpoint's, with the
-// transform's residual rotation and (rotating transforms) the final norm folded into
-// lm_head, and the embedding's row-mean subtracted when the recipe asks (all fp32).
+// The embedding, final norm and lm_head of the output: output_lm_head's, and the
+// embedding with the embedding's row-mean subtracted when the recipe asks, rotated by
+// the residual rotation (all fp32).
 struct Head {
   std::vector<float> embed, final_norm, lm_head;
 };
 Result<Head> output_head(const Common& k) {
   const ModelConfig& c = k.c;
   const int64_t H = c.hidden_size, V = c.vocab_size;
-  const ModelDir& dir = k.model->dir();
   Head h;
-  QCAL_ASSIGN_OR_RETURN(Tensor e, dir.read_f32("model.embed_tokens.weight", {V, H}));
-  QCAL_ASSIGN_OR_RETURN(Tensor n, dir.read_f32("model.norm.weight", {H}));
-  Result<Tensor> lm = dir.read_f32("lm_head.weight", {V, H});
+  QCAL_ASSIGN_OR_RETURN(Tensor e, k.model->dir().read_f32("model.embed_tokens.weight", {V, H}));
   h.embed = std::move(e.data);
-  h.final_norm = std::move(n.data);
-  if (lm.is_ok()) {
-    h.lm_head = std::move(lm->data);
-  } else if (c.tie_word_embeddings) {
-    h.lm_head = h.embed;
-  } else {
-    return lm.status();
-  }
+  QCAL_RETURN_IF_ERROR(output_lm_head(k, &h.final_norm, &h.lm_head));
   if (k.r->b("embed_mean_sub")) {
     for (int64_t v = 0; v < V; ++v) {
       float* row = h.embed.data() + v * H;
@@ -929,20 +959,7 @@ Result<Head> output_head(const Common& k) {
       for (int64_t j = 0; j < H; ++j) row[j] = static_cast<float>(row[j] - mean);
     }
   }
-  if (k.transform->folds_final_norm()) {
-    for (int64_t v = 0; v < V; ++v)
-      for (int64_t j = 0; j < H; ++j)
-        h.lm_head[v * H + j] = static_cast<float>(static_cast<double>(h.lm_head[v * H + j]) *
-                                                  static_cast<double>(h.final_norm[j]));
-    std::fill(h.final_norm.begin(), h.final_norm.end(), 1.0f);
-  }
-  if (!k.R1.empty()) {
-    // By chunks of rows: E·R1, lm_head·R1 (fp64, cast once).
-    const int64_t chunk = 4096;
-    for (std::vector<float>* m : {&h.embed, &h.lm_head})
-      for (int64_t v0 = 0; v0 < V; v0 += chunk)
-        calib::rotate_rows(m->data() + v0 * H, std::min(chunk, V - v0), H, k.R1);
-  }
+  rotate_rows_by_chunks(&h.embed, V, H, k.R1);
   return h;
 }
 
@@ -1468,6 +1485,7 @@ calib::CbqOptions cbq_options_for(const Recipe& r, const ModelConfig& c, int64_t
   o.v0_follows_scale = true;  // cbq.h: measured better at W4A16, W2A16 and W4A4KV4
   o.cfp = r.b("cfp");
   o.epochs = static_cast<int>(std::clamp<int64_t>(r.i("cbq_epochs"), 1, 1000000));
+  o.head_weight = r.f("cbq_logit_loss");
   o.bsz = r.i("cali_bsz");
   o.seed = r.seed();
   return o;

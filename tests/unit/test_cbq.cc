@@ -274,6 +274,46 @@ TEST(CbqWindowLoss, FiniteDifference) {
   EXPECT_NEAR(window_loss(a.data(), a.data(), rows, H, static_cast<double*>(nullptr)), 0.0, 1e-15);
 }
 
+TEST(CbqHeadLoss, FiniteDifferenceAndAccumulates) {
+  Rng rng(6);
+  const int64_t rows = 3, H = 6, V = 9;
+  const double eps = 1e-5, scale = 0.7;
+  const std::vector<double> gamma = gaussian(H, rng, 1.0), W = gaussian(V * H, rng, 1.0);
+  const std::vector<double> a = gaussian(rows * H, rng, 1.5), b0 = gaussian(rows * H, rng, 1.5);
+  auto kl_at = [&](const std::vector<double>& b) {
+    double s = 0;
+    head_loss_acc(gamma.data(), W.data(), V, eps, a.data(), b.data(), rows, H,
+                  static_cast<double*>(nullptr), 0.0, &s);
+    return s;
+  };
+  // d starts non-zero: the head's gradient is added to what is there.
+  const std::vector<double> d0 = gaussian(rows * H, rng, 1.0);
+  std::vector<double> d = d0;
+  double kl = 0;
+  head_loss_acc(gamma.data(), W.data(), V, eps, a.data(), b0.data(), rows, H, d.data(), scale, &kl);
+  EXPECT_GT(kl, 0.0);
+  EXPECT_NEAR(kl, kl_at(b0), 1e-12);
+  double worst = 0;
+  for (size_t i = 0; i < b0.size(); ++i) {
+    std::vector<double> bp = b0, bm = b0;
+    bp[i] += 1e-6;
+    bm[i] -= 1e-6;
+    const double fd = (kl_at(bp) - kl_at(bm)) / 2e-6;
+    ASSERT_TRUE(std::isfinite(d[i]));
+    worst = std::max(worst, std::fabs(scale * fd - (d[i] - d0[i])));
+  }
+  std::printf("head loss FD: %.2e\n", worst);
+  EXPECT_LT(worst, 1e-8);
+  EXPECT_NEAR(kl_at(a), 0.0, 1e-14);  // zero at the target
+  // In chunks of 2 rows: the same sums and gradient.
+  std::vector<double> dc = d0;
+  double klc = 0;
+  head_loss_acc(gamma.data(), W.data(), V, eps, a.data(), b0.data(), rows, H, dc.data(), scale,
+                &klc, 2 * V);
+  EXPECT_NEAR(klc, kl, 1e-13);
+  for (size_t i = 0; i < d.size(); ++i) EXPECT_NEAR(dc[i], d[i], 1e-13) << i;
+}
+
 // ---------------------------------------------------------------- CFP
 
 TEST(CbqCfp, GaussianWeightsAreLeftAlone) {
@@ -584,6 +624,65 @@ TEST(CbqSynth, W4A4WindowsBeatRtn) {
   const double cbq = mse(run_model(f.fp.config, layers, &specs, f.x_eval, f.n_eval), f.y_eval);
   std::printf("final-output MSE vs FP: RTN %.4e  CBQ(2,1) %.4e\n", rtn, cbq);
   EXPECT_LT(cbq, rtn);
+}
+
+TEST(CbqSynth, LogitLossInTheLastWindowLowersTheLogitKl) {
+  // CbqOptions::head: only the window that ends the model changes (the earlier windows'
+  // reports are bit-identical), its losses include the head's KL, and the model's
+  // next-token KL on held-out sequences ends lower than with the block-output loss alone.
+  Fixture& f = fx();
+  const ModelConfig& c = f.fp.config;
+  CbqOptions o;
+  o.w_bits = 4;
+  o.a_bits = 4;
+  o.epochs = 4;
+  auto head = std::make_shared<CbqHead>();
+  head->norm = f.fp.final_norm;
+  head->lm_head = f.fp.lm_head;
+  auto logit_kl = [&](const CbqOptions& opt, std::vector<CbqWindowReport>* reports) {
+    std::vector<BlockWeightsT<float>> layers = f.fp.layers;
+    auto res = cbq_calibrate(c, layers, f.x_calib, f.n_calib, kT, opt, nullptr);
+    EXPECT_TRUE(res.is_ok()) << res.status().to_string();
+    if (!res.is_ok()) return 0.0;
+    *reports = res->windows;
+    std::vector<BlockQuantSpec> specs;
+    for (const CbqLayerResult& l : res->layers) specs.push_back(deployed_spec(opt, c, &l));
+    const std::vector<float> y = run_model(c, layers, &specs, f.x_eval, f.n_eval);
+    double s = 0;
+    const int64_t rows = f.n_eval * kT;
+    head_loss_acc(head->norm.data(), head->lm_head.data(), c.vocab_size, c.rms_norm_eps,
+                  f.y_eval.data(), y.data(), rows, c.hidden_size, static_cast<float*>(nullptr), 0.0,
+                  &s);
+    return s / static_cast<double>(rows);
+  };
+  std::vector<CbqWindowReport> ra, rb;
+  const double kl_plain = logit_kl(o, &ra);
+  CbqOptions oh = o;
+  oh.head = head;
+  const double kl_head = logit_kl(oh, &rb);
+  std::printf(
+      "held-out next-token KL: block-output loss %.4e, + logit loss in the last window "
+      "%.4e\n",
+      kl_plain, kl_head);
+  ASSERT_EQ(ra.size(), rb.size());
+  ASSERT_GE(ra.size(), 2u);
+  for (size_t w = 0; w + 1 < ra.size(); ++w) {
+    EXPECT_EQ(ra[w].loss_hard_init, rb[w].loss_hard_init) << "window " << w;
+    EXPECT_EQ(ra[w].loss_hard, rb[w].loss_hard) << "window " << w;
+  }
+  EXPECT_GT(rb.back().loss_hard_init, ra.back().loss_hard_init);  // + the head's KL
+  EXPECT_TRUE(std::isfinite(kl_head));
+  EXPECT_LT(kl_head, kl_plain);
+  // A head of the wrong size is refused, naming the window.
+  CbqOptions bad = oh;
+  auto small = std::make_shared<CbqHead>(*head);
+  small->lm_head.pop_back();
+  bad.head = small;
+  std::vector<BlockWeightsT<float>> layers = f.fp.layers;
+  auto res = cbq_calibrate(c, layers, f.x_calib, f.n_calib, kT, bad, nullptr);
+  ASSERT_FALSE(res.is_ok());
+  EXPECT_EQ(res.status().code(), Code::kInvalidInput);
+  EXPECT_NE(res.status().message().find("head"), std::string::npos) << res.status().message();
 }
 
 TEST(CbqSynth, WindowStateResumes) {

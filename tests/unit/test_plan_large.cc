@@ -27,6 +27,7 @@ namespace {
 using nlohmann::json;
 
 constexpr uint64_t kGiB = 1ull << 30;
+constexpr uint64_t kMiB = 1ull << 20;
 constexpr int64_t kCalibSeqs = 128, kCalibT = 2048;
 
 struct Shape {
@@ -205,6 +206,20 @@ TEST_F(PlanLarge, LayerWiseRecipesFitWith64GiBTasks) {
   const Plan cbq = plan_row(k70B, kFlatCbq);
   EXPECT_EQ(over_64(cbq), std::vector<std::string>{});
   EXPECT_EQ(cbq.summary["windows"].get<int64_t>(), 79);
+  // With the logit loss the last window also holds the FP head (lm_head 128256 × 8192 in
+  // fp32, 3.9 GiB), and only the last window does.
+  Case logit = kFlatCbq;
+  logit.recipe["cbq_logit_loss"] = 1.0;
+  const Plan lp = plan_row(k70B, logit);
+  EXPECT_EQ(over_64(lp), std::vector<std::string>{});
+  const json& est = lp.summary["estimates"];
+  const uint64_t last = est["cbq-window-0078"]["total"].get<uint64_t>();
+  const uint64_t last_plain = cbq.summary["estimates"]["cbq-window-0078"]["total"].get<uint64_t>();
+  std::printf("70B last window: %.1f GiB with the logit loss, %.1f GiB without\n",
+              static_cast<double>(last) / kGiB, static_cast<double>(last_plain) / kGiB);
+  EXPECT_GE(last - last_plain, 128256ull * 8192 * 4);
+  EXPECT_LT(last - last_plain, 128256ull * 8192 * 4 + 256 * kMiB);
+  EXPECT_EQ(est["cbq-window-0000"]["total"], cbq.summary["estimates"]["cbq-window-0000"]["total"]);
 }
 
 // 405B FlatQuant: a block's transform task holds its linears three times in fp32 (the

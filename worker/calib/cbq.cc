@@ -426,6 +426,56 @@ double window_loss(const T* h_fp, const T* h_q, int64_t rows, int64_t H, T* d_hq
   return (sum_mse + sum_kl) * inv_rows;
 }
 
+template <typename T>
+void head_loss_acc(const T* gamma, const T* W, int64_t V, double eps, const T* h_fp, const T* h_q,
+                   int64_t rows, int64_t H, T* d_hq, double grad_scale, double* sum_kl,
+                   int64_t max_logits) {
+  if (rows <= 0 || V <= 0) return;
+  const int64_t rc = std::clamp<int64_t>(max_logits / V, 1, rows);
+  std::vector<T> nf(static_cast<size_t>(rc * H)), nq(nf.size()), inv_f(static_cast<size_t>(rc)),
+      inv_q(inv_f.size()), zf(static_cast<size_t>(rc * V)), zq(zf.size()), dn, dx;
+  if (d_hq) {
+    dn.resize(nf.size());
+    dx.resize(nf.size());
+  }
+  const T e = static_cast<T>(eps);
+  for (int64_t r0 = 0; r0 < rows; r0 += rc) {
+    const int64_t n = std::min(rc, rows - r0);
+    rmsnorm_fwd(nf.data(), h_fp + r0 * H, gamma, n, H, e, inv_f.data());
+    rmsnorm_fwd(nq.data(), h_q + r0 * H, gamma, n, H, e, inv_q.data());
+    gemm_t(false, true, n, V, H, T(1), nf.data(), H, W, H, T(0), zf.data(), V);
+    gemm_t(false, true, n, V, H, T(1), nq.data(), H, W, H, T(0), zq.data(), V);
+    for (int64_t t = 0; t < n; ++t) {
+      const T* a = zf.data() + t * V;
+      T* b = zq.data() + t * V;
+      double ma = a[0], mb = b[0];
+      for (int64_t v = 1; v < V; ++v) {
+        ma = std::max(ma, static_cast<double>(a[v]));
+        mb = std::max(mb, static_cast<double>(b[v]));
+      }
+      double za = 0.0, zb = 0.0;
+      for (int64_t v = 0; v < V; ++v) {
+        za += std::exp(a[v] - ma);
+        zb += std::exp(b[v] - mb);
+      }
+      const double lza = ma + std::log(za), lzb = mb + std::log(zb);
+      double kl = 0.0;
+      for (int64_t v = 0; v < V; ++v) {
+        const double lp = a[v] - lza, lq = b[v] - lzb, p = std::exp(lp);
+        kl += p * (lp - lq);
+        b[v] = static_cast<T>((std::exp(lq) - p) * grad_scale);  // ∂/∂z_q, scaled
+      }
+      *sum_kl += kl;
+    }
+    if (!d_hq) continue;
+    gemm_t(false, false, n, H, V, T(1), zq.data(), V, W, H, T(0), dn.data(), H);
+    rmsnorm_bwd(dx.data(), static_cast<T*>(nullptr), dn.data(), h_q + r0 * H, gamma, inv_q.data(),
+                n, H);
+    T* d = d_hq + r0 * H;
+    for (int64_t i = 0; i < n * H; ++i) d[i] += dx[static_cast<size_t>(i)];
+  }
+}
+
 // ================================================================ explicit instantiations
 
 #define QCAL_CBQ_INSTANTIATE(T)                                                                    \
@@ -444,7 +494,9 @@ double window_loss(const T* h_fp, const T* h_q, int64_t rows, int64_t H, T* d_hq
   template int64_t cfp_truncate_weights<T>(T*, int64_t, int64_t, double, double);                  \
   template double window_loss<T>(const T*, const T*, int64_t, int64_t, T*, double*, double*);      \
   template void window_loss_acc<T>(const T*, const T*, int64_t, int64_t, T*, double, double*,      \
-                                   double*);
+                                   double*);                                                       \
+  template void head_loss_acc<T>(const T*, const T*, int64_t, double, const T*, const T*, int64_t, \
+                                 int64_t, T*, double, double*, int64_t);
 QCAL_CBQ_INSTANTIATE(float)
 QCAL_CBQ_INSTANTIATE(double)
 #undef QCAL_CBQ_INSTANTIATE
@@ -672,6 +724,20 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   for (int64_t l = win.first; P > 0 && l <= win.last; ++l)
     if (o.prefix_k[static_cast<size_t>(l)].empty())
       return invalid_input(where + ": no IntactKV prefix K/V for layer " + std::to_string(l));
+  // The logit loss (CbqOptions::head) in the window that ends the model.
+  const CbqHead* head = o.head && win.last + 1 == c.num_hidden_layers ? o.head.get() : nullptr;
+  const int64_t V = c.vocab_size;
+  if (head && (static_cast<int64_t>(head->norm.size()) != H ||
+               static_cast<int64_t>(head->lm_head.size()) != V * H))
+    return invalid_input(where + ": the head's final norm / lm_head is not (H) / (V, H)");
+  const double head_w = head ? o.head_weight : 0.0;
+  // The head's KL summed over rows of the window's output; d (may be null) += its ∂.
+  auto head_acc = [&](const float* h_fp, const float* h_q, int64_t rows, float* d,
+                      double grad_scale, double* sum) {
+    if (head)
+      head_loss_acc(head->norm.data(), head->lm_head.data(), V, c.rms_norm_eps, h_fp, h_q, rows, H,
+                    d, grad_scale * head_w, sum);
+  };
 
   // Online transforms of block j of the window (identity when the options have none).
   auto online_of = [&](int64_t j) -> const BlockTransformsT<float>* {
@@ -941,7 +1007,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   auto run_all = [&](int64_t nout, ActivationSink* sink, double* e) -> Status {
     std::vector<std::unique_ptr<QBlock<float>>> qbs;
     make_blocks(&qbs);
-    double sm = 0.0, sk = 0.0;
+    double sm = 0.0, sk = 0.0, sh = 0.0;
     for (int64_t b0 = 0; b0 < N; b0 += bsz) {
       const int64_t nb = std::min(bsz, N - b0);
       QCAL_RETURN_IF_ERROR(xin_all.read(b0, nb, ca.data()));
@@ -965,9 +1031,10 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
         QCAL_RETURN_IF_ERROR(target->read(b0, nb, ct.data()));
         window_loss_acc(ct.data(), ca.data(), nb * Tq, H, static_cast<float*>(nullptr), 0.0, &sm,
                         &sk);
+        head_acc(ct.data(), ca.data(), nb * Tq, nullptr, 0.0, &sh);
       }
     }
-    if (e) *e = (sm + sk) * (1.0 / static_cast<double>(N * Tq));
+    if (e) *e = (sm + sk + head_w * sh) * (1.0 / static_cast<double>(N * Tq));
     return Status::ok();
   };
   sync();
@@ -1133,7 +1200,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
     std::vector<std::unique_ptr<QBlock<float>>> qbs;
     make_blocks(&qbs);
     std::vector<BlockGradsT<float>> grads(static_cast<size_t>(k));
-    double sm = 0.0, sk = 0.0, am = 0.0, ak = 0.0;
+    double sm = 0.0, sk = 0.0, sh = 0.0, am = 0.0, ak = 0.0;
     for (int64_t m0 = r0; m0 < r1; m0 += micro) {
       const int64_t mb = std::min(micro, r1 - m0);
       const size_t n = static_cast<size_t>(mb * Tq * H);
@@ -1151,6 +1218,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
       }
       dy.resize(n);
       window_loss_acc(tgt.data(), acts[k].data(), mb * Tq, H, dy.data(), grad_scale, &sm, &sk);
+      head_acc(tgt.data(), acts[k].data(), mb * Tq, dy.data(), grad_scale, &sh);
       if (o.aug_loss) {
         // FP window (original weights) on the quantized branch's input.
         std::vector<float> a = acts[0];
@@ -1166,7 +1234,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
         for (size_t i = 0; i < n; ++i) dy[i] += d_aug[i];
       }
       if (single) {
-        const double loss = (sm + sk) * grad_scale;
+        const double loss = (sm + sk + head_w * sh) * grad_scale;
         if (!std::isfinite(loss))
           return fail(step, std::string("loss is ") + (std::isnan(loss) ? "NaN" : "inf"));
         if (o.aug_loss && !std::isfinite((am + ak) * grad_scale))
@@ -1188,10 +1256,11 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
         }
       }
     }
-    double sums[2] = {sm, sk};
-    if (!single && io.sum && ranks > 1) QCAL_RETURN_IF_ERROR(io.sum(sums, 2));
-    const double loss = (sm + sk) * grad_scale;  // this rank's part; the report's below
-    const double loss_all = (sums[0] + sums[1]) * grad_scale;
+    double sums[3] = {sm, sk, sh};
+    if (!single && io.sum && ranks > 1) QCAL_RETURN_IF_ERROR(io.sum(sums, 3));
+    // this rank's part; the report's below
+    const double loss = (sm + sk + head_w * sh) * grad_scale;
+    const double loss_all = (sums[0] + sums[1] + head_w * sums[2]) * grad_scale;
     if (!std::isfinite(loss_all))
       return fail(step, std::string("loss is ") + (std::isnan(loss_all) ? "NaN" : "inf"));
     if (step == 0) rep.loss_first = single ? loss : loss_all;

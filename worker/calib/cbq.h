@@ -115,6 +115,7 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -232,6 +233,24 @@ template <typename T>
 void window_loss_acc(const T* h_fp, const T* h_q, int64_t rows, int64_t H, T* d_hq,
                      double grad_scale, double* sum_mse, double* sum_kl);
 
+// The model's head on a window's output (CbqOptions::head, the window that ends at the
+// model's last block): per token t the next-token logits z = W · RMSNorm_γ(h) (W the
+// lm_head (V, H), γ the final norm) and KL(softmax(z_fp,t) ‖ softmax(z_q,t)), the
+// quantity the model is evaluated on. *sum_kl += the rows' KL; d_hq (may be null)
+// ACCUMULATES (+=) grad_scale · ∂KL/∂h_q = grad_scale · RMSNorm'ᵀ Wᵀ (softmax(z_q) −
+// softmax(z_fp)). Rows run in chunks of at most max(V, max_logits) logits.
+template <typename T>
+void head_loss_acc(const T* gamma, const T* W, int64_t V, double eps, const T* h_fp, const T* h_q,
+                   int64_t rows, int64_t H, T* d_hq, double grad_scale, double* sum_kl,
+                   int64_t max_logits = int64_t{1} << 22);
+
+// The FP head of a model in the basis of the windows' activations (the deployed final
+// norm and lm_head: rotations folded the way the output carries them).
+struct CbqHead {
+  std::vector<float> norm;     // (H)
+  std::vector<float> lm_head;  // (V, H)
+};
+
 // ================================================================ 4. Windows
 
 struct CbqOptions {
@@ -344,6 +363,13 @@ struct CbqOptions {
   // window's calibration objective never ends worse than its initialization (RTN,
   // GPTQ, or the carried state). Costs one more quantized pass over the window.
   bool keep_best = true;
+  // Logit loss in the last window (issue #12): the window whose last block is the
+  // model's last adds head_weight × the head's logit KL (head_loss_acc) to its loss E,
+  // in training, in the hardened losses and in keep_best's comparison, so the blocks
+  // that end the model are fitted to the next-token distribution rather than to the
+  // hidden state alone. Null: no head term (every window's loss is the block-output E).
+  std::shared_ptr<const CbqHead> head;
+  double head_weight = 1.0;
 
   // kInvalidInput naming the field (bits, window/overlap, group not positive, ...).
   Status validate(const ModelConfig& c) const;
