@@ -92,6 +92,16 @@
 //  - Windows: 2 blocks, overlap 1 (paper default). W2: per-block 0.079, (3, 2) 0.077;
 //    parallel mode (FP inputs) 0.147; + aug_loss 0.091 (both off by default). W4A4:
 //    per-block 0.095, (3, 2) 0.072, parallel 0.155, aug 0.082.
+//  - Logit loss in the last window (head, off by default: issue #12). The window that
+//    ends the model adds head_weight × the next-token KL of the FP head (final norm,
+//    lm_head) to E. Synthetic W4A4, 4 epochs (test_cbq.cc): held-out next-token KL
+//    0.117 → 0.109. Real babyllama-tok361, FlatQuant + CBQ (from GPTQ) + IntactKV
+//    W4A4KV4, 64 × 256 tokens: 20 epochs 0.0846 → 0.0818 (weight 1) / 0.0819 (3); 40
+//    epochs 0.0781. The calibration set's own KL falls much further (0.062 → 0.036 at
+//    20 epochs, 0.030 at 40): the head term fits the calibration tokens' logits, and the
+//    held-out gain is what survives. With it, at 40 epochs, windows of 3 / overlap 2
+//    (0.0829) and + IntactKV+Cal (0.0820) did worse, and one window of all 5 blocks at
+//    20 epochs (end to end: 0.0863) too.
 //  - CFP: λ1 = 1.5, λ2 = 16, per ROW of |W| (per-row statistics are invariant to the
 //    function-preserving channel rescalings that create activation outliers, and the
 //    row's absmax is what sets its step). Measured on |N(0, 1)| rows: false positives
