@@ -1321,17 +1321,10 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
       }
     }
     if (!single && io.sum && ranks > 1) {
-      std::vector<double> buf;
+      std::vector<SumSpan> spans;
       for (auto* g : {&gs, &gl, &ga})
-        for (const auto& v : *g) buf.insert(buf.end(), v.begin(), v.end());
-      QCAL_RETURN_IF_ERROR(io.sum(buf.data(), static_cast<int64_t>(buf.size())));
-      size_t off = 0;
-      for (auto* g : {&gs, &gl, &ga})
-        for (auto& v : *g) {
-          std::copy(buf.begin() + static_cast<std::ptrdiff_t>(off),
-                    buf.begin() + static_cast<std::ptrdiff_t>(off + v.size()), v.begin());
-          off += v.size();
-        }
+        for (auto& v : *g) spans.push_back({v.data(), v.size()});
+      QCAL_RETURN_IF_ERROR(sum_spans(io.sum, spans));
     }
     if (!regs.empty()) {
       size_t ri = 0;

@@ -596,13 +596,9 @@ Result<IntactKvCalReport> calibrate_intactkv(
       }
     }
     if (parallel) {
-      std::vector<double> buf(1, loss);
-      for (const auto& d : g) buf.insert(buf.end(), d.begin(), d.end());
-      QCAL_RETURN_IF_ERROR(o.sum(buf.data(), static_cast<int64_t>(buf.size())));
-      loss = buf[0];
-      size_t at = 1;
-      for (auto& d : g)
-        for (double& e : d) e = buf[at++];
+      std::vector<SumSpan> spans = {{&loss, 1}};
+      for (auto& d : g) spans.push_back({d.data(), d.size()});
+      QCAL_RETURN_IF_ERROR(sum_spans(o.sum, spans));
       if (!std::isfinite(loss)) return fail(step, "the loss summed over the ranks is not finite");
     }
     loss /= static_cast<double>(o.accum);

@@ -370,4 +370,17 @@ void stiefel_sgd_step(std::vector<double>& R, const std::vector<double>& G, int6
   R = transpose(Y, n);
 }
 
+Status sum_spans(const std::function<Status(double* data, int64_t n)>& sum,
+                 const std::vector<SumSpan>& spans) {
+  std::vector<double> buf;
+  for (const SumSpan& sp : spans) buf.insert(buf.end(), sp.data, sp.data + sp.n);
+  QCAL_RETURN_IF_ERROR(sum(buf.data(), static_cast<int64_t>(buf.size())));
+  const double* at = buf.data();
+  for (const SumSpan& sp : spans) {
+    std::copy(at, at + sp.n, sp.data);
+    at += sp.n;
+  }
+  return Status::ok();
+}
+
 }  // namespace qcal::calib

@@ -2,12 +2,14 @@
 // §5.1, §5.3, §5.7, §11.5), in float64 where they touch matrix inverses.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
-#include "common/rng.h"
 #include "common/recipe.h"
+#include "common/rng.h"
 #include "common/status.h"
 
 namespace qcal::calib {
@@ -21,7 +23,6 @@ std::vector<double> random_orthogonal(int64_t n, Rng& rng);
 double orthogonality_error(const std::vector<double>& A, int64_t n);
 
 // decompose_dim (FlatQuant's Kronecker split) is common/recipe.h's.
-
 
 // ---- Cayley map (PyTorch orthogonal(..., "cayley", use_trivialization=False)):
 // T = tril(raw), A = T − Tᵀ, U = (I − A/2)⁻¹ (I + A/2).
@@ -67,7 +68,12 @@ class AdamW {
 
  private:
   AdamWOptions o_;
-  struct Slot { std::vector<double>* p; double lr_scale; std::vector<double> m, v; int64_t t = 0; };
+  struct Slot {
+    std::vector<double>* p;
+    double lr_scale;
+    std::vector<double> m, v;
+    int64_t t = 0;
+  };
   std::vector<Slot> slots_;
   int64_t t_ = 0;
 };
@@ -78,7 +84,17 @@ double cosine_lr(double base, double eta_min, int64_t t, int64_t t_max);
 // ---- SpinQuant's Cayley SGD on the Stiefel manifold (§4.4), one step in place on
 // R (n×n) with gradient G; exact Cayley solve instead of 5 fixed-point iterations.
 // `reorth` forces the QR re-orthonormalization (the reference does it with p = 1/101).
-void stiefel_sgd_step(std::vector<double>& R, const std::vector<double>& G, int64_t n,
-                      double lr, bool reorth);
+void stiefel_sgd_step(std::vector<double>& R, const std::vector<double>& G, int64_t n, double lr,
+                      bool reorth);
+
+// ---- Data parallel: one sum across the ranks for many arrays of a training step.
+struct SumSpan {
+  double* data;
+  size_t n;
+};
+// Packs the spans in order into one buffer, sums it across the ranks with `sum` (an
+// in-place sum of n doubles: method.h SumFn) and writes the sums back into the spans.
+Status sum_spans(const std::function<Status(double* data, int64_t n)>& sum,
+                 const std::vector<SumSpan>& spans);
 
 }  // namespace qcal::calib

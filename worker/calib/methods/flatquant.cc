@@ -207,9 +207,15 @@ Result<Fitted> FlatQuant::fit(const BlockInputs& in, nlohmann::json* report) con
 
   auto params = std::make_unique<FlatParams>();
   FlatParams& fp = *params;
-  const int64_t sizes[kNumFactors] = {
-      hdims.first,  hdims.second, hdims.first, hdims.second,          idims.first,
-      idims.second, nh,           d,           r.kv_bits() < 16 ? d : 0};
+  const int64_t sizes[kNumFactors] = {hdims.first,
+                                      hdims.second,
+                                      hdims.first,
+                                      hdims.second,
+                                      idims.first,
+                                      idims.second,
+                                      nh,
+                                      d,
+                                      r.kv_bits() < 16 ? d : 0};
   for (int i = 0; i < kNumFactors; ++i)
     if (sizes[i] > 0) fp.f[i] = SvdFactor::init_random(sizes[i], rng);
   if (r.b("add_diag")) {
@@ -290,7 +296,8 @@ Result<Fitted> FlatQuant::fit(const BlockInputs& in, nlohmann::json* report) con
       qb.forward(xb.data(), out.data(), mb, T, tape.get());
       double s = 0.0;
       for (int64_t i = 0; i < e; ++i) {
-        const double d2 = static_cast<double>(out[static_cast<size_t>(i)]) - yb[static_cast<size_t>(i)];
+        const double d2 =
+            static_cast<double>(out[static_cast<size_t>(i)]) - yb[static_cast<size_t>(i)];
         s += d2 * d2;
       }
       sse += s;
@@ -361,16 +368,9 @@ Result<Fitted> FlatQuant::fit(const BlockInputs& in, nlohmann::json* report) con
     if (!single) {
       // Sum the partial SSE and gradients across the ranks, then divide by the MSE.
       if (in.sum && ranks > 1) {
-        Vec buf(1, sse);
-        for (Vec* v : flat) buf.insert(buf.end(), v->begin(), v->end());
-        QCAL_RETURN_IF_ERROR(in.sum(buf.data(), static_cast<int64_t>(buf.size())));
-        sse = buf[0];
-        size_t o = 1;
-        for (Vec* v : flat) {
-          std::copy(buf.begin() + static_cast<std::ptrdiff_t>(o),
-                    buf.begin() + static_cast<std::ptrdiff_t>(o + v->size()), v->begin());
-          o += v->size();
-        }
+        std::vector<SumSpan> spans = {{&sse, 1}};
+        for (Vec* v : flat) spans.push_back({v->data(), v->size()});
+        QCAL_RETURN_IF_ERROR(sum_spans(in.sum, spans));
         loss = sse / n;
       }
       if (!std::isfinite(loss))

@@ -266,18 +266,11 @@ Status spinquant_learn(const FpModel& folded, const TokenSequences& calib, const
     if (parallel) {
       // The mean over the step's sequences: each rank's mean weighted by its share.
       const double w = static_cast<double>(s1 - s0) / static_cast<double>(B);
-      std::vector<double> buf;
-      buf.reserve(1 + dR1.size() + static_cast<size_t>(L * d * d));
-      buf.push_back(loss * w);
-      for (double x : dR1) buf.push_back(x * w);
-      for (const auto& d2 : dR2)
-        for (double x : d2) buf.push_back(x * w);
-      QCAL_RETURN_IF_ERROR(sum(buf.data(), static_cast<int64_t>(buf.size())));
-      size_t o = 0;
-      loss = buf[o++];
-      for (double& x : dR1) x = buf[o++];
-      for (auto& d2 : dR2)
-        for (double& x : d2) x = buf[o++];
+      std::vector<SumSpan> spans = {{&loss, 1}, {dR1.data(), dR1.size()}};
+      for (auto& d2 : dR2) spans.push_back({d2.data(), d2.size()});
+      for (const SumSpan& sp : spans)
+        for (size_t i = 0; i < sp.n; ++i) sp.data[i] *= w;
+      QCAL_RETURN_IF_ERROR(sum_spans(sum, spans));
     }
     if (!std::isfinite(loss))
       return invalid_input("spinquant: step " + std::to_string(step) + ": loss is " +
