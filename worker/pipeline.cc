@@ -171,6 +171,13 @@ calib::SumFn sum_fn(const TaskContext& ctx) {
   RankGroup* g = ctx.group;
   return [g](double* data, int64_t n) { return g->allreduce_sum(data, n); };
 }
+// A method input's data-parallel fields (rank, ranks, sum) from the task's group.
+template <typename In>
+void set_ranks(const TaskContext& ctx, In* in) {
+  in->rank = ctx.group ? ctx.group->rank() : 0;
+  in->ranks = ctx.group ? ctx.group->size() : 1;
+  in->sum = sum_fn(ctx);
+}
 calib::SumFloatFn sum_f_fn(const TaskContext& ctx) {
   if (!ctx.group || !ctx.group->multi()) return nullptr;
   RankGroup* g = ctx.group;
@@ -389,9 +396,7 @@ Result<json> run_transform(const TaskContext& ctx) {
   in.y = y.get();
   in.global = k.global ? &*k.global : nullptr;
   in.R1 = &k.R1;
-  in.rank = ctx.group ? ctx.group->rank() : 0;
-  in.ranks = ctx.group ? ctx.group->size() : 1;
-  in.sum = sum_fn(ctx);
+  set_ranks(ctx, &in);
   in.sum_f = sum_f_fn(ctx);
   in.should_stop = [&ctx] { return stopping(ctx); };
   json report = json::object();
@@ -431,9 +436,7 @@ Result<json> run_learn(const TaskContext& ctx) {
     if (i % std::max<int64_t>(1, n / 10) == 0 || i + 1 == n)
       say(ctx, stage + " " + std::to_string(i + 1) + "/" + std::to_string(n));
   };
-  in.rank = ctx.group ? ctx.group->rank() : 0;
-  in.ranks = ctx.group ? ctx.group->size() : 1;
-  in.sum = sum_fn(ctx);
+  set_ranks(ctx, &in);
   json report = json::object();
   QCAL_ASSIGN_OR_RETURN(Fitted f, t->learn(in, &report));
   if (!is_root(ctx)) return json::object();
@@ -702,19 +705,27 @@ void rotate_rows_by_chunks(std::vector<float>* m, int64_t rows, int64_t H,
 }
 
 // The final norm and lm_head of the output: the checkpoint's (lm_head.weight, or the
-// embedding when tied and absent), the final norm folded into lm_head for transforms
-// that fold it, lm_head rotated by the transform's residual rotation (all fp32).
-Status output_lm_head(const Common& k, std::vector<float>* final_norm,
-                      std::vector<float>* lm_head) {
+// embedding when tied and absent: a copy of `embed` when the caller has read it, else
+// read), the final norm folded into lm_head for transforms that fold it, lm_head
+// rotated by the transform's residual rotation (all fp32).
+Status output_lm_head(const Common& k, const std::vector<float>* embed,
+                      std::vector<float>* final_norm, std::vector<float>* lm_head) {
   const ModelConfig& c = k.c;
   const int64_t H = c.hidden_size, V = c.vocab_size;
   const ModelDir& dir = k.model->dir();
   QCAL_ASSIGN_OR_RETURN(Tensor n, dir.read_f32("model.norm.weight", {H}));
   Result<Tensor> lm = dir.read_f32("lm_head.weight", {V, H});
-  if (!lm.is_ok() && c.tie_word_embeddings) lm = dir.read_f32("model.embed_tokens.weight", {V, H});
-  if (!lm.is_ok()) return lm.status();
+  if (lm.is_ok()) {
+    *lm_head = std::move(lm->data);
+  } else if (!c.tie_word_embeddings) {
+    return lm.status();
+  } else if (embed) {
+    *lm_head = *embed;
+  } else {
+    QCAL_ASSIGN_OR_RETURN(Tensor e, dir.read_f32("model.embed_tokens.weight", {V, H}));
+    *lm_head = std::move(e.data);
+  }
   *final_norm = std::move(n.data);
-  *lm_head = std::move(lm->data);
   if (k.transform->folds_final_norm()) {
     for (int64_t v = 0; v < V; ++v)
       for (int64_t j = 0; j < H; ++j)
@@ -788,7 +799,7 @@ Result<json> run_window(const TaskContext& ctx) {
   // The last window's logit loss (cbq.h CbqOptions::head): the output's FP head.
   if (last + 1 == L && o.head_weight > 0) {
     auto head = std::make_shared<calib::CbqHead>();
-    QCAL_RETURN_IF_ERROR(output_lm_head(k, &head->norm, &head->lm_head));
+    QCAL_RETURN_IF_ERROR(output_lm_head(k, nullptr, &head->norm, &head->lm_head));
     o.head = std::move(head);
   }
   std::vector<calib::BlockWeightsT<float>*> ptrs;
@@ -826,9 +837,7 @@ Result<json> run_window(const TaskContext& ctx) {
   if (w > 0 && !o.parallel) say(ctx, "resuming from the state of " + prev);
   ScratchDir scratch;
   QCAL_ASSIGN_OR_RETURN(io.scratch_dir, make_scratch(ctx, &scratch));
-  io.rank = ctx.group ? ctx.group->rank() : 0;
-  io.ranks = ctx.group ? ctx.group->size() : 1;
-  io.sum = sum_fn(ctx);
+  set_ranks(ctx, &io);
   if (ctx.task.params.contains("micro") && ctx.task.params["micro"].is_number_integer())
     io.micro = ctx.task.params["micro"].get<int64_t>();
   std::unique_ptr<ArtifactStore::ActivationFileWriter> next_file;
@@ -949,7 +958,7 @@ Result<Head> output_head(const Common& k) {
   Head h;
   QCAL_ASSIGN_OR_RETURN(Tensor e, k.model->dir().read_f32("model.embed_tokens.weight", {V, H}));
   h.embed = std::move(e.data);
-  QCAL_RETURN_IF_ERROR(output_lm_head(k, &h.final_norm, &h.lm_head));
+  QCAL_RETURN_IF_ERROR(output_lm_head(k, &h.embed, &h.final_norm, &h.lm_head));
   if (k.r->b("embed_mean_sub")) {
     for (int64_t v = 0; v < V; ++v) {
       float* row = h.embed.data() + v * H;
@@ -1049,9 +1058,7 @@ Result<json> run_intactkv_cal(const TaskContext& ctx) {
   calib::IntactKvCalOptions o;
   o.steps = r.i("intactkv_cal_steps");
   o.lr = r.f("intactkv_cal_lr");
-  o.rank = ctx.group ? ctx.group->rank() : 0;
-  o.ranks = ctx.group ? ctx.group->size() : 1;
-  o.sum = sum_fn(ctx);
+  set_ranks(ctx, &o);
   const int64_t every = std::max<int64_t>(1, (o.steps + 15) / 16);
   auto rep =
       calib::calibrate_intactkv(nm, fp_t, data, o, [&](int64_t step, int64_t steps, double loss) {
