@@ -374,35 +374,6 @@ std::vector<double> cfp_act_scales(const std::vector<double>& channel_max, doubl
 
 // ================================================================ 3. Window loss
 
-namespace {
-// KL(softmax(a) ‖ softmax(b)) of one row of n values, in fp64; p and q (n each) receive
-// softmax(a) and softmax(b), whose difference q − p is the KL's gradient in b.
-template <typename T>
-double softmax_kl_row(const T* a, const T* b, int64_t n, double* p, double* q) {
-  double ma = a[0], mb = b[0];
-  for (int64_t j = 1; j < n; ++j) {
-    ma = std::max(ma, static_cast<double>(a[j]));
-    mb = std::max(mb, static_cast<double>(b[j]));
-  }
-  double za = 0.0, zb = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    p[j] = std::exp(a[j] - ma);
-    q[j] = std::exp(b[j] - mb);
-    za += p[j];
-    zb += q[j];
-  }
-  const double lza = std::log(za), lzb = std::log(zb);
-  double k = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double lp = a[j] - ma - lza, lq = b[j] - mb - lzb;
-    p[j] /= za;
-    q[j] /= zb;
-    k += p[j] * (lp - lq);
-  }
-  return k;
-}
-}  // namespace
-
 template <typename T>
 void window_loss_acc(const T* h_fp, const T* h_q, int64_t rows, int64_t H, T* d_hq,
                      double grad_scale, double* sum_mse, double* sum_kl) {
@@ -410,13 +381,30 @@ void window_loss_acc(const T* h_fp, const T* h_q, int64_t rows, int64_t H, T* d_
   for (int64_t t = 0; t < rows; ++t) {
     const T* a = h_fp + t * H;
     const T* b = h_q + t * H;
-    double e2 = 0.0;
+    double ma = a[0], mb = b[0], e2 = 0.0;
     for (int64_t j = 0; j < H; ++j) {
+      ma = std::max(ma, static_cast<double>(a[j]));
+      mb = std::max(mb, static_cast<double>(b[j]));
       const double d = static_cast<double>(b[j]) - a[j];
       e2 += d * d;
     }
+    double za = 0.0, zb = 0.0;
+    for (int64_t j = 0; j < H; ++j) {
+      p[j] = std::exp(a[j] - ma);
+      q[j] = std::exp(b[j] - mb);
+      za += p[j];
+      zb += q[j];
+    }
+    const double lza = std::log(za), lzb = std::log(zb);
+    double k = 0.0;
+    for (int64_t j = 0; j < H; ++j) {
+      const double lp = a[j] - ma - lza, lq = b[j] - mb - lzb;
+      p[j] /= za;
+      q[j] /= zb;
+      k += p[j] * (lp - lq);
+    }
     *sum_mse += e2 / static_cast<double>(H);
-    *sum_kl += softmax_kl_row(a, b, H, p.data(), q.data());
+    *sum_kl += k;
     if (d_hq) {
       T* d = d_hq + t * H;
       for (int64_t j = 0; j < H; ++j)
@@ -446,7 +434,6 @@ void head_loss_acc(const T* gamma, const T* W, int64_t V, double eps, const T* h
   const int64_t rc = std::clamp<int64_t>(max_logits / V, 1, rows);
   std::vector<T> nf(static_cast<size_t>(rc * H)), nq(nf.size()), inv_f(static_cast<size_t>(rc)),
       inv_q(inv_f.size()), zf(static_cast<size_t>(rc * V)), zq(zf.size()), dn, dx;
-  std::vector<double> p(static_cast<size_t>(V)), q(p.size());
   if (d_hq) {
     dn.resize(nf.size());
     dx.resize(nf.size());
@@ -459,9 +446,26 @@ void head_loss_acc(const T* gamma, const T* W, int64_t V, double eps, const T* h
     gemm_t(false, true, n, V, H, T(1), nf.data(), H, W, H, T(0), zf.data(), V);
     gemm_t(false, true, n, V, H, T(1), nq.data(), H, W, H, T(0), zq.data(), V);
     for (int64_t t = 0; t < n; ++t) {
+      const T* a = zf.data() + t * V;
       T* b = zq.data() + t * V;
-      *sum_kl += softmax_kl_row(zf.data() + t * V, b, V, p.data(), q.data());
-      for (int64_t v = 0; v < V; ++v) b[v] = static_cast<T>((q[v] - p[v]) * grad_scale);  // ∂/∂z_q
+      double ma = a[0], mb = b[0];
+      for (int64_t v = 1; v < V; ++v) {
+        ma = std::max(ma, static_cast<double>(a[v]));
+        mb = std::max(mb, static_cast<double>(b[v]));
+      }
+      double za = 0.0, zb = 0.0;
+      for (int64_t v = 0; v < V; ++v) {
+        za += std::exp(a[v] - ma);
+        zb += std::exp(b[v] - mb);
+      }
+      const double lza = ma + std::log(za), lzb = mb + std::log(zb);
+      double kl = 0.0;
+      for (int64_t v = 0; v < V; ++v) {
+        const double lp = a[v] - lza, lq = b[v] - lzb, p = std::exp(lp);
+        kl += p * (lp - lq);
+        b[v] = static_cast<T>((std::exp(lq) - p) * grad_scale);  // ∂/∂z_q, scaled
+      }
+      *sum_kl += kl;
     }
     if (!d_hq) continue;
     gemm_t(false, false, n, H, V, T(1), zq.data(), V, W, H, T(0), dn.data(), H);
