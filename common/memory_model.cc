@@ -281,6 +281,11 @@ void memory_terms_cbq(const MemCtx& m, const std::string& task, std::vector<MemP
   const uint64_t k = std::max<uint64_t>(1, m.window);
   const uint64_t tokens = sat_mul(m.train_micro, m.T);
   parts->push_back({"train/training", sat_mul(k, block_train_bytes(m, tokens, false))});
+  if (m.gptq_start) {
+    // GPTQ's codes, a byte per weight (cbq.h CbqBlockParams::cell): the window's blocks,
+    // the carried block read from the previous window and the one written for the next.
+    parts->push_back({"train/gptq codes", sat_mul(k + 2, m.linear_params)});
+  }
   if (m.head && m.V > 0) {
     // The logit loss (cbq.cc head_loss_acc): the FP final norm and lm_head, and per chunk
     // of rc ≤ max(1, 2^22 / V) rows two logit arrays and four normalized / gradient rows.

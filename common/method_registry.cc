@@ -215,6 +215,9 @@ std::vector<MethodRow> build() {
          opt_int("cbq_epochs", "cbq-epochs", 20, 1, 1000000, "passes per window"),
          opt_num("cbq_logit_loss", "cbq-logit-loss", 0.0, 0.0, 1e6,
                  "weight of the next-token KL in the last window's loss (0: off)"),
+         opt_int("cbq_holdout", "cbq-holdout", 0, 0, 1000000,
+                 "calibration sequences held out of each window's training to pick its "
+                 "best epoch (0: off)"),
          opt_bool("cfp", "", true, "coarse-to-fine preprocessing (§7.3)", "no-cfp")});
     r.needs.fp_inputs = true;
     r.needs.act_stats = true;

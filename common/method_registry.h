@@ -72,6 +72,7 @@ struct MemCtx {
   uint64_t w_bits = 4, w_group_cols = 0;  // group columns (0 = per channel)
   uint64_t a_bits = 16;                   // activations (< 16: quantized forwards)
   bool head = false;  // a CBQ window that ends the model and trains the logit loss
+  bool gptq_start = false;  // CBQ windows started from GPTQ (their codes are carried)
 };
 
 // One named part of a task's peak memory, in bytes.

@@ -308,6 +308,7 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
       mc.window = u(t.params["last"].get<int64_t>() - t.params["first"].get<int64_t>() + 1);
       mc.head =
           t.params["last"].get<int64_t>() + 1 == c.num_hidden_layers && r.f("cbq_logit_loss") > 0;
+      mc.gptq_start = r.weight_solver() == "gptq";
     }
     if (t.type == plan::kValidate) {
       mc.T = std::max<u64>(in.eval_T, 2);

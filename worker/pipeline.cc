@@ -638,6 +638,8 @@ Fitted carried_to_fitted(const std::vector<calib::CbqBlockParams>& carried) {
       if (!b.a1[p].empty()) f.arrays[pre + "a1." + n] = b.a1[p];
       if (!b.a2[p].empty()) f.arrays[pre + "a2." + n] = b.a2[p];
       if (!b.clip.act_max[p].empty()) f.arrays[pre + "act." + n] = b.clip.act_max[p];
+      if (!b.s0[p].empty()) f.arrays[pre + "s0." + n] = b.s0[p];
+      if (!b.cell[p].empty()) f.bytes[pre + "cell." + n] = b.cell[p];
     }
     if (!b.clip.k_max.empty()) f.arrays[pre + "k"] = b.clip.k_max;
     if (!b.clip.v_max.empty()) f.arrays[pre + "v"] = b.clip.v_max;
@@ -667,6 +669,11 @@ Result<std::vector<calib::CbqBlockParams>> carried_from_fitted(const Fitted& f) 
       get("a2." + n, &b.a2[p]);
       get("act." + n, &b.clip.act_max[p]);
       b.clip.act_min[p] = b.clip.act_max[p];
+      get("s0." + n, &b.s0[p]);
+      if (f.bytes.count(pre + "cell." + n)) b.cell[p] = f.bytes.at(pre + "cell." + n);
+      if (b.s0[p].empty() != b.cell[p].empty())
+        return corrupt("cbq state: layer " + std::to_string(b.layer) + " " + n +
+                       " has only one of its GPTQ start's step sizes and codes");
     }
     get("k", &b.clip.k_max);
     get("v", &b.clip.v_max);
@@ -896,8 +903,11 @@ Result<json> run_window(const TaskContext& ctx) {
        << "): loss " << rep.loss_first << " -> " << rep.loss_last << ", hardened "
        << rep.loss_hard_init << (rep.gptq_init ? " (gptq)" : "") << " -> " << rep.loss_hard
        << (rep.reverted ? " (kept the initial parameters: trained " : "")
-       << (rep.reverted ? std::to_string(rep.loss_hard_trained) + ")" : "") << " (" << rep.seconds
-       << " s)";
+       << (rep.reverted ? std::to_string(rep.loss_hard_trained) + ")" : "");
+  if (rep.holdout > 0 && rep.best_epoch >= 0)
+    line << ", held-out (" << rep.holdout << " sequences) " << rep.loss_holdout_init << " -> "
+         << rep.loss_holdout << " at epoch " << rep.best_epoch << "/" << rep.holdout_losses.size();
+  line << " (" << rep.seconds << " s)";
   say(ctx, line.str());
   json wj = {{"window", rep.window},
              {"first", rep.first},
@@ -912,7 +922,14 @@ Result<json> run_window(const TaskContext& ctx) {
              {"reverted", rep.reverted},
              {"gptq_init", rep.gptq_init},
              {"intactkv_prefix", with_prefix},
+             {"holdout", rep.holdout},
              {"cfp", cfp}};
+  if (rep.holdout > 0) {
+    wj["best_epoch"] = rep.best_epoch;
+    wj["loss_holdout_init"] = rep.loss_holdout_init;
+    wj["loss_holdout"] = rep.loss_holdout;
+    wj["holdout_losses"] = rep.holdout_losses;
+  }
   return json{{"artifacts", arts}, {"window", wj}, {"finalized", fin}};
 }
 
@@ -1493,6 +1510,7 @@ calib::CbqOptions cbq_options_for(const Recipe& r, const ModelConfig& c, int64_t
   o.cfp = r.b("cfp");
   o.epochs = static_cast<int>(std::clamp<int64_t>(r.i("cbq_epochs"), 1, 1000000));
   o.head_weight = r.f("cbq_logit_loss");
+  o.holdout = r.i("cbq_holdout");
   o.bsz = r.i("cali_bsz");
   o.seed = r.seed();
   return o;

@@ -761,6 +761,101 @@ TEST(CbqSynth, GptqInitStartsAtGptqAndKeepBestNeverEndsWorse) {
   EXPECT_TRUE(any);
 }
 
+TEST(CbqSynth, GptqStartIsCarriedToTheNextWindow) {
+  // With nothing learned (learning rates 0), a block that the next window finalizes
+  // ends with the codes GPTQ gave it in the window that started it: the carried state
+  // holds GPTQ's step sizes and codes, and the next window rebuilds its base from them
+  // (before, it restarted from round to nearest of the unmoved weights).
+  Fixture& f = fx();
+  const ModelConfig& c = f.fp.config;
+  CbqOptions o = w2_options();
+  o.epochs = 1;
+  o.v0_follows_scale = true;
+  o.gptq_init = true;
+  o.lr_scale = o.lr_lora = o.lr_act = 0.0;
+  std::vector<BlockWeightsT<float>> b = f.fp.layers;
+  const std::vector<CbqWindow> plan = cbq_plan(c.num_hidden_layers, o.window, o.overlap);
+  CbqState st = cbq_initial_state(f.x_calib, o);
+  std::vector<CbqLayerResult> fin;
+  std::vector<BlockWeightsT<float>*> w0 = {&b[0], &b[1]};
+  ASSERT_TRUE(cbq_run_window(c, o, plan, f.n_calib, kT, w0, &st, &fin, nullptr).is_ok());
+  ASSERT_EQ(st.carried.size(), 1u);
+  const CbqBlockParams carried = st.carried[0];
+  ASSERT_EQ(carried.layer, 1);
+  std::vector<BlockWeightsT<float>*> w1 = {&b[1], &b[2]};
+  ASSERT_TRUE(cbq_run_window(c, o, plan, f.n_calib, kT, w1, &st, &fin, nullptr).is_ok());
+  ASSERT_EQ(fin.size(), 2u);
+  ASSERT_EQ(fin[1].layer, 1);
+  for (int p = 0; p < kNumProj; ++p) {
+    ASSERT_FALSE(carried.cell[p].empty()) << kProjNames[p];
+    const QuantizedLinear& ql = fin[1].q[p];
+    ASSERT_EQ(ql.q.size(), carried.cell[p].size()) << kProjNames[p];
+    ASSERT_EQ(carried.s0[p].size(), ql.scales.size()) << kProjNames[p];
+    int64_t differ = 0;
+    for (size_t e = 0; e < ql.q.size(); ++e) differ += ql.q[e] != carried.cell[p][e];
+    EXPECT_EQ(differ, 0) << kProjNames[p] << ": codes that left GPTQ's cell";
+  }
+  // A carried GPTQ start of the wrong size is refused, naming the layer.
+  CbqState st2 = cbq_initial_state(f.x_calib, o);
+  std::vector<BlockWeightsT<float>> d = f.fp.layers;
+  std::vector<BlockWeightsT<float>*> d0 = {&d[0], &d[1]}, d1 = {&d[1], &d[2]};
+  ASSERT_TRUE(cbq_run_window(c, o, plan, f.n_calib, kT, d0, &st2, nullptr, nullptr).is_ok());
+  st2.carried[0].cell[kQ].pop_back();
+  const Status bad = cbq_run_window(c, o, plan, f.n_calib, kT, d1, &st2, nullptr, nullptr);
+  EXPECT_EQ(bad.code(), Code::kInvalidInput);
+  EXPECT_NE(bad.message().find("carried GPTQ start of layer 1"), std::string::npos)
+      << bad.message();
+}
+
+TEST(CbqSynth, HoldoutKeepsTheEpochWithTheLowestHeldOutLoss) {
+  Fixture& f = fx();
+  const ModelConfig& c = f.fp.config;
+  CbqOptions o = w2_options();
+  o.epochs = 3;
+  o.holdout = 4;
+  std::vector<BlockWeightsT<float>> a = f.fp.layers;
+  auto r = cbq_calibrate(c, a, f.x_calib, f.n_calib, kT, o, nullptr);
+  ASSERT_TRUE(r.is_ok()) << r.status().to_string();
+  for (const CbqWindowReport& w : r->windows) {
+    EXPECT_EQ(w.holdout, 4);
+    ASSERT_EQ(w.holdout_losses.size(), 3u) << "window " << w.window;
+    double lowest = w.loss_holdout_init;
+    int64_t at = 0;
+    for (size_t e = 0; e < w.holdout_losses.size(); ++e) {
+      ASSERT_TRUE(std::isfinite(w.holdout_losses[e]));
+      if (w.holdout_losses[e] < lowest) {
+        lowest = w.holdout_losses[e];
+        at = static_cast<int64_t>(e) + 1;
+      }
+    }
+    EXPECT_EQ(w.loss_holdout, lowest) << "window " << w.window;
+    EXPECT_EQ(w.best_epoch, at) << "window " << w.window;
+    EXPECT_EQ(w.reverted, at == 0) << "window " << w.window;
+    EXPECT_LT(w.loss_holdout, w.loss_holdout_init) << "W2 RTN start: training helps";
+  }
+  // Training 12 sequences instead of 16: one step fewer per epoch (bsz 4).
+  EXPECT_EQ(r->windows[0].steps, 3 * 3);
+  // A learning rate that wrecks the rounding: every window keeps its start.
+  CbqOptions wreck = o;
+  wreck.lr_lora = 50.0;
+  wreck.lr_scale = 2.0;
+  std::vector<BlockWeightsT<float>> d = f.fp.layers;
+  auto rw = cbq_calibrate(c, d, f.x_calib, f.n_calib, kT, wreck, nullptr);
+  ASSERT_TRUE(rw.is_ok()) << rw.status().to_string();
+  bool any = false;
+  for (const CbqWindowReport& w : rw->windows) any = any || w.best_epoch == 0;
+  EXPECT_TRUE(any);
+  // Nothing left to train on is refused, naming the option.
+  CbqOptions all = o;
+  all.holdout = f.n_calib;
+  std::vector<BlockWeightsT<float>> e = f.fp.layers;
+  auto ra = cbq_calibrate(c, e, f.x_calib, f.n_calib, kT, all, nullptr);
+  ASSERT_FALSE(ra.is_ok());
+  EXPECT_NE(ra.status().message().find("cbq_holdout 16 leaves no training sequences"),
+            std::string::npos)
+      << ra.status().to_string();
+}
+
 TEST(CbqSynth, IntactKvPrefixIsChecked) {
   Fixture& f = fx();
   const ModelConfig& c = f.fp.config;

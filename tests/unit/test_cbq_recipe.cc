@@ -13,6 +13,7 @@
 #include "common/model_dir.h"
 #include "common/recipe.h"
 #include "tests/unit/test_util.h"
+#include "worker/calib/block.h"
 #include "worker/calib/cbq.h"
 #include "worker/calib/fp_model.h"
 #include "worker/calib/intactkv.h"
@@ -249,13 +250,32 @@ TEST(CbqRecipe, OptionsFollowTheRecipe) {
   EXPECT_FALSE(o.gptq_init);
   EXPECT_TRUE(o.validate(c).is_ok()) << err(o.validate(c));
   // gptq + a reconstruction: LoRA-Rounding of lora_rank, initialized from GPTQ.
-  r.with("weight_solver", "gptq").with("gptq.percdamp", 0.05);
+  r.with("weight_solver", "gptq").with("gptq.percdamp", 0.05).with("cbq_holdout", 7);
   o = cbq_options_for(r, c, 3, 2);
+  EXPECT_EQ(o.holdout, 7);
   EXPECT_TRUE(o.gptq_init);
   EXPECT_TRUE(o.lora_rounding);
   EXPECT_EQ(o.rank, 6);
   EXPECT_DOUBLE_EQ(o.gptq.percdamp, 0.05);
   EXPECT_TRUE(o.validate(c).is_ok()) << err(o.validate(c));
+}
+
+TEST(CbqRecipe, FittedCarriesByteArrays) {
+  // The carried GPTQ codes travel as U8 tensors beside the fp64 arrays (qcal.fitted).
+  qcal::testing::TempDir tmp("qcal_fitted_");
+  Fitted f;
+  f.arrays["L1.s0.q"] = {0.5, 0.25};
+  f.bytes["L1.cell.q"] = {0, 7, 15, 3};
+  f.meta["layers"] = {1};
+  const std::string path = tmp.sub("state.safetensors");
+  ASSERT_TRUE(save_fitted(f, path).is_ok());
+  auto g = load_fitted(path);
+  ASSERT_TRUE(g.is_ok()) << g.status().to_string();
+  EXPECT_EQ(g->arrays, f.arrays);
+  EXPECT_EQ(g->bytes, f.bytes);
+  // A name in both maps is refused rather than written twice.
+  f.bytes["L1.s0.q"] = {1};
+  EXPECT_FALSE(save_fitted(f, tmp.sub("bad.safetensors")).is_ok());
 }
 
 // ---------------------------------------------------------------- the pipeline

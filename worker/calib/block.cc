@@ -701,8 +701,16 @@ Status save_fitted(const Fitted& f, const std::string& path) {
     names.push_back({name, v.size()});
     add_vec(e, name, v);
   }
-  const json meta = {
-      {"format", kFittedFormat}, {"version", 1}, {"meta", f.meta}, {"arrays", names}};
+  json meta = {{"format", kFittedFormat}, {"version", 1}, {"meta", f.meta}, {"arrays", names}};
+  if (!f.bytes.empty()) {
+    json bnames = json::array();
+    for (const auto& [name, v] : f.bytes) {
+      if (f.arrays.count(name)) return invalid_input("fitted: " + name + " is both kinds");
+      bnames.push_back({name, v.size()});
+      add_vec(e, name, v);
+    }
+    meta["bytes"] = bnames;
+  }
   return write_st(path, e, kFittedMeta, meta);
 }
 
@@ -721,6 +729,15 @@ Result<Fitted> load_fitted(const std::string& path) {
     const std::string name = a[0].get<std::string>();
     const int64_t n = a[1].get<int64_t>();
     QCAL_ASSIGN_OR_RETURN(out.arrays[name], read_vec<double>(f, name, n));
+  }
+  if (meta.contains("bytes")) {
+    if (!meta["bytes"].is_array()) return corrupt(path + ": qcal.fitted \"bytes\" is not a list");
+    for (const json& a : meta["bytes"]) {
+      if (!a.is_array() || a.size() != 2 || !a[0].is_string() || !a[1].is_number_unsigned())
+        return corrupt(path + ": bad byte-array entry " + a.dump());
+      const std::string name = a[0].get<std::string>();
+      QCAL_ASSIGN_OR_RETURN(out.bytes[name], read_vec<uint8_t>(f, name, a[1].get<int64_t>()));
+    }
   }
   return out;
 }

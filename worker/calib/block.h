@@ -134,9 +134,12 @@ Result<BlockResultDecl> load_block_decl(const std::string& path, const ModelConf
 
 // ---- A method's fitted state: named fp64 arrays and a JSON object, stored as one
 // safetensors file (qcal.fitted v1). Small (FlatQuant: the Kronecker factors,
-// diagonals and clips of one block; SpinQuant: R1 and every R2).
+// diagonals and clips of one block; SpinQuant: R1 and every R2). `bytes`: named byte
+// arrays beside them (U8 tensors; CBQ's carried GPTQ codes), listed in the metadata's
+// "bytes" (absent in files that have none).
 struct Fitted {
   std::map<std::string, std::vector<double>> arrays;
+  std::map<std::string, std::vector<uint8_t>> bytes;
   nlohmann::json meta = nlohmann::json::object();
   const std::vector<double>& at(const std::string& name) const;  // aborts when absent
   bool has(const std::string& name) const { return arrays.count(name) > 0; }

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -521,6 +522,7 @@ Status CbqOptions::validate(const ModelConfig& c) const {
   if (!(cfp_lambda1 >= 0) || !(cfp_lambda2 >= 0) || !(cfp_act_alpha >= 0 && cfp_act_alpha <= 1))
     return bad("cfp_lambda1 / cfp_lambda2 must be >= 0 and cfp_act_alpha in [0, 1]");
   if (epochs < 1) return bad("epochs must be >= 1");
+  if (holdout < 0) return bad("cbq_holdout must be >= 0");
   if (bsz < 1) return bad("bsz must be >= 1");
   for (double lr : {lr_scale, lr_lora, lr_act})
     if (!(lr >= 0) || !std::isfinite(lr)) return bad("learning rates must be finite and >= 0");
@@ -626,7 +628,10 @@ struct BlockWork {
   BlockWeightsT<float> base;  // CFP-processed FP weights (what is quantized)
   BlockWeightsT<float> cur;   // base with Ŵ in place of the linears
   std::array<LinearWork, kNumProj> lin;
-  CbqBlockParams prm;   // fp64 masters
+  CbqBlockParams prm;   // fp64 masters (prm.cell empty: the codes live in `cell`)
+  // GPTQ's codes per linear (CbqBlockParams::cell), held once here rather than in prm,
+  // which keep_best and the held-out choice copy; back into the carried state at the end.
+  std::array<std::vector<uint8_t>, kNumProj> cell;
   CbqLayerResult info;  // CFP results
 };
 
@@ -667,6 +672,23 @@ void fold_smoothing(BlockWeightsT<float>& w, const std::vector<double>& s_attn,
   }
 }
 
+// gptq_init: W (R, C) moved into the rounding cells of `cell` (codes + half) on the
+// grid s0 (R·G, groups of gc consecutive columns), a margin m inside each cell:
+//   W' = s0·clamp(W/s0, q − 0.5 + m, q + 0.5 − m),
+// so that round to nearest of W'/s0 is q.
+void move_into_cells(std::vector<float>& W, int64_t R, int64_t C, int64_t G, int64_t gc,
+                     const std::vector<float>& s0, const std::vector<uint8_t>& cell, int half,
+                     double margin) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t cc = 0; cc < C; ++cc) {
+      const double s2 = s0[r * G + cc / gc];
+      const double q = static_cast<double>(cell[r * C + cc]) - half;
+      const double v =
+          std::clamp(static_cast<double>(W[r * C + cc]) / s2, q - 0.5 + margin, q + 0.5 - margin);
+      W[r * C + cc] = static_cast<float>(s2 * v);
+    }
+}
+
 }  // namespace
 
 Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vector<CbqWindow>& plan,
@@ -688,6 +710,12 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   if (!io.x_fp || (!o.parallel && !io.x_q))
     return invalid_input("cbq: window " + std::to_string(wi) + " has no input activations");
   const int64_t N = io.x_fp->sequences(), T = io.x_fp->seqlen();
+  // holdout: the last sequences are not trained on; they pick the epoch (CbqOptions).
+  const int64_t Nh = o.holdout, Ntr = N - Nh;
+  if (Nh > 0 && Ntr < 1)
+    return invalid_input("cbq: window " + std::to_string(wi) + ": cbq_holdout " +
+                         std::to_string(Nh) + " leaves no training sequences of " +
+                         std::to_string(N));
   // IntactKV: the quantized branch runs tokens [P:] of every sequence after the FP
   // prefix cache; the targets and the loss cover those Tq positions.
   const int64_t P = o.prefix_len, Tq = T - P;
@@ -921,6 +949,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
     const bool is_carried = j < n_carry;
     if (is_carried) {
       b.prm = carried[j];
+      for (int p = 0; p < kNumProj; ++p) b.cell[p] = std::move(b.prm.cell[p]);
       const BlockClipT<double> want =
           learn_clip ? init_clip_params<double>(qspec, c, 4.0) : BlockClipT<double>();
       bool same = b.prm.clip.k_max.size() == want.k_max.size() &&
@@ -939,8 +968,22 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
       LinearWork& lw = b.lin[p];
       lw.R = shape[0];
       lw.C = shape[1];
-      const std::vector<float>& W = b.base.w[p];
-      const std::vector<float> s0f = lora_round_init_scale(spec, W.data(), lw.R, lw.C);
+      std::vector<float>& W = b.base.w[p];
+      std::vector<float> s0f;
+      const int64_t G = spec.groups(lw.C), gc = spec.group_cols(lw.C);
+      if (is_carried && !b.prm.s0[p].empty()) {
+        // Carried from a GPTQ start: its step sizes, the base moved into its cells.
+        if (static_cast<int64_t>(b.prm.s0[p].size()) != lw.R * G ||
+            static_cast<int64_t>(b.cell[p].size()) != lw.R * lw.C)
+          return invalid_input(where + ": the carried GPTQ start of layer " +
+                               std::to_string(b.layer) + " " + kProjNames[p] +
+                               " does not match the options");
+        s0f.assign(b.prm.s0[p].begin(), b.prm.s0[p].end());
+        move_into_cells(W, lw.R, lw.C, G, gc, s0f, b.cell[p], 1 << (o.w_bits - 1),
+                        o.gptq_margin);
+      } else {
+        s0f = lora_round_init_scale(spec, W.data(), lw.R, lw.C);
+      }
       lw.s0.assign(s0f.begin(), s0f.end());
       // Fresh init; a carried block keeps only V0 (recomputed from the same W, s0).
       const uint64_t seed = o.seed * 0x100000001b3ull + static_cast<uint64_t>(b.layer) * 7919u +
@@ -1000,16 +1043,18 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
       set_prefix(*qbs->back(), j);
     }
   };
-  // The quantized chain over every sequence, bsz at a time: E against the targets, and
-  // the outputs after `nout` blocks into `sink` (may be null). With a prefix the sink's
-  // rows 0..P−1 of each sequence are the window input's (the next window strips them).
+  // The quantized chain over sequences s0..s1−1, bsz at a time: E against the targets,
+  // and the outputs after `nout` blocks into `sink` (may be null). With a prefix the
+  // sink's rows 0..P−1 of each sequence are the window input's (the next window strips
+  // them). run_all: every sequence.
   std::vector<float> ca(chunk_n), cb(chunk_n), ct(chunk_n), cfull;
-  auto run_all = [&](int64_t nout, ActivationSink* sink, double* e) -> Status {
+  auto run_range = [&](int64_t s0, int64_t s1, int64_t nout, ActivationSink* sink,
+                       double* e) -> Status {
     std::vector<std::unique_ptr<QBlock<float>>> qbs;
     make_blocks(&qbs);
     double sm = 0.0, sk = 0.0, sh = 0.0;
-    for (int64_t b0 = 0; b0 < N; b0 += bsz) {
-      const int64_t nb = std::min(bsz, N - b0);
+    for (int64_t b0 = s0; b0 < s1; b0 += bsz) {
+      const int64_t nb = std::min(bsz, s1 - b0);
       QCAL_RETURN_IF_ERROR(xin_all.read(b0, nb, ca.data()));
       if (P > 0 && sink) cfull.assign(ca.begin(), ca.begin() + nb * T * H);
       strip(ca.data(), nb);
@@ -1034,8 +1079,11 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
         head_acc(ct.data(), ca.data(), nb * Tq, nullptr, 0.0, &sh);
       }
     }
-    if (e) *e = (sm + sk + head_w * sh) * (1.0 / static_cast<double>(N * Tq));
+    if (e) *e = (sm + sk + head_w * sh) * (1.0 / static_cast<double>((s1 - s0) * Tq));
     return Status::ok();
+  };
+  auto run_all = [&](int64_t nout, ActivationSink* sink, double* e) {
+    return run_range(0, N, nout, sink, e);
   };
   sync();
   sync_clip();
@@ -1104,17 +1152,19 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
           for (int64_t r = 0; r < lw.R; ++r)
             for (int64_t g = 0; g < G; ++g)
               s0f[r * G + g] = std::max(ql.scales[g * lw.R + r], 1e-5f);
-          std::vector<float>& W = b.base.w[p];
+          const int half = 1 << (o.w_bits - 1);
+          std::vector<uint8_t> cell(static_cast<size_t>(lw.R * lw.C));
           for (int64_t r = 0; r < lw.R; ++r)
             for (int64_t cc = 0; cc < lw.C; ++cc) {
-              const int64_t g = cc / gc;
-              const double s2 = s0f[r * G + g];
-              const double q = static_cast<double>(ql.q[r * lw.C + cc]) - ql.zeros[g * lw.R + r];
-              const double v = std::clamp(static_cast<double>(W[r * lw.C + cc]) / s2,
-                                          q - 0.5 + o.gptq_margin, q + 0.5 - o.gptq_margin);
-              W[r * lw.C + cc] = static_cast<float>(s2 * v);
+              const double q =
+                  static_cast<double>(ql.q[r * lw.C + cc]) - ql.zeros[(cc / gc) * lw.R + r];
+              cell[r * lw.C + cc] = static_cast<uint8_t>(std::lround(q) + half);
             }
+          std::vector<float>& W = b.base.w[p];
+          move_into_cells(W, lw.R, lw.C, G, gc, s0f, cell, half, o.gptq_margin);
           lw.s0.assign(s0f.begin(), s0f.end());
+          b.prm.s0[p] = lw.s0;
+          b.cell[p] = std::move(cell);
           const uint64_t seed = o.seed * 0x100000001b3ull + static_cast<uint64_t>(b.layer) * 7919u +
                                 static_cast<uint64_t>(p);
           lw.lp = lora_round_init(spec, W.data(), lw.R, lw.C, s0f, o.init, seed);
@@ -1134,7 +1184,62 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   std::vector<CbqBlockParams> init_prm;  // keep_best
   if (o.keep_best)
     for (const BlockWork& b : bw) init_prm.push_back(b.prm);
+  // holdout: the hardened loss on the held-out sequences at the initial parameters
+  // (epoch 0, a candidate only with keep_best) and after every epoch; the lowest wins.
+  std::vector<CbqBlockParams> best_prm;
+  double best_holdout = std::numeric_limits<double>::infinity();
+  int64_t best_epoch = -1;
+  if (Nh > 0 && o.keep_best) {
+    QCAL_RETURN_IF_ERROR(run_range(Ntr, N, 0, nullptr, &best_holdout));
+    best_prm = init_prm;
+    best_epoch = 0;
+  }
 
+  // ---- Hardening: codes, fp16 scales, dequantized weights.
+  const int half = 1 << (o.w_bits - 1);
+  auto harden = [&]() -> Status {
+    sync();
+    sync_clip();
+    for (int64_t j = 0; j < k; ++j) {
+      BlockWork& b = bw[j];
+      for (int p = 0; p < kNumProj; ++p) {
+        LinearWork& lw = b.lin[p];
+        const std::vector<int8_t> q = lora_round_codes(spec, lw.lp, b.base.w[p].data(), lw.R, lw.C);
+        const int64_t G = spec.groups(lw.C), gc = spec.group_cols(lw.C);
+        QuantizedLinear& ql = b.info.q[p];
+        ql.out_features = lw.R;
+        ql.in_features = lw.C;
+        ql.spec.bits = o.w_bits;
+        ql.spec.group_size = G > 1 ? gc : -1;
+        ql.spec.sym = true;
+        ql.q.resize(q.size());
+        ql.scales.resize(static_cast<size_t>(G * lw.R));
+        ql.zeros.assign(static_cast<size_t>(G * lw.R), half);
+        ql.g_idx.resize(static_cast<size_t>(lw.C));
+        for (int64_t i = 0; i < lw.C; ++i) ql.g_idx[i] = static_cast<int32_t>(i / gc);
+        for (int64_t r = 0; r < lw.R; ++r)
+          for (int64_t g = 0; g < G; ++g) {
+            float s = std::max(lw.lp.scale[r * G + g], 1e-5f);
+            s = std::min(f16_to_f32(f32_to_f16(s)), 65504.0f);
+            ql.scales[g * lw.R + r] = s;
+          }
+        for (size_t e = 0; e < q.size(); ++e) ql.q[e] = static_cast<uint8_t>(q[e] + half);
+        std::vector<float>& w = b.cur.w[p];
+        for (int64_t r = 0; r < lw.R; ++r)
+          for (int64_t i = 0; i < lw.C; ++i)
+            w[r * lw.C + i] =
+                dequantize_code(ql.q[r * lw.C + i], {ql.scales[(i / gc) * lw.R + r], half});
+        if (!finite_all_t(w)) return internal_error(where + ": quantized weights are not finite");
+      }
+      for (int p = 0; p < kNumProj; ++p)
+        b.info.act_clip[p] = o.a_bits >= 16 ? 1.0
+                             : learn_clip   ? sigmoid(b.prm.clip.act_max[p][0])
+                                            : o.a_clip;
+      b.info.k_clip = o.kv_bits >= 16 ? 1.0 : learn_clip ? sigmoid(b.prm.clip.k_max[0]) : o.kv_clip;
+      b.info.v_clip = o.kv_bits >= 16 ? 1.0 : learn_clip ? sigmoid(b.prm.clip.v_max[0]) : o.kv_clip;
+    }
+    return Status::ok();
+  };
   // ---- Optimizers (fresh per window).
   AdamWOptions ao;
   ao.weight_decay = 0.0;
@@ -1164,8 +1269,8 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
     }
   };
 
-  // ---- Training.
-  const int64_t nb = (N + bsz - 1) / bsz;
+  // ---- Training (sequences 0..Ntr−1).
+  const int64_t nb = (Ntr + bsz - 1) / bsz;
   const int64_t total = static_cast<int64_t>(o.epochs) * nb;
   const int64_t warm = static_cast<int64_t>(std::ceil(o.warmup * static_cast<double>(total)));
   const int ranks = std::max(1, io.ranks);
@@ -1180,6 +1285,9 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   const double e0 = loss_hard_init;
   std::vector<std::vector<float>> acts(static_cast<size_t>(k + 1));
   std::vector<float> dy, y_aug, d_aug, tgt;
+  int64_t last_epoch = 0;  // the last epoch the held-out loss was taken after
+  rep.holdout = Nh;
+  rep.loss_holdout_init = best_epoch == 0 ? best_holdout : 0.0;
   auto fail = [&](int64_t step, const std::string& what) {
     return internal_error(where + " step " + std::to_string(step) + ": " + what);
   };
@@ -1187,7 +1295,7 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
     if (o.should_stop && o.should_stop())
       return unavailable("cbq: window " + std::to_string(wi) + " stopped at step " +
                          std::to_string(step) + " of " + std::to_string(total));
-    const int64_t b0 = (step % nb) * bsz, B = std::min(bsz, N - b0);
+    const int64_t b0 = (step % nb) * bsz, B = std::min(bsz, Ntr - b0);
     const int64_t r0 = b0 + B * io.rank / ranks, r1 = b0 + B * (io.rank + 1) / ranks;
     const int64_t micro = io.micro > 0 ? io.micro : B;
     // One forward/backward of the whole minibatch on one rank: exactly the arithmetic of
@@ -1348,6 +1456,21 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
     opt_l.step(gl, cosine_lr(o.lr_lora, 1e-3 * o.lr_lora, step, total));
     if (!ga.empty()) opt_a.step(ga, cosine_lr(o.lr_act, 1e-3 * o.lr_act, step, total));
     tie_clip();
+    if (Nh > 0 && (step + 1) % nb == 0) {
+      // An epoch ends: the hardened loss on the held-out sequences.
+      QCAL_RETURN_IF_ERROR(harden());
+      double e = 0.0;
+      QCAL_RETURN_IF_ERROR(run_range(Ntr, N, 0, nullptr, &e));
+      if (!std::isfinite(e)) return fail(step, "held-out loss is not finite");
+      last_epoch = (step + 1) / nb;
+      rep.holdout_losses.push_back(e);
+      if (e < best_holdout) {
+        best_holdout = e;
+        best_epoch = last_epoch;
+        best_prm.clear();
+        for (const BlockWork& b : bw) best_prm.push_back(b.prm);
+      }
+    }
   }
   for (BlockWork& b : bw)
     for (int p = 0; p < kNumProj; ++p)
@@ -1355,56 +1478,30 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
         return internal_error(where + ": parameters of layer " + std::to_string(b.layer) +
                               " are not finite after training");
 
-  // ---- Hardening: codes, fp16 scales, dequantized weights.
-  const int half = 1 << (o.w_bits - 1);
-  auto harden = [&]() -> Status {
-    sync();
-    sync_clip();
-    for (int64_t j = 0; j < k; ++j) {
-      BlockWork& b = bw[j];
-      for (int p = 0; p < kNumProj; ++p) {
-        LinearWork& lw = b.lin[p];
-        const std::vector<int8_t> q = lora_round_codes(spec, lw.lp, b.base.w[p].data(), lw.R, lw.C);
-        const int64_t G = spec.groups(lw.C), gc = spec.group_cols(lw.C);
-        QuantizedLinear& ql = b.info.q[p];
-        ql.out_features = lw.R;
-        ql.in_features = lw.C;
-        ql.spec.bits = o.w_bits;
-        ql.spec.group_size = G > 1 ? gc : -1;
-        ql.spec.sym = true;
-        ql.q.resize(q.size());
-        ql.scales.resize(static_cast<size_t>(G * lw.R));
-        ql.zeros.assign(static_cast<size_t>(G * lw.R), half);
-        ql.g_idx.resize(static_cast<size_t>(lw.C));
-        for (int64_t i = 0; i < lw.C; ++i) ql.g_idx[i] = static_cast<int32_t>(i / gc);
-        for (int64_t r = 0; r < lw.R; ++r)
-          for (int64_t g = 0; g < G; ++g) {
-            float s = std::max(lw.lp.scale[r * G + g], 1e-5f);
-            s = std::min(f16_to_f32(f32_to_f16(s)), 65504.0f);
-            ql.scales[g * lw.R + r] = s;
-          }
-        for (size_t e = 0; e < q.size(); ++e) ql.q[e] = static_cast<uint8_t>(q[e] + half);
-        std::vector<float>& w = b.cur.w[p];
-        for (int64_t r = 0; r < lw.R; ++r)
-          for (int64_t i = 0; i < lw.C; ++i)
-            w[r * lw.C + i] =
-                dequantize_code(ql.q[r * lw.C + i], {ql.scales[(i / gc) * lw.R + r], half});
-        if (!finite_all_t(w)) return internal_error(where + ": quantized weights are not finite");
-      }
-      for (int p = 0; p < kNumProj; ++p)
-        b.info.act_clip[p] = o.a_bits >= 16 ? 1.0
-                             : learn_clip   ? sigmoid(b.prm.clip.act_max[p][0])
-                                            : o.a_clip;
-      b.info.k_clip = o.kv_bits >= 16 ? 1.0 : learn_clip ? sigmoid(b.prm.clip.k_max[0]) : o.kv_clip;
-      b.info.v_clip = o.kv_bits >= 16 ? 1.0 : learn_clip ? sigmoid(b.prm.clip.v_max[0]) : o.kv_clip;
-    }
-    return Status::ok();
-  };
   QCAL_RETURN_IF_ERROR(harden());
   // The hardened loss (keep_best: the initial parameters when training made it worse),
   // and the next window's quantized-branch input (sequential).
   ActivationSink* next_q = o.parallel ? nullptr : io.next_q;
-  if (o.keep_best) {
+  if (Nh > 0 && best_epoch >= 0) {
+    // holdout: the parameters of the epoch with the lowest held-out loss (0: the
+    // initial ones, with keep_best).
+    QCAL_RETURN_IF_ERROR(run_all(0, nullptr, &rep.loss_hard_trained));
+    if (!std::isfinite(rep.loss_hard_trained))
+      return internal_error(where + ": hardened loss is not finite");
+    const bool moved = best_epoch != last_epoch;
+    if (moved) {
+      for (int64_t j = 0; j < k; ++j) bw[j].prm = best_prm[static_cast<size_t>(j)];
+      QCAL_RETURN_IF_ERROR(harden());
+    }
+    rep.reverted = best_epoch == 0;
+    rep.best_epoch = best_epoch;
+    rep.loss_holdout = best_holdout;
+    if (moved || next_q) {
+      QCAL_RETURN_IF_ERROR(run_all(nfin, next_q, &rep.loss_hard));
+    } else {
+      rep.loss_hard = rep.loss_hard_trained;
+    }
+  } else if (o.keep_best) {
     QCAL_RETURN_IF_ERROR(run_all(0, nullptr, &rep.loss_hard_trained));
     if (!std::isfinite(rep.loss_hard_trained))
       return internal_error(where + ": hardened loss is not finite");
@@ -1428,7 +1525,10 @@ Status cbq_run_window(const ModelConfig& c, const CbqOptions& o, const std::vect
   // ---- Commit.
   if (carried_out) {
     carried_out->clear();
-    for (int64_t j = nfin; j < k; ++j) carried_out->push_back(bw[j].prm);
+    for (int64_t j = nfin; j < k; ++j) {
+      carried_out->push_back(std::move(bw[j].prm));
+      carried_out->back().cell = std::move(bw[j].cell);
+    }
   }
   for (int64_t j = 0; j < nfin; ++j) {
     *layers[j] = bw[j].cur;
