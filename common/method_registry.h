@@ -71,7 +71,7 @@ struct MemCtx {
   uint64_t prefix = 0;                    // IntactKV prefix tokens (0 without IntactKV)
   uint64_t w_bits = 4, w_group_cols = 0;  // group columns (0 = per channel)
   uint64_t a_bits = 16;                   // activations (< 16: quantized forwards)
-  bool head = false;  // a CBQ window that ends the model and trains the logit loss
+  bool head = false;        // a CBQ window that ends the model and trains the logit loss
   bool gptq_start = false;  // CBQ windows started from GPTQ (their codes are carried)
 };
 

@@ -124,6 +124,10 @@ Result<Plan> build_pipeline_plan(const PlanInputs& in) {
   if (!rt || !rs || !rr) return internal_error("build_pipeline_plan: a recipe method has no row");
   const std::vector<const MethodRow*> rows = recipe_rows(r);
   const bool recon = r.reconstructs();
+  if (recon && static_cast<uint64_t>(std::max<int64_t>(0, r.i("cbq_holdout"))) >= in.calib_seqs)
+    return invalid_input("recipe.cbq_holdout: " + std::to_string(r.i("cbq_holdout")) +
+                         " held-out sequences leave none of the " + std::to_string(in.calib_seqs) +
+                         " calibration sequences to train the reconstruction on");
   const bool gptq = r.gptq() && !recon;
   const bool parallel = r.parallel();
   const bool cal = r.intactkv() && r.b("intactkv_cal");

@@ -115,9 +115,10 @@ def main():
     ap.add_argument("--real-fq-epochs", default="15", help="section 4 FlatQuant epochs")
     ap.add_argument("--real-cbq-epochs", default="20", help="section 4 CBQ epochs per window")
     ap.add_argument("--real-composed-cbq", default="",
-                    help="section 4: the composed row's CBQ as EPOCHS,WINDOW,OVERLAP[,LOGIT] "
-                         "(LOGIT: --cbq-logit-loss; default: --real-cbq-epochs, windows of 2, "
-                         "overlap 1, no logit loss, as the other CBQ rows)")
+                    help="section 4: the composed row's CBQ as "
+                         "EPOCHS,WINDOW,OVERLAP[,LOGIT[,HOLDOUT]] (LOGIT: --cbq-logit-loss, "
+                         "HOLDOUT: --cbq-holdout; default: --real-cbq-epochs, windows of 2, "
+                         "overlap 1, no logit loss, no held-out choice, as the other CBQ rows)")
     a = ap.parse_args()
     sections = a.sections.split(",")
     data = os.path.join(ROOT, "tests", "fixtures", "grammar-data")
@@ -436,6 +437,8 @@ def run_section4(a, tmp):
                 flags += ["--cbq-epochs", e, "--cbq-window", w, "--cbq-overlap", o]
                 if lg:
                     flags += ["--cbq-logit-loss", lg[0]]
+                if len(lg) > 1:
+                    flags += ["--cbq-holdout", lg[1]]
             elif "--reconstruction" in flags:
                 flags += ["--cbq-epochs", a.real_cbq_epochs]
             cells.append((("babyllama-tok361", setting, name, "plain"), REAL_MODEL, flags))
@@ -455,8 +458,12 @@ def composed_cbq_text(spec):
     e, w, o, *lg = spec.split(",")
     text = f"The composed row's CBQ: {e} epochs per window, windows of {w} blocks, overlap {o}"
     if lg:
-        text += (f", and the last window's loss adds {lg[0]} × the next-token KL of the model's "
+        text += (f", the last window's loss adds {lg[0]} × the next-token KL of the model's "
                  "head (`--cbq-logit-loss`)")
+    if len(lg) > 1:
+        text += (f", and each window trains on all but the last {lg[1]} calibration sequences "
+                 "and keeps the epoch (its start included) whose hardened loss on those is "
+                 "lowest (`--cbq-holdout`)")
     return text + ". "
 
 

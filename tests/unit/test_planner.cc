@@ -103,9 +103,9 @@ const TaskDef& task(const Plan& p, const std::string& id) {
 
 TEST_F(Planner, SequentialGptqIsAChainOfBlocks) {
   Plan p = plan_ok(spec());
-  ASSERT_EQ(ids(p), (std::vector<std::string>{"embed", "quantize-0000", "quantize-0001",
-                                              "quantize-0002", "quantize-0003", "assemble",
-                                              "validate"}));
+  ASSERT_EQ(ids(p),
+            (std::vector<std::string>{"embed", "quantize-0000", "quantize-0001", "quantize-0002",
+                                      "quantize-0003", "assemble", "validate"}));
   EXPECT_EQ(p.tasks[0].type, plan::kEmbed);
   EXPECT_TRUE(p.tasks[0].deps.empty());
   for (int l = 0; l < kL; ++l) {
@@ -131,8 +131,8 @@ TEST_F(Planner, BlocksPerTaskAndARaggedLastTask) {
   JobSpec s = spec();
   s.recipe.with("blocks_per_task", 3);  // [0, 3) and [3, 4)
   Plan p = plan_ok(s);
-  ASSERT_EQ(ids(p), (std::vector<std::string>{"embed", "quantize-0000", "quantize-0003",
-                                              "assemble", "validate"}));
+  ASSERT_EQ(ids(p), (std::vector<std::string>{"embed", "quantize-0000", "quantize-0003", "assemble",
+                                              "validate"}));
   EXPECT_EQ(p.tasks[1].params["layers"], nlohmann::json({0, 3}));
   EXPECT_EQ(p.tasks[2].params["layers"], nlohmann::json({3, 4}));
   EXPECT_EQ(p.tasks[2].deps, std::vector<std::string>{"quantize-0000"});
@@ -142,10 +142,10 @@ TEST_F(Planner, ParallelGptqReadsFpInputsFromTheCapture) {
   JobSpec s = spec();
   s.recipe.with("mode", "parallel");
   Plan p = plan_ok(s);
-  ASSERT_EQ(ids(p), (std::vector<std::string>{"embed", "capture-0000", "capture-0001",
-                                              "capture-0002", "capture-0003", "quantize-0000",
-                                              "quantize-0001", "quantize-0002", "quantize-0003",
-                                              "assemble", "validate"}));
+  ASSERT_EQ(ids(p),
+            (std::vector<std::string>{"embed", "capture-0000", "capture-0001", "capture-0002",
+                                      "capture-0003", "quantize-0000", "quantize-0001",
+                                      "quantize-0002", "quantize-0003", "assemble", "validate"}));
   EXPECT_EQ(deps_of(p, "capture-0000"), std::vector<std::string>{"embed"});
   EXPECT_EQ(deps_of(p, "capture-0002"), std::vector<std::string>{"capture-0001"});
   EXPECT_EQ(deps_of(p, "quantize-0000"), std::vector<std::string>{"embed"});
@@ -166,15 +166,16 @@ TEST_F(Planner, RtnNeedsNoDataAndEveryBlockIsIndependent) {
 }
 
 TEST_F(Planner, FlatQuantFitsEveryBlockInParallelThenQuantizesInAChain) {
-  Plan p = plan_ok(calib_spec({{"transform", "flatquant"}, {"weight_solver", "gptq"},
-                               {"a_bits", 4}, {"kv_bits", 4}}));
+  Plan p = plan_ok(calib_spec(
+      {{"transform", "flatquant"}, {"weight_solver", "gptq"}, {"a_bits", 4}, {"kv_bits", 4}}));
   EXPECT_EQ(p.summary["format"], "native");
   for (int l = 0; l < kL; ++l) {
     const std::string f = plan::numbered("flatquant", l);
     EXPECT_EQ(task(p, f).type, plan::kTransform);
     // FP inputs X_l and targets X_{l+1} (and the statistics) from the capture.
-    std::vector<std::string> want = {l == 0 ? std::string("embed") : plan::numbered("capture", l - 1),
-                                     plan::numbered("capture", l)};
+    std::vector<std::string> want = {
+        l == 0 ? std::string("embed") : plan::numbered("capture", l - 1),
+        plan::numbered("capture", l)};
     EXPECT_EQ(deps_of(p, f), want) << f;
     const auto q = deps_of(p, plan::numbered("quantize", l));
     EXPECT_NE(std::find(q.begin(), q.end(), f), q.end());
@@ -241,6 +242,19 @@ TEST_F(Planner, RefusesAPlanThatDoesNotFitWithTheNumbers) {
   EXPECT_TRUE(plan_job(spec(), limits).is_ok());
 }
 
+TEST_F(Planner, RefusesAHoldoutThatLeavesNothingToTrain) {
+  // 16 calibration sequences: cbq_holdout 15 trains on one, 16 on none.
+  nlohmann::json recipe = {
+      {"reconstruction", "cbq"}, {"weight_solver", "gptq"}, {"cbq_holdout", 15}};
+  EXPECT_TRUE(plan_job(calib_spec(recipe), {}).is_ok());
+  recipe["cbq_holdout"] = 16;
+  Status st = plan_err(calib_spec(recipe));
+  EXPECT_EQ(st.code(), Code::kInvalidInput);
+  EXPECT_NE(st.message().find("recipe.cbq_holdout: 16 held-out sequences leave none of the 16"),
+            std::string::npos)
+      << st.message();
+}
+
 TEST_F(Planner, FormatBytes) {
   EXPECT_EQ(format_bytes(512), "512 B");
   EXPECT_EQ(format_bytes(3ull << 20), "3.0 MiB");
@@ -290,7 +304,8 @@ TEST_F(Planner, OutputPathChecks) {
   fs::create_directories(path("existing"));
   s.output.path = path("existing");
   st = plan_err(s);
-  EXPECT_NE(st.message().find("output exists (set output.overwrite"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("output exists (set output.overwrite"), std::string::npos)
+      << st.message();
   s.output.overwrite = true;
   EXPECT_TRUE(plan_job(s, {}).is_ok());
 
@@ -370,8 +385,12 @@ TEST_F(Planner, PartialGroupsAreRefusedWithTheSizesThatWork) {
 TEST_F(Planner, CbqWindowsTwoOverlapOneAreAChain) {
   // L 4, window 2, overlap 1: blocks (0, 1), (1, 2), (2, 3); window w finalizes block w
   // (the last one all of them).
-  JobSpec s = calib_spec({{"weight_solver", "lora-rounding"}, {"w_bits", 2}, {"w_group", 32},
-                          {"reconstruction", "cbq"}, {"cbq_window", 2}, {"cbq_overlap", 1}});
+  JobSpec s = calib_spec({{"weight_solver", "lora-rounding"},
+                          {"w_bits", 2},
+                          {"w_group", 32},
+                          {"reconstruction", "cbq"},
+                          {"cbq_window", 2},
+                          {"cbq_overlap", 1}});
   Plan p = plan_ok(s);
   const int64_t first[] = {0, 1, 2}, last[] = {1, 2, 3}, fin[] = {0, 1, 3};
   for (int w = 0; w < 3; ++w) {
@@ -390,8 +409,8 @@ TEST_F(Planner, CbqWindowsTwoOverlapOneAreAChain) {
       EXPECT_NE(std::find(d.begin(), d.end(), plan::numbered("cbq-window", w - 1)), d.end());
     }
   }
-  EXPECT_EQ(deps_of(p, "assemble"), (std::vector<std::string>{
-                                        "cbq-window-0000", "cbq-window-0001", "cbq-window-0002"}));
+  EXPECT_EQ(deps_of(p, "assemble"),
+            (std::vector<std::string>{"cbq-window-0000", "cbq-window-0001", "cbq-window-0002"}));
   EXPECT_EQ(p.summary["windows"], 3);
   EXPECT_EQ(p.summary["format"], "gptq");  // a weight-only reconstruction folds
   EXPECT_EQ(p.summary["reconstruction"], "cbq");
@@ -416,8 +435,8 @@ TEST_F(Planner, WholeModelTasks) {
   EXPECT_NE(std::find(task(p, "quantize-0000").deps.begin(), task(p, "quantize-0000").deps.end(),
                       "spinquant"),
             task(p, "quantize-0000").deps.end());
-  p = plan_ok(calib_spec({{"transform", "quarot"}, {"a_bits", 4}, {"intactkv", true},
-                          {"intactkv_cal", true}}));
+  p = plan_ok(calib_spec(
+      {{"transform", "quarot"}, {"a_bits", 4}, {"intactkv", true}, {"intactkv_cal", true}}));
   EXPECT_EQ(task(p, "intactkv-cal").type, plan::kLearn);
   const auto ad = deps_of(p, "assemble");
   EXPECT_NE(std::find(ad.begin(), ad.end(), "intactkv-cal"), ad.end());
