@@ -388,6 +388,11 @@ struct CbqOptions {
   // unseen ones (babyllama W4A4KV4: calibration-set KL 0.030, held-out 0.078); this
   // stops it where the unseen ones stop improving. 0: off (train on every sequence).
   // The held-out sequences still flow through every window (and GPTQ's init uses them).
+  // Measured (KL to FP on the evaluation split, this machine): babyllama W4A4KV4
+  // FlatQuant + CBQ from GPTQ + IntactKV, logit loss 1, 64 sequences: 40 epochs 0.0810,
+  // holdout 16 0.0799 (60 epochs 0.0796), holdout 8 0.0833; tests/unit/test_compose.cc
+  // (grammar-tiny, 32 sequences): no holdout 0.0062, holdout 8 0.0031 (every window
+  // keeps its GPTQ start).
   int64_t holdout = 0;
 
   // kInvalidInput naming the field (bits, window/overlap, group not positive, ...).
