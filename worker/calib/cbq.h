@@ -101,7 +101,8 @@
 //    20 epochs, 0.030 at 40): the head term fits the calibration tokens' logits, and the
 //    held-out gain is what survives. With it, at 40 epochs, windows of 3 / overlap 2
 //    (0.0829) and + IntactKV+Cal (0.0820) did worse, and one window of all 5 blocks at
-//    20 epochs (end to end: 0.0863) too.
+//    20 epochs (end to end: 0.0863) too. (These before the carried GPTQ start was
+//    fixed, CbqBlockParams::cell; after it, 40 epochs 0.0810, with holdout 16 0.0799.)
 //  - CFP: λ1 = 1.5, λ2 = 16, per ROW of |W| (per-row statistics are invariant to the
 //    function-preserving channel rescalings that create activation outliers, and the
 //    row's absmax is what sets its step). Measured on |N(0, 1)| rows: false positives
