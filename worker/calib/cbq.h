@@ -391,7 +391,7 @@ struct CbqOptions {
   // The held-out sequences still flow through every window (and GPTQ's init uses them).
   // Measured (KL to FP on the evaluation split, this machine): babyllama W4A4KV4
   // FlatQuant + CBQ from GPTQ + IntactKV, logit loss 1, 64 sequences: 40 epochs 0.0810,
-  // holdout 16 0.0799 (60 epochs 0.0796), holdout 8 0.0833; tests/unit/test_compose.cc
+  // holdout 16 0.0799 (60 epochs 0.0796), 8 0.0833, 24 0.0831; tests/unit/test_compose.cc
   // (grammar-tiny, 32 sequences): no holdout 0.0062, holdout 8 0.0031 (every window
   // keeps its GPTQ start).
   int64_t holdout = 0;
