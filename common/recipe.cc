@@ -319,7 +319,12 @@ Status Recipe::validate_fields() const {
     const std::string* active = nullptr;
     const char* what = "";
     if (row->kind == MethodKind::kTransform) active = &t, what = "transform";
-    if (row->kind == MethodKind::kWeightSolver) active = &ws, what = "weight_solver";
+    if (row->kind == MethodKind::kWeightSolver) {
+      // gptq with a reconstruction trains LoRA-Rounding from GPTQ's solution (cbq.h
+      // CbqOptions::gptq_init): lora-rounding's options are in use there.
+      if (row->name == "lora-rounding" && ws == "gptq" && recon) continue;
+      active = &ws, what = "weight_solver";
+    }
     if (row->kind == MethodKind::kReconstruction) {
       if (recon) continue;
       active = &reconstruction(), what = "reconstruction";

@@ -256,6 +256,13 @@ TEST(CbqRecipe, OptionsFollowTheRecipe) {
   EXPECT_TRUE(o.gptq_init);
   EXPECT_TRUE(o.lora_rounding);
   EXPECT_EQ(o.rank, 6);
+  // lora_rank is lora-rounding's option, in use by gptq with a reconstruction too;
+  // without one (or with rtn) it changes nothing and is refused.
+  EXPECT_TRUE(r.validate().is_ok()) << err(r.validate());
+  Recipe plain = r;
+  plain.with("reconstruction", "none").with("cbq_holdout", 0).with("cbq_window", 2);
+  plain.with("cbq_overlap", 1).with("cbq_epochs", 20).with("cfp", true).with("mode", "sequential");
+  expect_rejected(plain.validate(), "lora_rank", "an option of weight_solver lora-rounding");
   EXPECT_DOUBLE_EQ(o.gptq.percdamp, 0.05);
   EXPECT_TRUE(o.validate(c).is_ok()) << err(o.validate(c));
 }
