@@ -625,11 +625,12 @@ Result<json> run_quantize(const TaskContext& ctx) {
 
 // ---------------------------------------------------------------- CBQ windows
 
-// The carried parameters of a window's overlap blocks as fp64 arrays.
-Fitted carried_to_fitted(const std::vector<calib::CbqBlockParams>& carried) {
+// The carried parameters of a window's overlap blocks as fp64 arrays (GPTQ's codes as
+// byte arrays, moved rather than copied: a byte per weight of each carried block).
+Fitted carried_to_fitted(std::vector<calib::CbqBlockParams>&& carried) {
   Fitted f;
   json layers = json::array();
-  for (const calib::CbqBlockParams& b : carried) {
+  for (calib::CbqBlockParams& b : carried) {
     const std::string pre = "L" + std::to_string(b.layer) + ".";
     layers.push_back(b.layer);
     for (int p = 0; p < calib::kNumProj; ++p) {
@@ -639,7 +640,7 @@ Fitted carried_to_fitted(const std::vector<calib::CbqBlockParams>& carried) {
       if (!b.a2[p].empty()) f.arrays[pre + "a2." + n] = b.a2[p];
       if (!b.clip.act_max[p].empty()) f.arrays[pre + "act." + n] = b.clip.act_max[p];
       if (!b.s0[p].empty()) f.arrays[pre + "s0." + n] = b.s0[p];
-      if (!b.cell[p].empty()) f.bytes[pre + "cell." + n] = b.cell[p];
+      if (!b.cell[p].empty()) f.bytes[pre + "cell." + n] = std::move(b.cell[p]);
     }
     if (!b.clip.k_max.empty()) f.arrays[pre + "k"] = b.clip.k_max;
     if (!b.clip.v_max.empty()) f.arrays[pre + "v"] = b.clip.v_max;
@@ -648,7 +649,7 @@ Fitted carried_to_fitted(const std::vector<calib::CbqBlockParams>& carried) {
   return f;
 }
 
-Result<std::vector<calib::CbqBlockParams>> carried_from_fitted(const Fitted& f) {
+Result<std::vector<calib::CbqBlockParams>> carried_from_fitted(Fitted&& f) {
   std::vector<calib::CbqBlockParams> out;
   if (!f.meta.contains("layers") || !f.meta["layers"].is_array())
     return corrupt("cbq state: no layer list");
@@ -670,7 +671,8 @@ Result<std::vector<calib::CbqBlockParams>> carried_from_fitted(const Fitted& f) 
       get("act." + n, &b.clip.act_max[p]);
       b.clip.act_min[p] = b.clip.act_max[p];
       get("s0." + n, &b.s0[p]);
-      if (f.bytes.count(pre + "cell." + n)) b.cell[p] = f.bytes.at(pre + "cell." + n);
+      if (auto it = f.bytes.find(pre + "cell." + n); it != f.bytes.end())
+        b.cell[p] = std::move(it->second);
       if (b.s0[p].empty() != b.cell[p].empty())
         return corrupt("cbq state: layer " + std::to_string(b.layer) + " " + n +
                        " has only one of its GPTQ start's step sizes and codes");
@@ -838,7 +840,7 @@ Result<json> run_window(const TaskContext& ctx) {
     if (it != ctx.deps.end() && it->second.contains("artifacts") &&
         it->second["artifacts"].contains("state")) {
       QCAL_ASSIGN_OR_RETURN(Fitted sf, load_fitted_dep(ctx, prev, "state"));
-      QCAL_ASSIGN_OR_RETURN(carried, carried_from_fitted(sf));
+      QCAL_ASSIGN_OR_RETURN(carried, carried_from_fitted(std::move(sf)));
     }
   }
   if (w > 0 && !o.parallel) say(ctx, "resuming from the state of " + prev);
@@ -891,7 +893,7 @@ Result<json> run_window(const TaskContext& ctx) {
   }
   if (!carried_out.empty()) {
     QCAL_ASSIGN_OR_RETURN(ArtifactRef sr,
-                          write_fitted(ctx, "state", carried_to_fitted(carried_out)));
+                          write_fitted(ctx, "state", carried_to_fitted(std::move(carried_out))));
     add_ref(&arts, "state", sr);
   }
   if (next_file) {

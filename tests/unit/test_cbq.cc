@@ -569,6 +569,13 @@ CbqOptions w2_options() {
   return o;
 }
 
+// `o` with learning rates that wreck the rounding (training ends above its start).
+CbqOptions wrecking(CbqOptions o) {
+  o.lr_lora = 50.0;
+  o.lr_scale = 2.0;
+  return o;
+}
+
 TEST(CbqSynth, W2A16WindowsBeatRtn) {
   const CbqOptions o = w2_options();
   const double rtn = rtn_mse(o);
@@ -744,11 +751,8 @@ TEST(CbqSynth, GptqInitStartsAtGptqAndKeepBestNeverEndsWorse) {
     EXPECT_LE(w.loss_hard, w.loss_hard_init * 1.001) << "window " << w.window;
   }
   // A learning rate that wrecks the rounding: the initial parameters are kept.
-  CbqOptions bad = o;
-  bad.lr_lora = 50.0;
-  bad.lr_scale = 2.0;
   std::vector<BlockWeightsT<float>> d = f.fp.layers;
-  auto rb = cbq_calibrate(c, d, f.x_calib, f.n_calib, kT, bad, nullptr);
+  auto rb = cbq_calibrate(c, d, f.x_calib, f.n_calib, kT, wrecking(o), nullptr);
   ASSERT_TRUE(rb.is_ok()) << rb.status().to_string();
   bool any = false;
   for (const auto& w : rb->windows) {
@@ -836,11 +840,8 @@ TEST(CbqSynth, HoldoutKeepsTheEpochWithTheLowestHeldOutLoss) {
   // Training 12 sequences instead of 16: one step fewer per epoch (bsz 4).
   EXPECT_EQ(r->windows[0].steps, 3 * 3);
   // A learning rate that wrecks the rounding: every window keeps its start.
-  CbqOptions wreck = o;
-  wreck.lr_lora = 50.0;
-  wreck.lr_scale = 2.0;
   std::vector<BlockWeightsT<float>> d = f.fp.layers;
-  auto rw = cbq_calibrate(c, d, f.x_calib, f.n_calib, kT, wreck, nullptr);
+  auto rw = cbq_calibrate(c, d, f.x_calib, f.n_calib, kT, wrecking(o), nullptr);
   ASSERT_TRUE(rw.is_ok()) << rw.status().to_string();
   bool any = false;
   for (const CbqWindowReport& w : rw->windows) any = any || w.best_epoch == 0;
