@@ -91,7 +91,8 @@ std::vector<MethodRow> build() {
                  "symmetric weight grid: full = scale 2·absmax/(2^b−1), all 2^b codes "
                  "(AutoGPTQ, GPTQModel, llm-compressor); narrow = absmax/(2^(b−1)−1) "
                  "(QuaRot/FlatQuant, what the fake quantizers train on); auto = full for "
-                 "weight-only rtn/gptq without a transform, narrow otherwise"),
+                 "weight-only rtn/gptq without a transform (or with flatquant's flat_fold), "
+                 "narrow otherwise"),
          opt_int("a_bits", "a-bits", 16, 2, 16,
                  "activation bits (inputs of every linear but lm_head): 2, 3, 4, 6, 8 or 16"),
          opt_num("a_clip", "a-clip", 1.0, 1e-6, 1.0, "fixed activation clip ratio"),
@@ -156,7 +157,11 @@ std::vector<MethodRow> build() {
          opt_bool("lwc", "", true, "learnable weight clipping", "no-lwc"),
          opt_bool("lac", "", true, "learnable activation clipping", "no-lac"),
          opt_bool("add_diag", "", true, "per-channel diagonal scaling", "no-diag"),
-         opt_num("diag_alpha", "diag-alpha", 0.3, 0.0, 1.0, "initial diagonal's strength")});
+         opt_num("diag_alpha", "diag-alpha", 0.3, 0.0, 1.0, "initial diagonal's strength"),
+         opt_bool("flat_fold", "flat-fold", false,
+                  "weight-only: learn only what folds into the weights (the diagonals, V's "
+                  "per-head transform, LWC), so the result is written as GPTQ / "
+                  "compressed-tensors with nothing online; with weight_solver gptq turn lwc off")});
     r.needs.fp_inputs = true;
     r.needs.act_stats = true;
     r.block_task = true;

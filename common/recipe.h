@@ -73,18 +73,18 @@ class Recipe {
   bool gptq() const { return weight_solver() == "gptq" && w_bits() < 16; }
   // The symmetric weight grid (key w_grid): true = narrow, absmax/(2^(b−1)−1); false =
   // full, 2·absmax/(2^b−1) (worker/engine/quantizer.h). auto is full exactly for the
-  // weight-only case the ecosystem's tools cover: no transform, no reconstruction,
-  // activations and K/V unquantized.
+  // weight-only case the ecosystem's tools cover: no transform (or FlatQuant with
+  // flat_fold), no reconstruction, activations and K/V unquantized.
   bool narrow_grid() const;
 
-  // True iff every transform folds into the weights offline (weight-only, not
-  // FlatQuant): no online Hadamard / Kronecker factor is needed.
+  // True iff every transform folds into the weights offline (weight-only, and not
+  // FlatQuant unless flat_fold): no online Hadamard / Kronecker factor is needed.
   bool transforms_fold() const;
   // transforms_fold() and no IntactKV cache: the result can be written as GPTQ /
   // compressed-tensors (a weight-only reconstruction folds completely too).
   bool folds_completely() const;
   // The transform leaves activation-side transforms online (QuaRot/SpinQuant
-  // with quantized activations or K/V; FlatQuant always).
+  // with quantized activations or K/V; FlatQuant unless it folds).
   bool keeps_online() const;
   // The IntactKV prefix: intactkv_prefix, or [c.bos_token_id] when empty.
   std::vector<int32_t> intactkv_prefix_for(const ModelConfig& c) const;

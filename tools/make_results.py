@@ -80,10 +80,17 @@ def real_rows(fq_epochs):
             ("SpinQuant + GPTQ", ["--method", "spinquant", "--weight-solver", "gptq"]),
             ("FlatQuant + RTN", fq + ["--weight-solver", "rtn"]),
             ("FlatQuant + GPTQ", fq + ["--weight-solver", "gptq"]),
+            ("FlatQuant folded + GPTQ", fq + ["--flat-fold", "--no-lwc", "--weight-solver", "gptq"]),
             ("CBQ + LoRA-Rounding", ["--weight-solver", "lora-rounding", "--reconstruction", "cbq"]),
             ("CBQ + LoRA-Rounding from GPTQ", ["--weight-solver", "gptq", "--reconstruction", "cbq"]),
             ("FlatQuant + CBQ (from GPTQ) + IntactKV",
              fq + ["--weight-solver", "gptq", "--reconstruction", "cbq", "--intactkv"])]
+
+
+def real_rows_for(fq_epochs, sflags):
+    """real_rows for one setting: flat_fold is weight-only (refused with --a-bits)."""
+    return [(n, f) for n, f in real_rows(fq_epochs)
+            if not ("--flat-fold" in f and "--a-bits" in sflags)]
 
 
 # The composed row and the rows of its components (the page checks it against them).
@@ -430,7 +437,7 @@ def run_section4(a, tmp):
     evald = os.path.join(REAL_MODEL, "samples_32x256.u32")
     cells = []
     for setting, sflags in REAL_SETTINGS:
-        for name, rflags in real_rows(a.real_fq_epochs):
+        for name, rflags in real_rows_for(a.real_fq_epochs, sflags):
             flags = sflags + rflags
             if name == REAL_COMPOSED and a.real_composed_cbq:
                 e, w, o, *lg = a.real_composed_cbq.split(",")
@@ -469,7 +476,6 @@ def composed_cbq_text(spec):
 
 def section4_lines(a, rows):
     fp = rows.get(("fp",), {})
-    names = [n for n, _ in real_rows(a.real_fq_epochs)]
     lines = ["## Issue #12: the real pretrained model (babyllama-tok361)", "",
              "`../shared/models/babyllama-tok361`: a TinyStories LLaMA (hidden 128, 5 layers, "
              "8 query / 4 K/V heads, intermediate 352 = 11·32, vocab 361), calibrated on "
@@ -479,7 +485,10 @@ def section4_lines(a, rows):
              + (f"**{fp['ppl']:.4f}**." if "ppl" in fp else "not measured.") +
              " Weights symmetric per output channel (no groups), activations per token, K/V "
              "asymmetric per head. QuaRot / SpinQuant: online Hadamards of order 352 by the "
-             f"Paley construction (44·8). FlatQuant: {a.real_fq_epochs} epochs. CBQ: windows "
+             f"Paley construction (44·8). FlatQuant: {a.real_fq_epochs} epochs. *FlatQuant "
+             "folded* (`--flat-fold --no-lwc`, weight-only): only the diagonals and V's "
+             "per-head transform are learned, all of it folds into the weights, and the result "
+             "is a plain GPTQ / compressed-tensors checkpoint (nothing online). CBQ: windows "
              f"of 2 blocks, overlap 1, {a.real_cbq_epochs} epochs per window, LoRA-Rounding "
              "rank 16, CFP kept per block only where it lowers the block's RTN output error. "
              "*from GPTQ* (`--weight-solver gptq --reconstruction cbq`): GPTQ rounds each "
@@ -489,7 +498,8 @@ def section4_lines(a, rows):
              "carries. " + composed_cbq_text(a.real_composed_cbq) +
              "Seconds: wall time of `qcal quantize` with one thread on a shared "
              "machine (2 jobs at a time).", ""]
-    for setting, _ in REAL_SETTINGS:
+    for setting, sflags in REAL_SETTINGS:
+        names = [n for n, _ in real_rows_for(a.real_fq_epochs, sflags)]
         lines += [f"#### {setting}", ""]
         lines += table_lines(rows, "babyllama-tok361", setting, names, [("plain", "")])
         kl = {n: rows.get(("babyllama-tok361", setting, n, "plain"), {}).get("kl") for n in names}

@@ -327,6 +327,44 @@ TEST(JobSpec, OutputFormats) {
   EXPECT_EQ(parse_job_spec(minimal())->output.format, "auto");
 }
 
+// FlatQuant's flat_fold: weight-only, only what folds is learned, so the recipe folds
+// completely (auto writes GPTQ, on the full grid like plain GPTQ); refused where
+// activations or K/V are quantized, or without flatquant.
+TEST(JobSpec, FoldedFlatQuantIsWrittenAsAPlainCheckpoint) {
+  json j = with_recipe({{"transform", "flatquant"}, {"flat_fold", true}, {"w_bits", 4}});
+  auto r = parse_job_spec(j);
+  ASSERT_TRUE(r.is_ok()) << r.status().to_string();
+  EXPECT_TRUE(r->recipe.folds_completely());
+  EXPECT_FALSE(r->recipe.keeps_online());
+  EXPECT_FALSE(r->recipe.narrow_grid());
+  EXPECT_EQ(*output_format(*r), "gptq");
+  for (const char* f : {"gptq", "compressed-tensors", "native"}) {
+    j["output"]["format"] = f;
+    EXPECT_TRUE(parse_job_spec(j).is_ok()) << f;
+  }
+  // Without flat_fold FlatQuant keeps its Kronecker transforms online.
+  json online = with_recipe({{"transform", "flatquant"}, {"w_bits", 4}});
+  EXPECT_TRUE(parse_job_spec(online)->recipe.keeps_online());
+  EXPECT_EQ(*output_format(*parse_job_spec(online)), "native");
+  EXPECT_TRUE(parse_job_spec(online)->recipe.narrow_grid());
+  // The full grid only with flat_fold; asymmetric weights too (they need GPTQ's format).
+  EXPECT_TRUE(parse_job_spec(with_recipe({{"transform", "flatquant"},
+                                          {"flat_fold", true},
+                                          {"w_grid", "full"}}))
+                  .is_ok());
+  expect_error(with_recipe({{"transform", "flatquant"}, {"w_grid", "full"}}), "recipe.w_grid",
+               "flat_fold");
+  json asym = with_recipe({{"transform", "flatquant"}, {"flat_fold", true}, {"w_sym", false}});
+  asym["output"]["format"] = "gptq";
+  EXPECT_TRUE(parse_job_spec(asym).is_ok());
+  expect_error(with_recipe({{"transform", "flatquant"}, {"flat_fold", true}, {"a_bits", 4}}),
+               "recipe.flat_fold", "a4");
+  expect_error(with_recipe({{"transform", "flatquant"}, {"flat_fold", true}, {"kv_bits", 4}}),
+               "recipe.flat_fold", "weight-only");
+  expect_error(with_recipe({{"transform", "quarot"}, {"flat_fold", true}}), "recipe.flat_fold",
+               "flatquant");
+}
+
 // The recipe's own checks, named under "recipe." (what POST /v1/jobs answers with 400).
 TEST(JobSpec, NonsenseRecipesAreRefusedNamingTheField) {
   struct Case {

@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "common/fsutil.h"
+#include "worker/calib/native_eval.h"
 #include "worker/engine/eval.h"
 #include "worker/engine/qformats.h"
 #include "worker/local_runner.h"
@@ -120,6 +121,44 @@ TEST_F(QuantizePipeline, CompressedTensorsHoldsTheSameWeightsAsGptq) {
     ASSERT_TRUE(wa.is_ok() && wb.is_ok()) << p;
     ASSERT_EQ(wa->data, wb->data) << p;
   }
+}
+
+// Weight-only FlatQuant with flat_fold learns only what folds (the diagonals, V's
+// per-head transform): its GPTQ checkpoint is a plain LLaMA (changed norms, nothing
+// online) that evaluates as its native form does, and it beats GPTQ alone.
+TEST_F(QuantizePipeline, FoldedFlatQuantIsAPlainGptqCheckpoint) {
+  Recipe r = opts("gptq", 4, 64);
+  r.with("transform", "flatquant").with("flat_fold", true).with("lwc", false).with("epochs", 4);
+  auto g = quantize(model(), r, out("ffold"));
+  ASSERT_TRUE(g.is_ok()) << g.status().to_string();
+  ASSERT_TRUE(quantize(model(), r, out("ffold-native"), "native").is_ok());
+  ASSERT_TRUE(quantize(model(), opts("gptq", 4, 64), out("ffold-gptq")).is_ok());
+  auto fp = ModelDir::open(model());
+  auto q = ModelDir::open(out("ffold"));
+  ASSERT_TRUE(fp.is_ok() && q.is_ok());
+  // The diagonal ca went into the input norm.
+  const std::string norm = layer_prefix(0) + "input_layernorm.weight";
+  auto n0 = (*fp)->read_f32(norm);
+  auto n1 = (*q)->read_f32(norm);
+  ASSERT_TRUE(n0.is_ok() && n1.is_ok());
+  double moved = 0;
+  for (size_t j = 0; j < n0->data.size(); ++j)
+    moved = std::max(moved, std::fabs(static_cast<double>(n1->data[j]) - n0->data[j]) /
+                                std::fabs(static_cast<double>(n0->data[j])));
+  EXPECT_GT(moved, 0.01);
+  EvalResult eg = eval(out("ffold")), ep = eval(out("ffold-gptq"));
+  auto native = calib::open_eval_model(out("ffold-native"));
+  auto fpm = LlamaModel::open(model());
+  ASSERT_TRUE(native.is_ok() && fpm.is_ok()) << native.status().to_string();
+  const LlamaEvalModel fpe(**fpm);
+  auto enr = evaluate_stream(**native, &fpe, *eval_);
+  ASSERT_TRUE(enr.is_ok()) << enr.status().to_string();
+  const EvalResult& en = *enr;
+  std::printf("KL folded flatquant + gptq: gptq format %.6f native %.6f; gptq alone %.6f\n",
+              *eg.kl, *en.kl, *ep.kl);
+  EXPECT_TRUE(std::isfinite(*eg.kl));
+  EXPECT_NEAR(*eg.kl, *en.kl, 1e-3 * *en.kl);
+  EXPECT_LT(*eg.kl, *ep.kl);
 }
 
 TEST_F(QuantizePipeline, RefusalsLeaveNothingBehind) {

@@ -8,6 +8,8 @@
 // minibatches. The fit is the fp64 parameters (a few MB); deploy() rebuilds the
 // transforms and reparameterizes in float64 (§5.4): the weight-side transforms
 // and the LWC clamp fold into the weights, the activation side stays online.
+// flat_fold (weight-only) learns only what folds (the diagonals, pv, LWC): nothing
+// stays online and the result is a plain checkpoint (GPTQ / compressed-tensors).
 //
 // Data parallel: each minibatch's sequences are split over the ranks; the loss's
 // SSE and every gradient are summed across them (SumFn) before the step, so a
@@ -201,8 +203,15 @@ Result<Fitted> FlatQuant::fit(const BlockInputs& in, nlohmann::json* report) con
   if (in.y->sequences() != N || in.y->seqlen() != T || in.x->width() != H || in.y->width() != H)
     return invalid_input("flatquant: layer " + std::to_string(l) +
                          ": inputs and targets do not have the same N x T x H");
-  QCAL_ASSIGN_OR_RETURN(auto hdims, decompose_dim(H));
-  QCAL_ASSIGN_OR_RETURN(auto idims, decompose_dim(I));
+  // flat_fold (weight-only): only V's per-head transform pv, whose two sides are v's
+  // output rows and o's input columns, folds into quantized weights; the Kronecker
+  // pairs and po would stay online.
+  const bool fold = r.b("flat_fold");
+  std::pair<int64_t, int64_t> hdims{0, 0}, idims{0, 0};
+  if (!fold) {
+    QCAL_ASSIGN_OR_RETURN(hdims, decompose_dim(H));
+    QCAL_ASSIGN_OR_RETURN(idims, decompose_dim(I));
+  }
   Rng rng(r.seed() * 0x9e3779b97f4a7c15ull + 0x632be59bd9b4e019ull * static_cast<uint64_t>(l + 1));
 
   auto params = std::make_unique<FlatParams>();
@@ -213,7 +222,7 @@ Result<Fitted> FlatQuant::fit(const BlockInputs& in, nlohmann::json* report) con
                                       hdims.second,
                                       idims.first,
                                       idims.second,
-                                      nh,
+                                      fold ? 0 : nh,
                                       d,
                                       r.kv_bits() < 16 ? d : 0};
   for (int i = 0; i < kNumFactors; ++i)
@@ -443,9 +452,9 @@ Result<Fitted> FlatQuant::fit(const BlockInputs& in, nlohmann::json* report) con
 Result<Deployed> FlatQuant::deploy(const BlockInputs& in, const Fitted& fitted) const {
   const ModelConfig& c = *in.c;
   QCAL_ASSIGN_OR_RETURN(std::unique_ptr<FlatParams> fp, from_fitted(fitted, in.layer));
-  if (fp->f[0].n == 0)
+  if (fp->f[7].n == 0 || (fp->f[0].n == 0) != in.r->b("flat_fold"))
     return internal_error("flatquant: layer " + std::to_string(in.layer) +
-                          " has no trained transform");
+                          " has no trained transform of this recipe's kind");
   BlockTransformsT<double> td;
   materialize(*fp, &td);
   for (int i = 0; i < kNumFactors; ++i)
