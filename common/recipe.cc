@@ -258,10 +258,11 @@ Status Recipe::validate_fields() const {
         std::to_string(w_bits()) + " a" + std::to_string(a_bits()) + " kv" +
         std::to_string(kv_bits()) + "); quantized activations need the online transforms");
   if (s("w_grid") == "full" && ((t == "flatquant" && !b("flat_fold")) || recon))
-    return invalid_input("w_grid: full is for rtn/gptq weights; " +
-                         std::string(recon ? "a reconstruction learns its step sizes"
-                                           : "flatquant folds its diagonals (with flat_fold: full is allowed)") +
-                         " on the narrow grid (use auto or narrow)");
+    return invalid_input(
+        "w_grid: full is for rtn/gptq weights; " +
+        std::string(recon ? "a reconstruction learns its step sizes"
+                          : "flatquant folds its diagonals (with flat_fold: full is allowed)") +
+        " on the narrow grid (use auto or narrow)");
   if (!w_sym()) {
     if (!folds_completely() || recon || ws == "lora-rounding")
       return invalid_input(

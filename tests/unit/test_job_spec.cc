@@ -348,10 +348,10 @@ TEST(JobSpec, FoldedFlatQuantIsWrittenAsAPlainCheckpoint) {
   EXPECT_EQ(*output_format(*parse_job_spec(online)), "native");
   EXPECT_TRUE(parse_job_spec(online)->recipe.narrow_grid());
   // The full grid only with flat_fold; asymmetric weights too (they need GPTQ's format).
-  EXPECT_TRUE(parse_job_spec(with_recipe({{"transform", "flatquant"},
-                                          {"flat_fold", true},
-                                          {"w_grid", "full"}}))
-                  .is_ok());
+  EXPECT_TRUE(
+      parse_job_spec(
+          with_recipe({{"transform", "flatquant"}, {"flat_fold", true}, {"w_grid", "full"}}))
+          .is_ok());
   expect_error(with_recipe({{"transform", "flatquant"}, {"w_grid", "full"}}), "recipe.w_grid",
                "flat_fold");
   json asym = with_recipe({{"transform", "flatquant"}, {"flat_fold", true}, {"w_sym", false}});

@@ -10,8 +10,8 @@
 #include "worker/calib/native_eval.h"
 #include "worker/engine/eval.h"
 #include "worker/engine/qformats.h"
-#include "worker/local_runner.h"
 #include "worker/engine/synth.h"
+#include "worker/local_runner.h"
 
 namespace qcal {
 namespace {
@@ -91,8 +91,8 @@ TEST_F(QuantizePipeline, GptqBeatsRtnPerLayerAndInKl) {
   EXPECT_GT(g, 0.0);
   EXPECT_LT(g, 0.05);
   EvalResult er = eval(out("rtn")), eg = eval(out("gptq"));
-  std::printf("KL rtn %.5f gptq %.5f; ppl fp %.3f rtn %.3f gptq %.3f\n", *er.kl, *eg.kl,
-              *er.fp_ppl, er.ppl, eg.ppl);
+  std::printf("KL rtn %.5f gptq %.5f; ppl fp %.3f rtn %.3f gptq %.3f\n", *er.kl, *eg.kl, *er.fp_ppl,
+              er.ppl, eg.ppl);
   EXPECT_LT(*eg.kl, *er.kl);
   EXPECT_GT(*er.kl, 0.0);
 }
@@ -154,8 +154,8 @@ TEST_F(QuantizePipeline, FoldedFlatQuantIsAPlainGptqCheckpoint) {
   auto enr = evaluate_stream(**native, &fpe, *eval_);
   ASSERT_TRUE(enr.is_ok()) << enr.status().to_string();
   const EvalResult& en = *enr;
-  std::printf("KL folded flatquant + gptq: gptq format %.6f native %.6f; gptq alone %.6f\n",
-              *eg.kl, *en.kl, *ep.kl);
+  std::printf("KL folded flatquant + gptq: gptq format %.6f native %.6f; gptq alone %.6f\n", *eg.kl,
+              *en.kl, *ep.kl);
   EXPECT_TRUE(std::isfinite(*eg.kl));
   EXPECT_NEAR(*eg.kl, *en.kl, 1e-3 * *en.kl);
   EXPECT_LT(*eg.kl, *ep.kl);
