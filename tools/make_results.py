@@ -84,17 +84,24 @@ def real_rows(fq_epochs):
             ("CBQ + LoRA-Rounding", ["--weight-solver", "lora-rounding", "--reconstruction", "cbq"]),
             ("CBQ + LoRA-Rounding from GPTQ", ["--weight-solver", "gptq", "--reconstruction", "cbq"]),
             ("FlatQuant + CBQ (from GPTQ) + IntactKV",
-             fq + ["--weight-solver", "gptq", "--reconstruction", "cbq", "--intactkv"])]
+             fq + ["--weight-solver", "gptq", "--reconstruction", "cbq", "--intactkv"]),
+            ("FlatQuant + CBQ (from RTN) + IntactKV",
+             fq + ["--weight-solver", "lora-rounding", "--reconstruction", "cbq", "--intactkv"])]
 
 
-def real_rows_for(fq_epochs, sflags):
-    """real_rows for one setting: flat_fold is weight-only (refused with --a-bits)."""
+def real_rows_for(fq_epochs, sflags, starts="gptq,rtn"):
+    """real_rows for one setting: flat_fold is weight-only (refused with --a-bits); the
+    composed rows whose CBQ start (gptq, rtn) is in `starts`."""
+    keep = {REAL_COMPOSED_BY_START[k] for k in starts.split(",") if k}
     return [(n, f) for n, f in real_rows(fq_epochs)
-            if not ("--flat-fold" in f and "--a-bits" in sflags)]
+            if not ("--flat-fold" in f and "--a-bits" in sflags)
+            and (n not in REAL_COMPOSED or n in keep)]
 
 
 # The composed row and the rows of its components (the page checks it against them).
-REAL_COMPOSED = "FlatQuant + CBQ (from GPTQ) + IntactKV"
+REAL_COMPOSED_BY_START = {"gptq": "FlatQuant + CBQ (from GPTQ) + IntactKV",
+                          "rtn": "FlatQuant + CBQ (from RTN) + IntactKV"}
+REAL_COMPOSED = list(REAL_COMPOSED_BY_START.values())
 REAL_COMPONENTS = ["GPTQ", "FlatQuant + RTN", "FlatQuant + GPTQ", "CBQ + LoRA-Rounding",
                    "CBQ + LoRA-Rounding from GPTQ"]
 
@@ -126,6 +133,9 @@ def main():
                          "EPOCHS,WINDOW,OVERLAP[,LOGIT[,HOLDOUT]] (LOGIT: --cbq-logit-loss, "
                          "HOLDOUT: --cbq-holdout; default: --real-cbq-epochs, windows of 2, "
                          "overlap 1, no logit loss, no held-out choice, as the other CBQ rows)")
+    ap.add_argument("--real-composed-starts", default="gptq,rtn",
+                    help="section 4: the composed rows to run, by CBQ's start: gptq "
+                         "(--weight-solver gptq), rtn (--weight-solver lora-rounding)")
     a = ap.parse_args()
     sections = a.sections.split(",")
     data = os.path.join(ROOT, "tests", "fixtures", "grammar-data")
@@ -437,9 +447,9 @@ def run_section4(a, tmp):
     evald = os.path.join(REAL_MODEL, "samples_32x256.u32")
     cells = []
     for setting, sflags in REAL_SETTINGS:
-        for name, rflags in real_rows_for(a.real_fq_epochs, sflags):
+        for name, rflags in real_rows_for(a.real_fq_epochs, sflags, a.real_composed_starts):
             flags = sflags + rflags
-            if name == REAL_COMPOSED and a.real_composed_cbq:
+            if name in REAL_COMPOSED and a.real_composed_cbq:
                 e, w, o, *lg = a.real_composed_cbq.split(",")
                 flags += ["--cbq-epochs", e, "--cbq-window", w, "--cbq-overlap", o]
                 if lg:
@@ -463,7 +473,7 @@ def composed_cbq_text(spec):
     if not spec:
         return ""
     e, w, o, *lg = spec.split(",")
-    text = f"The composed row's CBQ: {e} epochs per window, windows of {w} blocks, overlap {o}"
+    text = f"The composed rows' CBQ: {e} epochs per window, windows of {w} blocks, overlap {o}"
     if lg:
         text += (f", the last window's loss adds {lg[0]} × the next-token KL of the model's "
                  "head (`--cbq-logit-loss`)")
@@ -493,22 +503,25 @@ def section4_lines(a, rows):
              "rank 16, CFP kept per block only where it lowers the block's RTN output error. "
              "*from GPTQ* (`--weight-solver gptq --reconstruction cbq`): GPTQ rounds each "
              "block of a window first and the LoRA-Rounding and step sizes start from its "
-             "solution; a window whose training ends above its start keeps the start. "
+             "solution; a window whose training ends above its start keeps the start; *from "
+             "RTN* (`--weight-solver lora-rounding`): they start from round to nearest. "
              "*IntactKV* with CBQ: the windows train against the FP BOS cache the output "
              "carries. " + composed_cbq_text(a.real_composed_cbq) +
              "Seconds: wall time of `qcal quantize` with one thread on a shared "
              "machine (2 jobs at a time).", ""]
     for setting, sflags in REAL_SETTINGS:
-        names = [n for n, _ in real_rows_for(a.real_fq_epochs, sflags)]
+        names = [n for n, _ in real_rows_for(a.real_fq_epochs, sflags, a.real_composed_starts)]
         lines += [f"#### {setting}", ""]
         lines += table_lines(rows, "babyllama-tok361", setting, names, [("plain", "")])
         kl = {n: rows.get(("babyllama-tok361", setting, n, "plain"), {}).get("kl") for n in names}
-        comp = kl.get(REAL_COMPOSED)
         parts = {n: kl[n] for n in REAL_COMPONENTS if kl.get(n) is not None}
-        if comp is not None and parts:
+        for cname in REAL_COMPOSED:
+            comp = kl.get(cname)
+            if comp is None or not parts:
+                continue
             best = min(parts, key=parts.get)
             verdict = "no worse than" if comp <= parts[best] else "WORSE than"
-            line = (f"Composed KL {comp:.4f} is {verdict} its best component ({best}, "
+            line = (f"{cname}: KL {comp:.4f} is {verdict} its best component ({best}, "
                     f"{parts[best]:.4f}; ratio {comp / parts[best]:.3f})")
             if kl.get("FlatQuant + GPTQ"):
                 line += f"; {comp / kl['FlatQuant + GPTQ']:.3f} × FlatQuant + GPTQ's"
