@@ -161,7 +161,8 @@ std::vector<MethodRow> build() {
          opt_bool("flat_fold", "flat-fold", false,
                   "weight-only: learn only what folds into the weights (the diagonals, V's "
                   "per-head transform, LWC), so the result is written as GPTQ / "
-                  "compressed-tensors with nothing online; with weight_solver gptq turn lwc off")});
+                  "compressed-tensors with nothing online (with weight_solver gptq, LWC shapes the "
+                  "training but GPTQ picks the weights' ranges)")});
     r.needs.fp_inputs = true;
     r.needs.act_stats = true;
     r.block_task = true;

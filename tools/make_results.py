@@ -80,7 +80,7 @@ def real_rows(fq_epochs):
             ("SpinQuant + GPTQ", ["--method", "spinquant", "--weight-solver", "gptq"]),
             ("FlatQuant + RTN", fq + ["--weight-solver", "rtn"]),
             ("FlatQuant + GPTQ", fq + ["--weight-solver", "gptq"]),
-            ("FlatQuant folded + GPTQ", fq + ["--flat-fold", "--no-lwc", "--weight-solver", "gptq"]),
+            ("FlatQuant folded + GPTQ", fq + ["--flat-fold", "--weight-solver", "gptq"]),
             ("CBQ + LoRA-Rounding", ["--weight-solver", "lora-rounding", "--reconstruction", "cbq"]),
             ("CBQ + LoRA-Rounding from GPTQ", ["--weight-solver", "gptq", "--reconstruction", "cbq"]),
             ("FlatQuant + CBQ (from GPTQ) + IntactKV",
@@ -496,8 +496,9 @@ def section4_lines(a, rows):
              " Weights symmetric per output channel (no groups), activations per token, K/V "
              "asymmetric per head. QuaRot / SpinQuant: online Hadamards of order 352 by the "
              f"Paley construction (44·8). FlatQuant: {a.real_fq_epochs} epochs. *FlatQuant "
-             "folded* (`--flat-fold --no-lwc`, weight-only): only the diagonals and V's "
-             "per-head transform are learned, all of it folds into the weights, and the result "
+             "folded* (`--flat-fold`, weight-only): only the diagonals, V's per-head transform "
+             "and LWC are learned, the transforms fold into the weights (GPTQ picks the "
+             "weights' ranges), and the result "
              "is a plain GPTQ / compressed-tensors checkpoint (nothing online). CBQ: windows "
              f"of 2 blocks, overlap 1, {a.real_cbq_epochs} epochs per window, LoRA-Rounding "
              "rank 16, CFP kept per block only where it lowers the block's RTN output error. "

@@ -128,7 +128,7 @@ TEST_F(QuantizePipeline, CompressedTensorsHoldsTheSameWeightsAsGptq) {
 // online) that evaluates as its native form does, and it beats GPTQ alone.
 TEST_F(QuantizePipeline, FoldedFlatQuantIsAPlainGptqCheckpoint) {
   Recipe r = opts("gptq", 4, 64);
-  r.with("transform", "flatquant").with("flat_fold", true).with("lwc", false).with("epochs", 4);
+  r.with("transform", "flatquant").with("flat_fold", true).with("epochs", 4);
   auto g = quantize(model(), r, out("ffold"));
   ASSERT_TRUE(g.is_ok()) << g.status().to_string();
   ASSERT_TRUE(quantize(model(), r, out("ffold-native"), "native").is_ok());
