@@ -20,6 +20,7 @@ wheels; reused while the requirements file is unchanged). Cases:
 | gptq-v2-asym       | GPTQ, checkpoint_format gptq_v2    | transformers, gptqmodel  |
 | ct-sym             | compressed-tensors pack-quantized  | transformers (packed and dequantize=True) |
 | ct-asym            | the same with zero points          | transformers dequantize=True |
+| gptq-flatfold      | weight-only FlatQuant (flat_fold): GPTQ with its norms changed | transformers, gptqmodel |
 
 (transformers loads GPTQ checkpoints through GPTQModel's kernels, so the two
 GPTQ rows differ in the entry point and dtype, not in the dequantization.
@@ -64,6 +65,9 @@ CASES = [
     # transformers' default (packed) layout cannot load asymmetric compressed-tensors:
     # it expects weight_zero_point unpacked, [O, G] (llm-compressor#1618); dense works.
     ("ct-asym", ["--format", "compressed-tensors", "--asym"], ["transformers-dequantize"]),
+    # Weight-only FlatQuant that folds completely: the diagonals are in the norms.
+    ("gptq-flatfold", ["--format", "gptq", "--method", "flatquant", "--flat-fold", "--epochs", "2",
+                       "--weight-solver", "gptq"], ["transformers", "gptqmodel"]),
 ]
 
 
