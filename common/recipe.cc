@@ -205,15 +205,14 @@ Recipe& Recipe::with(const std::string& key, const json& v) {
 
 bool Recipe::transforms_fold() const {
   return w_bits() < 16 && a_bits() == 16 && kv_bits() == 16 &&
-         (transform() != "flatquant" || b("flat_fold"));
+         (transform() != "flatquant" || flat_fold());
 }
 
 bool Recipe::folds_completely() const { return transforms_fold() && !intactkv(); }
 
 bool Recipe::keeps_online() const {
   const std::string& t = transform();
-  if (t == "flatquant") return !transforms_fold();
-  if (t == "quarot" || t == "spinquant") return !transforms_fold();
+  if (t == "flatquant" || t == "quarot" || t == "spinquant") return !transforms_fold();
   return false;
 }
 
@@ -231,7 +230,7 @@ std::string Recipe::display_name() const {
 bool Recipe::narrow_grid() const {
   const std::string& g = s("w_grid");
   if (g != "auto") return g == "narrow";
-  const bool plain = transform() == "none" || (transform() == "flatquant" && b("flat_fold"));
+  const bool plain = transform() == "none" || flat_fold();
   return !(plain && !reconstructs() && a_bits() == 16 && kv_bits() == 16);
 }
 
@@ -251,18 +250,19 @@ Status Recipe::validate_fields() const {
   if (t == "flatquant" && b("lwc") && b("w_mse_clip") && w_bits() < 16)
     return invalid_input(
         "w_mse_clip: flatquant with lwc learns the weight clipping itself; turn one of them off");
-  if (t == "flatquant" && b("flat_fold") && (a_bits() < 16 || kv_bits() < 16 || w_bits() == 16))
+  if (flat_fold() && (a_bits() < 16 || kv_bits() < 16 || w_bits() == 16))
     return invalid_input(
         "flat_fold: keeps only the transforms that fold into quantized weights, for weight-only "
         "recipes (w_bits < 16, a_bits = kv_bits = 16; got w" +
         std::to_string(w_bits()) + " a" + std::to_string(a_bits()) + " kv" +
         std::to_string(kv_bits()) + "); quantized activations need the online transforms");
-  if (s("w_grid") == "full" && ((t == "flatquant" && !b("flat_fold")) || recon))
+  if (s("w_grid") == "full" && ((t == "flatquant" && !flat_fold()) || recon))
     return invalid_input(
         "w_grid: full is for rtn/gptq weights; " +
-        std::string(recon ? "a reconstruction learns its step sizes"
-                          : "flatquant folds its diagonals (with flat_fold: full is allowed)") +
-        " on the narrow grid (use auto or narrow)");
+        std::string(recon ? "a reconstruction learns its step sizes on the narrow grid (use auto "
+                            "or narrow)"
+                          : "flatquant folds its diagonals on the narrow grid (use auto or "
+                            "narrow, or flat_fold)"));
   if (!w_sym()) {
     if (!folds_completely() || recon || ws == "lora-rounding")
       return invalid_input(
@@ -399,7 +399,7 @@ Status Recipe::validate_for(const ModelConfig& c, bool allow_partial_groups) con
         return invalid_input("transform: " + transform() + " needs an orthogonal transform of " +
                              name + " " + std::to_string(n) + ": " + p.status().message());
   }
-  if (transform() == "flatquant" && !b("flat_fold")) {
+  if (transform() == "flatquant" && !flat_fold()) {
     const std::pair<const char*, int64_t> dims[] = {{"hidden_size", H}, {"intermediate_size", I}};
     for (const auto& [name, n] : dims)
       if (!decompose_dim(n).is_ok())

@@ -71,6 +71,8 @@ class Recipe {
   int64_t batch() const { return i("batch"); }
   bool reconstructs() const { return reconstruction() != "none"; }
   bool gptq() const { return weight_solver() == "gptq" && w_bits() < 16; }
+  // FlatQuant learning only what folds into the weights (key flat_fold, weight-only).
+  bool flat_fold() const { return transform() == "flatquant" && b("flat_fold"); }
   // The symmetric weight grid (key w_grid): true = narrow, absmax/(2^(b−1)−1); false =
   // full, 2·absmax/(2^b−1) (worker/engine/quantizer.h). auto is full exactly for the
   // weight-only case the ecosystem's tools cover: no transform (or FlatQuant with

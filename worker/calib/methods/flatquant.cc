@@ -206,7 +206,7 @@ Result<Fitted> FlatQuant::fit(const BlockInputs& in, nlohmann::json* report) con
   // flat_fold (weight-only): only V's per-head transform pv, whose two sides are v's
   // output rows and o's input columns, folds into quantized weights; the Kronecker
   // pairs and po would stay online.
-  const bool fold = r.b("flat_fold");
+  const bool fold = r.flat_fold();
   std::pair<int64_t, int64_t> hdims{0, 0}, idims{0, 0};
   if (!fold) {
     QCAL_ASSIGN_OR_RETURN(hdims, decompose_dim(H));
@@ -452,7 +452,7 @@ Result<Fitted> FlatQuant::fit(const BlockInputs& in, nlohmann::json* report) con
 Result<Deployed> FlatQuant::deploy(const BlockInputs& in, const Fitted& fitted) const {
   const ModelConfig& c = *in.c;
   QCAL_ASSIGN_OR_RETURN(std::unique_ptr<FlatParams> fp, from_fitted(fitted, in.layer));
-  if (fp->f[7].n == 0 || (fp->f[0].n == 0) != in.r->b("flat_fold"))
+  if (fp->f[7].n == 0 || (fp->f[0].n == 0) != in.r->flat_fold())  // pv, a1
     return internal_error("flatquant: layer " + std::to_string(in.layer) +
                           " has no trained transform of this recipe's kind");
   BlockTransformsT<double> td;
@@ -466,16 +466,12 @@ Result<Deployed> FlatQuant::deploy(const BlockInputs& in, const Fitted& fitted) 
   // (babyllama W4A16, KL on held-out text: clamp baked 0.0258, not baked 0.0212, LWC
   // off 0.0209, GPTQ alone 0.0235).
   BlockQuantSpec spec = block_quant_spec(*in.r, c, /*training=*/true);
-  BlockClipT<double> clip = fp->clip;
-  if (in.r->b("flat_fold") && in.r->gptq()) {
+  if (in.r->flat_fold() && in.r->gptq())
     for (int p = 0; p < kNumProj; ++p) {
-      clip.w_max[p].clear();
-      clip.w_min[p].clear();
-      spec.w[p].clip = ClipMode::kFixed;
+      spec.w[p].clip = ClipMode::kFixed;  // the learned w_max / w_min are then not read
       spec.w[p].lwc_range = false;
     }
-  }
-  Deployed dl = deploy_block(c, *in.w, td, spec, clip);
+  Deployed dl = deploy_block(c, *in.w, td, spec, fp->clip);
   dl.q = deployed_spec(*in.r, c, &fp->clip);
   return dl;
 }
